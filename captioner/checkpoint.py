@@ -1,0 +1,80 @@
+"""Self-describing checkpoints: config, tokenizer, preprocessing, step and weights in one
+file, written atomically (temp file + rename), read back by one loader."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from captioner.config import ExperimentConfig, config_from_dict
+from captioner.model import Captioner
+from captioner.preprocess import PreprocessConfig
+from captioner.tokenizer import CaptionTokenizer
+
+LATEST, BEST = "ckpt_latest.pt", "ckpt_best.pt"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        for name in (BEST, LATEST):
+            if (p / name).exists():
+                return p / name
+        raise FileNotFoundError(f"no {BEST} or {LATEST} in {p}")
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    return p
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Captioner
+    tokenizer: CaptionTokenizer
+    preprocess: PreprocessConfig
+    config: ExperimentConfig
+    step: int
+    path: Path
+    raw: dict
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedCheckpoint:
+    p = resolve_checkpoint_path(path)
+    raw = torch.load(p, map_location=map_location, weights_only=False)
+    for k in ("config", "model", "tokenizer", "preprocess", "step"):
+        if k not in raw:
+            raise ValueError(f"{p} is not a captioner checkpoint (missing '{k}')")
+    cfg = config_from_dict(raw["config"])
+    mcfg = cfg.model
+    mcfg.pretrained, mcfg.encoder_weights = False, ""  # the checkpoint holds the weights
+    model = Captioner(mcfg)
+    model.load_state_dict(raw["model"])
+    model.eval()
+    return LoadedCheckpoint(model, CaptionTokenizer.from_str(raw["tokenizer"]),
+                            PreprocessConfig.from_dict(raw["preprocess"]), cfg, int(raw["step"]), p, raw)

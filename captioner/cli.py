@@ -1,0 +1,194 @@
+"""`captioner` command line: thin adapters that parse arguments and call one function each."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("captioner")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam length penalty alpha")
+    g.add_argument("--no-repeat-ngram", type=int, default=0, help="block repeated n-grams of this size")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=30)
+
+
+def _params(a):
+    from captioner.decoding import DecodeParams
+
+    strategy = "sample" if a.sample else "beam" if a.beam > 1 else "greedy"
+    return DecodeParams(strategy=strategy, max_new_tokens=a.max_new_tokens, beam_size=a.beam,
+                        length_penalty=a.length_penalty, no_repeat_ngram_size=a.no_repeat_ngram,
+                        temperature=a.temperature, top_p=a.top_p)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_generate_data(a, _):
+    from captioner.synthetic import generate
+
+    out = generate(a.out, images=a.images, seed=a.seed, side=a.side)
+    print(f"wrote {a.images} images and {a.images * 5} captions to {out} (Kaggle Flickr30k layout)")
+
+
+def cmd_train(a, overrides):
+    from captioner.config import load_config
+    from captioner.train import train
+
+    cfg = load_config(a.config, overrides)
+    res = train(cfg, resume=a.resume, progress=not a.no_progress)
+    if res.best["value"] > float("-inf"):
+        log.info("done: step %d, best %s %.4f at step %d; checkpoints in %s", res.step, res.best["metric"],
+                 res.best["value"], res.best["step"], res.out_dir)
+
+
+def cmd_evaluate(a, _):
+    from captioner.evaluate import evaluate
+
+    r = evaluate(a.checkpoint, split=a.split, out_dir=a.out, data_source=a.data, params=_params(a),
+                 max_images=a.max_images, meteor=not a.no_meteor)
+    print(json.dumps(r["metrics"], indent=2))
+    print(f"wrote {r['out_dir']}/metrics.json and samples.html")
+
+
+def cmd_caption(a, _):
+    if a.url:
+        from captioner.client import caption_files
+
+        for path, cap in caption_files(a.url, a.images, beam=a.beam, concurrency=a.concurrency,
+                                       model=a.model_name):
+            print(f"{path}\t{cap}")
+        return
+    if not a.checkpoint:
+        raise SystemExit("caption: give --checkpoint CKPT (PyTorch) or --url HOST:PORT (Triton/`captioner serve`)")
+    import numpy as np
+
+    from captioner.checkpoint import load_checkpoint
+    from captioner.inference import caption_arrays
+    from captioner.preprocess import ImageError, preprocess_path
+
+    ck = load_checkpoint(a.checkpoint)
+    good, arrays, failed = [], [], 0
+    for p in a.images:
+        try:
+            arrays.append(preprocess_path(p, ck.preprocess))
+            good.append(p)
+        except ImageError as e:
+            print(f"{p}\tERROR: {e}", file=sys.stderr)
+            failed += 1
+    if arrays:
+        for p, c in zip(good, caption_arrays(ck.model, ck.tokenizer, np.stack(arrays), _params(a))):
+            print(f"{p}\t{c}")
+    if failed:
+        raise SystemExit(1)
+
+
+def cmd_demo(a, _):
+    from captioner.demo import run_demo
+
+    run_demo(a.workdir, images=a.images, epochs=a.epochs)
+
+
+def cmd_bench(a, _):
+    if a.what == "train":
+        from benchmarks.train_throughput import main as bench_main
+
+        bench_main(a.rest)
+
+
+COMMANDS = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="captioner", description=(
+        "Image captioning platform: generate data, train a ViT + Transformer captioner, evaluate, "
+        "export to ONNX/Triton, serve over Triton's gRPC protocol, ingest into object storage and run the "
+        "Kubeflow pipeline."))
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("generate-data", help="write a synthetic captioned image set (Kaggle Flickr30k layout)")
+    s.add_argument("out", help="output folder (gets results.csv and flickr30k_images/)")
+    s.add_argument("--images", type=int, default=1000, help="number of images (5 captions each)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--side", type=int, default=128, help="image side in pixels")
+    s.set_defaults(fn=cmd_generate_data)
+
+    s = sub.add_parser("train", help="train (one process, or under torchrun for DDP)", description=(
+        "Train from a config preset or YAML file plus --section.key=value overrides, e.g. "
+        "`captioner train --config tiny-cpu --data.source=data/synth --train.out_dir=runs/x --train.epochs=5`. "
+        "Sections: model, data, train (see captioner/config.py and captioner/model.py for every key)."))
+    s.add_argument("--config", default="tiny-cpu", help="preset name (configs/*.yaml) or YAML path")
+    s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt_latest.pt")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_train, overrides_ok=True)
+
+    s = sub.add_parser("evaluate", help="caption a split and report BLEU/METEOR/ROUGE-L/CIDEr-D")
+    s.add_argument("checkpoint", help="checkpoint file or run folder (uses ckpt_best.pt)")
+    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--data", default=None, help="data source (default: the one in the checkpoint's config)")
+    s.add_argument("--out", default=None, help="output folder (default: RUN/eval_SPLIT)")
+    s.add_argument("--max-images", type=int, default=0)
+    s.add_argument("--no-meteor", action="store_true", help="skip METEOR (Java) even where Java exists")
+    _decode_args(s)
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("caption", help="print one caption per image (PyTorch checkpoint or a Triton/gRPC server)")
+    s.add_argument("images", nargs="+", help="image files")
+    s.add_argument("--checkpoint", "-c", default=None, help="checkpoint file or run folder (PyTorch path)")
+    s.add_argument("--url", default=None, help="HOST:PORT of Triton or `captioner serve` (gRPC)")
+    s.add_argument("--model-name", default="captioner", help="served model name (with --url)")
+    s.add_argument("--concurrency", type=int, default=4, help="requests in flight (with --url)")
+    _decode_args(s)
+    s.set_defaults(fn=cmd_caption)
+
+    s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
+    s.add_argument("--workdir", default="demo_out")
+    s.add_argument("--images", type=int, default=1500)
+    s.add_argument("--epochs", type=int, default=12)
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("bench", help="benchmarks (print side-by-side measurements)")
+    s.add_argument("what", choices=["train"])
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    a, extra = parser.parse_known_args(argv)
+    if extra and not getattr(a, "overrides_ok", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _setup_logging(a.verbose)
+    from captioner.config import ConfigError
+
+    bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
+    if bad:
+        parser.error(f"overrides must look like --section.key=value, got: {' '.join(bad)}")
+    try:
+        a.fn(a, extra)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Dataset readers (Kaggle Flickr30k CSV, Karpathy split JSON, COCO captions JSON), the
+image-level split, and the torch Dataset/collate/sampler used by training.
+
+Bad rows never stop a run: each is skipped with a warning naming it and counted in the
+`DataSummary`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from captioner.preprocess import ImageError, PreprocessConfig, load_image, preprocess
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageRecord:
+    image_id: str  # file name as the dataset names it, e.g. "1000092795.jpg"
+    path: str  # where the bytes are (local path)
+    captions: list[str]
+    split: str = ""  # train | val | test; "" until assigned
+
+
+@dataclass
+class DataSummary:
+    images: int = 0
+    captions: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> [item names]
+    repaired: list = field(default_factory=list)
+
+    def skip(self, reason: str, item: str, detail: str = "") -> None:
+        self.skipped.setdefault(reason, []).append(item)
+        log.warning("skipping %s: %s%s", item, reason, f" ({detail})" if detail else "")
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "captions": self.captions,
+                "skipped": {k: {"count": len(v), "items": v[:50]} for k, v in self.skipped.items()},
+                "repaired_rows": self.repaired[:50]}
+
+    def text(self) -> str:
+        sk = ", ".join(f"{len(v)} {k}" for k, v in self.skipped.items()) or "none"
+        return f"{self.images} images, {self.captions} captions; skipped: {sk}"
+
+
+# ------------------------------------------------------------------ readers
+_MALFORMED = re.compile(r"^\s*(\d+)\s+(.*\S)\s*$")
+
+
+def read_flickr30k_csv(csv_path: str | Path, image_dir: str | Path, summary: DataSummary) -> list[ImageRecord]:
+    """Kaggle Flickr30k `results.csv`: `image_name| comment_number| comment`.
+
+    Handles stray spaces, a missing header, and the public file's known malformed row
+    (`2199200615.jpg| 4 A dog runs across the grass .`: the second `|` is missing)."""
+    image_dir = Path(image_dir)
+    caps: OrderedDict[str, list[str]] = OrderedDict()
+    with open(csv_path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = [p.strip() for p in line.split("|", 2)]
+            if lineno == 1 and parts[0].lower() == "image_name":
+                continue
+            item = f"{Path(csv_path).name}:{lineno}"
+            if len(parts) == 2 and (m := _MALFORMED.match(parts[1])):
+                parts = [parts[0], m.group(1), m.group(2)]
+                summary.repaired.append(item)
+                log.warning("repaired malformed row %s: %r", item, line)
+            if len(parts) < 3 or not parts[0]:
+                summary.skip("malformed row", item, repr(line[:80]))
+                continue
+            name, _, cap = parts
+            if not cap or not re.search(r"\w", cap):
+                summary.skip("empty caption", f"{name} ({item})")
+                caps.setdefault(name, [])
+                continue
+            caps.setdefault(name, []).append(cap)
+    return _finish(caps, lambda n: image_dir / n, summary)
+
+
+def read_karpathy_json(json_path: str | Path, image_root: str | Path, summary: DataSummary) -> list[ImageRecord]:
+    """Karpathy split JSON (dataset_flickr30k.json / dataset_coco.json): images[].filename,
+    optional filepath (COCO: train2014/val2014), split (restval counts as train), sentences[].raw."""
+    data = json.loads(Path(json_path).read_text())
+    root = Path(image_root)
+    caps: OrderedDict[str, list[str]] = OrderedDict()
+    splits, paths = {}, {}
+    for im in data["images"]:
+        name = im["filename"]
+        paths[name] = root / im.get("filepath", "") / name
+        sp = im.get("split", "")
+        splits[name] = "train" if sp == "restval" else sp
+        good = []
+        for s in im.get("sentences", []):
+            raw = (s.get("raw") or " ".join(s.get("tokens", []))).strip()
+            if raw:
+                good.append(raw)
+            else:
+                summary.skip("empty caption", name)
+        caps[name] = good
+    recs = _finish(caps, lambda n: paths[n], summary)
+    for r in recs:
+        r.split = splits.get(r.image_id, "")
+    return recs
+
+
+def read_coco_json(json_path: str | Path, image_root: str | Path, summary: DataSummary) -> list[ImageRecord]:
+    """COCO captions JSON: images[{id, file_name}], annotations[{image_id, caption}]."""
+    data = json.loads(Path(json_path).read_text())
+    root = Path(image_root)
+    names = {im["id"]: im["file_name"] for im in data["images"]}
+    caps: OrderedDict[str, list[str]] = OrderedDict((n, []) for n in names.values())
+    for a in data.get("annotations", []):
+        name = names.get(a.get("image_id"))
+        if name is None:
+            summary.skip("caption for unknown image id", str(a.get("image_id")))
+            continue
+        c = (a.get("caption") or "").strip()
+        if c:
+            caps[name].append(c)
+        else:
+            summary.skip("empty caption", name)
+    return _finish(caps, lambda n: root / n, summary)
+
+
+def _finish(caps: dict, path_of, summary: DataSummary) -> list[ImageRecord]:
+    recs = []
+    for name, cs in caps.items():
+        p = Path(path_of(name))
+        if not cs:
+            summary.skip("image without captions", name)
+            continue
+        if not p.is_file():
+            summary.skip("missing image file", name, str(p))
+            continue
+        recs.append(ImageRecord(name, str(p), cs))
+    return recs
+
+
+def detect_format(source: Path) -> str:
+    if source.is_dir():
+        if (source / "results.csv").exists():
+            return "flickr30k"
+        raise ValueError(f"data source {source} is a folder without results.csv (Kaggle Flickr30k layout expected)")
+    if source.suffix == ".csv":
+        return "flickr30k"
+    if source.suffix == ".json":
+        head = json.loads(source.read_text())
+        if "annotations" in head:
+            return "coco"
+        if "images" in head and head["images"] and "sentences" in head["images"][0]:
+            return "karpathy"
+        raise ValueError(f"{source}: JSON is neither Karpathy split nor COCO captions format")
+    raise ValueError(f"cannot tell the format of data source {source}")
+
+
+def _flickr_image_dir(root: Path) -> Path:
+    d = root / "flickr30k_images"
+    if (d / "flickr30k_images").is_dir():  # Kaggle zip nests the folder once more
+        return d / "flickr30k_images"
+    return d if d.is_dir() else root
+
+
+def read_records(source: str | Path, fmt: str = "auto", image_root: str = "", summary: DataSummary | None = None,
+                 max_images: int = 0) -> tuple[list[ImageRecord], DataSummary]:
+    summary = summary or DataSummary()
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"data source not found: {src}")
+    fmt = detect_format(src) if fmt == "auto" else fmt
+    if fmt == "flickr30k":
+        root = src if src.is_dir() else src.parent
+        csv_path = src / "results.csv" if src.is_dir() else src
+        recs = read_flickr30k_csv(csv_path, Path(image_root) if image_root else _flickr_image_dir(root), summary)
+    elif fmt == "karpathy":
+        recs = read_karpathy_json(src, image_root or _flickr_image_dir(src.parent), summary)
+    elif fmt == "coco":
+        recs = read_coco_json(src, image_root or src.parent, summary)
+    else:
+        raise ValueError(f"unknown data format {fmt!r} (auto|flickr30k|karpathy|coco)")
+    if max_images:
+        recs = recs[:max_images]
+    return recs, summary
+
+
+def verify_images(recs: list[ImageRecord], summary: DataSummary, max_pixels: int, workers: int = 4,
+                  progress: bool = True) -> list[ImageRecord]:
+    """Decode every image once (JPEG at reduced scale, which is fast) and drop the ones
+    that are corrupt, truncated, not images, or too large."""
+    def check(r: ImageRecord):
+        try:
+            load_image(r.path, max_pixels, name=r.image_id, draft_size=(64, 64))
+            return None
+        except ImageError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        errors = list(tqdm(ex.map(check, recs), total=len(recs), desc="verify images", unit="img",
+                           disable=not progress, leave=False))
+    good = []
+    for r, err in zip(recs, errors):
+        if err:
+            summary.skip("unreadable image", r.image_id, err)
+        else:
+            good.append(r)
+    return good
+
+
+# ------------------------------------------------------------------ splits
+def _unit_hash(text: str) -> float:
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2**64
+
+
+def assign_splits(recs: list[ImageRecord], val_fraction: float, test_fraction: float, seed: int = 0) -> None:
+    """Split by *image*: every caption of an image lands in the image's split. Records that
+    already carry a split (Karpathy JSON) keep it. The hash makes an image's split stable
+    when images are added or removed."""
+    for r in recs:
+        if r.split in SPLITS:
+            continue
+        u = _unit_hash(f"{seed}:{r.image_id}")
+        r.split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+def by_split(recs: Iterable[ImageRecord], split: str) -> list[ImageRecord]:
+    return [r for r in recs if r.split == split]
+
+
+def summarize(recs: list[ImageRecord], summary: DataSummary) -> DataSummary:
+    summary.images = len(recs)
+    summary.captions = sum(len(r.captions) for r in recs)
+    summary.per_split = dict(Counter(r.split for r in recs))  # type: ignore[attr-defined]
+    return summary
+
+
+# ------------------------------------------------------------------ torch side
+class CaptionImageDataset(torch.utils.data.Dataset):
+    """One item per *image*: (pixels [3,H,W], [token ids of each caption], image_id).
+    A bad image yields None (logged with its name); `collate_grouped` drops it."""
+
+    def __init__(self, recs: list[ImageRecord], tokenizer, pre: PreprocessConfig, max_len: int):
+        self.recs, self.pre, self.max_len = recs, pre, max_len
+        self.tokens = [[tokenizer.encode(c, max_len) for c in r.captions] for r in recs]
+
+    def __len__(self):
+        return len(self.recs)
+
+    def __getitem__(self, i):
+        r = self.recs[i]
+        try:
+            _, H, W = self.pre.input_size
+            x = preprocess(load_image(r.path, self.pre.max_pixels, name=r.image_id, draft_size=(W, H)), self.pre)
+        except ImageError as e:
+            log.warning("skipping image at load time: %s", e)
+            return None
+        return torch.from_numpy(x), self.tokens[i], r.image_id
+
+
+def collate_grouped(batch, pad_id: int = 0):
+    """Images once, captions flattened: images [B,3,H,W], tokens [N,T] (padded),
+    image_index [N] (row -> image), ids [B]."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    images = torch.stack([b[0] for b in batch])
+    rows, index = [], []
+    for i, (_, toks, _) in enumerate(batch):
+        rows += toks
+        index += [i] * len(toks)
+    T = max(len(t) for t in rows)
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for j, t in enumerate(rows):
+        tokens[j, : len(t)] = torch.tensor(t)
+    return images, tokens, torch.tensor(index), [b[2] for b in batch]
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Deterministic per-epoch shuffle, sharded across DDP ranks (each rank gets the same
+    number of batches), that can start mid-epoch so `--resume` replays the exact order."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
+        self.n, self.bs, self.rank, self.world, self.seed, self.shuffle = n, batch_size, rank, world, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        per_rank = math.ceil(self.n / self.world)
+        idx += idx[: per_rank * self.world - len(idx)]  # pad so every rank has the same count
+        return idx[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(self.n / self.world) / self.bs)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = self._indices()
+        for b in range(self.start, len(self)):
+            yield idx[b * self.bs:(b + 1) * self.bs]
+
+
+def load_split_arrays(recs: list[ImageRecord], pre: PreprocessConfig) -> tuple[np.ndarray, list[ImageRecord]]:
+    """Preprocess a list of records (for evaluation); bad images are skipped with a warning."""
+    xs, keep = [], []
+    for r in recs:
+        try:
+            _, H, W = pre.input_size
+            xs.append(preprocess(load_image(r.path, pre.max_pixels, name=r.image_id, draft_size=(W, H)), pre))
+            keep.append(r)
+        except ImageError as e:
+            log.warning("skipping %s", e)
+    _, H, W = pre.input_size
+    return (np.stack(xs) if xs else np.zeros((0, 3, H, W), np.float32)), keep

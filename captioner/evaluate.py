@@ -1,0 +1,87 @@
+"""`captioner evaluate`: caption a split with a checkpoint, score it, write metrics.json,
+captions.json and samples.html."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from captioner.checkpoint import load_checkpoint
+from captioner.config import save_config
+from captioner.data import ImageRecord, assign_splits, by_split, load_split_arrays, read_records
+from captioner.decoding import DecodeParams
+from captioner.inference import caption_arrays
+from captioner.metrics import caption_metrics
+
+log = logging.getLogger(__name__)
+
+
+def score_records(model, tok, pre, recs: list[ImageRecord], params: DecodeParams | None = None,
+                  device="cpu", meteor: bool = True, batch_size: int = 32):
+    """Caption `recs` and score against their references -> (metrics, {id: caption}, kept recs)."""
+    pixels, kept = load_split_arrays(recs, pre)
+    hyps = caption_arrays(model, tok, pixels, params, batch_size=batch_size, device=device)
+    res = {r.image_id: h for r, h in zip(kept, hyps)}
+    refs = {r.image_id: r.captions for r in kept}
+    return caption_metrics(refs, res, meteor=meteor), res, kept
+
+
+def _thumb(path: str, side: int = 160) -> str:
+    try:
+        im = Image.open(path).convert("RGB")
+        im.thumbnail((side, side))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=80)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    except Exception:  # noqa: BLE001 - a thumbnail is cosmetic
+        return ""
+
+
+def samples_html(recs: list[ImageRecord], hyps: dict[str, str], metrics: dict, title: str, n: int = 50) -> str:
+    rows = []
+    for r in recs[:n]:
+        refs = "".join(f"<li>{html.escape(c)}</li>" for c in r.captions)
+        rows.append(f"<tr><td><img src='{_thumb(r.path)}' alt='{html.escape(r.image_id)}'></td>"
+                    f"<td><b>{html.escape(hyps.get(r.image_id, ''))}</b><br><small>{html.escape(r.image_id)}</small></td>"
+                    f"<td><ul>{refs}</ul></td></tr>")
+    mt = " · ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif}td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}</style>"
+            f"</head><body><h2>{html.escape(title)}</h2><p>{html.escape(mt)}</p>"
+            "<table><tr><th>image</th><th>generated</th><th>references</th></tr>" + "".join(rows) +
+            "</table></body></html>")
+
+
+def evaluate(checkpoint: str, split: str = "test", out_dir: str | None = None, data_source: str | None = None,
+             params: DecodeParams | None = None, max_images: int = 0, meteor: bool = True) -> dict:
+    ck = load_checkpoint(checkpoint)
+    cfg = ck.config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ck.model.to(device)
+    src = data_source or cfg.data.source
+    recs, summary = read_records(src, cfg.data.format, cfg.data.image_root)
+    assign_splits(recs, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    recs = by_split(recs, split)
+    if max_images:
+        recs = recs[:max_images]
+    if not recs:
+        raise ValueError(f"no images in split '{split}' of {src}")
+    log.info("evaluating %s on %d %s images of %s", ck.path, len(recs), split, src)
+    metrics, hyps, kept = score_records(ck.model, ck.tokenizer, ck.preprocess, recs, params, device, meteor)
+    out = Path(out_dir or Path(ck.path).parent / f"eval_{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": str(ck.path), "step": ck.step, "split": split, "images": len(kept),
+              "decode": vars(params or DecodeParams()), "metrics": metrics, "data": summary.to_dict()}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out / "captions.json").write_text(json.dumps(hyps, indent=2))
+    (out / "samples.html").write_text(samples_html(kept, hyps, metrics, f"{split} samples, step {ck.step}"))
+    save_config(cfg, out / "config.yaml")
+    return {"metrics": metrics, "out_dir": str(out), "captions": hyps, "records": kept}
+
+

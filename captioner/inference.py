@@ -1,0 +1,41 @@
+"""PyTorch captioning: the KV-cached step function over a `Captioner` and batch helpers."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from captioner.decoding import CachedStep, DecodeParams, decode
+from captioner.model import Captioner
+from captioner.tokenizer import CaptionTokenizer
+
+
+def torch_step(model: Captioner, cross_kv: torch.Tensor) -> CachedStep:
+    dev = cross_kv.device
+
+    @torch.no_grad()
+    def run(ids: np.ndarray, cross, past):
+        logits, present = model.decode_step(torch.from_numpy(ids).to(dev), cross, past)
+        return logits.float().cpu().numpy(), present
+
+    return CachedStep(run, cross_kv, None, index=lambda a, rows: None if a is None else a[torch.as_tensor(rows, device=dev)])
+
+
+@torch.no_grad()
+def caption_tensor(model: Captioner, tok: CaptionTokenizer, images: torch.Tensor,
+                   params: DecodeParams | None = None) -> list[str]:
+    params = params or DecodeParams(max_new_tokens=model.cfg.max_len - 2)
+    params.max_new_tokens = min(params.max_new_tokens, model.cfg.max_len - 1)
+    _, cross = model.encode_for_decoding(images)
+    ids = decode(torch_step(model, cross), images.shape[0], tok.bos_id, tok.eos_id, params)
+    return [tok.decode(s) for s in ids]
+
+
+def caption_arrays(model: Captioner, tok: CaptionTokenizer, pixels: np.ndarray, params: DecodeParams | None = None,
+                   batch_size: int = 32, device: str | torch.device = "cpu") -> list[str]:
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(pixels), batch_size):
+        x = torch.from_numpy(pixels[i:i + batch_size]).to(device)
+        p = DecodeParams(**vars(params)) if params else None
+        out += caption_tensor(model, tok, x, p)
+    return out
