@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # pip on this machine prints one harmless warning per missing local index folder
-QUIET := 2>&1 | grep -v "^WARNING: Location" || true
+QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
 
 .PHONY: demo test install clean
 
