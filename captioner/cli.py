@@ -99,6 +99,28 @@ def cmd_caption(a, _):
         raise SystemExit(1)
 
 
+def cmd_export(a, _):
+    from captioner.export import export
+
+    r = export(a.checkpoint, a.out, device=a.device, quantize=a.quantize, verify=not a.no_verify,
+               parity_images=a.parity_images)
+    if "parity" in r:
+        p = r["parity"]
+        print(f"parity: encoder max|diff| {p['encoder_max_abs_diff']:.2e}, per-step logits max|diff| "
+              f"{p['logits_max_abs_diff']:.2e}, greedy captions equal {p['captions_equal']}/{p['images']}")
+    if "parity_int8" in r:
+        q = r["parity_int8"]
+        print(f"int8 parity: logits max|diff| {q['logits_max_abs_diff']:.3f}, greedy captions equal "
+              f"{q['captions_equal']}/{q['images']}")
+    print(f"wrote Triton model repository {a.out}")
+
+
+def cmd_serve(a, _):
+    from captioner.serve import serve_forever
+
+    serve_forever(a.repo, host=a.host, port=a.grpc_port, threads=a.threads)
+
+
 def cmd_demo(a, _):
     from captioner.demo import run_demo
 
@@ -157,6 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", type=int, default=4, help="requests in flight (with --url)")
     _decode_args(s)
     s.set_defaults(fn=cmd_caption)
+
+    s = sub.add_parser("export", help="checkpoint -> Triton model repository (ONNX + Python backend + ensemble)",
+                       description="Export encoder and decoder (with past key/values) to ONNX, write the Triton "
+                                   "repository and verify onnxruntime against PyTorch (fails loudly on mismatch).")
+    s.add_argument("checkpoint", help="checkpoint file or run folder")
+    s.add_argument("--out", required=True, help="repository folder to (re)create")
+    s.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="instance kind in the ONNX models' configs (KIND_GPU for the cluster, KIND_CPU locally)")
+    s.add_argument("--quantize", choices=["int8"], default=None, help="onnxruntime dynamic int8 quantization")
+    s.add_argument("--no-verify", action="store_true", help="skip the onnxruntime/PyTorch parity check")
+    s.add_argument("--parity-images", type=int, default=8)
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("serve", help="serve a model repository over Triton's gRPC protocol (local stand-in)")
+    s.add_argument("repo", help="model repository written by `captioner export`")
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
     s.add_argument("--workdir", default="demo_out")

@@ -23,8 +23,8 @@ def torch_step(model: Captioner, cross_kv: torch.Tensor) -> CachedStep:
 @torch.no_grad()
 def caption_tensor(model: Captioner, tok: CaptionTokenizer, images: torch.Tensor,
                    params: DecodeParams | None = None) -> list[str]:
-    params = params or DecodeParams(max_new_tokens=model.cfg.max_len - 2)
-    params.max_new_tokens = min(params.max_new_tokens, model.cfg.max_len - 1)
+    params = params or DecodeParams(max_new_tokens=model.cfg.max_new_tokens)
+    params.max_new_tokens = min(params.max_new_tokens, model.cfg.max_new_tokens)
     _, cross = model.encode_for_decoding(images)
     ids = decode(torch_step(model, cross), images.shape[0], tok.bos_id, tok.eos_id, params)
     return [tok.decode(s) for s in ids]

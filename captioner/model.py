@@ -46,6 +46,11 @@ class ModelConfig:
     vocab_size: int = 0
     pad_id: int = 0
 
+    @property
+    def max_new_tokens(self) -> int:
+        """Longest caption the model was trained to produce: max_len minus BOS and EOS."""
+        return self.max_len - 2
+
 
 # ---------------------------------------------------------------------------------------
 class EncoderWeightsError(RuntimeError):

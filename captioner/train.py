@@ -237,7 +237,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         if di.main and val_recs and t.val_max_images > 0:
             raw_model.eval()
             params = DecodeParams(strategy="beam" if t.val_beam_size > 1 else "greedy", beam_size=t.val_beam_size,
-                                  max_new_tokens=cfg.model.max_len - 2)
+                                  max_new_tokens=cfg.model.max_new_tokens)
             metrics, hyps, kept = score_records(raw_model, tok, pre, val_recs[: t.val_max_images], params,
                                                 di.device, meteor=False)
             raw_model.train()

@@ -51,3 +51,20 @@ def trained_run(synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     res = train(tiny_cfg(synth_dir, out, "--train.epochs=3"), progress=False)
     return res
+
+
+@pytest.fixture(scope="session")
+def exported_repo(trained_run, tmp_path_factory):
+    from captioner.export import export
+
+    repo = tmp_path_factory.mktemp("repo") / "models"
+    report = export(str(trained_run.out_dir / "ckpt_best.pt"), str(repo), device="cpu")
+    return repo, report
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

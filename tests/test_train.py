@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY
 
 from captioner.checkpoint import load_checkpoint
 

@@ -1,0 +1,284 @@
+"""`captioner export`: checkpoint -> complete Triton model repository (ONNX encoder and
+decoder, Python-backend preprocess and BLS decode loop, ensemble), with a parity check of
+onnxruntime against PyTorch that fails loudly."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from captioner.checkpoint import LoadedCheckpoint, load_checkpoint
+from captioner.config import save_config
+from captioner.decoding import DecodeParams
+from captioner.inference import caption_tensor
+from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN,
+                             ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS,
+                             PREPROCESS_FILE, PRESENT_KV, TOKENIZER_FILE)
+from captioner.serving_core import MAX_BEAM, image_bytes_to_pixels
+
+log = logging.getLogger(__name__)
+SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
+MAX_BATCH = 8  # images per batch for the encoder, preprocess, decode loop and the ensemble
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+class _EncoderGraph(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, pixel_values):
+        return self.m.encode_for_decoding(pixel_values)
+
+
+class _DecoderGraph(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, cross_kv, past_kv):
+        return self.m.decode_step(input_ids, cross_kv, past_kv)
+
+
+@dataclass
+class Dims:
+    C: int
+    H: int
+    W: int
+    P: int
+    D: int
+    L: int
+    heads: int
+    Dh: int
+    V: int
+
+
+def _dims(ck: LoadedCheckpoint) -> Dims:
+    m = ck.model
+    c = m.cfg
+    C, H, W = ck.preprocess.input_size
+    with torch.no_grad():
+        P = m.encode(torch.zeros(1, C, H, W)).shape[1]
+    return Dims(C, H, W, P, c.d_model, c.n_layers, c.n_heads, c.d_model // c.n_heads, c.vocab_size)
+
+
+def export_onnx(ck: LoadedCheckpoint, repo: Path, opset: int = 17) -> Dims:
+    """Write encoder/1/model.onnx and decoder/1/model.onnx (weights inline). Dummy inputs
+    use batch 2, 2 new tokens and 3 past positions so no dynamic axis is traced as 1."""
+    d = _dims(ck)
+    m = ck.model.eval()
+    (repo / ENCODER / "1").mkdir(parents=True, exist_ok=True)
+    (repo / DECODER / "1").mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_EncoderGraph(m), (torch.randn(2, d.C, d.H, d.W),), str(repo / ENCODER / "1" / "model.onnx"),
+                          dynamo=False, opset_version=opset, input_names=[PIXEL_VALUES],
+                          output_names=[ENCODER_HIDDEN, CROSS_KV],
+                          dynamic_axes={PIXEL_VALUES: {0: "batch"}, ENCODER_HIDDEN: {0: "batch"},
+                                        CROSS_KV: {0: "batch"}})
+        ids = torch.randint(4, d.V, (2, 2))
+        cross = torch.randn(2, 2 * d.L, d.heads, d.P, d.Dh)
+        past = torch.randn(2, 2 * d.L, d.heads, 3, d.Dh)
+        torch.onnx.export(_DecoderGraph(m), (ids, cross, past), str(repo / DECODER / "1" / "model.onnx"),
+                          dynamo=False, opset_version=opset, input_names=[INPUT_IDS, CROSS_KV, PAST_KV],
+                          output_names=[LOGITS, PRESENT_KV],
+                          dynamic_axes={INPUT_IDS: {0: "batch", 1: "new_tokens"}, CROSS_KV: {0: "batch"},
+                                        PAST_KV: {0: "batch", 3: "past_len"}, LOGITS: {0: "batch", 1: "new_tokens"},
+                                        PRESENT_KV: {0: "batch", 3: "total_len"}})
+    return d
+
+
+# ------------------------------------------------------------------ Triton configs
+def _io(cls, name, dtype, dims, optional=False):
+    t = cls(name=name, data_type=getattr(mc, dtype), dims=list(dims))
+    if optional:
+        t.optional = True
+    return t
+
+
+def build_configs(d: Dims, kind: str = "KIND_GPU", max_batch: int = MAX_BATCH) -> dict[str, mc.ModelConfig]:
+    gpu = getattr(mc.ModelInstanceGroup, kind)
+    cpu = mc.ModelInstanceGroup.KIND_CPU
+    I, O = mc.ModelInput, mc.ModelOutput
+    kv = [2 * d.L, d.heads, d.P, d.Dh]
+    past = [2 * d.L, d.heads, -1, d.Dh]
+    batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=2000)
+    cfgs = {
+        PREPROCESS: mc.ModelConfig(
+            name=PREPROCESS, backend="python", max_batch_size=max_batch,
+            input=[_io(I, IMAGE, "TYPE_STRING", [1])], output=[_io(O, PIXEL_VALUES, "TYPE_FP32", [d.C, d.H, d.W])],
+            instance_group=[mc.ModelInstanceGroup(kind=cpu, count=2)], dynamic_batching=batching),
+        ENCODER: mc.ModelConfig(
+            name=ENCODER, backend="onnxruntime", max_batch_size=max_batch,
+            input=[_io(I, PIXEL_VALUES, "TYPE_FP32", [d.C, d.H, d.W])],
+            output=[_io(O, ENCODER_HIDDEN, "TYPE_FP32", [d.P, d.D]), _io(O, CROSS_KV, "TYPE_FP32", kv)],
+            instance_group=[mc.ModelInstanceGroup(kind=gpu, count=1)], dynamic_batching=batching),
+        DECODER: mc.ModelConfig(
+            name=DECODER, backend="onnxruntime", max_batch_size=max_batch * MAX_BEAM,
+            input=[_io(I, INPUT_IDS, "TYPE_INT64", [-1]), _io(I, CROSS_KV, "TYPE_FP32", kv),
+                   _io(I, PAST_KV, "TYPE_FP32", past)],
+            output=[_io(O, LOGITS, "TYPE_FP32", [-1, d.V]), _io(O, PRESENT_KV, "TYPE_FP32", past)],
+            instance_group=[mc.ModelInstanceGroup(kind=gpu, count=1)]),
+        DECODE_LOOP: mc.ModelConfig(
+            name=DECODE_LOOP, backend="python", max_batch_size=max_batch,
+            input=[_io(I, CROSS_KV, "TYPE_FP32", kv), _io(I, BEAM_SIZE, "TYPE_INT32", [1], optional=True),
+                   _io(I, MAX_TOKENS, "TYPE_INT32", [1], optional=True)],
+            output=[_io(O, CAPTION, "TYPE_STRING", [1])],
+            instance_group=[mc.ModelInstanceGroup(kind=cpu, count=1)], dynamic_batching=batching),
+    }
+    S = mc.ModelEnsembling.Step
+    cfgs[ENSEMBLE] = mc.ModelConfig(
+        name=ENSEMBLE, platform="ensemble", max_batch_size=max_batch,
+        input=[_io(I, IMAGE, "TYPE_STRING", [1]), _io(I, BEAM_SIZE, "TYPE_INT32", [1], optional=True),
+               _io(I, MAX_TOKENS, "TYPE_INT32", [1], optional=True)],
+        output=[_io(O, CAPTION, "TYPE_STRING", [1])],
+        ensemble_scheduling=mc.ModelEnsembling(step=[
+            S(model_name=PREPROCESS, model_version=-1, input_map={IMAGE: IMAGE}, output_map={PIXEL_VALUES: PIXEL_VALUES}),
+            S(model_name=ENCODER, model_version=-1, input_map={PIXEL_VALUES: PIXEL_VALUES},
+              output_map={CROSS_KV: CROSS_KV}),
+            S(model_name=DECODE_LOOP, model_version=-1,
+              input_map={CROSS_KV: CROSS_KV, BEAM_SIZE: BEAM_SIZE, MAX_TOKENS: MAX_TOKENS},
+              output_map={CAPTION: CAPTION}),
+        ]))
+    return cfgs
+
+
+def write_configs(repo: Path, cfgs: dict[str, mc.ModelConfig]) -> None:
+    for name, cfg in cfgs.items():
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
+        (repo / name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+
+
+def read_config(path: str | Path) -> mc.ModelConfig:
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+
+
+# ------------------------------------------------------------------ parity
+def sample_images(ck: LoadedCheckpoint, n: int = 8) -> list[tuple[str, bytes]]:
+    """Held-out images from the checkpoint's data when reachable, else generated scenes."""
+    from captioner.data import assign_splits, by_split, read_records
+
+    try:
+        c = ck.config.data
+        recs, _ = read_records(c.source, c.format, c.image_root)
+        assign_splits(recs, c.val_fraction, c.test_fraction, c.split_seed)
+        recs = (by_split(recs, "test") + by_split(recs, "val") + recs)[:n]
+        out = [(r.image_id, Path(r.path).read_bytes()) for r in recs]
+        if out:
+            return out
+    except Exception as e:  # noqa: BLE001 - fall back to generated images
+        log.info("parity images: data source unavailable (%s); using generated images", e)
+    from captioner.synthetic import draw_scene
+
+    rng, out = random.Random(0), []
+    for i in range(n):
+        img, _ = draw_scene(rng)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append((f"generated-{i}.jpg", buf.getvalue()))
+    return out
+
+
+@dataclass
+class ParityReport:
+    images: int = 0
+    encoder_max_abs_diff: float = 0.0
+    logits_max_abs_diff: float = 0.0
+    captions_equal: int = 0
+    mismatches: list = field(default_factory=list)
+    quantized: dict | None = None
+
+
+def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: float = 1e-3,
+                 fail: bool = True) -> ParityReport:
+    from captioner.onnx_runtime import OrtCaptioner
+
+    imgs = sample_images(ck, n_images)
+    pixels = image_bytes_to_pixels(np.array([b for _, b in imgs], dtype=object), ck.preprocess)
+    ort_m = OrtCaptioner(repo)
+    m = ck.model.eval()
+    rep = ParityReport(images=len(imgs))
+    x = torch.from_numpy(pixels)
+    with torch.no_grad():
+        mem_t, cross_t = m.encode_for_decoding(x)
+    mem_o, cross_o = ort_m.run_encoder(pixels)
+    rep.encoder_max_abs_diff = float(max(np.abs(mem_o - mem_t.numpy()).max(), np.abs(cross_o - cross_t.numpy()).max()))
+    params = DecodeParams(max_new_tokens=m.cfg.max_new_tokens)
+    caps_t = caption_tensor(m, ck.tokenizer, x, DecodeParams(**vars(params)))
+    caps_o = ort_m.loop.caption(cross_o, DecodeParams(**vars(params)))
+    # per-step logits, teacher-forced on PyTorch's captions, through the cache in both
+    ids = [[ck.tokenizer.bos_id] + ck.tokenizer.encode(c, m.cfg.max_len)[1:-1] for c in caps_t]
+    T = min(len(s) for s in ids)
+    tok = np.array([s[:T] for s in ids], dtype=np.int64)
+    past_o = np.zeros((len(imgs), 2 * m.cfg.n_layers, m.cfg.n_heads, 0, m.cfg.d_model // m.cfg.n_heads), np.float32)
+    past_t, worst = None, 0.0
+    for t in range(T):
+        lo, past_o = ort_m.run_decoder(tok[:, t:t + 1], cross_o, past_o)
+        with torch.no_grad():
+            lt, past_t = m.decode_step(torch.from_numpy(tok[:, t:t + 1]), cross_t, past_t)
+        worst = max(worst, float(np.abs(lo - lt.numpy()).max()))
+    rep.logits_max_abs_diff = worst
+    rep.captions_equal = sum(a == b for a, b in zip(caps_t, caps_o))
+    rep.mismatches = [{"image": n, "pytorch": a, "onnxruntime": b} for (n, _), a, b in zip(imgs, caps_t, caps_o) if a != b]
+    log.info("parity on %d images: encoder max|diff| %.2e, logits max|diff| %.2e, greedy captions equal %d/%d",
+             rep.images, rep.encoder_max_abs_diff, rep.logits_max_abs_diff, rep.captions_equal, rep.images)
+    if fail and (rep.encoder_max_abs_diff > atol or rep.logits_max_abs_diff > atol * 10 or rep.mismatches):
+        raise ParityError(f"onnxruntime disagrees with PyTorch: {json.dumps(asdict(rep), indent=1)}")
+    return rep
+
+
+def quantize_int8(repo: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for name in (ENCODER, DECODER):
+        f = repo / name / "1" / "model.onnx"
+        fp32 = repo / name / "model.fp32.onnx"  # outside the version folder: Triton ignores it
+        shutil.move(f, fp32)
+        quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8)
+
+
+# ------------------------------------------------------------------ entry point
+def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None = None, verify: bool = True,
+           parity_images: int = 8, max_batch: int = MAX_BATCH) -> dict:
+    ck = load_checkpoint(checkpoint)
+    repo = Path(out)
+    if repo.exists():
+        shutil.rmtree(repo)
+    repo.mkdir(parents=True)
+    d = export_onnx(ck, repo)
+    write_configs(repo, build_configs(d, "KIND_GPU" if device == "gpu" else "KIND_CPU", max_batch))
+    for name in (PREPROCESS, DECODE_LOOP):
+        shutil.copy(SOURCES / name / "1" / "model.py", repo / name / "1" / "model.py")
+    (repo / PREPROCESS / "1" / PREPROCESS_FILE).write_text(json.dumps(ck.preprocess.to_dict(), indent=2))
+    ck.tokenizer.save(repo / DECODE_LOOP / "1" / TOKENIZER_FILE)
+    (repo / DECODE_LOOP / "1" / DECODE_FILE).write_text(json.dumps({
+        "bos_id": ck.tokenizer.bos_id, "eos_id": ck.tokenizer.eos_id, "max_new_tokens": ck.model.cfg.max_new_tokens,
+        "n_layers": d.L, "n_heads": d.heads, "head_dim": d.Dh}, indent=2))
+    report = {"checkpoint": str(ck.path), "step": ck.step, "dims": asdict(d), "device": device}
+    if verify:
+        report["parity"] = asdict(check_parity(ck, repo, parity_images))
+    if quantize == "int8":
+        quantize_int8(repo)
+        q = check_parity(ck, repo, parity_images, fail=False)
+        report["parity_int8"] = asdict(q)
+        log.info("int8 parity: greedy captions equal %d/%d, logits max|diff| %.3f (report only)",
+                 q.captions_equal, q.images, q.logits_max_abs_diff)
+    elif quantize:
+        raise ValueError(f"--quantize supports only 'int8', got {quantize!r}")
+    (repo / "export_report.json").write_text(json.dumps(report, indent=2))
+    save_config(ck.config, repo / "config.yaml")
+    log.info("wrote Triton model repository %s (models: %s)", repo, ", ".join(sorted(build_configs(d))))
+    return report

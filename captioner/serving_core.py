@@ -1,0 +1,119 @@
+"""Request-level logic shared by the Triton Python-backend models and the local server:
+turning IMAGE bytes into pixel values and running the cached decode loop over any decoder
+runner (Triton BLS, onnxruntime). Every request either succeeds or gets its own error."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from captioner.decoding import CachedStep, DecodeParams, decode
+from captioner.names import DECODE_FILE, PREPROCESS_FILE, TOKENIZER_FILE
+from captioner.preprocess import ImageError, PreprocessConfig, preprocess_bytes
+from captioner.tokenizer import CaptionTokenizer
+
+MAX_BEAM = 8
+
+
+class RequestError(ValueError):
+    """Bad input in one request; the message names the problem (-> INVALID_ARGUMENT)."""
+
+
+def image_bytes_to_pixels(images: np.ndarray, pre: PreprocessConfig) -> np.ndarray:
+    """images: object array of encoded bytes, shape [B] or [B, 1] -> pixels [B, 3, H, W]."""
+    flat = images.reshape(-1)
+    if flat.size == 0:
+        raise RequestError("IMAGE holds no elements")
+    out = []
+    for i, item in enumerate(flat):
+        if not isinstance(item, (bytes, bytearray, np.bytes_)):
+            raise RequestError(f"IMAGE[{i}] must be encoded image bytes, got {type(item).__name__}")
+        try:
+            out.append(preprocess_bytes(bytes(item), pre, name=f"IMAGE[{i}]"))
+        except ImageError as e:
+            raise RequestError(str(e)) from None
+    return np.stack(out)
+
+
+@dataclass
+class DecodeSettings:
+    bos_id: int
+    eos_id: int
+    max_new_tokens: int
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    @classmethod
+    def load(cls, d: str | Path) -> "DecodeSettings":
+        return cls(**json.loads((Path(d) / DECODE_FILE).read_text()))
+
+
+def params_for(beam: int | None, max_tokens: int | None, s: DecodeSettings) -> DecodeParams:
+    beam = 1 if beam is None else int(beam)
+    if not 1 <= beam <= MAX_BEAM:
+        raise RequestError(f"BEAM_SIZE must be between 1 and {MAX_BEAM}, got {beam}")
+    mt = s.max_new_tokens if max_tokens is None else int(max_tokens)
+    if not 1 <= mt <= s.max_new_tokens:
+        raise RequestError(f"MAX_TOKENS must be between 1 and {s.max_new_tokens}, got {mt}")
+    return DecodeParams(strategy="beam" if beam > 1 else "greedy", beam_size=beam, max_new_tokens=mt,
+                        length_penalty=s.length_penalty, no_repeat_ngram_size=s.no_repeat_ngram_size)
+
+
+class DecodeLoop:
+    """Captions batches of cross-attention K/V with a decoder runner
+    `run(input_ids [R,1] int64, cross_kv [R,2L,H,P,Dh], past_kv [R,2L,H,T',Dh]) -> (logits, present_kv)`."""
+
+    def __init__(self, tokenizer: CaptionTokenizer, settings: DecodeSettings, run: Callable):
+        self.tok, self.s, self.run = tokenizer, settings, run
+
+    @classmethod
+    def from_dir(cls, d: str | Path, run: Callable) -> "DecodeLoop":
+        return cls(CaptionTokenizer.from_file(Path(d) / TOKENIZER_FILE), DecodeSettings.load(d), run)
+
+    def check_cross_kv(self, cross: np.ndarray, name: str = "cross_kv") -> None:
+        s = self.s
+        want = (2 * s.n_layers, s.n_heads, None, s.head_dim)
+        if cross.ndim != 5 or any(w is not None and g != w for g, w in zip(cross.shape[1:], want)):
+            raise RequestError(f"{name} must have shape [B, {want[0]}, {want[1]}, P, {want[3]}], got {list(cross.shape)}")
+        if cross.dtype != np.float32:
+            raise RequestError(f"{name} must be FP32, got {cross.dtype}")
+
+    def caption(self, cross: np.ndarray, params: DecodeParams) -> list[str]:
+        """cross [B,2L,H,P,Dh] -> B captions (rows may finish at different steps)."""
+        B = cross.shape[0]
+        s = self.s
+        past = np.zeros((B, 2 * s.n_layers, s.n_heads, 0, s.head_dim), np.float32)
+        step = CachedStep(self.run, cross, past)
+        ids = decode(step, B, self.tok.bos_id, self.tok.eos_id, params)
+        return [self.tok.decode(x) for x in ids]
+
+    def caption_requests(self, items: list[tuple[np.ndarray, DecodeParams]]) -> list[list[str] | Exception]:
+        """Batch many requests: requests with the same decoding parameters and patch count
+        are decoded together; results come back in request order."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (cross, p) in enumerate(items):
+            groups.setdefault((p.strategy, p.beam_size, p.max_new_tokens, cross.shape[3]), []).append(i)
+        out: list = [None] * len(items)
+        for idx in groups.values():
+            try:
+                caps = self.caption(np.concatenate([items[i][0] for i in idx]), items[idx[0]][1])
+            except Exception as e:  # noqa: BLE001 - one failing group must not sink the others
+                for i in idx:
+                    out[i] = e
+                continue
+            k = 0
+            for i in idx:
+                n = items[i][0].shape[0]
+                out[i] = caps[k:k + n]
+                k += n
+        return out
+
+
+def load_preprocess(d: str | Path) -> PreprocessConfig:
+    return PreprocessConfig.from_dict(json.loads((Path(d) / PREPROCESS_FILE).read_text()))

@@ -1,0 +1,29 @@
+"""Triton Python backend: IMAGE (encoded bytes, TYPE_STRING [1]) -> pixel_values FP32 [3,H,W].
+
+A thin shell: decoding and preprocessing are `captioner.serving_core.image_bytes_to_pixels`,
+the same function training, export and the local server use; the numbers come from
+preprocess.json, which `captioner export` writes from the encoder's timm data config.
+"""
+import os
+
+import triton_python_backend_utils as pb_utils
+
+from captioner.names import IMAGE, PIXEL_VALUES
+from captioner.serving_core import image_bytes_to_pixels, load_preprocess
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.pre = load_preprocess(os.path.join(args["model_repository"], args["model_version"]))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                images = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy()
+                pixels = image_bytes_to_pixels(images, self.pre)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(PIXEL_VALUES, pixels)]))
+            except Exception as e:  # noqa: BLE001 - the error goes back to this request only
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"{type(e).__name__}: {e}")))
+        return responses
