@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
     s.add_argument("--workdir", default="demo_out")
     s.add_argument("--images", type=int, default=1500)
-    s.add_argument("--epochs", type=int, default=12)
+    s.add_argument("--epochs", type=int, default=8)
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks (print side-by-side measurements)")

@@ -92,6 +92,15 @@ class ImageEncoder(nn.Module):
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
         self.proj = nn.Linear(self.backbone.num_features, cfg.d_model)
         self.norm = nn.LayerNorm(cfg.d_model)
+        # CNN feature maps carry no position once flattened and cross-attention is
+        # permutation-invariant, so give their tokens a learned position embedding.
+        # (ViTs add their own inside the backbone.)
+        self.pos = None
+        size = self.backbone.pretrained_cfg.get("input_size", (3, 224, 224))
+        with torch.no_grad():
+            f = self.backbone.forward_features(torch.zeros(1, *size))
+        if f.ndim == 4:
+            self.pos = nn.Parameter(torch.zeros(1, f.shape[2] * f.shape[3], cfg.d_model))
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         f = self.backbone.forward_features(images)
@@ -100,7 +109,10 @@ class ImageEncoder(nn.Module):
         return f[:, self.num_prefix_tokens:]  # ViT: drop cls/register tokens -> [B, P, C]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(self.forward_features(images)))  # [B, P, D]
+        x = self.proj(self.forward_features(images))  # [B, P, D]
+        if self.pos is not None:
+            x = x + self.pos
+        return self.norm(x)
 
 
 class MLP(nn.Module):
@@ -217,6 +229,8 @@ class Captioner(nn.Module):
             self.encoder.backbone.requires_grad_(False)
 
     def _init_decoder(self):
+        if self.encoder.pos is not None:
+            nn.init.normal_(self.encoder.pos, std=0.02)
         for m in list(self.decoder.modules()) + [self.encoder.proj]:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)

@@ -298,7 +298,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             dt = _dtype(known[n])[0]
             resp.outputs.add(name=n, datatype=dt, shape=list(arr.shape))
             if dt == "BYTES":
-                resp.raw_output_contents.append(serialize_byte_tensor(arr).tobytes())
+                resp.raw_output_contents.append(serialize_byte_tensor(arr).item())
             else:
                 resp.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
         return resp

@@ -91,3 +91,33 @@ def generate(out_dir: str | Path, images: int = 1000, seed: int = 0, side: int =
         for name, j, cap in rows:
             f.write(f"{name}| {j}| {cap}\n")
     return out
+
+
+def parse_attributes(caption: str) -> dict:
+    """Read color / shape / size / position back out of a caption (None where absent)."""
+    c = " " + " ".join(caption.lower().replace(".", " ").split()) + " "
+    out = {"color": next((k for k in COLORS if f" {k} " in c), None),
+           "shape": next((k for k in SHAPES if f" {k} " in c), None),
+           "size": next((k for k, words in SIZE_WORDS.items() if any(f" {w} " in c for w in words)), None),
+           "position": None}
+    for key, (_, phrases) in sorted(POSITIONS.items(), key=lambda kv: -max(len(p) for p in kv[1][1])):
+        if any(f" {p} " in c for p in phrases):
+            out["position"] = key
+            break
+    return out
+
+
+def attribute_accuracy(refs: dict[str, list[str]], hyps: dict[str, str]) -> dict[str, float]:
+    """Share of generated captions that state each attribute correctly (truth read from the
+    references); an attribute a caption leaves out counts as wrong."""
+    hits = {k: 0 for k in ("color", "shape", "size", "position")}
+    for img, hyp in hyps.items():
+        truth: dict = {}
+        for r in refs[img]:
+            for k, v in parse_attributes(r).items():
+                if v is not None:
+                    truth.setdefault(k, v)
+        got = parse_attributes(hyp)
+        for k in hits:
+            hits[k] += int(got[k] is not None and got[k] == truth.get(k))
+    return {k: v / max(1, len(hyps)) for k, v in hits.items()}

@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from captioner.checkpoint import BEST, LATEST, atomic_copy, atomic_save
 from captioner.config import ExperimentConfig, save_config
-from captioner.data import (CaptionImageDataset, DataSummary, ResumableBatchSampler, assign_splits, by_split,
-                            collate_grouped, read_records, summarize, verify_images)
+from captioner.data import (CaptionImageDataset, DataSummary, ImageRecord, ResumableBatchSampler, assign_splits,
+                            by_split, collate_grouped, read_records, summarize, verify_images)
 from captioner.decoding import DecodeParams
 from captioner.evaluate import score_records
 from captioner.model import Captioner, count_params
 from captioner.preprocess import PreprocessConfig
+from captioner.shards import ShardStream, is_shard_source, materialize, open_shard_source
 from captioner.tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,11 @@ def param_groups(model: Captioner, cfg: ExperimentConfig) -> list[dict]:
 
 
 def prepare_data(cfg: ExperimentConfig, di: DistInfo, progress: bool = True):
-    """Rank 0 reads and verifies the data once; the result is broadcast to the other ranks."""
+    """Rank 0 reads and verifies the data once; the result is broadcast to the other ranks.
+    Returns (train records, val records, summary); for a shard source the train "records"
+    carry captions only (images are streamed from the shards)."""
+    if is_shard_source(cfg.data.source):
+        return _prepare_shards(cfg, di)
     payload = None
     if di.main:
         d = cfg.data
@@ -122,7 +127,25 @@ def prepare_data(cfg: ExperimentConfig, di: DistInfo, progress: bool = True):
         log.info("data: %s; per split: %s", summary.text(), summary.per_split)
         payload = (recs, summary)
     recs, summary = _bcast(payload, di)
-    return by_split(recs, "train"), by_split(recs, "val"), summary
+    return by_split(recs, "train"), by_split(recs, "val")[: cfg.train.val_max_images], summary
+
+
+def _prepare_shards(cfg: ExperimentConfig, di: DistInfo):
+    payload = None
+    if di.main:
+        store, manifest = open_shard_source(cfg.data.source)
+        summary = DataSummary(images=len(manifest["items"]),
+                              captions=sum(len(it["captions"]) for it in manifest["items"]),
+                              skipped={k: list(v) for k, v in manifest.get("skipped", {}).items()})
+        summary.per_split = {k: v["items"] for k, v in manifest["splits"].items()}  # type: ignore[attr-defined]
+        val = materialize(store, manifest, "val", Path(cfg.train.out_dir) / "val_cache", cfg.train.val_max_images) \
+            if cfg.train.val_max_images > 0 else []
+        log.info("data: shards at %s: %s; per split: %s", store.uri, summary.text(), summary.per_split)
+        payload = (manifest, val, summary)
+    manifest, val, summary = _bcast(payload, di)
+    train_caps = [ImageRecord(it["image_id"], "", it["captions"], "train") for it in manifest["items"]
+                  if it["split"] == "train"]
+    return train_caps, val, summary, manifest
 
 
 @dataclass
@@ -154,7 +177,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         elif di.main:
             log.warning("--resume given but %s does not exist: starting from scratch", p)
 
-    train_recs, val_recs, summary = prepare_data(cfg, di, progress)
+    prepared = prepare_data(cfg, di, progress)
+    train_recs, val_recs, summary = prepared[:3]
+    manifest = prepared[3] if len(prepared) > 3 else None
     if not train_recs:
         raise ValueError(f"no training images left in {cfg.data.source} ({summary.text()})")
 
@@ -181,9 +206,16 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                  cfg.model.encoder, cfg.model.n_layers, count_params(model) / 1e6, tok.vocab_size, pre.input_size)
 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=tuple(t.betas))
-    ds = CaptionImageDataset(train_recs, tok, pre, cfg.model.max_len)
-    sampler = ResumableBatchSampler(len(ds), t.batch_size, di.rank, di.world, seed=t.seed)
-    micro_per_epoch = len(sampler)
+    if manifest is not None:  # stream tar shards from the store
+        store, _ = open_shard_source(cfg.data.source)
+        ds = ShardStream(store, manifest, "train", tok, pre, cfg.model.max_len, t.batch_size, di.rank, di.world,
+                         t.seed, cfg.data.shuffle_buffer, cfg.data.num_workers)
+        sampler = None
+        micro_per_epoch = ds.batches_per_rank()
+    else:
+        ds = CaptionImageDataset(train_recs, tok, pre, cfg.model.max_len)
+        sampler = ResumableBatchSampler(len(ds), t.batch_size, di.rank, di.world, seed=t.seed)
+        micro_per_epoch = len(sampler)
     steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum_steps)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, t.warmup_steps, t.min_lr_ratio))
@@ -202,6 +234,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
             _truncate_jsonl(out / "val_metrics.jsonl", step)
     else:
         torch.manual_seed(t.seed + di.rank)  # different dropout masks per rank
+        if di.main and (out / LATEST).exists():
+            log.warning("%s already holds a run: starting from scratch and replacing it (use --resume to "
+                        "continue it)", out)
+        if di.main:
+            for name in ("metrics.jsonl", "val_metrics.jsonl", BEST):
+                (out / name).unlink(missing_ok=True)
 
     raw_model = model
     if di.world > 1:
@@ -211,12 +249,37 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and di.device.type == "cuda")
     autocast = (lambda: torch.autocast(di.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-    loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-        pin_memory=cfg.data.pin_memory and di.device.type == "cuda",
-        collate_fn=functools.partial(collate_grouped, pad_id=tok.pad_id), persistent_workers=cfg.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched by workers
-    )
+    pin = cfg.data.pin_memory and di.device.type == "cuda"
+    if sampler is not None:
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=pin,
+            collate_fn=functools.partial(collate_grouped, pad_id=tok.pad_id),
+            persistent_workers=cfg.data.num_workers > 0,
+            generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched by workers
+        )
+    else:  # workers must see set_epoch, so they are not persistent
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers, pin_memory=pin,
+                                             generator=torch.Generator().manual_seed(t.seed))
+
+    def epoch_batches(epoch: int, first: int):
+        """This epoch's micro-batches from `first` on; always `micro_per_epoch` of them
+        (None = an empty batch: all images bad, or a stream shorter on this rank)."""
+        if sampler is not None:
+            sampler.set_epoch(epoch, first)
+            n = first
+            for b in loader:
+                n += 1
+                yield b
+        else:
+            ds.set_epoch(epoch)
+            n = 0
+            for b in loader:  # resuming a stream replays and drops the batches already seen
+                if n >= first:
+                    yield b
+                n += 1
+            n = max(n, first)
+        for _ in range(n, micro_per_epoch):
+            yield None
 
     def save(epoch: int, micro: int) -> None:
         rngs = [None] * di.world
@@ -238,7 +301,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
             raw_model.eval()
             params = DecodeParams(strategy="beam" if t.val_beam_size > 1 else "greedy", beam_size=t.val_beam_size,
                                   max_new_tokens=cfg.model.max_new_tokens)
-            metrics, hyps, kept = score_records(raw_model, tok, pre, val_recs[: t.val_max_images], params,
+            metrics, hyps, kept = score_records(raw_model, tok, pre, val_recs, params,
                                                 di.device, meteor=False)
             raw_model.train()
             res = {"step": step, **metrics}
@@ -262,9 +325,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         if done:
             break
         first = start_micro if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, first)
         micro = first
-        for batch in loader:
+        for batch in epoch_batches(epoch, first):
             last = (micro + 1) % t.grad_accum_steps == 0 or micro + 1 == micro_per_epoch
             sync = nullcontext() if (last or di.world == 1) else model.no_sync()
             with sync:
@@ -279,8 +341,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                     pairs += tokens.shape[0]
                     images_seen += images.shape[0]
                 (loss / t.grad_accum_steps).backward()
-            acc_loss += float(loss.detach())
-            n_micro += 1
+            if batch is not None:
+                acc_loss += float(loss.detach())
+                n_micro += 1
             micro += 1
             if not last:
                 continue
@@ -290,7 +353,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            lt = torch.tensor([acc_loss / n_micro], dtype=torch.float64)
+            lt = torch.tensor([acc_loss / max(1, n_micro)], dtype=torch.float64)
             if di.world > 1:
                 dist.all_reduce(lt)
                 lt /= di.world

@@ -17,7 +17,7 @@ from captioner.export import read_config, sample_images
 from captioner.inference import caption_tensor
 from captioner.serving_core import image_bytes_to_pixels
 
-from tests.triton import pb_utils_double
+from tests.serving import pb_utils_double
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.INT64: mc.TYPE_INT64}
 

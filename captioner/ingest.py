@@ -1,0 +1,260 @@
+"""`captioner ingest SOURCE DEST` and `captioner verify DEST`.
+
+Validates every image (decoded, pixel count bounded) and caption, optionally resizes, packs
+images + captions into WebDataset-style tar shards grouped by split, uploads them in
+parallel and writes `manifest.json` last. Shard bytes are deterministic (sorted items,
+fixed tar headers), so a rerun after an interruption skips every shard already stored with
+the right sha256 and ends with exactly the store a clean run writes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import tarfile
+import tempfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from captioner.data import DataSummary, ImageRecord, assign_splits, read_records, SPLITS
+from captioner.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+from captioner.storage import Store, open_store, sha256_file
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class IngestOptions:
+    shard_mb: float = 64.0  # target shard size; a shard closes once it passes this
+    max_side: int = 0  # resize so the longer side is at most this (0 = keep original bytes)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int = 8  # parallel uploads (and image checks)
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    split_seed: int = 0
+    format: str = "auto"
+    image_root: str = ""
+    progress: bool = True
+
+
+def _key(image_id: str, used: set) -> str:
+    """WebDataset keys may not contain dots (the first dot starts the extension)."""
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", Path(image_id).stem) or "item"
+    k, n = base, 1
+    while k in used:
+        n += 1
+        k = f"{base}_{n}"
+    used.add(k)
+    return k
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+    return ti
+
+
+def _image_bytes(r: ImageRecord, o: IngestOptions) -> tuple[bytes, str]:
+    """Validated image bytes and extension; raises ImageError naming the image."""
+    img = load_image(r.path, o.max_pixels, name=r.image_id)  # full decode: catches truncation/bombs
+    if o.max_side and max(img.size) > o.max_side:
+        img.thumbnail((o.max_side, o.max_side), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        return buf.getvalue(), "jpg"
+    data = Path(r.path).read_bytes()
+    fmt = (Image.open(io.BytesIO(data)).format or "jpeg").lower()
+    return data, {"jpeg": "jpg"}.get(fmt, fmt)
+
+
+@dataclass
+class Shard:
+    name: str
+    split: str
+    path: Path
+    items: list = field(default_factory=list)
+    size: int = 0
+    sha256: str = ""
+
+
+def _source_dir(source: str, tmp: Path) -> Path:
+    p = Path(source)
+    if p.suffix == ".zip":
+        log.info("extracting %s", p)
+        with zipfile.ZipFile(p) as z:
+            z.extractall(tmp / "src")
+        root = tmp / "src"
+        hits = sorted(root.rglob("results.csv")) or sorted(root.rglob("*.json"))
+        if not hits:
+            raise ValueError(f"{source}: zip holds neither results.csv nor a captions JSON")
+        return hits[0] if hits[0].suffix == ".json" else hits[0].parent
+    return p
+
+
+def build_shards(records: list[ImageRecord], summary: DataSummary, o: IngestOptions, stage: Path) -> list[Shard]:
+    """Validate and pack items into shards under `stage` (deterministic bytes)."""
+    order = {s: i for i, s in enumerate(SPLITS)}
+    records = sorted(records, key=lambda r: (order.get(r.split, 9), r.image_id))
+    with ThreadPoolExecutor(max(1, o.workers)) as ex:  # decode/validate in parallel, pack in order
+        futs = [ex.submit(_image_bytes, r, o) for r in records]
+        shards: list[Shard] = []
+        cur: Shard | None = None
+        tf = None
+        used: set = set()
+        counts: dict = {}
+        bar = tqdm(total=len(records), desc="pack", unit="img", disable=not o.progress)
+        for r, f in zip(records, futs):
+            bar.update(1)
+            try:
+                data, ext = f.result()
+            except ImageError as e:
+                summary.skip("unreadable image", r.image_id, str(e))
+                continue
+            caps = [c.strip() for c in r.captions if c and c.strip()]
+            if not caps:
+                summary.skip("image without captions", r.image_id)
+                continue
+            if cur is None or cur.split != r.split or cur.size >= o.shard_mb * 1e6:
+                if tf:
+                    tf.close()
+                n = counts.get(r.split, 0)
+                counts[r.split] = n + 1
+                cur = Shard(f"{r.split}-{n:05d}.tar", r.split, stage / f"{r.split}-{n:05d}.tar")
+                shards.append(cur)
+                tf = tarfile.open(cur.path, "w", format=tarfile.USTAR_FORMAT)
+            k = _key(r.image_id, used)
+            meta = json.dumps({"image_id": r.image_id, "split": r.split, "captions": caps}, sort_keys=True).encode()
+            tf.addfile(_tarinfo(f"{k}.{ext}", len(data)), io.BytesIO(data))
+            tf.addfile(_tarinfo(f"{k}.json", len(meta)), io.BytesIO(meta))
+            cur.items.append({"key": k, "image_id": r.image_id, "split": r.split, "ext": ext, "captions": caps})
+            cur.size += len(data) + len(meta) + 1024
+        if tf:
+            tf.close()
+        bar.close()
+    for s in shards:
+        s.size = s.path.stat().st_size
+        s.sha256 = sha256_file(s.path)
+    return shards
+
+
+def manifest_for(shards: list[Shard], summary: DataSummary, source: str, o: IngestOptions) -> dict:
+    return {
+        "format": "captioner-shards", "version": FORMAT_VERSION, "source": str(source),
+        "options": {"max_side": o.max_side, "max_pixels": o.max_pixels, "val_fraction": o.val_fraction,
+                    "test_fraction": o.test_fraction, "split_seed": o.split_seed},
+        "splits": {s: {"items": sum(len(x.items) for x in shards if x.split == s),
+                       "shards": sum(1 for x in shards if x.split == s)} for s in SPLITS},
+        "shards": [{"name": s.name, "split": s.split, "sha256": s.sha256, "size": s.size, "items": len(s.items)}
+                   for s in shards],
+        "items": [{"image_id": it["image_id"], "key": it["key"], "ext": it["ext"], "split": it["split"],
+                   "shard": s.name, "captions": it["captions"]} for s in shards for it in s.items],
+        "skipped": {k: sorted(v) for k, v in summary.skipped.items()},
+    }
+
+
+def upload_shards(store: Store, shards: list[Shard], workers: int, progress: bool = True) -> dict:
+    """Upload missing shards in parallel; skip ones already stored with the right sha256."""
+    stats = {"uploaded": 0, "skipped": 0, "bytes": 0}
+    lock = threading.Lock()
+    bar = tqdm(total=sum(s.size for s in shards), desc="upload", unit="B", unit_scale=True, disable=not progress)
+
+    def one(s: Shard):
+        if store.stored_sha256(s.name) == s.sha256:
+            with lock:
+                stats["skipped"] += 1
+                bar.update(s.size)
+            log.info("shard %s already stored with sha256 %s: skipped", s.name, s.sha256[:12])
+            return
+        store.put_file(s.name, s.path, sha256=s.sha256)
+        with lock:
+            stats["uploaded"] += 1
+            stats["bytes"] += s.size
+            bar.update(s.size)
+        log.info("uploaded shard %s (%d items, %.2f MB)", s.name, len(s.items), s.size / 1e6)
+
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        for f in as_completed([ex.submit(one, s) for s in shards]):
+            f.result()
+    bar.close()
+    return stats
+
+
+def ingest(source: str, dest: str, o: IngestOptions | None = None, store: Store | None = None) -> dict:
+    o = o or IngestOptions()
+    t0 = time.time()
+    store = store or open_store(dest, create=True)
+    stale = store.cleanup_partials()
+    if stale:
+        log.info("removed %d partial file(s) left by an interrupted run", stale)
+    with tempfile.TemporaryDirectory(prefix="captioner-ingest-") as tmp:
+        src = _source_dir(source, Path(tmp))
+        records, summary = read_records(src, o.format, o.image_root)
+        assign_splits(records, o.val_fraction, o.test_fraction, o.split_seed)
+        stage = Path(tmp) / "shards"
+        stage.mkdir()
+        shards = build_shards(records, summary, o, stage)
+        if not shards:
+            raise ValueError(f"nothing to ingest from {source}: {summary.text()}")
+        manifest = manifest_for(shards, summary, source, o)
+        stats = upload_shards(store, shards, o.workers, o.progress)
+        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        if store.exists(MANIFEST) and store.get_bytes(MANIFEST) != body:
+            log.warning("%s changes: the source or options differ from the stored dataset version", store.url(MANIFEST))
+        store.put_bytes(MANIFEST, body)  # last: its presence marks a complete dataset version
+    dt = time.time() - t0
+    total_bytes = sum(s.size for s in shards)
+    report = {"dest": store.uri, "manifest": store.url(MANIFEST), "manifest_sha256": hashlib.sha256(body).hexdigest(),
+              "items": len(manifest["items"]), "shards": len(shards), "bytes": total_bytes, **stats,
+              "skipped_items": {k: len(v) for k, v in summary.skipped.items()}, "seconds": round(dt, 2),
+              "items_per_s": round(len(manifest["items"]) / dt, 1), "mb_per_s": round(total_bytes / 1e6 / dt, 2)}
+    log.info("ingest done: %d items in %d shards (%.1f MB) -> %s; uploaded %d, already present %d; skipped items: %s; "
+             "%.1fs (%.0f items/s, %.1f MB/s)", report["items"], report["shards"], total_bytes / 1e6, store.uri,
+             stats["uploaded"], stats["skipped"], report["skipped_items"] or "none", dt, report["items_per_s"],
+             report["mb_per_s"])
+    return report
+
+
+def verify(dest: str, store: Store | None = None, workers: int = 8, progress: bool = True) -> dict:
+    """Re-check every shard of the manifest against the store: present, right size, right sha256."""
+    store = store or open_store(dest)
+    manifest = json.loads(store.get_bytes(MANIFEST))
+    problems = []
+
+    def one(s):
+        size = store.size(s["name"])
+        if size is None:
+            return f"{s['name']}: missing"
+        if size != s["size"]:
+            return f"{s['name']}: size {size} != manifest {s['size']}"
+        got = store.sha256(s["name"])
+        return None if got == s["sha256"] else f"{s['name']}: sha256 {got[:12]} != manifest {s['sha256'][:12]}"
+
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        for r in tqdm(ex.map(one, manifest["shards"]), total=len(manifest["shards"]), desc="verify", unit="shard",
+                      disable=not progress):
+            if r:
+                problems.append(r)
+    names = {s["name"] for s in manifest["shards"]}
+    extra = [k for k in store.list() if k.endswith(".tar") and k not in names]
+    return {"dest": store.uri, "shards": len(manifest["shards"]), "items": len(manifest["items"]),
+            "problems": problems, "unlisted_shards": extra, "ok": not problems}
+
+
+def load_manifest(store: Store) -> dict:
+    m = json.loads(store.get_bytes(MANIFEST))
+    if m.get("format") != "captioner-shards":
+        raise ValueError(f"{store.url(MANIFEST)} is not a captioner shard manifest")
+    return m
+
+

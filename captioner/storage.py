@@ -1,0 +1,371 @@
+"""Object storage: one `Store` interface over a local directory (default, no server) and
+S3-compatible storage (MinIO, AWS S3, ...) through the `minio` client.
+
+This is the only module that understands `s3://bucket/prefix` URIs. Credentials come from
+flags or the environment (`CAPTIONER_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `CAPTIONER_S3_SECURE`), never from code, and never reach logs.
+Writes never leave a partial object under its final name: local files are written to a
+hidden temp name and renamed; S3 objects appear only when the (multipart) upload completes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+log = logging.getLogger(__name__)
+SHA_META = "sha256"  # object metadata key holding the content's sha256
+TMP_PREFIX = ".tmp-"
+PART_SIZE = 16 * 1024 * 1024  # multipart part size for large objects
+
+
+class StoreError(RuntimeError):
+    """Storage unreachable, refused or inconsistent; the message names the endpoint/object."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+class Store:
+    """Keys are relative, '/'-separated names under the store's root URI."""
+
+    uri: str
+
+    def put_file(self, key: str, path: str | Path, sha256: str | None = None) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int | None: ...
+    def stored_sha256(self, key: str) -> str | None: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def cleanup_partials(self) -> int: return 0
+
+    def url(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+    def download(self, key: str, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.open(key) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    def sha256(self, key: str) -> str:
+        """sha256 of the object's bytes, computed by reading it."""
+        h = hashlib.sha256()
+        with self.open(key) as f:
+            while b := f.read(1 << 20):
+                h.update(b)
+        return h.hexdigest()
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _p(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if self.root not in p.parents and p != self.root:
+            raise StoreError(f"key {key!r} escapes the store root {self.root}")
+        return p
+
+    def _atomic(self, key: str, write) -> None:
+        dst = self._p(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f"{TMP_PREFIX}{dst.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key, path, sha256=None):
+        self._atomic(key, lambda f: shutil.copyfileobj(open(path, "rb"), f, 1 << 20))
+
+    def put_bytes(self, key, data):
+        self._atomic(key, lambda f: f.write(data))
+
+    def get_bytes(self, key):
+        try:
+            return self._p(key).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{self.url(key)} does not exist") from None
+
+    def open(self, key):
+        try:
+            return open(self._p(key), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"{self.url(key)} does not exist") from None
+
+    def exists(self, key):
+        return self._p(key).is_file()
+
+    def size(self, key):
+        p = self._p(key)
+        return p.stat().st_size if p.is_file() else None
+
+    def stored_sha256(self, key):
+        return sha256_file(self._p(key)) if self.exists(key) else None
+
+    def list(self, prefix=""):
+        base = self.root
+        if not base.exists():
+            return []
+        out = []
+        for p in base.rglob("*"):
+            if p.is_file() and not p.name.startswith(TMP_PREFIX):
+                k = p.relative_to(base).as_posix()
+                if k.startswith(prefix):
+                    out.append(k)
+        return sorted(out)
+
+    def delete(self, key):
+        self._p(key).unlink(missing_ok=True)
+
+    def cleanup_partials(self) -> int:
+        """Remove temp files a killed writer left behind."""
+        n = 0
+        if self.root.exists():
+            for p in self.root.rglob(f"{TMP_PREFIX}*"):
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+
+@dataclass
+class S3Settings:
+    endpoint: str
+    access_key: str | None
+    secret_key: str | None
+    secure: bool
+
+    @classmethod
+    def from_env(cls, endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None,
+                 secure: bool | None = None) -> "S3Settings":
+        ep = endpoint or os.environ.get("CAPTIONER_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        if not ep:
+            raise StoreError("no S3 endpoint: set CAPTIONER_S3_ENDPOINT (host:port or http(s)://host:port) "
+                             "or pass --s3-endpoint")
+        sec = secure
+        if ep.startswith("http://") or ep.startswith("https://"):
+            sec = ep.startswith("https://") if sec is None else sec
+            ep = ep.split("://", 1)[1]
+        if sec is None:
+            sec = os.environ.get("CAPTIONER_S3_SECURE", "false").lower() in ("1", "true", "yes")
+        return cls(ep.rstrip("/"), access_key or os.environ.get("AWS_ACCESS_KEY_ID"),
+                   secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY"), bool(sec))
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"{'https' if self.secure else 'http'}://{self.endpoint}"
+
+
+class S3Store(Store):
+    def __init__(self, uri: str, settings: S3Settings, create_bucket: bool = False, timeout: float = 10.0):
+        import urllib3
+        from minio import Minio
+
+        rest = uri[len("s3://"):]
+        self.bucket, _, prefix = rest.partition("/")
+        if not self.bucket:
+            raise StoreError(f"S3 URI {uri!r} has no bucket (expected s3://bucket/prefix)")
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.settings = settings
+        self.timeout = timeout
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=timeout, read=max(timeout, 60)), maxsize=32,
+                                   retries=urllib3.Retry(total=2, backoff_factor=0.2,
+                                                         status_forcelist=[500, 502, 503, 504]))
+        self.client = Minio(settings.endpoint, access_key=settings.access_key, secret_key=settings.secret_key,
+                            secure=settings.secure, http_client=http)
+        self._check(create_bucket)
+
+    def __getstate__(self):  # DataLoader workers re-create the client
+        return {"uri": self.uri, "settings": self.settings, "timeout": self.timeout}
+
+    def __setstate__(self, s):
+        self.__init__(s["uri"], s["settings"], False, s["timeout"])
+
+    def _where(self) -> str:
+        return f"{self.uri} at {self.settings.endpoint_url}"
+
+    def _wrap(self, e: Exception, what: str) -> StoreError:
+        from minio.error import S3Error
+
+        if isinstance(e, S3Error):
+            hint = ""
+            if e.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+                hint = " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+            return StoreError(f"{what} {self._where()}: {e.code}: {e.message}{hint}")
+        reason = getattr(e, "reason", None) or e
+        return StoreError(f"{what} {self._where()}: cannot reach the endpoint ({type(reason).__name__}: {reason})")
+
+    def _check(self, create: bool) -> None:
+        try:
+            if not self.client.bucket_exists(self.bucket):
+                if not create:
+                    raise StoreError(f"bucket '{self.bucket}' does not exist at {self.settings.endpoint_url}")
+                self.client.make_bucket(self.bucket)
+                log.info("created bucket %s at %s", self.bucket, self.settings.endpoint_url)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - turned into one clear line
+            raise self._wrap(e, "cannot access") from None
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, key, path, sha256=None):
+        meta = {SHA_META: sha256 or sha256_file(path)}
+        try:
+            self.client.fput_object(self.bucket, self._k(key), str(path), metadata=meta, part_size=PART_SIZE)
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, f"upload of {key} to") from None
+
+    def put_bytes(self, key, data):
+        meta = {SHA_META: hashlib.sha256(data).hexdigest()}
+        try:
+            self.client.put_object(self.bucket, self._k(key), io.BytesIO(data), len(data), metadata=meta)
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, f"upload of {key} to") from None
+
+    def get_bytes(self, key):
+        r = self.open(key)
+        try:
+            return r.read()
+        finally:
+            r.close()
+
+    def open(self, key):
+        from minio.error import S3Error
+
+        try:
+            r = self.client.get_object(self.bucket, self._k(key))
+        except S3Error as e:
+            if e.code == "NoSuchKey":
+                raise StoreError(f"{self.url(key)} does not exist") from None
+            raise self._wrap(e, f"download of {key} from") from None
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, f"download of {key} from") from None
+        return _Response(r)
+
+    def _stat(self, key):
+        from minio.error import S3Error
+
+        try:
+            return self.client.stat_object(self.bucket, self._k(key))
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return None
+            raise self._wrap(e, f"stat of {key} in") from None
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, f"stat of {key} in") from None
+
+    def exists(self, key):
+        return self._stat(key) is not None
+
+    def size(self, key):
+        st = self._stat(key)
+        return None if st is None else st.size
+
+    def stored_sha256(self, key):
+        st = self._stat(key)
+        if st is None:
+            return None
+        meta = {k.lower(): v for k, v in (st.metadata or {}).items()}
+        return meta.get(f"x-amz-meta-{SHA_META}") or meta.get(SHA_META)
+
+    def list(self, prefix=""):
+        pre = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        try:
+            keys = [o.object_name for o in self.client.list_objects(self.bucket, prefix=pre, recursive=True)]
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, "listing of") from None
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(k[cut:] for k in keys)
+
+    def delete(self, key):
+        try:
+            self.client.remove_object(self.bucket, self._k(key))
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, f"delete of {key} in") from None
+
+
+class _Response(io.RawIOBase):
+    """A urllib3 response as a closeable binary stream (releases the connection)."""
+
+    def __init__(self, r):
+        self.r = r
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.r.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+    def read(self, n=-1):
+        return self.r.read() if n is None or n < 0 else self.r.read(n)
+
+    def close(self):
+        if not self.closed:
+            self.r.close()
+            self.r.release_conn()
+        super().close()
+
+
+def open_store(uri: str, endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None,
+               secure: bool | None = None, create: bool = False) -> Store:
+    """A store for a local path or an s3:// URI (checked for access right away: fails fast)."""
+    if is_s3(uri):
+        t0 = time.time()
+        s = S3Store(uri, S3Settings.from_env(endpoint, access_key, secret_key, secure), create_bucket=create)
+        log.debug("connected to %s in %.2fs", s.uri, time.time() - t0)
+        return s
+    if "://" in str(uri):
+        raise StoreError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
+    return LocalStore(uri)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """'s3://b/p/manifest.json' -> ('s3://b/p', 'manifest.json'); same for local paths."""
+    u = str(uri).rstrip("/")
+    head, _, tail = u.rpartition("/")
+    return head, tail
+
+
+def is_store_uri_of_file(uri: str, name: str) -> bool:
+    return str(uri).rstrip("/").endswith("/" + name) or str(uri) == name
+
+
+def iter_tar_members(stream: BinaryIO) -> Iterator:
+    import tarfile
+
+    with tarfile.open(fileobj=stream, mode="r|") as tf:
+        for m in tf:
+            if m.isfile():
+                yield m, tf.extractfile(m).read()
