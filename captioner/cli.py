@@ -121,6 +121,31 @@ def cmd_serve(a, _):
     serve_forever(a.repo, host=a.host, port=a.grpc_port, threads=a.threads)
 
 
+def _store(a, uri, create=False):
+    from captioner.storage import open_store
+
+    return open_store(uri, endpoint=a.s3_endpoint, secure=a.s3_secure, create=create)
+
+
+def cmd_ingest(a, _):
+    from captioner.ingest import IngestOptions, ingest
+
+    o = IngestOptions(shard_mb=a.shard_mb, max_side=a.max_side, workers=a.workers, val_fraction=a.val_fraction,
+                      test_fraction=a.test_fraction, split_seed=a.split_seed, format=a.format, image_root=a.image_root,
+                      progress=not a.no_progress)
+    r = ingest(a.source, a.dest, o, store=_store(a, a.dest, create=True))
+    print(json.dumps(r, indent=2))
+
+
+def cmd_verify(a, _):
+    from captioner.ingest import verify
+
+    r = verify(a.dest, store=_store(a, a.dest), workers=a.workers)
+    print(json.dumps(r, indent=2))
+    if not r["ok"]:
+        raise SystemExit(1)
+
+
 def cmd_demo(a, _):
     from captioner.demo import run_demo
 
@@ -199,6 +224,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
     s.set_defaults(fn=cmd_serve)
 
+    def s3_flags(sp):
+        g = sp.add_argument_group("object storage (s3:// URIs)")
+        g.add_argument("--s3-endpoint", default=None,
+                       help="host:port or http(s)://host:port (default: $CAPTIONER_S3_ENDPOINT); keys come from "
+                            "$AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY")
+        g.add_argument("--s3-secure", action="store_true", default=None, help="use TLS (default: $CAPTIONER_S3_SECURE)")
+
+    s = sub.add_parser("ingest", help="validate, shard and upload a captioned image set to a folder or s3://",
+                       description="SOURCE: a Kaggle Flickr30k folder or zip (results.csv + flickr30k_images/), a "
+                                   "Karpathy split JSON or a COCO captions JSON (images next to it or --image-root). "
+                                   "DEST: a folder or s3://bucket/prefix. Resumable: rerun after an interruption.")
+    s.add_argument("source")
+    s.add_argument("dest")
+    s.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB")
+    s.add_argument("--max-side", type=int, default=0, help="resize images so the longer side is at most this")
+    s.add_argument("--workers", type=int, default=8, help="parallel uploads / image checks")
+    s.add_argument("--val-fraction", type=float, default=0.05)
+    s.add_argument("--test-fraction", type=float, default=0.05)
+    s.add_argument("--split-seed", type=int, default=0)
+    s.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco"])
+    s.add_argument("--image-root", default="", help="image folder for JSON sources")
+    s.add_argument("--no-progress", action="store_true")
+    s3_flags(s)
+    s.set_defaults(fn=cmd_ingest)
+
+    s = sub.add_parser("verify", help="re-check a dataset's manifest against the store (sizes and sha256)")
+    s.add_argument("dest")
+    s.add_argument("--workers", type=int, default=8)
+    s3_flags(s)
+    s.set_defaults(fn=cmd_verify)
+
     s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
     s.add_argument("--workdir", default="demo_out")
     s.add_argument("--images", type=int, default=1500)
@@ -220,13 +276,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(a.verbose)
     from captioner.config import ConfigError
+    from captioner.storage import StoreError
 
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:
         parser.error(f"overrides must look like --section.key=value, got: {' '.join(bad)}")
     try:
         a.fn(a, extra)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, StoreError) as e:
         log.error("%s", e)
         raise SystemExit(2) from None
 

@@ -68,3 +68,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 HTTP server (moto_server) on 127.0.0.1 with authentication on: the first
+    three actions create an IAM user and key; every later request must be signed by it."""
+    import json
+    import subprocess
+    import time
+
+    import boto3
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    p = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                         env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except Exception:  # noqa: BLE001
+            if p.poll() is not None:
+                raise RuntimeError("moto_server exited")
+            time.sleep(0.1)
+    iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bootstrap",
+                       aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="captioner-ci")
+    key = iam.create_access_key(UserName="captioner-ci")["AccessKey"]
+    iam.put_user_policy(UserName="captioner-ci", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    env = {"CAPTIONER_S3_ENDPOINT": f"127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+           "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    yield env
+    p.kill()
+    p.wait()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path, monkeypatch):
+    """The same tests against the local-directory store and the S3 server."""
+    import uuid
+
+    if request.param == "local":
+        return str(tmp_path / "store")
+    env = request.getfixturevalue("s3_server")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return f"s3://bucket-{uuid.uuid4().hex[:8]}/datasets/v1"
