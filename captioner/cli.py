@@ -146,6 +146,30 @@ def cmd_verify(a, _):
         raise SystemExit(1)
 
 
+def cmd_pipeline(a, overrides):
+    from captioner import kfp_pipeline as kp
+
+    if a.action == "compile":
+        kp.compile_pipeline(a.out or "captioner-pipeline.yaml")
+        print(f"wrote {a.out or 'captioner-pipeline.yaml'} (upload it in the Kubeflow Pipelines UI)")
+        return
+    if not a.source:
+        raise SystemExit("pipeline run: --source is required (a Flickr30k folder/zip or captions JSON)")
+    args = kp.local_arguments(a.workdir, a.source, a.config, overrides, a.min_cider, eval_max_images=a.eval_max_images,
+                              val_fraction=a.val_fraction, test_fraction=a.test_fraction)
+    if a.host:
+        for k in ("data_uri", "model_uri", "repo_uri", "serving_uri"):
+            v = getattr(a, k)
+            if not v:
+                raise SystemExit(f"pipeline run --host: --{k.replace('_', '-')} (an s3:// URI) is required")
+            args[k] = v
+        args.update(train_mode=a.train_mode, export_device="gpu")
+        print(kp.run_host(a.host, args))
+        return
+    kp.run_local(args, Path(a.workdir).resolve() / "pipeline_root")
+    print(f"pipeline finished; artefacts under {Path(a.workdir).resolve()}")
+
+
 def cmd_demo(a, _):
     from captioner.demo import run_demo
 
@@ -254,6 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=8)
     s3_flags(s)
     s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("pipeline", help="compile the Kubeflow pipeline, or run it (--local or --host URL)",
+                       description="compile OUT.yaml: write the KFP v2 IR YAML. run --local: run every step on this "
+                                   "machine (kfp.local.SubprocessRunner). run --host URL: submit to Kubeflow "
+                                   "Pipelines. Extra --section.key=value arguments become training overrides.")
+    s.add_argument("action", choices=["compile", "run"])
+    s.add_argument("out", nargs="?", default=None, help="output YAML for compile")
+    s.add_argument("--local", action="store_true", help="run here (the default when --host is not given)")
+    s.add_argument("--host", default=None, help="Kubeflow Pipelines endpoint to submit to")
+    s.add_argument("--source", default=None, help="dataset to ingest")
+    s.add_argument("--workdir", default="pipeline_out", help="local run: where data, model, repository go")
+    s.add_argument("--config", default="tiny-cpu")
+    s.add_argument("--min-cider", type=float, default=0.5, help="quality gate: minimum CIDEr-D to deploy")
+    s.add_argument("--eval-max-images", type=int, default=0)
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--test-fraction", type=float, default=0.1)
+    s.add_argument("--train-mode", choices=["local", "cluster"], default="cluster", help="with --host")
+    for k in ("data-uri", "model-uri", "repo-uri", "serving-uri"):
+        s.add_argument(f"--{k}", default=None, help="with --host: s3:// URI")
+    s.set_defaults(fn=cmd_pipeline, overrides_ok=True)
 
     s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
     s.add_argument("--workdir", default="demo_out")

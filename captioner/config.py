@@ -88,6 +88,9 @@ class TrainConfig:
     best_metric: str = "CIDEr"
     # Backend for torch.distributed; "auto" = nccl on CUDA, gloo otherwise.
     dist_backend: str = "auto"
+    # Copy the finished run (checkpoints, config, tokenizer, logs) here: a folder or
+    # s3:// prefix, e.g. where a PyTorchJob's pipeline step picks it up. Empty = keep local.
+    publish_uri: str = ""
 
 
 @dataclass

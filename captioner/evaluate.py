@@ -14,10 +14,11 @@ from PIL import Image
 
 from captioner.checkpoint import load_checkpoint
 from captioner.config import save_config
-from captioner.data import ImageRecord, assign_splits, by_split, load_split_arrays, read_records
+from captioner.data import DataSummary, ImageRecord, assign_splits, by_split, load_split_arrays, read_records
 from captioner.decoding import DecodeParams
 from captioner.inference import caption_arrays
 from captioner.metrics import caption_metrics
+from captioner.shards import is_shard_source, materialize, open_shard_source
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +66,22 @@ def evaluate(checkpoint: str, split: str = "test", out_dir: str | None = None, d
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ck.model.to(device)
     src = data_source or cfg.data.source
-    recs, summary = read_records(src, cfg.data.format, cfg.data.image_root)
-    assign_splits(recs, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-    recs = by_split(recs, split)
+    out = Path(out_dir or Path(ck.path).parent / f"eval_{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    if is_shard_source(src):  # a dataset written by `captioner ingest`: its split is fixed
+        store, manifest = open_shard_source(src)
+        recs = materialize(store, manifest, split, out / "images", max_images)
+        summary = DataSummary()
+    else:
+        recs, summary = read_records(src, cfg.data.format, cfg.data.image_root)
+        assign_splits(recs, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+        recs = by_split(recs, split)
     if max_images:
         recs = recs[:max_images]
     if not recs:
         raise ValueError(f"no images in split '{split}' of {src}")
     log.info("evaluating %s on %d %s images of %s", ck.path, len(recs), split, src)
     metrics, hyps, kept = score_records(ck.model, ck.tokenizer, ck.preprocess, recs, params, device, meteor)
-    out = Path(out_dir or Path(ck.path).parent / f"eval_{split}")
-    out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(ck.path), "step": ck.step, "split": split, "images": len(kept),
               "decode": vars(params or DecodeParams()), "metrics": metrics, "data": summary.to_dict()}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))

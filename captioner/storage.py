@@ -351,6 +351,54 @@ def open_store(uri: str, endpoint: str | None = None, access_key: str | None = N
     return LocalStore(uri)
 
 
+def put_dir(store: Store, local_dir: str | Path, prefix: str = "") -> list[str]:
+    """Upload every file under local_dir to prefix/ (each object atomic)."""
+    keys = []
+    for p in sorted(Path(local_dir).rglob("*")):
+        if p.is_file():
+            k = f"{prefix.strip('/')}/{p.relative_to(local_dir).as_posix()}".lstrip("/")
+            store.put_file(k, p)
+            keys.append(k)
+    return keys
+
+
+def fetch(uri: str, local_dir: str | Path) -> Path:
+    """A local path for `uri`: the path itself when local, else the objects under the
+    s3:// prefix downloaded into local_dir (a file URI downloads that one object)."""
+    if not is_s3(uri):
+        return Path(uri)
+    local = Path(local_dir)
+    head, tail = split_uri(uri)
+    if "." in tail:  # looks like one object
+        open_store(head).download(tail, local / tail)
+        return local / tail
+    store = open_store(uri)
+    for k in store.list():
+        store.download(k, local / k)
+    return local
+
+
+def publish(local: str | Path, uri: str) -> str:
+    """Copy a local file or folder to a path or s3:// URI; returns the URI written."""
+    local = Path(local)
+    if is_s3(uri):
+        if local.is_dir():
+            put_dir(open_store(uri, create=True), local)
+        else:
+            head, tail = split_uri(uri)
+            open_store(head, create=True).put_file(tail, local)
+        return uri
+    dst = Path(uri)
+    if local.resolve() == dst.resolve():
+        return uri
+    if local.is_dir():
+        shutil.copytree(local, dst, dirs_exist_ok=True)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(local, dst)
+    return uri
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     """'s3://b/p/manifest.json' -> ('s3://b/p', 'manifest.json'); same for local paths."""
     u = str(uri).rstrip("/")

@@ -387,6 +387,11 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     bar.close()
     if di.main and not (out / BEST).exists():
         atomic_copy(out / LATEST, out / BEST)
+    if di.main and t.publish_uri:
+        from captioner.storage import publish
+
+        publish(out, t.publish_uri)
+        log.info("published %s to %s", out, t.publish_uri)
     if di.world > 1:
         dist.barrier()
     return TrainResult(raw_model, out, step, losses, val_history, best)

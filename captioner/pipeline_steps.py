@@ -1,0 +1,144 @@
+"""What each Kubeflow pipeline step does. KFP components (components/) are thin shells
+that call one function here; these take plain values and URIs, so they run the same in a
+KFP pod, in `kfp.local` and in tests."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+CHAMPION = "champion.json"
+
+
+def ingest_step(source: str, dest: str, shard_mb: float = 64.0, val_fraction: float = 0.05,
+                test_fraction: float = 0.05) -> dict:
+    from captioner.ingest import IngestOptions, ingest
+
+    return ingest(source, dest, IngestOptions(shard_mb=shard_mb, val_fraction=val_fraction,
+                                              test_fraction=test_fraction, progress=False))
+
+
+def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str], mode: str = "local",
+               nproc: int = 1, run_id: str = "local", cluster: dict | None = None) -> dict:
+    """local: train on this machine (torchrun when nproc > 1); cluster: launch a PyTorchJob
+    after the cost guard and wait for it. Either way the run's artefacts end up at
+    model_uri (a folder or s3:// prefix) and the checkpoint URI is returned."""
+    from captioner.config import load_config
+    from captioner.storage import publish
+
+    ov = [f"--data.source={data_uri}", *overrides]
+    cfg = load_config(config, ov)
+    if mode == "cluster":
+        return _train_cluster(cfg, config, ov, model_uri, run_id, cluster or {})
+    if mode != "local":
+        raise ValueError(f"train mode must be 'local' or 'cluster', got {mode!r}")
+    with tempfile.TemporaryDirectory(prefix="captioner-train-") as tmp:
+        out = model_uri if not model_uri.startswith("s3://") else str(Path(tmp) / "run")
+        ov.append(f"--train.out_dir={out}")
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "captioner", "train", "--config", config, "--no-progress", *ov]
+            log.info("running %s", " ".join(cmd))
+            subprocess.run(cmd, check=True)
+        else:
+            from captioner.train import train
+
+            train(load_config(config, ov), progress=False)
+        publish(out, model_uri)
+    return {"checkpoint": f"{model_uri.rstrip('/')}/ckpt_best.pt", "model_uri": model_uri}
+
+
+def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_id: str, c: dict) -> dict:
+    from captioner.pytorchjob import (CLOUD_POOLS, JobSpec, KubeApi, build_pytorchjob, check_cost, estimate_cost,
+                                      job_name, launch_and_wait)
+    from captioner.shards import open_shard_source
+
+    _, manifest = open_shard_source(cfg.data.source)
+    pairs = sum(len(it["captions"]) for it in manifest["items"] if it["split"] == "train")
+    gpus = int(c.get("workers", 2)) * int(c.get("gpus_per_worker", 8))
+    est = estimate_cost(pairs, cfg.train.epochs, float(c.get("pairs_per_s_per_gpu", 900.0)), gpus,
+                        float(c.get("price_per_gpu_hour", 3.0)))
+    check_cost(est, float(c.get("max_cost", 500.0)), bool(c.get("override_cost", False)))
+    name = job_name("captioner-train", run_id)
+    spec = JobSpec(name=name, namespace=c.get("namespace", "captioner"), image=c.get("image", JobSpec.image),
+                   args=["--config", config, "--no-progress", *overrides, "--train.out_dir=/workspace/run",
+                         f"--train.publish_uri={model_uri}"],
+                   workers=int(c.get("workers", 2)), gpus_per_worker=int(c.get("gpus_per_worker", 8)),
+                   pool=CLOUD_POOLS[c.get("cloud", "gke")])
+    launch_and_wait(KubeApi(), build_pytorchjob(spec), timeout_s=float(c.get("timeout_s", 48 * 3600)),
+                    on_log=lambda t: print(t, end="", flush=True))
+    return {"checkpoint": f"{model_uri.rstrip('/')}/ckpt_best.pt", "model_uri": model_uri, "job": name,
+            "estimate": est.text()}
+
+
+def evaluate_step(checkpoint_uri: str, data_uri: str, out_dir: str, split: str = "test", max_images: int = 0) -> dict:
+    from captioner.evaluate import evaluate
+    from captioner.storage import fetch
+
+    with tempfile.TemporaryDirectory(prefix="captioner-eval-") as tmp:
+        ck = fetch(checkpoint_uri, tmp)
+        r = evaluate(str(ck), split=split, out_dir=out_dir, data_source=data_uri, max_images=max_images)
+    return {"metrics": r["metrics"], "out_dir": r["out_dir"], "images": len(r["records"])}
+
+
+def export_step(checkpoint_uri: str, repo_uri: str, device: str = "gpu") -> dict:
+    from captioner.export import export
+    from captioner.storage import fetch, publish
+
+    with tempfile.TemporaryDirectory(prefix="captioner-export-") as tmp:
+        ck = fetch(checkpoint_uri, Path(tmp) / "ckpt")
+        local = Path(tmp) / "repo"
+        report = export(str(ck), str(local), device=device)
+        publish(local, repo_uri)
+    return {"repo_uri": repo_uri, "parity": report.get("parity", {})}
+
+
+def champion_score(serving_uri: str) -> float:
+    """The deployed model's recorded CIDEr-D, or -1 when nothing is deployed."""
+    from captioner.storage import is_s3, open_store, split_uri
+
+    try:
+        if is_s3(serving_uri):
+            raw = open_store(serving_uri).get_bytes(CHAMPION)
+        else:
+            p = Path(serving_uri) / CHAMPION
+            if not p.exists():
+                return -1.0
+            raw = p.read_bytes()
+        return float(json.loads(raw)["CIDEr"])
+    except Exception as e:  # noqa: BLE001 - no champion yet
+        log.info("no champion at %s (%s)", serving_uri, e)
+        return -1.0
+
+
+def should_deploy(cider: float, min_cider: float, champion: float) -> bool:
+    ok = cider >= min_cider and cider >= champion
+    log.info("quality gate: CIDEr-D %.4f vs minimum %.4f and champion %.4f -> %s", cider, min_cider, champion,
+             "deploy" if ok else "keep the champion")
+    return ok
+
+
+def deploy_step(repo_uri: str, serving_uri: str, cider: float, triton_url: str = "", model: str = "captioner") -> dict:
+    """Publish the repository to the serving location, record the new champion, and ask a
+    Triton in explicit model-control mode to (re)load the model."""
+    from captioner.storage import fetch, publish
+
+    with tempfile.TemporaryDirectory(prefix="captioner-deploy-") as tmp:
+        local = fetch(repo_uri, tmp)
+        publish(local, serving_uri)
+        champ = Path(tmp) / CHAMPION
+        champ.write_text(json.dumps({"CIDEr": cider, "repo": repo_uri}))
+        publish(champ, f"{serving_uri.rstrip('/')}/{CHAMPION}")
+    loaded = False
+    if triton_url:
+        import tritonclient.grpc as grpcclient
+
+        c = grpcclient.InferenceServerClient(triton_url)
+        c.load_model(model)
+        loaded = c.is_model_ready(model)
+    return {"serving_uri": serving_uri, "triton_loaded": loaded, "pid": os.getpid()}

@@ -1,0 +1,303 @@
+"""Kubeflow Training Operator v1 PyTorchJob: a pure builder, the webhook's rules, the cost
+guard, and a launcher that creates the job, follows it and cleans up.
+
+The launcher talks to the cluster through a small API surface (create/get/delete of the
+custom object, pod lookup and log reading) so its state machine is testable without a
+cluster; `KubeApi` implements it with the official kubernetes client.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+log = logging.getLogger(__name__)
+GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass
+class NodePool:
+    """Where the GPU workers land; defaults fit GKE A100 pools, override per cloud."""
+    node_selector: dict = field(default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"})
+    tolerations: list = field(default_factory=lambda: [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+
+
+CLOUD_POOLS = {
+    "gke": NodePool(),
+    "eks": NodePool({"node.kubernetes.io/instance-type": "p4d.24xlarge"},
+                    [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
+    "aks": NodePool({"agentpool": "a100"}, [{"key": "sku", "operator": "Equal", "value": "gpu",
+                                             "effect": "NoSchedule"}]),
+    "kind": NodePool({}, []),
+}
+
+
+@dataclass
+class JobSpec:
+    name: str
+    namespace: str = "captioner"
+    image: str = "ghcr.io/captioner/trainer:0.1.0"
+    command: list = field(default_factory=lambda: ["captioner", "train"])
+    args: list = field(default_factory=list)
+    workers: int = 2  # initial Worker replicas (nodes)
+    min_workers: int = 1
+    max_workers: int = 4
+    gpus_per_worker: int = 8
+    nproc_per_node: str = "auto"  # torchrun --nproc-per-node; a string in the CRD
+    cpu: str = "8"
+    memory: str = "64Gi"
+    shm_size: str = "16Gi"
+    max_restarts: int = 3
+    pool: NodePool = field(default_factory=NodePool)
+    s3_secret: str = "captioner-s3"  # keys: endpoint, access-key, secret-key
+    ttl_seconds_after_finished: int = 3600
+    active_deadline_seconds: int = 24 * 3600
+    backoff_limit: int = 3
+    service_account: str = "captioner-pipeline"
+
+
+def job_name(prefix: str, run_id: str) -> str:
+    """Deterministic DNS-1035 name: a KFP retry of the same run gets the same name (and so
+    re-attaches on 409 instead of starting a second job)."""
+    base = re.sub(r"[^a-z0-9-]", "-", prefix.lower()).strip("-") or "train"
+    if not base[0].isalpha():
+        base = "j-" + base
+    digest = hashlib.sha1(run_id.encode()).hexdigest()[:10]
+    return f"{base[:40].rstrip('-')}-{digest}"
+
+
+def build_pytorchjob(s: JobSpec) -> dict:
+    if s.gpus_per_worker > 0:
+        limits = {"nvidia.com/gpu": str(s.gpus_per_worker), "cpu": s.cpu, "memory": s.memory}
+    else:
+        limits = {"cpu": s.cpu, "memory": s.memory}
+    env = [{"name": n, "valueFrom": {"secretKeyRef": {"name": s.s3_secret, "key": k}}}
+           for n, k in (("CAPTIONER_S3_ENDPOINT", "endpoint"), ("AWS_ACCESS_KEY_ID", "access-key"),
+                        ("AWS_SECRET_ACCESS_KEY", "secret-key"))]
+    env += [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "OMP_NUM_THREADS", "value": "4"}]
+    pod = {
+        "metadata": {"labels": {"app.kubernetes.io/name": "captioner-trainer", "captioner/job": s.name}},
+        "spec": {
+            "serviceAccountName": s.service_account,
+            "containers": [{
+                "name": "pytorch",  # the operator finds the container by this name
+                "image": s.image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": list(s.command),
+                "args": list(s.args),
+                "env": env,
+                "resources": {"limits": limits, "requests": dict(limits)},
+                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            }],
+            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}}],
+        },
+    }
+    if s.pool.node_selector:
+        pod["spec"]["nodeSelector"] = dict(s.pool.node_selector)
+    if s.pool.tolerations:
+        pod["spec"]["tolerations"] = [dict(t) for t in s.pool.tolerations]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": s.name, "namespace": s.namespace, "labels": {"app.kubernetes.io/part-of": "captioner"}},
+        "spec": {
+            "elasticPolicy": {"rdzvBackend": "c10d", "minReplicas": s.min_workers, "maxReplicas": s.max_workers,
+                              "maxRestarts": s.max_restarts},
+            "nprocPerNode": str(s.nproc_per_node),
+            "runPolicy": {"cleanPodPolicy": "None", "ttlSecondsAfterFinished": s.ttl_seconds_after_finished,
+                          "activeDeadlineSeconds": s.active_deadline_seconds, "backoffLimit": s.backoff_limit},
+            "pytorchReplicaSpecs": {"Worker": {"replicas": s.workers, "restartPolicy": "OnFailure", "template": pod}},
+        },
+    }
+
+
+def webhook_errors(job: dict) -> list[str]:
+    """The Training Operator v1.9 validating webhook's rules for PyTorchJob."""
+    errs = []
+    name = job.get("metadata", {}).get("name", "")
+    if not DNS1035.match(name) or len(name) > 63:
+        errs.append(f"metadata.name {name!r} is not a DNS-1035 label")
+    spec = job.get("spec", {})
+    replicas = spec.get("pytorchReplicaSpecs") or {}
+    if not replicas:
+        errs.append("spec.pytorchReplicaSpecs is empty")
+    for rtype, rs in replicas.items():
+        if rtype not in ("Master", "Worker"):
+            errs.append(f"replica type {rtype!r} is not Master or Worker")
+        containers = rs.get("template", {}).get("spec", {}).get("containers", [])
+        if not any(c.get("name") == "pytorch" for c in containers):
+            errs.append(f"{rtype}: no container named 'pytorch'")
+        for c in containers:
+            if not c.get("image"):
+                errs.append(f"{rtype}: container {c.get('name')!r} has no image")
+    if "Master" in replicas and replicas["Master"].get("replicas", 1) != 1:
+        errs.append("Master must have exactly 1 replica")
+    ep = spec.get("elasticPolicy")
+    if ep:
+        if "Worker" not in replicas:
+            errs.append("elasticPolicy needs a Worker replica spec")
+        lo, hi = ep.get("minReplicas"), ep.get("maxReplicas")
+        n = replicas.get("Worker", {}).get("replicas", 1)
+        if lo is not None and hi is not None and lo > hi:
+            errs.append(f"elasticPolicy.minReplicas {lo} > maxReplicas {hi}")
+        if lo is not None and n < lo or hi is not None and n > hi:
+            errs.append(f"Worker replicas {n} outside elasticPolicy [{lo}, {hi}]")
+    npn = spec.get("nprocPerNode")
+    if npn is not None and not (isinstance(npn, str) and (npn in ("auto", "cpu", "gpu") or npn.isdigit())):
+        errs.append(f"nprocPerNode {npn!r} must be a string: auto, cpu, gpu or a number")
+    return errs
+
+
+# ------------------------------------------------------------------ cost guard
+@dataclass
+class CostEstimate:
+    gpus: int
+    hours: float
+    gpu_hours: float
+    cost: float
+    price_per_gpu_hour: float
+
+    def text(self) -> str:
+        return (f"estimated {self.gpu_hours:.1f} GPU-hours ({self.gpus} GPUs x {self.hours:.2f} h) "
+                f"= ${self.cost:,.2f} at ${self.price_per_gpu_hour:.2f}/GPU-hour")
+
+
+def estimate_cost(pairs_per_epoch: int, epochs: int, pairs_per_s_per_gpu: float, gpus: int,
+                  price_per_gpu_hour: float, scaling_efficiency: float = 0.9) -> CostEstimate:
+    """Hours from measured per-GPU throughput; multi-GPU runs rarely scale perfectly."""
+    if pairs_per_s_per_gpu <= 0 or gpus <= 0:
+        raise ValueError("pairs_per_s_per_gpu and gpus must be positive")
+    eff = 1.0 if gpus == 1 else scaling_efficiency
+    hours = pairs_per_epoch * epochs / (pairs_per_s_per_gpu * gpus * eff) / 3600
+    return CostEstimate(gpus, hours, hours * gpus, hours * gpus * price_per_gpu_hour, price_per_gpu_hour)
+
+
+class CostLimitExceeded(RuntimeError):
+    pass
+
+
+def check_cost(est: CostEstimate, max_cost: float, override: bool = False) -> None:
+    log.info("cost guard: %s (limit $%.2f)", est.text(), max_cost)
+    if est.cost > max_cost and not override:
+        raise CostLimitExceeded(f"refusing to launch: {est.text()} exceeds max_cost ${max_cost:,.2f} "
+                                "(raise max_cost or pass the override)")
+
+
+# ------------------------------------------------------------------ launcher
+class JobApi(Protocol):
+    def create(self, namespace: str, body: dict) -> dict: ...
+    def get(self, namespace: str, name: str) -> dict: ...
+    def delete(self, namespace: str, name: str) -> None: ...
+    def master_logs(self, namespace: str, name: str, since_seconds: int | None) -> str: ...
+
+
+class ApiConflict(Exception):
+    """HTTP 409 from create: the object already exists."""
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+class JobTimeout(RuntimeError):
+    pass
+
+
+def job_state(job: dict) -> tuple[str, str]:
+    """(state, reason) from the job's conditions: Succeeded, Failed, Running, Created, ..."""
+    conds = (job.get("status") or {}).get("conditions") or []
+    for want in ("Succeeded", "Failed"):
+        for c in conds:
+            if c.get("type") == want and c.get("status") == "True":
+                return want, f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
+    live = [c for c in conds if c.get("status") == "True"]
+    return (live[-1]["type"], live[-1].get("reason", "")) if live else ("Pending", "")
+
+
+def launch_and_wait(api: JobApi, job: dict, timeout_s: float = 24 * 3600, poll_s: float = 15.0,
+                    on_log: Callable[[str], None] = print, delete_after: bool = True,
+                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> dict:
+    ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    errs = webhook_errors(job)
+    if errs:
+        raise ValueError(f"PyTorchJob {name} would be rejected: {'; '.join(errs)}")
+    try:
+        api.create(ns, job)
+        log.info("created PyTorchJob %s/%s", ns, name)
+    except ApiConflict:
+        log.info("PyTorchJob %s/%s already exists (a retry of this run): re-attaching", ns, name)
+    start, seen_logs = clock(), 0
+    state = "Pending"
+    try:
+        while True:
+            cur = api.get(ns, name)
+            state, reason = job_state(cur)
+            try:
+                text = api.master_logs(ns, name, None)
+                if text and len(text) > seen_logs:
+                    on_log(text[seen_logs:])
+                    seen_logs = len(text)
+            except Exception as e:  # noqa: BLE001 - logs are best effort
+                log.debug("logs not available yet: %s", e)
+            if state == "Succeeded":
+                log.info("PyTorchJob %s succeeded", name)
+                return cur
+            if state == "Failed":
+                raise JobFailed(f"PyTorchJob {ns}/{name} failed: {reason or 'no reason given'}")
+            if clock() - start > timeout_s:
+                raise JobTimeout(f"PyTorchJob {ns}/{name} still {state} after {timeout_s:.0f}s")
+            sleep(poll_s)
+    finally:
+        # a finished job is deleted when asked (else its TTL removes it); one we stop
+        # following (timeout, error) is always deleted so it stops burning GPUs
+        if delete_after or state not in ("Succeeded", "Failed"):
+            try:
+                api.delete(ns, name)
+                log.info("deleted PyTorchJob %s/%s (%s)", ns, name, state)
+            except Exception as e:  # noqa: BLE001 - TTL cleans up if this fails
+                log.warning("could not delete %s/%s (ttlSecondsAfterFinished will): %s", ns, name, e)
+
+
+class KubeApi:
+    """JobApi over the official kubernetes client (in-cluster config, else kubeconfig)."""
+
+    def __init__(self):
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        self.co = client.CustomObjectsApi()
+        self.core = client.CoreV1Api()
+
+    def create(self, namespace, body):
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.co.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        except ApiException as e:
+            if e.status == 409:
+                raise ApiConflict(str(e)) from None
+            raise
+
+    def get(self, namespace, name):
+        return self.co.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def delete(self, namespace, name):
+        self.co.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def master_logs(self, namespace, name, since_seconds=None):
+        pods = self.core.list_namespaced_pod(
+            namespace, label_selector=f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-index=0")
+        if not pods.items:
+            return ""
+        return self.core.read_namespaced_pod_log(pods.items[0].metadata.name, namespace, container="pytorch")
+
+

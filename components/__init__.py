@@ -1,0 +1,96 @@
+"""Kubeflow Pipelines v2 lightweight components: thin shells over `captioner.pipeline_steps`.
+
+Each parses its inputs, calls one function and writes its outputs (artifacts and their
+metadata). The image is the trainer image, which has the `captioner` package installed;
+`kfp.local.SubprocessRunner(use_venv=False)` runs them in the current environment.
+"""
+import os
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+IMAGE = os.environ.get("CAPTIONER_IMAGE", "ghcr.io/captioner/trainer:0.1.0")
+
+
+@dsl.component(base_image=IMAGE)
+def ingest(source: str, dest: str, shard_mb: float, val_fraction: float, test_fraction: float,
+           dataset: Output[Dataset]):
+    import json
+
+    from captioner.pipeline_steps import ingest_step
+
+    r = ingest_step(source, dest, shard_mb, val_fraction, test_fraction)
+    dataset.metadata.update({"manifest": r["manifest"], "uri": r["dest"], "items": r["items"], "shards": r["shards"]})
+    with open(dataset.path, "w") as f:
+        json.dump(r, f)
+
+
+@dsl.component(base_image=IMAGE)
+def train(dataset: Input[Dataset], model_uri: str, config: str, overrides: list, mode: str, nproc: int,
+          cluster: dict, model: Output[Model]):
+    import json
+    import os
+
+    from captioner.pipeline_steps import train_step
+
+    run_id = os.environ.get("KFP_RUN_ID") or os.environ.get("HOSTNAME") or model_uri
+    r = train_step(dataset.metadata["uri"], model_uri, config, list(overrides), mode, nproc, run_id, cluster)
+    model.metadata.update(r)
+    with open(model.path, "w") as f:
+        json.dump(r, f)
+
+
+@dsl.component(base_image=IMAGE)
+def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metrics: Output[Metrics],
+             samples: Output[HTML]) -> NamedTuple("EvalOutputs", [("cider", float), ("bleu4", float)]):
+    import os
+    import tempfile
+    from collections import namedtuple
+
+    from captioner.pipeline_steps import evaluate_step
+
+    out = tempfile.mkdtemp(prefix="eval-")
+    r = evaluate_step(model.metadata["checkpoint"], dataset.metadata["uri"], out, max_images=max_images)
+    for k, v in r["metrics"].items():
+        metrics.log_metric(k, round(float(v), 5))
+    metrics.log_metric("images", r["images"])
+    with open(os.path.join(r["out_dir"], "samples.html")) as src, open(samples.path, "w") as dst:
+        dst.write(src.read())
+    return namedtuple("EvalOutputs", ["cider", "bleu4"])(float(r["metrics"]["CIDEr"]), float(r["metrics"]["BLEU-4"]))
+
+
+@dsl.component(base_image=IMAGE)
+def export(model: Input[Model], repo_uri: str, device: str, repository: Output[Artifact]):
+    import json
+
+    from captioner.pipeline_steps import export_step
+
+    r = export_step(model.metadata["checkpoint"], repo_uri, device)
+    repository.metadata.update({"repo_uri": r["repo_uri"], **{f"parity_{k}": v for k, v in r["parity"].items()
+                                                              if not isinstance(v, (list, dict))}})
+    with open(repository.path, "w") as f:
+        json.dump(r, f)
+
+
+@dsl.component(base_image=IMAGE)
+def champion(serving_uri: str) -> float:
+    from captioner.pipeline_steps import champion_score
+
+    return champion_score(serving_uri)
+
+
+@dsl.component(base_image=IMAGE)
+def gate(cider: float, min_cider: float, champion_cider: float) -> bool:
+    from captioner.pipeline_steps import should_deploy
+
+    return should_deploy(cider, min_cider, champion_cider)
+
+
+@dsl.component(base_image=IMAGE)
+def deploy(repository: Input[Artifact], serving_uri: str, cider: float, triton_url: str) -> str:
+    import json
+
+    from captioner.pipeline_steps import deploy_step
+
+    return json.dumps(deploy_step(repository.metadata["repo_uri"], serving_uri, cider, triton_url))
