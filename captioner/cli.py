@@ -173,7 +173,7 @@ def cmd_pipeline(a, overrides):
 def cmd_demo(a, _):
     from captioner.demo import run_demo
 
-    run_demo(a.workdir, images=a.images, epochs=a.epochs)
+    run_demo(a.workdir, images=a.images, epochs=a.epochs, min_cider=a.min_cider)
 
 
 def cmd_bench(a, _):
@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default="demo_out")
     s.add_argument("--images", type=int, default=1500)
     s.add_argument("--epochs", type=int, default=8)
+    s.add_argument("--min-cider", type=float, default=1.0, help="quality gate for the deploy step")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks (print side-by-side measurements)")

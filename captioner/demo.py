@@ -1,5 +1,7 @@
-"""`make demo`: the main job end to end on generated data: generate -> train -> evaluate ->
-export -> serve -> caption through tritonclient, printing captions and metrics."""
+"""`make demo`: the main job end to end on generated data, as the local Kubeflow pipeline run:
+generate -> [ingest -> train -> evaluate -> export -> quality gate -> deploy] -> serve the
+deployed repository -> caption held-out images through tritonclient; prints captions and
+metrics."""
 from __future__ import annotations
 
 import json
@@ -21,50 +23,81 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, seed: int = 0) -> dict:
+def _task_output(root: Path, task: str) -> dict:
+    return json.loads(next(root.glob(f"*/{task}/executor_output.json")).read_text())
+
+
+def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, seed: int = 0,
+             min_cider: float = 1.0) -> dict:
+    import numpy as np
+    import torch
+
+    from captioner.checkpoint import load_checkpoint
     from captioner.client import caption_bytes, wait_ready
-    from captioner.config import load_config
-    from captioner.evaluate import evaluate
-    from captioner.export import export
+    from captioner.inference import caption_tensor
+    from captioner.kfp_pipeline import local_arguments, run_local
+    from captioner.serving_core import image_bytes_to_pixels
+    from captioner.shards import materialize, open_shard_source
     from captioner.synthetic import attribute_accuracy, generate
-    from captioner.train import train
 
     t0 = time.time()
-    wd = Path(workdir)
-    data = wd / "data"
-    if not (data / "results.csv").exists():
-        generate(data, images=images, seed=seed)
-    cfg = load_config("tiny-cpu", [f"--data.source={data}", f"--train.out_dir={wd / 'run'}",
-                                   f"--train.epochs={epochs}"])
-    res = train(cfg)
-    ckpt = res.out_dir / "ckpt_best.pt"
-    ev = evaluate(str(ckpt), split="test", out_dir=str(wd / "eval_test"))
-    report = export(str(ckpt), str(wd / "model_repository"), device="cpu")
+    wd = Path(workdir).resolve()
+    src = wd / "source"
+    if not (src / "results.csv").exists():
+        generate(src, images=images, seed=seed)
+    run_dir = wd / "run"
+    for sub in ("pipeline_root", "serving"):  # a fresh pipeline run and deployment each time
+        if (run_dir / sub).exists():
+            import shutil
 
+            shutil.rmtree(run_dir / sub)
+    args = local_arguments(run_dir, src, "tiny-cpu", [f"--train.epochs={epochs}"], min_cider=min_cider,
+                           val_fraction=0.1, test_fraction=0.1, shard_mb=16.0)
+    print(f"running the captioner pipeline locally (kfp.local.SubprocessRunner) under {run_dir} ...", flush=True)
+    run_local(args, run_dir / "pipeline_root")
+    root = run_dir / "pipeline_root"
+    ev = _task_output(root, "evaluate")
+    metrics = ev["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    deployed = (run_dir / "serving" / "captioner" / "config.pbtxt").exists()
+
+    store, manifest = open_shard_source(args["data_uri"])
+    held_out = materialize(store, manifest, "test", wd / "test_images")
+    repo = args["serving_uri"] if deployed else args["repo_uri"]
     port = _free_port()
     url = f"127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(wd / "model_repository"),
-                               "--grpc-port", str(port)], env=os.environ.copy())
+    server = subprocess.Popen([sys.executable, "-m", "captioner", "serve", repo, "--grpc-port", str(port)],
+                              env=os.environ.copy())
     try:
         wait_ready(url, timeout=120)
-        held_out = ev["records"][:5]
-        served = caption_bytes(url, [Path(r.path).read_bytes() for r in held_out])
+        served = caption_bytes(url, [Path(r.path).read_bytes() for r in held_out[:5]])
+        all_served = []
+        for i in range(0, len(held_out), 8):
+            all_served += caption_bytes(url, [Path(r.path).read_bytes() for r in held_out[i:i + 8]])
     finally:
         server.terminate()
         server.wait(timeout=30)
 
-    print("\n=== 5 held-out test images, captioned through tritonclient gRPC by `captioner serve` ===")
-    for r, cap in zip(held_out, served):
-        same = "same as PyTorch" if cap == ev["captions"][r.image_id] else f"PyTorch: {ev['captions'][r.image_id]!r}"
+    ck = load_checkpoint(Path(args["model_uri"]) / "ckpt_best.pt")
+    pixels = image_bytes_to_pixels(np.array([Path(r.path).read_bytes() for r in held_out[:5]], dtype=object),
+                                   ck.preprocess)
+    torch_caps = caption_tensor(ck.model, ck.tokenizer, torch.from_numpy(pixels))
+    print(f"\n=== 5 held-out test images, captioned through tritonclient gRPC by `captioner serve` "
+          f"({'deployed' if deployed else 'exported'} repository) ===")
+    for r, cap, tc in zip(held_out, served, torch_caps):
+        same = "same as PyTorch" if cap == tc else f"PyTorch: {tc!r}"
         print(f"{r.image_id}: {cap!r} ({same})\n    reference: {r.captions[0]!r}")
+    report = json.loads((Path(args["repo_uri"]) / "export_report.json").read_text())
     p = report["parity"]
     print(f"\nONNX parity: encoder max|diff| {p['encoder_max_abs_diff']:.1e}, logits max|diff| "
           f"{p['logits_max_abs_diff']:.1e}, greedy captions equal {p['captions_equal']}/{p['images']}")
-    print(f"\n=== test metrics ({len(ev['records'])} held-out images, greedy) ===")
-    print(json.dumps({k: round(v, 4) for k, v in ev["metrics"].items()}, indent=2))
-    acc = attribute_accuracy({r.image_id: r.captions for r in ev["records"]}, ev["captions"])
-    print("attribute accuracy (the generator knows the truth; an attribute left out counts as wrong): "
-          + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
-    print(f"\nartefacts under {wd.resolve()}: run/ (checkpoints), eval_test/samples.html, model_repository/; "
-          f"{time.time() - t0:.0f}s")
-    return ev
+    print(f"\n=== test metrics ({int(metrics.get('images', len(held_out)))} held-out images, greedy, pycocoevalcap) ===")
+    print(json.dumps({k: v for k, v in metrics.items() if k != "images"}, indent=2))
+    acc = attribute_accuracy({r.image_id: r.captions for r in held_out},
+                             {r.image_id: c for r, c in zip(held_out, all_served)})
+    print("attribute accuracy of the served captions (the generator knows the truth; an attribute left out "
+          "counts as wrong): " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
+    gate = _task_output(root, "gate")["parameterValues"]["Output"]
+    print(f"quality gate (CIDEr-D >= {min_cider} and >= champion): {'passed: deployed to ' + str(run_dir / 'serving') if gate else 'not passed: deploy skipped'}")
+    print(f"\nartefacts under {wd}: run/data (shards + manifest), run/model (checkpoints), run/model_repository, "
+          f"run/pipeline_root (KFP outputs incl. samples.html); {time.time() - t0:.0f}s")
+    return {"metrics": metrics, "deployed": deployed, "captions": served}

@@ -1,0 +1,22 @@
+# Triton image: tritonserver plus the captioner package, which the Python-backend models
+# (preprocess, decode_loop) import. CPU-only dependencies: the ONNX models run in
+# Triton's onnxruntime backend, not in Python.
+# Build from the repository root: docker build -f docker/triton.Dockerfile -t ghcr.io/captioner/triton:0.1.0 .
+FROM nvcr.io/nvidia/tritonserver:25.01-py3
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1
+
+WORKDIR /opt/captioner
+COPY pyproject.toml README.md ./
+COPY captioner ./captioner
+COPY model_repository ./model_repository
+
+RUN pip install --no-deps . \
+    && pip install "numpy>=1.24" "pillow>=10" "tokenizers>=0.20" "pyyaml>=6"
+
+RUN groupadd --gid 1000 triton-user || true \
+    && useradd --uid 1000 --gid 1000 --no-create-home triton-user || true
+USER 1000:1000
+EXPOSE 8000 8001 8002
+CMD ["tritonserver", "--model-repository=/models"]
