@@ -2,9 +2,7 @@
 file, written atomically (temp file + rename), read back by one loader."""
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,31 +12,21 @@ import torch
 from captioner.config import ExperimentConfig, config_from_dict
 from captioner.model import Captioner
 from captioner.preprocess import PreprocessConfig
+from captioner.storage import atomic_write
 from captioner.tokenizer import CaptionTokenizer
 
 LATEST, BEST = "ckpt_latest.pt", "ckpt_best.pt"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    def copy(f):
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f, 1 << 20)
+    atomic_write(dst, copy)
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:

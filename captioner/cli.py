@@ -103,7 +103,7 @@ def cmd_export(a, _):
     from captioner.export import export
 
     r = export(a.checkpoint, a.out, device=a.device, quantize=a.quantize, verify=not a.no_verify,
-               parity_images=a.parity_images)
+               parity_images=a.parity_images, optimize=not a.no_optimize)
     if "parity" in r:
         p = r["parity"]
         print(f"parity: encoder max|diff| {p['encoder_max_abs_diff']:.2e}, per-step logits max|diff| "
@@ -177,10 +177,11 @@ def cmd_demo(a, _):
 
 
 def cmd_bench(a, _):
-    if a.what == "train":
-        from benchmarks.train_throughput import main as bench_main
+    import importlib
 
-        bench_main(a.rest)
+    mod = {"train": "benchmarks.train_throughput", "latency": "benchmarks.caption_latency",
+           "ingest": "benchmarks.ingest_throughput"}[a.what]
+    importlib.import_module(mod).main(a.rest)
 
 
 COMMANDS = {}
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instance kind in the ONNX models' configs (KIND_GPU for the cluster, KIND_CPU locally)")
     s.add_argument("--quantize", choices=["int8"], default=None, help="onnxruntime dynamic int8 quantization")
     s.add_argument("--no-verify", action="store_true", help="skip the onnxruntime/PyTorch parity check")
+    s.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's transformer graph fusions")
     s.add_argument("--parity-images", type=int, default=8)
     s.set_defaults(fn=cmd_export)
 
@@ -307,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks (print side-by-side measurements)")
-    s.add_argument("what", choices=["train"])
+    s.add_argument("what", choices=["train", "latency", "ingest"],
+                   help="train: encode-once vs per-pair throughput; latency: caption latency/throughput of the "
+                        "no-cache baseline, PyTorch+KV cache, onnxruntime, int8; ingest: S3 ingest and loader speed")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=cmd_bench)
     return p

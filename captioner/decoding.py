@@ -68,48 +68,14 @@ def _banned_ngrams(seq: list[int], n: int) -> list[int]:
     return banned
 
 
-def greedy(step: StepFn, batch_size: int, bos: int, eos: int, max_new_tokens: int,
-           no_repeat_ngram_size: int = 0) -> list[list[int]]:
+def _decode_rows(step: StepFn, batch_size: int, bos: int, eos: int, max_new_tokens: int, choose) -> list[list[int]]:
+    """Shared loop of greedy and sampling: `choose(logp [R,V], active rows, out) -> next [R]`.
+    Rows that emit EOS leave the batch (`step.select`), so later steps do less work."""
     out: list[list[int]] = [[] for _ in range(batch_size)]
     active = np.arange(batch_size)
     tokens = np.full(batch_size, bos, dtype=np.int64)
     for _ in range(max_new_tokens):
-        logp = step(tokens)
-        if no_repeat_ngram_size:
-            for r, row in enumerate(active):
-                logp[r, _banned_ngrams(out[row], no_repeat_ngram_size)] = -np.inf
-        nxt = logp.argmax(axis=-1)
-        keep = nxt != eos
-        for r in np.nonzero(keep)[0]:
-            out[active[r]].append(int(nxt[r]))
-        if not keep.all():  # rows that finished leave the batch: less work per step
-            if not keep.any():
-                break
-            rows = np.nonzero(keep)[0]
-            step.select(rows)
-            active, nxt = active[rows], nxt[rows]
-        tokens = nxt
-    return out
-
-
-def sample(step: StepFn, batch_size: int, bos: int, eos: int, max_new_tokens: int,
-           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    out: list[list[int]] = [[] for _ in range(batch_size)]
-    active = np.arange(batch_size)
-    tokens = np.full(batch_size, bos, dtype=np.int64)
-    for _ in range(max_new_tokens):
-        logp = step(tokens) / max(temperature, 1e-5)
-        p = np.exp(log_softmax(logp))
-        if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-            order = np.argsort(-p, axis=-1)
-            sp = np.take_along_axis(p, order, axis=-1)
-            cut = np.cumsum(sp, axis=-1) - sp >= top_p
-            sp[cut] = 0.0
-            p = np.zeros_like(p)
-            np.put_along_axis(p, order, sp, axis=-1)
-            p /= p.sum(axis=-1, keepdims=True)
-        nxt = np.array([rng.choice(p.shape[1], p=row) for row in p], dtype=np.int64)
+        nxt = choose(step(tokens), active, out)
         keep = nxt != eos
         for r in np.nonzero(keep)[0]:
             out[active[r]].append(int(nxt[r]))
@@ -121,6 +87,35 @@ def sample(step: StepFn, batch_size: int, bos: int, eos: int, max_new_tokens: in
             active, nxt = active[rows], nxt[rows]
         tokens = nxt
     return out
+
+
+def greedy(step: StepFn, batch_size: int, bos: int, eos: int, max_new_tokens: int,
+           no_repeat_ngram_size: int = 0) -> list[list[int]]:
+    def choose(logp, active, out):
+        if no_repeat_ngram_size:
+            for r, row in enumerate(active):
+                logp[r, _banned_ngrams(out[row], no_repeat_ngram_size)] = -np.inf
+        return logp.argmax(axis=-1)
+
+    return _decode_rows(step, batch_size, bos, eos, max_new_tokens, choose)
+
+
+def sample(step: StepFn, batch_size: int, bos: int, eos: int, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+
+    def choose(logp, active, out):
+        p = np.exp(log_softmax(logp / max(temperature, 1e-5)))
+        if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+            order = np.argsort(-p, axis=-1)
+            sp = np.take_along_axis(p, order, axis=-1)
+            sp[np.cumsum(sp, axis=-1) - sp >= top_p] = 0.0
+            p = np.zeros_like(p)
+            np.put_along_axis(p, order, sp, axis=-1)
+            p /= p.sum(axis=-1, keepdims=True)
+        return np.array([rng.choice(p.shape[1], p=row) for row in p], dtype=np.int64)
+
+    return _decode_rows(step, batch_size, bos, eos, max_new_tokens, choose)
 
 
 def _lp(length: int, alpha: float) -> float:

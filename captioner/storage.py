@@ -30,6 +30,23 @@ class StoreError(RuntimeError):
     """Storage unreachable, refused or inconsistent; the message names the endpoint/object."""
 
 
+def atomic_write(dst: str | Path, write, prefix: str = TMP_PREFIX) -> None:
+    """Write a local file through a hidden temp file in the same folder + fsync + rename,
+    so a crash never leaves a partial file under the final name."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f"{prefix}{dst.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -87,25 +104,14 @@ class LocalStore(Store):
             raise StoreError(f"key {key!r} escapes the store root {self.root}")
         return p
 
-    def _atomic(self, key: str, write) -> None:
-        dst = self._p(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f"{TMP_PREFIX}{dst.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
     def put_file(self, key, path, sha256=None):
-        self._atomic(key, lambda f: shutil.copyfileobj(open(path, "rb"), f, 1 << 20))
+        def copy(f):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+        atomic_write(self._p(key), copy)
 
     def put_bytes(self, key, data):
-        self._atomic(key, lambda f: f.write(data))
+        atomic_write(self._p(key), lambda f: f.write(data))
 
     def get_bytes(self, key):
         try:
