@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -268,7 +269,9 @@ def quantize_int8(repo: Path) -> None:
         f = repo / name / "1" / "model.onnx"
         fp32 = repo / name / "model.fp32.onnx"  # outside the version folder: Triton ignores it
         shutil.move(f, fp32)
-        quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8)
+        # fused contrib ops defeat ONNX shape inference; their tensors are float
+        quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 # ------------------------------------------------------------------ entry point
