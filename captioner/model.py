@@ -270,12 +270,3 @@ class Captioner(nn.Module):
 
 def count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
-
-
-def decoder_flops_per_token(cfg: ModelConfig, n_patches: int, t: int) -> float:
-    """Forward FLOPs of one decoder token at sequence length t (self + cross + MLP + head)."""
-    D, L = cfg.d_model, cfg.n_layers
-    per_layer = 2 * (3 * D * D + D * D) + 2 * 2 * t * D  # self-attn projections + scores
-    per_layer += 2 * (D * D + D * D) + 2 * 2 * n_patches * D  # cross q/out + scores
-    per_layer += 2 * 2 * D * int(D * cfg.mlp_ratio)
-    return L * per_layer + 2 * D * cfg.vocab_size

@@ -100,7 +100,7 @@ def export_step(checkpoint_uri: str, repo_uri: str, device: str = "gpu") -> dict
 
 def champion_score(serving_uri: str) -> float:
     """The deployed model's recorded CIDEr-D, or -1 when nothing is deployed."""
-    from captioner.storage import is_s3, open_store, split_uri
+    from captioner.storage import is_s3, open_store
 
     try:
         if is_s3(serving_uri):

@@ -412,10 +412,6 @@ def split_uri(uri: str) -> tuple[str, str]:
     return head, tail
 
 
-def is_store_uri_of_file(uri: str, name: str) -> bool:
-    return str(uri).rstrip("/").endswith("/" + name) or str(uri) == name
-
-
 def iter_tar_members(stream: BinaryIO) -> Iterator:
     import tarfile
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.data import (DataSummary, ResumableBatchSampler, assign_splits, read_records, summarize,
+from captioner.data import (ResumableBatchSampler, assign_splits, read_records, summarize,
                             verify_images)
 from captioner.preprocess import ImageError, PreprocessConfig, load_image, preprocess_bytes
 
