@@ -118,9 +118,21 @@ class Repository:
         ens = self.configs[ENSEMBLE]
         delay = ens.dynamic_batching.max_queue_delay_microseconds / 1e6 if ens.HasField("dynamic_batching") else 0.002
         self.batcher = Batcher(self._ensemble_batch, ens.max_batch_size, max(delay, 0.002), ENSEMBLE)
+        self.lock = threading.Lock()
+        self.stats: dict[str, dict] = {}
 
     # -- model runners: inputs dict name -> np.ndarray (with batch dim) -> outputs dict
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self._run(model, inputs)
+        with self.lock:  # Triton's meaning: inferences = batch items, executions = model runs
+            st = self.stats.setdefault(model, {"inference_count": 0, "execution_count": 0, "last_inference": 0})
+            st["inference_count"] += len(next(iter(inputs.values()))) if inputs else 0
+            st["last_inference"] = int(time.time() * 1000)
+            if model != ENSEMBLE:
+                st["execution_count"] += 1
+        return out
+
+    def _run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if model == ENSEMBLE:
             return self.batcher.submit(inputs, len(inputs[IMAGE])).result()
         if model == PREPROCESS:
@@ -218,6 +230,18 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelConfig(self, request, context):
         return service_pb2.ModelConfigResponse(config=self._config(request.name, request.version, context))
+
+    def ModelStatistics(self, request, context):
+        names = [request.name] if request.name else sorted(self.repo.configs)
+        if request.name:
+            self._config(request.name, request.version, context)
+        out = []
+        for n in names:
+            st = dict(self.repo.stats.get(n, {}))
+            if n == ENSEMBLE:
+                st["execution_count"] = self.repo.batcher.batches  # one batched pass per dynamic batch
+            out.append(service_pb2.ModelStatistics(name=n, version="1", **st))
+        return service_pb2.ModelStatisticsResponse(model_stats=out)
 
     def RepositoryIndex(self, request, context):
         M = service_pb2.RepositoryIndexResponse.ModelIndex

@@ -95,6 +95,9 @@ def test_200_requests_at_concurrency_16_without_errors(server, trained_run):
         expected.setdefault(k, cap)
         assert cap == expected[k], "the same image must get the same caption under load"
     assert len(results) == 200
+    # concurrent requests were batched: fewer batched executions than inferences
+    st = grpcclient.InferenceServerClient(url).get_inference_statistics(names.ENSEMBLE).model_stats[0]
+    assert st.inference_count >= 200 and st.execution_count < st.inference_count, st
 
 
 def _infer_raw(url, model, inputs):
