@@ -71,9 +71,16 @@ def cmd_caption(a, _):
     if a.url:
         from captioner.client import caption_files
 
+        failed = 0
         for path, cap in caption_files(a.url, a.images, beam=a.beam, concurrency=a.concurrency,
                                        model=a.model_name):
-            print(f"{path}\t{cap}")
+            if cap.startswith("ERROR:"):
+                failed += 1
+                print(f"{path}\t{cap}", file=sys.stderr)
+            else:
+                print(f"{path}\t{cap}")
+        if failed:
+            raise SystemExit(1)
         return
     if not a.checkpoint:
         raise SystemExit("caption: give --checkpoint CKPT (PyTorch) or --url HOST:PORT (Triton/`captioner serve`)")
