@@ -166,3 +166,20 @@ def test_training_streams_shards(synth_dir, store_uri, tmp_path):
     assert res.step == 2 * -(-n_train // 8)
     assert len(res.val_history) == 2
     assert (tmp_path / "run" / "val_cache").is_dir()
+
+
+def test_large_objects_go_multipart_and_keep_their_checksum(s3_server, monkeypatch, tmp_path):
+    import hashlib
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    from captioner.storage import PART_SIZE
+
+    big = tmp_path / "big.tar"
+    big.write_bytes(os.urandom(PART_SIZE + 3 * 1024 * 1024))
+    store = open_store("s3://multipart/x", create=True)
+    store.put_file("big.tar", big)
+    st = store.client.stat_object("multipart", "x/big.tar")
+    assert st.etag.endswith("-2"), f"expected a 2-part upload, etag {st.etag}"
+    want = hashlib.sha256(big.read_bytes()).hexdigest()
+    assert store.stored_sha256("big.tar") == want == store.sha256("big.tar")
