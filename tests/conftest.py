@@ -120,3 +120,22 @@ def store_uri(request, tmp_path, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return f"s3://bucket-{uuid.uuid4().hex[:8]}/datasets/v1"
+
+
+def start_serve(repo, log_path):
+    """`captioner serve REPO` as a real process on a free port, ready; output goes to log_path."""
+    import subprocess
+
+    from captioner.client import wait_ready
+
+    port = free_port()
+    log = open(log_path, "w")
+    p = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--grpc-port", str(port)],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=60)
+    except TimeoutError:
+        p.kill()
+        raise AssertionError(Path(log_path).read_text()) from None
+    return p, url

@@ -9,7 +9,7 @@ import yaml
 
 from captioner import pipeline_steps as steps
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, start_serve
 
 TINY_TRAIN = ["--model.encoder_kwargs={output_stride: 16, pretrained_cfg_overlay: {input_size: [3, 32, 32]}}",
               "--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--data.num_workers=0",
@@ -77,7 +77,7 @@ def test_kubernetes_platform_spec(compiled):
 
 @pytest.mark.slow
 def test_local_pipeline_run_skips_deploy_below_gate_and_serves(synth_dir, tmp_path):
-    from captioner.client import caption_bytes, wait_ready
+    from captioner.client import caption_bytes
     from captioner.kfp_pipeline import local_arguments, run_local
 
     args = local_arguments(tmp_path / "w", synth_dir, "tiny-cpu", TINY_TRAIN, min_cider=100.0,
@@ -98,13 +98,10 @@ def test_local_pipeline_run_skips_deploy_below_gate_and_serves(synth_dir, tmp_pa
     assert (tmp_path / "w" / "model" / "ckpt_best.pt").exists()
     assert not (tmp_path / "w" / "serving").exists()
     # the exported repository serves through tritonclient
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "captioner", "serve", args["repo_uri"], "--grpc-port", str(port)],
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p, url = start_serve(args["repo_uri"], tmp_path / "serve.log")
     try:
-        wait_ready(f"127.0.0.1:{port}", timeout=60)
         img = sorted((synth_dir / "flickr30k_images").glob("*.jpg"))[0].read_bytes()
-        assert caption_bytes(f"127.0.0.1:{port}", [img])[0]
+        assert caption_bytes(url, [img])[0]
     finally:
         p.terminate()
         p.wait(timeout=30)

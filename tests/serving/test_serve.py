@@ -16,27 +16,18 @@ from tritonclient.utils import InferenceServerException
 
 from captioner import names
 from captioner.checkpoint import load_checkpoint
-from captioner.client import caption_bytes, caption_files, wait_ready
+from captioner.client import caption_bytes, caption_files
 from captioner.export import sample_images
 from captioner.inference import caption_tensor
 from captioner.serving_core import image_bytes_to_pixels
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, start_serve
 
 
 @pytest.fixture(scope="module")
-def server(exported_repo):
+def server(exported_repo, tmp_path_factory):
     repo, _ = exported_repo
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--grpc-port", str(port)],
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    url = f"127.0.0.1:{port}"
-    try:
-        wait_ready(url, timeout=60)
-    except TimeoutError:
-        p.kill()
-        raise AssertionError(p.stdout.read())
+    p, url = start_serve(repo, tmp_path_factory.mktemp("serve") / "serve.log")
     yield url, p
     if p.poll() is None:
         p.kill()
@@ -185,15 +176,12 @@ def test_caption_cli_against_server(server, synth_dir, tmp_path):
     assert len(r.stdout.strip().splitlines()) == 3
 
 
-def test_sigterm_stops_cleanly(exported_repo):
+def test_sigterm_stops_cleanly(exported_repo, tmp_path):
     repo, _ = exported_repo
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--grpc-port", str(port)],
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    wait_ready(f"127.0.0.1:{port}", timeout=60)
+    p, _ = start_serve(repo, tmp_path / "serve.log")
     p.send_signal(signal.SIGTERM)
     t0 = time.time()
-    out, _ = p.communicate(timeout=30)
+    p.wait(timeout=30)
+    out = (tmp_path / "serve.log").read_text()
     assert p.returncode == 0, out
     assert "server stopped cleanly" in out and time.time() - t0 < 15
