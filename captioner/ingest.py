@@ -228,7 +228,7 @@ def ingest(source: str, dest: str, o: IngestOptions | None = None, store: Store 
 def verify(dest: str, store: Store | None = None, workers: int = 8, progress: bool = True) -> dict:
     """Re-check every shard of the manifest against the store: present, right size, right sha256."""
     store = store or open_store(dest)
-    manifest = json.loads(store.get_bytes(MANIFEST))
+    manifest = load_manifest(store)
     problems = []
 
     def one(s):

@@ -29,7 +29,7 @@ def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str],
     after the cost guard and wait for it. Either way the run's artefacts end up at
     model_uri (a folder or s3:// prefix) and the checkpoint URI is returned."""
     from captioner.config import load_config
-    from captioner.storage import publish
+    from captioner.storage import is_s3, publish
 
     ov = [f"--data.source={data_uri}", *overrides]
     cfg = load_config(config, ov)
@@ -38,7 +38,7 @@ def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str],
     if mode != "local":
         raise ValueError(f"train mode must be 'local' or 'cluster', got {mode!r}")
     with tempfile.TemporaryDirectory(prefix="captioner-train-") as tmp:
-        out = model_uri if not model_uri.startswith("s3://") else str(Path(tmp) / "run")
+        out = str(Path(tmp) / "run") if is_s3(model_uri) else model_uri
         ov.append(f"--train.out_dir={out}")
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -48,7 +48,8 @@ def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str],
         else:
             from captioner.train import train
 
-            train(load_config(config, ov), progress=False)
+            cfg.train.out_dir = out
+            train(cfg, progress=False)
         publish(out, model_uri)
     return {"checkpoint": f"{model_uri.rstrip('/')}/ckpt_best.pt", "model_uri": model_uri}
 
@@ -100,17 +101,10 @@ def export_step(checkpoint_uri: str, repo_uri: str, device: str = "gpu") -> dict
 
 def champion_score(serving_uri: str) -> float:
     """The deployed model's recorded CIDEr-D, or -1 when nothing is deployed."""
-    from captioner.storage import is_s3, open_store
+    from captioner.storage import open_store
 
     try:
-        if is_s3(serving_uri):
-            raw = open_store(serving_uri).get_bytes(CHAMPION)
-        else:
-            p = Path(serving_uri) / CHAMPION
-            if not p.exists():
-                return -1.0
-            raw = p.read_bytes()
-        return float(json.loads(raw)["CIDEr"])
+        return float(json.loads(open_store(serving_uri).get_bytes(CHAMPION))["CIDEr"])
     except Exception as e:  # noqa: BLE001 - no champion yet
         log.info("no champion at %s (%s)", serving_uri, e)
         return -1.0

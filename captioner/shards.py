@@ -20,7 +20,7 @@ import torch
 from captioner.data import ImageRecord, collate_grouped
 from captioner.ingest import MANIFEST, load_manifest
 from captioner.preprocess import ImageError, PreprocessConfig, load_image, preprocess
-from captioner.storage import Store, is_s3, iter_tar_members, open_store
+from captioner.storage import Store, is_s3, iter_tar_members, open_store, split_uri
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,14 @@ def is_shard_source(source: str) -> bool:
     return (p.is_dir() and (p / MANIFEST).exists()) or p.name == MANIFEST
 
 
+def shard_store(source: str) -> Store:
+    """The store holding a dataset: `source` is its root or the manifest inside it."""
+    root, name = split_uri(source)
+    return open_store((root or ".") if name == MANIFEST else source)
+
+
 def open_shard_source(source: str) -> tuple[Store, dict]:
-    root = str(Path(source).parent) if not is_s3(source) and Path(source).name == MANIFEST else source
-    if is_s3(root) and root.rstrip("/").endswith("/" + MANIFEST):
-        root = root.rstrip("/")[: -len(MANIFEST) - 1]
-    store = open_store(root)
+    store = shard_store(source)
     return store, load_manifest(store)
 
 

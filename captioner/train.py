@@ -31,7 +31,7 @@ from captioner.decoding import DecodeParams
 from captioner.evaluate import score_records
 from captioner.model import Captioner, count_params
 from captioner.preprocess import PreprocessConfig
-from captioner.shards import ShardStream, is_shard_source, materialize, open_shard_source
+from captioner.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
 from captioner.tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,9 @@ def param_groups(model: Captioner, cfg: ExperimentConfig) -> list[dict]:
 
 def prepare_data(cfg: ExperimentConfig, di: DistInfo, progress: bool = True):
     """Rank 0 reads and verifies the data once; the result is broadcast to the other ranks.
-    Returns (train records, val records, summary); for a shard source the train "records"
-    carry captions only (images are streamed from the shards)."""
+    Returns (train records, val records, summary, manifest). For a shard source the train
+    "records" carry captions only (images are streamed) and manifest is the dataset's;
+    for a folder or JSON source manifest is None."""
     if is_shard_source(cfg.data.source):
         return _prepare_shards(cfg, di)
     payload = None
@@ -127,7 +128,7 @@ def prepare_data(cfg: ExperimentConfig, di: DistInfo, progress: bool = True):
         log.info("data: %s; per split: %s", summary.text(), summary.per_split)
         payload = (recs, summary)
     recs, summary = _bcast(payload, di)
-    return by_split(recs, "train"), by_split(recs, "val")[: cfg.train.val_max_images], summary
+    return by_split(recs, "train"), by_split(recs, "val")[: cfg.train.val_max_images], summary, None
 
 
 def _prepare_shards(cfg: ExperimentConfig, di: DistInfo):
@@ -177,9 +178,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         elif di.main:
             log.warning("--resume given but %s does not exist: starting from scratch", p)
 
-    prepared = prepare_data(cfg, di, progress)
-    train_recs, val_recs, summary = prepared[:3]
-    manifest = prepared[3] if len(prepared) > 3 else None
+    train_recs, val_recs, summary, manifest = prepare_data(cfg, di, progress)
     if not train_recs:
         raise ValueError(f"no training images left in {cfg.data.source} ({summary.text()})")
 
@@ -207,8 +206,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=tuple(t.betas))
     if manifest is not None:  # stream tar shards from the store
-        store, _ = open_shard_source(cfg.data.source)
-        ds = ShardStream(store, manifest, "train", tok, pre, cfg.model.max_len, t.batch_size, di.rank, di.world,
+        ds = ShardStream(shard_store(cfg.data.source), manifest, "train", tok, pre, cfg.model.max_len, t.batch_size, di.rank, di.world,
                          t.seed, cfg.data.shuffle_buffer, cfg.data.num_workers)
         sampler = None
         micro_per_epoch = ds.batches_per_rank()
