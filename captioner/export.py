@@ -283,7 +283,8 @@ def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None 
         shutil.rmtree(repo)
     repo.mkdir(parents=True)
     d = export_onnx(ck, repo)
-    write_configs(repo, build_configs(d, "KIND_GPU" if device == "gpu" else "KIND_CPU", max_batch))
+    cfgs = build_configs(d, "KIND_GPU" if device == "gpu" else "KIND_CPU", max_batch)
+    write_configs(repo, cfgs)
     for name in (PREPROCESS, DECODE_LOOP):
         shutil.copy(SOURCES / name / "1" / "model.py", repo / name / "1" / "model.py")
     (repo / PREPROCESS / "1" / PREPROCESS_FILE).write_text(json.dumps(ck.preprocess.to_dict(), indent=2))
@@ -306,5 +307,5 @@ def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None 
         raise ValueError(f"--quantize supports only 'int8', got {quantize!r}")
     (repo / "export_report.json").write_text(json.dumps(report, indent=2))
     save_config(ck.config, repo / "config.yaml")
-    log.info("wrote Triton model repository %s (models: %s)", repo, ", ".join(sorted(build_configs(d))))
+    log.info("wrote Triton model repository %s (models: %s)", repo, ", ".join(sorted(cfgs)))
     return report
