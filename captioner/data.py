@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from captioner.preprocess import ImageError, PreprocessConfig, load_image, preprocess
+from captioner.preprocess import ImageError, PreprocessConfig, load_image, preprocess_path
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -262,8 +262,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         r = self.recs[i]
         try:
-            _, H, W = self.pre.input_size
-            x = preprocess(load_image(r.path, self.pre.max_pixels, name=r.image_id, draft_size=(W, H)), self.pre)
+            x = preprocess_path(r.path, self.pre, name=r.image_id)
         except ImageError as e:
             log.warning("skipping image at load time: %s", e)
             return None
@@ -323,8 +322,7 @@ def load_split_arrays(recs: list[ImageRecord], pre: PreprocessConfig) -> tuple[n
     xs, keep = [], []
     for r in recs:
         try:
-            _, H, W = pre.input_size
-            xs.append(preprocess(load_image(r.path, pre.max_pixels, name=r.image_id, draft_size=(W, H)), pre))
+            xs.append(preprocess_path(r.path, pre, name=r.image_id))
             keep.append(r)
         except ImageError as e:
             log.warning("skipping %s", e)

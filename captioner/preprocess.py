@@ -112,6 +112,6 @@ def preprocess_bytes(data: bytes, cfg: PreprocessConfig, name: str | None = None
     return preprocess(load_image(data, cfg.max_pixels, name=name, draft_size=(W, H)), cfg)
 
 
-def preprocess_path(path: str | Path, cfg: PreprocessConfig) -> np.ndarray:
+def preprocess_path(path: str | Path, cfg: PreprocessConfig, name: str | None = None) -> np.ndarray:
     _, H, W = cfg.input_size
-    return preprocess(load_image(path, cfg.max_pixels, draft_size=(W, H)), cfg)
+    return preprocess(load_image(path, cfg.max_pixels, name=name, draft_size=(W, H)), cfg)

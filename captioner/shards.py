@@ -19,7 +19,7 @@ import torch
 
 from captioner.data import ImageRecord, collate_grouped
 from captioner.ingest import MANIFEST, load_manifest
-from captioner.preprocess import ImageError, PreprocessConfig, load_image, preprocess
+from captioner.preprocess import ImageError, PreprocessConfig, preprocess_bytes
 from captioner.storage import Store, is_s3, iter_tar_members, open_store, split_uri
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         def emit(it, data):
             try:
-                _, H, W = self.pre.input_size
-                img = load_image(data, self.pre.max_pixels, name=it["image_id"], draft_size=(W, H))
-                return torch.from_numpy(preprocess(img, self.pre)), self.tokens[it["key"]], it["image_id"]
+                x = preprocess_bytes(data, self.pre, name=it["image_id"])
+                return torch.from_numpy(x), self.tokens[it["key"]], it["image_id"]
             except ImageError as e:
                 log.warning("skipping image from shard: %s", e)
                 return None
