@@ -92,7 +92,7 @@ def main(argv=None):
         print(f"ratio (a)/(b) wall time: {ta / tb:.2f}x; objects {(len(files) + 1) / (r['shards'] + 1):.0f}x fewer")
 
         store, manifest = open_shard_source("s3://sharded/v1")
-        tok = CaptionTokenizer.train([c for it in manifest["items"] for c in it["captions"]])
+        tok = CaptionTokenizer.train([c for it in manifest.items for c in it.captions])
         pre = PreprocessConfig(input_size=(3, 64, 64))
         stream = ShardStream(store, manifest, "train", tok, pre, 20, 32, num_workers=a.loader_workers)
         sl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=a.loader_workers)

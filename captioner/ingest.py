@@ -27,11 +27,10 @@ from tqdm import tqdm
 
 from captioner.data import DataSummary, ImageRecord, assign_splits, read_records, SPLITS
 from captioner.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+from captioner.shards import MANIFEST, ItemEntry, Manifest, ShardEntry, SplitCount
 from captioner.storage import Store, open_store, sha256_file
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -137,7 +136,7 @@ def build_shards(records: list[ImageRecord], summary: DataSummary, o: IngestOpti
             meta = json.dumps({"image_id": r.image_id, "split": r.split, "captions": caps}, sort_keys=True).encode()
             tf.addfile(_tarinfo(f"{k}.{ext}", len(data)), io.BytesIO(data))
             tf.addfile(_tarinfo(f"{k}.json", len(meta)), io.BytesIO(meta))
-            cur.items.append({"key": k, "image_id": r.image_id, "split": r.split, "ext": ext, "captions": caps})
+            cur.items.append(ItemEntry(r.image_id, k, ext, r.split, cur.name, tuple(caps)))
             cur.size += len(data) + len(meta) + 1024
         if tf:
             tf.close()
@@ -148,19 +147,17 @@ def build_shards(records: list[ImageRecord], summary: DataSummary, o: IngestOpti
     return shards
 
 
-def manifest_for(shards: list[Shard], summary: DataSummary, source: str, o: IngestOptions) -> dict:
-    return {
-        "format": "captioner-shards", "version": FORMAT_VERSION, "source": str(source),
-        "options": {"max_side": o.max_side, "max_pixels": o.max_pixels, "val_fraction": o.val_fraction,
-                    "test_fraction": o.test_fraction, "split_seed": o.split_seed},
-        "splits": {s: {"items": sum(len(x.items) for x in shards if x.split == s),
-                       "shards": sum(1 for x in shards if x.split == s)} for s in SPLITS},
-        "shards": [{"name": s.name, "split": s.split, "sha256": s.sha256, "size": s.size, "items": len(s.items)}
-                   for s in shards],
-        "items": [{"image_id": it["image_id"], "key": it["key"], "ext": it["ext"], "split": it["split"],
-                   "shard": s.name, "captions": it["captions"]} for s in shards for it in s.items],
-        "skipped": {k: sorted(v) for k, v in summary.skipped.items()},
-    }
+def manifest_for(shards: list[Shard], summary: DataSummary, source: str, o: IngestOptions) -> Manifest:
+    return Manifest(
+        source=str(source),
+        options={"max_side": o.max_side, "max_pixels": o.max_pixels, "val_fraction": o.val_fraction,
+                 "test_fraction": o.test_fraction, "split_seed": o.split_seed},
+        splits={s: SplitCount(sum(len(x.items) for x in shards if x.split == s), sum(1 for x in shards if x.split == s))
+                for s in SPLITS},
+        shards=[ShardEntry(s.name, s.split, s.sha256, s.size, len(s.items)) for s in shards],
+        items=[it for s in shards for it in s.items],
+        skipped={k: sorted(v) for k, v in summary.skipped.items()},
+    )
 
 
 def upload_shards(store: Store, shards: list[Shard], workers: int, progress: bool = True) -> dict:
@@ -208,16 +205,16 @@ def ingest(source: str, dest: str, o: IngestOptions | None = None, store: Store 
             raise ValueError(f"nothing to ingest from {source}: {summary.text()}")
         manifest = manifest_for(shards, summary, source, o)
         stats = upload_shards(store, shards, o.workers, o.progress)
-        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        body = manifest.to_json()
         if store.exists(MANIFEST) and store.get_bytes(MANIFEST) != body:
             log.warning("%s changes: the source or options differ from the stored dataset version", store.url(MANIFEST))
-        store.put_bytes(MANIFEST, body)  # last: its presence marks a complete dataset version
+        manifest.save(store)  # last: its presence marks a complete dataset version
     dt = time.time() - t0
     total_bytes = sum(s.size for s in shards)
     report = {"dest": store.uri, "manifest": store.url(MANIFEST), "manifest_sha256": hashlib.sha256(body).hexdigest(),
-              "items": len(manifest["items"]), "shards": len(shards), "bytes": total_bytes, **stats,
+              "items": len(manifest.items), "shards": len(shards), "bytes": total_bytes, **stats,
               "skipped_items": {k: len(v) for k, v in summary.skipped.items()}, "seconds": round(dt, 2),
-              "items_per_s": round(len(manifest["items"]) / dt, 1), "mb_per_s": round(total_bytes / 1e6 / dt, 2)}
+              "items_per_s": round(len(manifest.items) / dt, 1), "mb_per_s": round(total_bytes / 1e6 / dt, 2)}
     log.info("ingest done: %d items in %d shards (%.1f MB) -> %s; uploaded %d, already present %d; skipped items: %s; "
              "%.1fs (%.0f items/s, %.1f MB/s)", report["items"], report["shards"], total_bytes / 1e6, store.uri,
              stats["uploaded"], stats["skipped"], report["skipped_items"] or "none", dt, report["items_per_s"],
@@ -228,33 +225,25 @@ def ingest(source: str, dest: str, o: IngestOptions | None = None, store: Store 
 def verify(dest: str, store: Store | None = None, workers: int = 8, progress: bool = True) -> dict:
     """Re-check every shard of the manifest against the store: present, right size, right sha256."""
     store = store or open_store(dest)
-    manifest = load_manifest(store)
+    manifest = Manifest.load(store)
     problems = []
 
-    def one(s):
-        size = store.size(s["name"])
+    def one(s: ShardEntry):
+        size = store.size(s.name)
         if size is None:
-            return f"{s['name']}: missing"
-        if size != s["size"]:
-            return f"{s['name']}: size {size} != manifest {s['size']}"
-        got = store.sha256(s["name"])
-        return None if got == s["sha256"] else f"{s['name']}: sha256 {got[:12]} != manifest {s['sha256'][:12]}"
+            return f"{s.name}: missing"
+        if size != s.size:
+            return f"{s.name}: size {size} != manifest {s.size}"
+        got = store.sha256(s.name)
+        return None if got == s.sha256 else f"{s.name}: sha256 {got[:12]} != manifest {s.sha256[:12]}"
 
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        for r in tqdm(ex.map(one, manifest["shards"]), total=len(manifest["shards"]), desc="verify", unit="shard",
+        for r in tqdm(ex.map(one, manifest.shards), total=len(manifest.shards), desc="verify", unit="shard",
                       disable=not progress):
             if r:
                 problems.append(r)
-    names = {s["name"] for s in manifest["shards"]}
+    names = {s.name for s in manifest.shards}
     extra = [k for k in store.list() if k.endswith(".tar") and k not in names]
-    return {"dest": store.uri, "shards": len(manifest["shards"]), "items": len(manifest["items"]),
+    return {"dest": store.uri, "shards": len(manifest.shards), "items": len(manifest.items),
             "problems": problems, "unlisted_shards": extra, "ok": not problems}
-
-
-def load_manifest(store: Store) -> dict:
-    m = json.loads(store.get_bytes(MANIFEST))
-    if m.get("format") != "captioner-shards":
-        raise ValueError(f"{store.url(MANIFEST)} is not a captioner shard manifest")
-    return m
-
 

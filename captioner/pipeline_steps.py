@@ -60,7 +60,7 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
     from captioner.shards import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)
-    pairs = sum(len(it["captions"]) for it in manifest["items"] if it["split"] == "train")
+    pairs = sum(len(it.captions) for it in manifest.items_in("train"))
     gpus = int(c.get("workers", 2)) * int(c.get("gpus_per_worker", 8))
     est = estimate_cost(pairs, cfg.train.epochs, float(c.get("pairs_per_s_per_gpu", 900.0)), gpus,
                         float(c.get("price_per_gpu_hour", 3.0)))

@@ -1,4 +1,6 @@
-"""Training data streamed from tar shards written by `captioner ingest`, from any store.
+"""Training data streamed from tar shards written by `captioner ingest`, from any store,
+and the dataset manifest (`manifest.json`) that lists them: `Manifest` is its one typed
+owner (save/load; validated field by field when read).
 
 Per epoch the shard order is shuffled (seeded), the split's items are laid out in that
 order, and each DDP rank takes one contiguous share, each DataLoader worker one contiguous
@@ -6,6 +8,10 @@ part of it: every item is read by exactly one (rank, worker), and a worker opens
 shards its part touches. Items are shuffled again within a buffer. Ranks may hold one item
 more or less; every rank runs the same number of batches (`batches_per_rank`), the short
 ones padding with empty batches, so DDP stays in step without repeating items.
+
+Shards and manifests come from a store and are untrusted: a tar member is used only when
+its name is exactly `KEY.EXT` (KEY_RE, an allowed extension) and it is listed in the
+manifest; extracted files must resolve inside the cache folder.
 """
 from __future__ import annotations
 
@@ -13,16 +19,177 @@ import json
 import logging
 import math
 import random
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from captioner.data import ImageRecord, collate_grouped
-from captioner.ingest import MANIFEST, load_manifest
+from captioner.data import SPLITS, ImageRecord, collate_grouped
 from captioner.preprocess import ImageError, PreprocessConfig, preprocess_bytes
 from captioner.storage import Store, is_s3, iter_tar_members, open_store, split_uri
 
 log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FORMAT = "captioner-shards"
+FORMAT_VERSION = 1
+KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")  # what ingest writes (dots would start the extension)
+IMAGE_EXTS = ("jpg", "png", "gif", "webp", "bmp")  # the formats preprocess accepts, as ingest names them
+SHARD_RE = re.compile(r"(train|val|test)-[0-9]{5,}\.tar")
+
+
+class ManifestError(ValueError):
+    """manifest.json is malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    split: str
+    sha256: str
+    size: int
+    items: int
+
+
+@dataclass(frozen=True)
+class ItemEntry:
+    image_id: str
+    key: str
+    ext: str
+    split: str
+    shard: str
+    captions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SplitCount:
+    items: int
+    shards: int
+
+
+@dataclass
+class Manifest:
+    """The dataset version `captioner ingest` wrote: its shards, items and skipped rows."""
+    source: str
+    options: dict
+    splits: dict  # split -> SplitCount
+    shards: list  # [ShardEntry]
+    items: list  # [ItemEntry]
+    skipped: dict = field(default_factory=dict)  # reason -> [item names]
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+    def items_in(self, split: str) -> list[ItemEntry]:
+        return [it for it in self.items if it.split == split]
+
+    def shards_in(self, split: str) -> list[ShardEntry]:
+        return [s for s in self.shards if s.split == split]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for it in d["items"]:
+            it["captions"] = list(it["captions"])
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True).encode()
+
+    def save(self, store: Store) -> None:
+        store.put_bytes(MANIFEST, self.to_json())
+
+    @classmethod
+    def load(cls, store: Store) -> "Manifest":
+        where = store.url(MANIFEST)
+        try:
+            raw = json.loads(store.get_bytes(MANIFEST))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{where}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, where)
+
+    @classmethod
+    def from_dict(cls, d, where: str = MANIFEST) -> "Manifest":
+        v = _Validator(where)
+        v.obj(d, "")
+        if d.get("format") != FORMAT:
+            v.fail("format", f"is {d.get('format')!r}, not a captioner shard manifest ({FORMAT!r})")
+        if d.get("version") != FORMAT_VERSION:
+            v.fail("version", f"is {d.get('version')!r}; this version of captioner reads version {FORMAT_VERSION}")
+        source = v.typed(d, "source", str)
+        options = v.typed(d, "options", dict)
+        splits = {}
+        for name, sc in v.typed(d, "splits", dict).items():
+            if name not in SPLITS:
+                v.fail(f"splits.{name}", f"unknown split (expected one of {', '.join(SPLITS)})")
+            splits[name] = SplitCount(**{f.name: v.typed(sc, f.name, int, f"splits.{name}") for f in fields(SplitCount)})
+        shards = []
+        for i, s in enumerate(v.typed(d, "shards", list)):
+            at = f"shards[{i}]"
+            v.obj(s, at)
+            e = ShardEntry(**{f.name: v.typed(s, f.name, int if f.name in ("size", "items") else str, at)
+                              for f in fields(ShardEntry)})
+            if not SHARD_RE.fullmatch(e.name):
+                v.fail(f"{at}.name", f"{e.name!r} is not a shard name (SPLIT-NNNNN.tar)")
+            if e.split not in SPLITS:
+                v.fail(f"{at}.split", f"{e.split!r} is not one of {', '.join(SPLITS)}")
+            if not re.fullmatch(r"[0-9a-f]{64}", e.sha256):
+                v.fail(f"{at}.sha256", "is not a hex sha256")
+            shards.append(e)
+        names = {s.name for s in shards}
+        items = []
+        for i, it in enumerate(v.typed(d, "items", list)):
+            at = f"items[{i}]"
+            v.obj(it, at)
+            caps = v.typed(it, "captions", list, at)
+            if not all(isinstance(c, str) for c in caps):
+                v.fail(f"{at}.captions", "must be a list of strings")
+            e = ItemEntry(**{f.name: v.typed(it, f.name, str, at) for f in fields(ItemEntry) if f.name != "captions"},
+                          captions=tuple(caps))
+            if not KEY_RE.fullmatch(e.key):
+                v.fail(f"{at}.key", f"{e.key!r} is not a shard key (letters, digits, '_' and '-' only)")
+            if e.ext not in IMAGE_EXTS:
+                v.fail(f"{at}.ext", f"{e.ext!r} is not an accepted image extension ({', '.join(IMAGE_EXTS)})")
+            if e.shard not in names:
+                v.fail(f"{at}.shard", f"{e.shard!r} is not listed in shards")
+            items.append(e)
+        skipped = v.typed(d, "skipped", dict) if "skipped" in d else {}
+        for k, vals in skipped.items():
+            if not isinstance(vals, list):
+                v.fail(f"skipped.{k}", "must be a list of item names")
+        return cls(source, options, splits, shards, items, skipped)
+
+
+class _Validator:
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, path: str, why: str):
+        raise ManifestError(f"{self.where}: field {path or '(top level)'} {why}")
+
+    def obj(self, x, path: str) -> None:
+        if not isinstance(x, dict):
+            self.fail(path, f"must be an object, got {type(x).__name__}")
+
+    def typed(self, d: dict, key: str, kind: type, at: str = ""):
+        path = f"{at}.{key}" if at else key
+        self.obj(d, at)
+        if key not in d:
+            self.fail(path, "is missing")
+        x = d[key]
+        if not isinstance(x, kind) or (kind is int and isinstance(x, bool)):
+            self.fail(path, f"must be {kind.__name__}, got {type(x).__name__} {str(x)[:40]!r}")
+        return x
+
+
+def load_manifest(store: Store) -> Manifest:
+    return Manifest.load(store)
+
+
+def member_key(name: str) -> tuple[str, str] | None:
+    """(key, ext) for a tar member named exactly KEY.EXT with an allowed extension, else None."""
+    key, dot, ext = name.partition(".")
+    if dot and KEY_RE.fullmatch(key) and ext in (*IMAGE_EXTS, "json"):
+        return key, ext
+    return None
 
 
 def is_shard_source(source: str) -> bool:
@@ -38,9 +205,9 @@ def shard_store(source: str) -> Store:
     return open_store((root or ".") if name == MANIFEST else source)
 
 
-def open_shard_source(source: str) -> tuple[Store, dict]:
+def open_shard_source(source: str) -> tuple[Store, Manifest]:
     store = shard_store(source)
-    return store, load_manifest(store)
+    return store, Manifest.load(store)
 
 
 def _chunk(n: int, parts: int, i: int) -> tuple[int, int]:
@@ -48,18 +215,17 @@ def _chunk(n: int, parts: int, i: int) -> tuple[int, int]:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    def __init__(self, store: Store, manifest: dict, split: str, tokenizer, pre: PreprocessConfig, max_len: int,
+    def __init__(self, store: Store, manifest: Manifest, split: str, tokenizer, pre: PreprocessConfig, max_len: int,
                  batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  num_workers: int = 0, shuffle: bool = True):
         self.store, self.split, self.pre, self.max_len = store, split, pre, max_len
         self.bs, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.buffer, self.num_workers, self.shuffle = max(1, shuffle_buffer), max(0, num_workers), shuffle
-        self.shards = [s for s in manifest["shards"] if s["split"] == split]
-        self.items_by_shard: dict[str, list] = {}
-        for it in manifest["items"]:
-            if it["split"] == split:
-                self.items_by_shard.setdefault(it["shard"], []).append(it)
-        self.tokens = {it["key"]: [tokenizer.encode(c, max_len) for c in it["captions"]]
+        self.shards = manifest.shards_in(split)
+        self.items_by_shard: dict[str, list[ItemEntry]] = {}
+        for it in manifest.items_in(split):
+            self.items_by_shard.setdefault(it.shard, []).append(it)
+        self.tokens = {it.key: [tokenizer.encode(c, max_len) for c in it.captions]
                        for items in self.items_by_shard.values() for it in items}
         self.n = sum(len(v) for v in self.items_by_shard.values())
         self.epoch = 0
@@ -67,7 +233,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self) -> list[dict]:
+    def _order(self) -> list[ShardEntry]:
         shards = list(self.shards)
         if self.shuffle:
             random.Random(self.seed * 1000003 + self.epoch).shuffle(shards)
@@ -88,10 +254,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         lo, hi = self._my_range(self.rank if rank is None else rank, worker, max(1, self.num_workers))
         keys, pos = [], 0
         for s in self._order():
-            items = self.items_by_shard.get(s["name"], [])
+            items = self.items_by_shard.get(s.name, [])
             for it in items:
                 if lo <= pos < hi:
-                    keys.append(it["key"])
+                    keys.append(it.key)
                 pos += 1
         return keys
 
@@ -99,22 +265,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         lo, hi = self._my_range(self.rank, wid, max(1, self.num_workers))
         pos = 0
         for s in self._order():
-            items = self.items_by_shard.get(s["name"], [])
+            items = self.items_by_shard.get(s.name, [])
             start, end = pos, pos + len(items)
             pos = end
             if end <= lo or start >= hi:
                 continue  # this worker needs nothing from this shard
-            wanted = {it["key"]: it for k, it in enumerate(items) if lo <= start + k < hi}
+            wanted = {it.key: it for k, it in enumerate(items) if lo <= start + k < hi}
             pending: dict[str, dict] = {}
-            with self.store.open(s["name"]) as f:
+            with self.store.open(s.name) as f:
                 for m, data in iter_tar_members(f):
-                    key, _, ext = m.name.partition(".")
-                    if key not in wanted:
+                    ke = member_key(m.name)
+                    if ke is None or ke[0] not in wanted:
                         continue
+                    key, ext = ke
                     pending.setdefault(key, {})[ext] = data
                     it = wanted[key]
-                    if it["ext"] in pending[key] and "json" in pending[key]:
-                        yield it, pending.pop(key)[it["ext"]]
+                    if it.ext in pending[key] and "json" in pending[key]:
+                        yield it, pending.pop(key)[it.ext]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -127,8 +294,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         def emit(it, data):
             try:
-                x = preprocess_bytes(data, self.pre, name=it["image_id"])
-                return torch.from_numpy(x), self.tokens[it["key"]], it["image_id"]
+                x = preprocess_bytes(data, self.pre, name=it.image_id)
+                return torch.from_numpy(x), self.tokens[it.key], it.image_id
             except ImageError as e:
                 log.warning("skipping image from shard: %s", e)
                 return None
@@ -152,28 +319,37 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield collate_grouped(batch)
 
 
-def materialize(store: Store, manifest: dict, split: str, cache_dir: str | Path, max_items: int = 0) -> list[ImageRecord]:
-    """Extract a split's images to a local folder (for validation / evaluation)."""
+def materialize(store: Store, manifest: Manifest, split: str, cache_dir: str | Path,
+                max_items: int = 0) -> list[ImageRecord]:
+    """Extract a split's images to a local folder (for validation / evaluation). Only members
+    named KEY.EXT that the manifest lists are written, each to CACHE/KEY.EXT inside the cache."""
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    want = [it for it in manifest["items"] if it["split"] == split]
+    root = cache.resolve()
+    want = manifest.items_in(split)
     if max_items:
         want = want[:max_items]
-    by_shard: dict[str, dict] = {}
+    by_shard: dict[str, dict[str, ItemEntry]] = {}
     for it in want:
-        by_shard.setdefault(it["shard"], {})[it["key"]] = it
+        by_shard.setdefault(it.shard, {})[it.key] = it
     recs = []
     for shard, items in by_shard.items():
         with store.open(shard) as f:
             for m, data in iter_tar_members(f):
-                key, _, ext = m.name.partition(".")
-                it = items.get(key)
-                if it and ext == it["ext"]:
-                    p = cache / f"{key}.{ext}"
-                    if not p.exists():
-                        p.write_bytes(data)
-                    recs.append(ImageRecord(it["image_id"], str(p), list(it["captions"]), split))
-    order = {it["key"]: i for i, it in enumerate(want)}
+                ke = member_key(m.name)
+                it = items.get(ke[0]) if ke else None
+                if it is None or ke[1] != it.ext:
+                    if not (ke and ke[1] == "json"):
+                        log.warning("%s: ignoring tar member %r (not KEY.EXT of a listed item)", shard, m.name)
+                    continue
+                p = (root / f"{it.key}.{it.ext}").resolve()
+                if p.parent != root:  # e.g. a symlink planted in the cache
+                    log.warning("%s: refusing to write %s outside %s", shard, p, root)
+                    continue
+                if not p.exists():
+                    p.write_bytes(data)
+                recs.append(ImageRecord(it.image_id, str(p), list(it.captions), split))
+    order = {it.key: i for i, it in enumerate(want)}
     recs.sort(key=lambda r: order.get(Path(r.path).stem, 0))
     (cache / "records.json").write_text(json.dumps([r.__dict__ for r in recs]))
     return recs

@@ -135,17 +135,16 @@ def _prepare_shards(cfg: ExperimentConfig, di: DistInfo):
     payload = None
     if di.main:
         store, manifest = open_shard_source(cfg.data.source)
-        summary = DataSummary(images=len(manifest["items"]),
-                              captions=sum(len(it["captions"]) for it in manifest["items"]),
-                              skipped={k: list(v) for k, v in manifest.get("skipped", {}).items()})
-        summary.per_split = {k: v["items"] for k, v in manifest["splits"].items()}  # type: ignore[attr-defined]
+        summary = DataSummary(images=len(manifest.items),
+                              captions=sum(len(it.captions) for it in manifest.items),
+                              skipped={k: list(v) for k, v in manifest.skipped.items()})
+        summary.per_split = {k: v.items for k, v in manifest.splits.items()}  # type: ignore[attr-defined]
         val = materialize(store, manifest, "val", Path(cfg.train.out_dir) / "val_cache", cfg.train.val_max_images) \
             if cfg.train.val_max_images > 0 else []
         log.info("data: shards at %s: %s; per split: %s", store.uri, summary.text(), summary.per_split)
         payload = (manifest, val, summary)
     manifest, val, summary = _bcast(payload, di)
-    train_caps = [ImageRecord(it["image_id"], "", it["captions"], "train") for it in manifest["items"]
-                  if it["split"] == "train"]
+    train_caps = [ImageRecord(it.image_id, "", list(it.captions), "train") for it in manifest.items_in("train")]
     return train_caps, val, summary, manifest
 
 

@@ -14,7 +14,7 @@ uri, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 store, manifest = open_shard_source(uri)
-tok = CaptionTokenizer.train([c for it in manifest["items"] for c in it["captions"]])
+tok = CaptionTokenizer.train([c for it in manifest.items for c in it.captions])
 pre = PreprocessConfig(input_size=(3, 16, 16))
 ds = ShardStream(store, manifest, "train", tok, pre, 16, batch_size=5, rank=rank, world=world, seed=7,
                  shuffle_buffer=8, num_workers=2)
