@@ -1,11 +1,15 @@
 """Object storage: one `Store` interface over a local directory (default, no server) and
 S3-compatible storage (MinIO, AWS S3, ...) through the `minio` client.
 
-This is the only module that understands `s3://bucket/prefix` URIs. Credentials come from
+This is the only module that understands `s3://bucket/prefix` URIs; anything else that looks
+like a URI (`s3:/b`, `s3:b/x`, `S3://`, `gs://`, `http://`) is refused with the accepted forms
+instead of becoming a local folder. Credentials come from
 flags or the environment (`CAPTIONER_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `CAPTIONER_S3_SECURE`), never from code, and never reach logs.
 Writes never leave a partial object under its final name: local files are written to a
-hidden temp name and renamed; S3 objects appear only when the (multipart) upload completes.
+hidden temp name and renamed (created with the process umask, like any other tool's files);
+S3 objects appear only when the (multipart) upload completes. Object keys are untrusted:
+`fetch` writes only keys that stay inside its folder.
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ import hashlib
 import io
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -35,7 +40,13 @@ def atomic_write(dst: str | Path, write, prefix: str = TMP_PREFIX) -> None:
     so a crash never leaves a partial file under the final name."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f"{prefix}{dst.name}.")
+    while True:  # not mkstemp: it creates 0600 files; O_EXCL + 0666 lets the umask decide, as for open()
+        tmp = dst.parent / f"{prefix}{dst.name}.{secrets.token_hex(6)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -55,8 +66,26 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
+ACCEPTED_FORMS = "a local path or s3://bucket/prefix"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # what a URI scheme looks like: 's3:', 'gs:', 'http:'
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3 bucket naming rules
+
+
+def is_s3(uri: str | Path) -> bool:
+    """True for a well-formed s3://bucket[/prefix], False for a local path; anything else that
+    looks like a URI raises StoreError naming it and the accepted forms."""
+    u = str(uri)
+    if isinstance(uri, Path) or not _SCHEME.match(u):
+        return False
+    if u.startswith("s3://"):
+        bucket, _, prefix = u[5:].partition("/")
+        parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
+        if _BUCKET.fullmatch(bucket) and not any(p in ("", ".", "..") for p in parts):
+            return True
+        raise StoreError(f"malformed S3 URI {u!r}: expected s3://bucket/prefix (bucket: 3-63 lowercase letters, "
+                         "digits, '.' or '-'; no empty, '.' or '..' path segments)")
+    raise StoreError(f"unsupported storage location {u!r}: use {ACCEPTED_FORMS} "
+                     "(a local folder whose name contains ':' can be written ./NAME)")
 
 
 class Store:
@@ -164,7 +193,7 @@ class LocalStore(Store):
 class S3Settings:
     endpoint: str
     access_key: str | None
-    secret_key: str | None
+    secret_key: str | None = field(repr=False)  # never in logs, reprs or error messages
     secure: bool
 
     @classmethod
@@ -352,8 +381,6 @@ def open_store(uri: str, endpoint: str | None = None, access_key: str | None = N
         s = S3Store(uri, S3Settings.from_env(endpoint, access_key, secret_key, secure), create_bucket=create)
         log.debug("connected to %s in %.2fs", s.uri, time.time() - t0)
         return s
-    if "://" in str(uri):
-        raise StoreError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
     return LocalStore(uri)
 
 
@@ -368,19 +395,40 @@ def put_dir(store: Store, local_dir: str | Path, prefix: str = "") -> list[str]:
     return keys
 
 
+def confined(root: str | Path, key: str) -> Path | None:
+    """root/key when that stays inside root, else None (absolute keys, '..', empty segments:
+    an object named `prefix//abs/path` lists as '/abs/path')."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        return None
+    base = Path(root).resolve()
+    dst = (base / key).resolve()
+    return dst if base in dst.parents else None
+
+
 def fetch(uri: str, local_dir: str | Path) -> Path:
     """A local path for `uri`: the path itself when local, else the objects under the
-    s3:// prefix downloaded into local_dir (a file URI downloads that one object)."""
+    s3:// prefix downloaded into local_dir (a file URI downloads that one object). Keys that
+    would land outside local_dir are skipped with a warning naming them."""
     if not is_s3(uri):
         return Path(uri)
     local = Path(local_dir)
     head, tail = split_uri(uri)
     if "." in tail:  # looks like one object
-        open_store(head).download(tail, local / tail)
-        return local / tail
+        dst = confined(local, tail)
+        if dst is None:
+            raise StoreError(f"{uri}: object name {tail!r} cannot be a local file name")
+        open_store(head).download(tail, dst)
+        return dst
     store = open_store(uri)
     for k in store.list():
-        store.download(k, local / k)
+        dst = confined(local, k)
+        if dst is None:
+            if not k.endswith("/"):  # 'folder/' markers hold nothing
+                log.warning("skipping object %r under %s: its name would land outside the download folder %s",
+                            k, store.uri, local)
+            continue
+        store.download(k, dst)
     return local
 
 
