@@ -2,7 +2,8 @@
 image-level split, and the torch Dataset/collate/sampler used by training.
 
 Bad rows never stop a run: each is skipped with a warning naming it and counted in the
-`DataSummary`.
+`DataSummary`. Image names are untrusted: a name that is absolute or climbs out of the image
+root (`../`) is refused ("image path outside the image folder"), never read.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from captioner.preprocess import ImageError, PreprocessConfig, load_image, prepr
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+OUTSIDE = "image path outside the image folder"
 
 
 @dataclass
@@ -89,7 +91,17 @@ def read_flickr30k_csv(csv_path: str | Path, image_dir: str | Path, summary: Dat
                 caps.setdefault(name, [])
                 continue
             caps.setdefault(name, []).append(cap)
-    return _finish(caps, lambda n: image_dir / n, summary)
+    return _finish(caps, lambda n: _inside(image_dir, n), summary)
+
+
+def _inside(root: str | Path, *names: str) -> Path | None:
+    """root/names... when that stays inside root (after resolving links), else None."""
+    parts = [p for n in names for p in str(n).replace("\\", "/").split("/")]
+    if any(str(n).startswith(("/", "\\")) for n in names) or ".." in parts or (parts and ":" in parts[0]):
+        return None
+    base = Path(root).resolve()
+    p = (base / "/".join(x for x in parts if x not in ("", "."))).resolve()
+    return p if base in p.parents else None
 
 
 def read_karpathy_json(json_path: str | Path, image_root: str | Path, summary: DataSummary) -> list[ImageRecord]:
@@ -101,7 +113,7 @@ def read_karpathy_json(json_path: str | Path, image_root: str | Path, summary: D
     splits, paths = {}, {}
     for im in data["images"]:
         name = im["filename"]
-        paths[name] = root / im.get("filepath", "") / name
+        paths[name] = _inside(root, im.get("filepath", ""), name)
         sp = im.get("split", "")
         splits[name] = "train" if sp == "restval" else sp
         good = []
@@ -134,15 +146,18 @@ def read_coco_json(json_path: str | Path, image_root: str | Path, summary: DataS
             caps[name].append(c)
         else:
             summary.skip("empty caption", name)
-    return _finish(caps, lambda n: root / n, summary)
+    return _finish(caps, lambda n: _inside(root, n), summary)
 
 
 def _finish(caps: dict, path_of, summary: DataSummary) -> list[ImageRecord]:
     recs = []
     for name, cs in caps.items():
-        p = Path(path_of(name))
+        p = path_of(name)
         if not cs:
             summary.skip("image without captions", name)
+            continue
+        if p is None:
+            summary.skip(OUTSIDE, name)
             continue
         if not p.is_file():
             summary.skip("missing image file", name, str(p))

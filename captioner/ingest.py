@@ -31,6 +31,10 @@ from captioner.shards import MANIFEST, ItemEntry, Manifest, ShardEntry, SplitCou
 from captioner.storage import Store, open_store, sha256_file
 
 log = logging.getLogger(__name__)
+# A zip source is extracted only while it stays under these (Flickr30k: ~32k members, 4.4 GB;
+# COCO 2014 train+val: ~124k members, 19 GB); a zip bomb stops at the cap, not at a full disk.
+MAX_UNZIP_BYTES = 100 * 1024**3
+MAX_UNZIP_MEMBERS = 1_000_000
 
 
 @dataclass
@@ -87,12 +91,45 @@ class Shard:
     sha256: str = ""
 
 
+def extract_zip(path: Path, dest: Path) -> None:
+    """Extract regular files inside `dest`, refusing the archive past MAX_UNZIP_MEMBERS members
+    or MAX_UNZIP_BYTES bytes actually written (headers may lie: bytes are counted as they
+    are inflated). Names that are absolute or climb out ('../') are skipped with a warning."""
+    from captioner.storage import confined
+
+    cap, total = MAX_UNZIP_BYTES, 0
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        if len(infos) > MAX_UNZIP_MEMBERS:
+            raise ValueError(f"{path}: zip holds {len(infos)} members, over the limit of {MAX_UNZIP_MEMBERS}")
+        for info in infos:
+            name = info.filename.replace("\\", "/")
+            if info.is_dir():
+                continue
+            dst = confined(dest, name)
+            if dst is None or ":" in name.split("/")[0]:
+                log.warning("%s: skipping member %r (absolute or outside the archive)", path, info.filename)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(info) as src, open(dst, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    total += len(chunk)
+                    if total > cap:
+                        out.close()
+                        dst.unlink()
+                        raise ValueError(f"{path}: zip expands to more than {cap / 1e6:.1f} MB (the limit); "
+                                         f"stopped at member {info.filename!r}")
+                    out.write(chunk)
+
+
 def _source_dir(source: str, tmp: Path) -> Path:
     p = Path(source)
     if p.suffix == ".zip":
         log.info("extracting %s", p)
-        with zipfile.ZipFile(p) as z:
-            z.extractall(tmp / "src")
+        try:
+            extract_zip(p, tmp / "src")
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{source}: not a readable zip ({e})") from None
         root = tmp / "src"
         hits = sorted(root.rglob("results.csv")) or sorted(root.rglob("*.json"))
         if not hits:
