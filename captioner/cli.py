@@ -139,7 +139,7 @@ def cmd_ingest(a, _):
 
     o = IngestOptions(shard_mb=a.shard_mb, max_side=a.max_side, workers=a.workers, val_fraction=a.val_fraction,
                       test_fraction=a.test_fraction, split_seed=a.split_seed, format=a.format, image_root=a.image_root,
-                      progress=not a.no_progress)
+                      strip_metadata=a.strip_metadata, progress=not a.no_progress)
     r = ingest(a.source, a.dest, o, store=_store(a, a.dest, create=True))
     print(json.dumps(r, indent=2))
 
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split-seed", type=int, default=0)
     s.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco"])
     s.add_argument("--image-root", default="", help="image folder for JSON sources")
+    s.add_argument("--strip-metadata", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop EXIF (GPS, camera serials), XMP and comments from stored images, baking the EXIF "
+                        "orientation into the pixels (default: on)")
     s.add_argument("--no-progress", action="store_true")
     s3_flags(s)
     s.set_defaults(fn=cmd_ingest)

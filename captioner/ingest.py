@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from captioner.data import DataSummary, ImageRecord, assign_splits, read_records, SPLITS
-from captioner.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+from captioner.preprocess import DEFAULT_MAX_PIXELS, FORMAT_EXT, ImageError, load_image, open_image
 from captioner.shards import MANIFEST, ItemEntry, Manifest, ShardEntry, SplitCount
 from captioner.storage import Store, open_store, sha256_file
 
@@ -48,6 +48,7 @@ class IngestOptions:
     split_seed: int = 0
     format: str = "auto"
     image_root: str = ""
+    strip_metadata: bool = True  # drop EXIF (GPS, camera serials), XMP and comments from stored images
     progress: bool = True
 
 
@@ -68,17 +69,35 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
+_METADATA = ("exif", "xmp", "XML:com.adobe.xmp", "comment")
+
+
+def _has_metadata(img: Image.Image) -> bool:
+    try:
+        return bool(img.getexif()) or any(k in img.info for k in _METADATA)
+    except Exception:  # noqa: BLE001 - unreadable EXIF still counts as metadata to drop
+        return True
+
+
 def _image_bytes(r: ImageRecord, o: IngestOptions) -> tuple[bytes, str]:
-    """Validated image bytes and extension; raises ImageError naming the image."""
+    """Validated image bytes and extension; raises ImageError naming the image. Re-encoded
+    (upright pixels, no metadata) when resized or when stripping metadata it carries; else
+    the original bytes."""
     img = load_image(r.path, o.max_pixels, name=r.image_id)  # full decode: catches truncation/bombs
-    if o.max_side and max(img.size) > o.max_side:
-        img.thumbnail((o.max_side, o.max_side), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        return buf.getvalue(), "jpg"
     data = Path(r.path).read_bytes()
-    fmt = (Image.open(io.BytesIO(data)).format or "jpeg").lower()
-    return data, {"jpeg": "jpg"}.get(fmt, fmt)
+    src = open_image(data, o.max_pixels, name=r.image_id)
+    fmt = src.format or "JPEG"
+    resize = bool(o.max_side and max(img.size) > o.max_side)
+    if not resize and not (o.strip_metadata and _has_metadata(src)):
+        return data, FORMAT_EXT[fmt]
+    if resize:
+        img.thumbnail((o.max_side, o.max_side), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    if resize or FORMAT_EXT[fmt] == "jpg":  # load_image made it upright RGB, so no orientation tag is needed
+        img.save(buf, "JPEG", quality=90 if resize else 95, icc_profile=src.info.get("icc_profile"))
+        return buf.getvalue(), "jpg"
+    img.save(buf, "PNG")
+    return buf.getvalue(), "png"
 
 
 @dataclass

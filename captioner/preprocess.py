@@ -3,6 +3,11 @@
 Numbers (input size, mean, std, interpolation) come from the encoder's timm data config,
 never from constants here. Only PIL + numpy, so the Triton Python backend can use it
 without torch.
+
+Every path (ingest checks, training, evaluation, export parity, serving) decodes through
+`load_image`: only ACCEPTED_FORMATS, canvas size and aspect ratio checked on the header
+before decoding, JPEG draft / box reduce before resizing, EXIF orientation applied, 16-bit
+modes scaled to 8 bits, transparency composited onto white (as image viewers show it).
 """
 from __future__ import annotations
 
@@ -12,13 +17,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
+from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin  # noqa: F401
+from PIL import WebPImagePlugin  # noqa: F401 - registers the accepted decoders (Image.open(formats=...))
 
-# Decoded pixels we accept before refusing an image (a 100-megapixel upload is refused
-# before it is decoded; PIL's own bomb check would only warn below 2x its limit).
+# Decoded pixels we accept before refusing an image (checked on the header, before decoding;
+# PIL's own bomb check would only warn below 2x its limit). Ingest and training accept large
+# photographs; serving has a much lower cap because it decodes untrusted uploads on demand.
 DEFAULT_MAX_PIXELS = 50_000_000
+SERVING_MAX_PIXELS = 16_000_000
+MAX_ASPECT_RATIO = 20.0  # longer side / shorter side; a 1 x 49,000,000 PNG costs 2 GiB to decode
+# The only decoders PIL may use (others, e.g. EPS via Ghostscript, are never tried), and the
+# file extension ingest stores each under.
+# (MPO, the multi-picture JPEG many cameras write, opens through the JPEG decoder.)
+FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 Image.MAX_IMAGE_PIXELS = None  # our own bound below replaces PIL's warning/exception
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F")  # Image.reduce averages values: no palettes
 
 _INTERP = {
     "nearest": Image.Resampling.NEAREST,
@@ -64,10 +82,9 @@ class PreprocessConfig:
         return d
 
 
-def load_image(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
-               draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode an image fully into RGB, refusing empty, non-image, truncated and oversized input.
-    `draft_size` lets JPEG decode at a reduced scale (>= that size) which is much faster."""
+def open_image(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None):
+    """Open (header only) an image of an accepted format whose canvas is within `max_pixels` and
+    MAX_ASPECT_RATIO; raises ImageError naming it. Nothing is decoded yet."""
     label = name or (str(src) if not isinstance(src, (bytes, bytearray)) else "<bytes>")
     if isinstance(src, (bytes, bytearray)):
         if len(src) == 0:
@@ -78,21 +95,71 @@ def load_image(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, na
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(fp)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(f"{label}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, "
-                                 f"over the limit of {max_pixels / 1e6:.1f} megapixels")
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("RGB", draft_size)
-            img.load()
-            return img.convert("RGB")
-    except ImageError:
-        raise
+            img = Image.open(fp, formats=ACCEPTED_FORMATS)
     except FileNotFoundError:
         raise ImageError(f"{label}: file not found") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{label}: not a recognised image format") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:  # name the format when PIL knows it, so the refusal is actionable
+                other = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else str(src)).format
+            except Exception:  # noqa: BLE001 - unknown to PIL as well
+                other = None
+        what = f"{other} is not an accepted image format" if other else "not a recognised image format"
+        raise ImageError(f"{label}: {what} (accepted: {', '.join(ACCEPTED_FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{label}: cannot decode image ({e})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"{label}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, "
+                         f"over the limit of {max_pixels / 1e6:.1f} megapixels")
+    if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
+        raise ImageError(f"{label}: image is {w}x{h}, an aspect ratio over the limit of {MAX_ASPECT_RATIO:g}:1")
+    return img
+
+
+def _orient(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, as image viewers do; unreadable EXIF leaves pixels as stored."""
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is metadata, not a broken image
+        pass
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit modes scaled (not clipped), transparency composited onto white."""
+    if img.mode in _SIXTEEN_BIT:
+        a = np.asarray(img)
+        a = (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if img.mode in _ALPHA or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB")
+
+
+def load_image(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
+               draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image into upright 8-bit RGB, refusing empty, non-image, truncated, oversized,
+    extreme-aspect and not-accepted-format input (see `open_image`). With `draft_size`, JPEG
+    decodes at a reduced scale and other formats are box-reduced right after decoding, so
+    later work never touches more than ~2x the pixels the caller needs."""
+    img = open_image(src, max_pixels, name)
+    label = name or (str(src) if not isinstance(src, (bytes, bytearray)) else "<bytes>")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if draft_size is not None and img.format in ("JPEG", "MPO"):
+                img.draft("RGB", (max(draft_size), max(draft_size)))  # square: orientation may swap sides
+            img.load()
+            if draft_size is not None and img.mode in _REDUCIBLE:
+                f = min(img.size[0] // (2 * draft_size[0]), img.size[1] // (2 * draft_size[1]))
+                if f >= 2:
+                    img = img.reduce(f)
+            return _to_rgb(_orient(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{label}: cannot decode image ({e})") from None
 
@@ -107,11 +174,17 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def preprocess_bytes(data: bytes, cfg: PreprocessConfig, name: str | None = None) -> np.ndarray:
+def preprocess_bytes(data: bytes, cfg: PreprocessConfig, name: str | None = None,
+                     max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image -> model input. `max_pixels` overrides cfg.max_pixels (the ingest cap):
+    servers pass SERVING_MAX_PIXELS."""
     _, H, W = cfg.input_size
-    return preprocess(load_image(data, cfg.max_pixels, name=name, draft_size=(W, H)), cfg)
+    cap = cfg.max_pixels if max_pixels is None else max_pixels
+    return preprocess(load_image(data, cap, name=name, draft_size=(W, H)), cfg)
 
 
-def preprocess_path(path: str | Path, cfg: PreprocessConfig, name: str | None = None) -> np.ndarray:
+def preprocess_path(path: str | Path, cfg: PreprocessConfig, name: str | None = None,
+                    max_pixels: int | None = None) -> np.ndarray:
     _, H, W = cfg.input_size
-    return preprocess(load_image(path, cfg.max_pixels, name=name, draft_size=(W, H)), cfg)
+    cap = cfg.max_pixels if max_pixels is None else max_pixels
+    return preprocess(load_image(path, cap, name=name, draft_size=(W, H)), cfg)

@@ -12,7 +12,7 @@ import numpy as np
 
 from captioner.decoding import CachedStep, DecodeParams, decode
 from captioner.names import DECODE_FILE, PREPROCESS_FILE, TOKENIZER_FILE
-from captioner.preprocess import ImageError, PreprocessConfig, preprocess_bytes
+from captioner.preprocess import SERVING_MAX_PIXELS, ImageError, PreprocessConfig, preprocess_bytes
 from captioner.tokenizer import CaptionTokenizer
 
 MAX_BEAM = 8
@@ -32,7 +32,7 @@ def image_bytes_to_pixels(images: np.ndarray, pre: PreprocessConfig) -> np.ndarr
         if not isinstance(item, (bytes, bytearray, np.bytes_)):
             raise RequestError(f"IMAGE[{i}] must be encoded image bytes, got {type(item).__name__}")
         try:
-            out.append(preprocess_bytes(bytes(item), pre, name=f"IMAGE[{i}]"))
+            out.append(preprocess_bytes(bytes(item), pre, name=f"IMAGE[{i}]", max_pixels=SERVING_MAX_PIXELS))
         except ImageError as e:
             raise RequestError(str(e)) from None
     return np.stack(out)
