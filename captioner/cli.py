@@ -69,11 +69,14 @@ def cmd_evaluate(a, _):
 
 def cmd_caption(a, _):
     if a.url:
-        from captioner.client import caption_files
+        from captioner.client import TLS, caption_files
 
+        certs = {k: getattr(a, k) for k in ("root_certificates", "private_key", "certificate_chain")}
+        if any(certs.values()) and not a.ssl:
+            raise SystemExit("caption: --root-certificates/--private-key/--certificate-chain need --ssl")
         failed = 0
         for path, cap in caption_files(a.url, a.images, beam=a.beam, concurrency=a.concurrency,
-                                       model=a.model_name):
+                                       model=a.model_name, tls=TLS(**certs) if a.ssl else None):
             if cap.startswith("ERROR:"):
                 failed += 1
                 print(f"{path}\t{cap}", file=sys.stderr)
@@ -234,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url", default=None, help="HOST:PORT of Triton or `captioner serve` (gRPC)")
     s.add_argument("--model-name", default="captioner", help="served model name (with --url)")
     s.add_argument("--concurrency", type=int, default=4, help="requests in flight (with --url)")
+    g = s.add_argument_group("TLS (with --url; Triton --grpc-use-ssl / --grpc-use-ssl-mutual)")
+    g.add_argument("--ssl", action="store_true", help="connect over TLS (default: plaintext)")
+    g.add_argument("--root-certificates", metavar="PEM", help="CA to verify the server (default: system roots)")
+    g.add_argument("--private-key", metavar="PEM", help="client key, for servers that require client certificates")
+    g.add_argument("--certificate-chain", metavar="PEM", help="client certificate chain (with --private-key)")
     _decode_args(s)
     s.set_defaults(fn=cmd_caption)
 

@@ -1,8 +1,11 @@
-"""tritonclient gRPC client: works unchanged against Triton and `captioner serve`."""
+"""tritonclient gRPC client: works unchanged against Triton and `captioner serve`, in
+plaintext or over TLS (`TLS`: tritonclient.grpc.InferenceServerClient's ssl, root_certificates,
+private_key, certificate_chain; Triton's server side is --grpc-use-ssl[-mutual])."""
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -13,18 +16,38 @@ from captioner.names import BEAM_SIZE, CAPTION, ENSEMBLE, IMAGE, MAX_TOKENS
 _local = threading.local()
 
 
-def _client(url: str):
+@dataclass(frozen=True)
+class TLS:
+    """TLS for the gRPC channel. PEM files: root_certificates = CA to verify the server with
+    (default: gRPC's system roots); private_key + certificate_chain = client certificate for
+    servers that require one (Triton --grpc-use-ssl-mutual)."""
+    root_certificates: str | None = None
+    private_key: str | None = None
+    certificate_chain: str | None = None
+
+    def __post_init__(self):
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise ValueError("TLS client authentication needs both --private-key and --certificate-chain")
+        for what, f in (("--root-certificates", self.root_certificates), ("--private-key", self.private_key),
+                        ("--certificate-chain", self.certificate_chain)):
+            if f is not None and not Path(f).is_file():
+                raise ValueError(f"{what} {f}: no such file")
+
+
+def _client(url: str, tls: TLS | None = None):
     import tritonclient.grpc as grpcclient
 
-    c = getattr(_local, "clients", {}).get(url)
+    c = getattr(_local, "clients", {}).get((url, tls))
     if c is None:
-        c = grpcclient.InferenceServerClient(url=url)
-        _local.__dict__.setdefault("clients", {})[url] = c
+        t = tls or TLS()
+        c = grpcclient.InferenceServerClient(url=url, ssl=tls is not None, root_certificates=t.root_certificates,
+                                             private_key=t.private_key, certificate_chain=t.certificate_chain)
+        _local.__dict__.setdefault("clients", {})[(url, tls)] = c
     return c
 
 
 def caption_bytes(url: str, images: list[bytes], beam: int = 1, max_tokens: int | None = None,
-                  model: str = ENSEMBLE, timeout: float | None = 60.0) -> list[str]:
+                  model: str = ENSEMBLE, timeout: float | None = 60.0, tls: TLS | None = None) -> list[str]:
     """One request for a batch of encoded images -> their captions."""
     import tritonclient.grpc as grpcclient
 
@@ -39,20 +62,20 @@ def caption_bytes(url: str, images: list[bytes], beam: int = 1, max_tokens: int 
         m = np.full((len(images), 1), max_tokens, dtype=np.int32)
         inputs.append(grpcclient.InferInput(MAX_TOKENS, list(m.shape), "INT32"))
         inputs[-1].set_data_from_numpy(m)
-    res = _client(url).infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(CAPTION)],
+    res = _client(url, tls).infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(CAPTION)],
                              client_timeout=timeout)
     return [c.decode() for c in res.as_numpy(CAPTION).reshape(-1)]
 
 
 def caption_files(url: str, paths: list[str], beam: int = 1, concurrency: int = 4,
-                  model: str = ENSEMBLE) -> Iterator[tuple[str, str]]:
+                  model: str = ENSEMBLE, tls: TLS | None = None) -> Iterator[tuple[str, str]]:
     """Caption files with `concurrency` requests in flight; yields (path, caption) in input
     order, or (path, 'ERROR: ...') for an image the server refused."""
     from tritonclient.utils import InferenceServerException
 
     def one(p: str) -> str:
         try:
-            return caption_bytes(url, [Path(p).read_bytes()], beam=beam, model=model)[0]
+            return caption_bytes(url, [Path(p).read_bytes()], beam=beam, model=model, tls=tls)[0]
         except InferenceServerException as e:
             return f"ERROR: {e.message()}"
         except OSError as e:
@@ -62,14 +85,14 @@ def caption_files(url: str, paths: list[str], beam: int = 1, concurrency: int = 
         yield from zip(paths, ex.map(one, paths))
 
 
-def wait_ready(url: str, timeout: float = 60.0, model: str = ENSEMBLE) -> None:
+def wait_ready(url: str, timeout: float = 60.0, model: str = ENSEMBLE, tls: TLS | None = None) -> None:
     import time
 
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
-            if _client(url).is_server_ready() and _client(url).is_model_ready(model):
+            if _client(url, tls).is_server_ready() and _client(url, tls).is_model_ready(model):
                 return
         except Exception as e:  # noqa: BLE001 - not up yet
             last = e
