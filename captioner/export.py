@@ -286,7 +286,7 @@ def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None 
     cfgs = build_configs(d, "KIND_GPU" if device == "gpu" else "KIND_CPU", max_batch)
     write_configs(repo, cfgs)
     for name in (PREPROCESS, DECODE_LOOP):
-        shutil.copy(SOURCES / name / "1" / "model.py", repo / name / "1" / "model.py")
+        shutil.copyfile(SOURCES / name / "1" / "model.py", repo / name / "1" / "model.py")
     (repo / PREPROCESS / "1" / PREPROCESS_FILE).write_text(json.dumps(ck.preprocess.to_dict(), indent=2))
     ck.tokenizer.save(repo / DECODE_LOOP / "1" / TOKENIZER_FILE)
     (repo / DECODE_LOOP / "1" / DECODE_FILE).write_text(json.dumps({
