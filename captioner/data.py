@@ -97,7 +97,7 @@ def read_flickr30k_csv(csv_path: str | Path, image_dir: str | Path, summary: Dat
 def _inside(root: str | Path, *names: str) -> Path | None:
     """root/names... when that stays inside root (after resolving links), else None."""
     parts = [p for n in names for p in str(n).replace("\\", "/").split("/")]
-    if any(str(n).startswith(("/", "\\")) for n in names) or ".." in parts or (parts and ":" in parts[0]):
+    if any(str(n).startswith(("/", "\\")) for n in names) or ".." in parts:
         return None
     base = Path(root).resolve()
     p = (base / "/".join(x for x in parts if x not in ("", "."))).resolve()

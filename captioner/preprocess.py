@@ -110,11 +110,14 @@ def open_image(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, na
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{label}: cannot decode image ({e})") from None
     w, h = img.size
+    why = None
     if w * h > max_pixels:
-        raise ImageError(f"{label}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, "
-                         f"over the limit of {max_pixels / 1e6:.1f} megapixels")
-    if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
-        raise ImageError(f"{label}: image is {w}x{h}, an aspect ratio over the limit of {MAX_ASPECT_RATIO:g}:1")
+        why = f"{w * h / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.1f} megapixels"
+    elif max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
+        why = f"an aspect ratio over the limit of {MAX_ASPECT_RATIO:g}:1"
+    if why:
+        img.close()
+        raise ImageError(f"{label}: image is {w}x{h}{' =' if 'mega' in why else ','} {why}")
     return img
 
 
