@@ -132,10 +132,10 @@ def _orient(img: Image.Image) -> Image.Image:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB: 16-bit modes scaled (not clipped), transparency composited onto white."""
-    if img.mode in _SIXTEEN_BIT:
+    if img.mode in _SIXTEEN_BIT:  # 0..65535 -> 0..255 (mode "I" is how older Pillow opens 16-bit PNG)
         a = np.asarray(img)
-        a = (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")
+        a = (np.clip(a, 0, 65535) >> 8) if a.dtype.kind == "i" else (a >> 8)
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
     if img.mode in _ALPHA or "transparency" in img.info:
         rgba = img.convert("RGBA")
         bg = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -158,10 +158,10 @@ def load_image(src: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, na
             if draft_size is not None and img.format in ("JPEG", "MPO"):
                 img.draft("RGB", (max(draft_size), max(draft_size)))  # square: orientation may swap sides
             img.load()
-            if draft_size is not None and img.mode in _REDUCIBLE:
-                f = min(img.size[0] // (2 * draft_size[0]), img.size[1] // (2 * draft_size[1]))
+            if draft_size is not None and img.mode in _REDUCIBLE:  # keeps >= 2x the target on each side
+                f = min(img.size) // (2 * max(draft_size))
                 if f >= 2:
-                    img = img.reduce(f)
+                    img = img.reduce(f)  # keeps info["exif"], so the orientation still applies
             return _to_rgb(_orient(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{label}: cannot decode image ({e})") from None

@@ -337,24 +337,25 @@ def _left_red_right_blue(w=64, h=32) -> Image.Image:
     return img
 
 
-def _with_exif(img: Image.Image, orientation: int = 6, gps: bool = False) -> bytes:
+def _with_exif(img: Image.Image, orientation: int = 6, gps: bool = False, fmt: str = "JPEG") -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
     if gps:
         exif[0x8825] = {1: "N", 2: (52.0, 31.0, 12.0), 3: "E", 4: (13.0, 24.0, 36.0)}
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=100, exif=exif.tobytes())
+    img.save(buf, fmt, exif=exif.tobytes(), **({"quality": 100} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
 
-def test_exif_orientation_is_applied(tmp_path):
+@pytest.mark.parametrize("fmt,size", [("JPEG", (64, 32)), ("PNG", (1200, 600))])  # PNG: reduced before resizing
+def test_exif_orientation_is_applied(tmp_path, fmt, size):
     cfg = PreprocessConfig(input_size=(3, 32, 32))
-    stored = _left_red_right_blue()  # sensor layout; orientation 6 = show rotated 90 degrees clockwise
+    stored = _left_red_right_blue(*size)  # sensor layout; orientation 6 = show rotated 90 degrees clockwise
     shown = stored.transpose(Image.Transpose.ROTATE_270)
     buf = io.BytesIO()
-    shown.save(buf, "JPEG", quality=100)
+    shown.save(buf, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
     want = preprocess_bytes(buf.getvalue(), cfg)
-    got = preprocess_bytes(_with_exif(stored, 6), cfg)
+    got = preprocess_bytes(_with_exif(stored, 6, fmt=fmt), cfg)
     assert np.abs(_unnorm(got, cfg) - _unnorm(want, cfg)).max() < 0.1
     px = _unnorm(got, cfg)
     assert px[0, 4, 16] > 0.8 and px[2, 28, 16] > 0.8  # red on top, blue at the bottom, as a viewer shows it
