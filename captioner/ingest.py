@@ -1,8 +1,10 @@
 """`captioner ingest SOURCE DEST` and `captioner verify DEST`.
 
-Validates every image (decoded, pixel count bounded) and caption, optionally resizes, packs
+Validates every image (decoded, pixel count bounded) and caption, strips image metadata
+(EXIF/GPS, XMP, comments; orientation baked in) unless told not to, optionally resizes, packs
 images + captions into WebDataset-style tar shards grouped by split, uploads them in
-parallel and writes `manifest.json` last. Shard bytes are deterministic (sorted items,
+parallel and writes `manifest.json` (a `shards.Manifest`) last. A zip source is extracted
+member by member under a byte and member cap, never outside its folder. Shard bytes are deterministic (sorted items,
 fixed tar headers), so a rerun after an interruption skips every shard already stored with
 the right sha256 and ends with exactly the store a clean run writes.
 """
@@ -207,7 +209,7 @@ def manifest_for(shards: list[Shard], summary: DataSummary, source: str, o: Inge
     return Manifest(
         source=str(source),
         options={"max_side": o.max_side, "max_pixels": o.max_pixels, "val_fraction": o.val_fraction,
-                 "test_fraction": o.test_fraction, "split_seed": o.split_seed},
+                 "test_fraction": o.test_fraction, "split_seed": o.split_seed, "strip_metadata": o.strip_metadata},
         splits={s: SplitCount(sum(len(x.items) for x in shards if x.split == s), sum(1 for x in shards if x.split == s))
                 for s in SPLITS},
         shards=[ShardEntry(s.name, s.split, s.sha256, s.size, len(s.items)) for s in shards],
