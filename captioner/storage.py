@@ -82,8 +82,9 @@ def is_s3(uri: str | Path) -> bool:
         parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
         if _BUCKET.fullmatch(bucket) and not any(p in ("", ".", "..") for p in parts):
             return True
-        raise StoreError(f"malformed S3 URI {u!r}: expected s3://bucket/prefix (bucket: 3-63 lowercase letters, "
-                         "digits, '.' or '-'; no empty, '.' or '..' path segments)")
+    if u.lower().startswith("s3:"):
+        raise StoreError(f"malformed S3 URI {u!r}: expected s3://bucket/prefix (lowercase 's3://'; bucket: 3-63 "
+                         "lowercase letters, digits, '.' or '-'; no empty, '.' or '..' path segments)")
     raise StoreError(f"unsupported storage location {u!r}: use {ACCEPTED_FORMS} "
                      "(a local folder whose name contains ':' can be written ./NAME)")
 
