@@ -52,7 +52,7 @@ def cmd_train(a, overrides):
     from captioner.train import train
 
     cfg = load_config(a.config, overrides)
-    res = train(cfg, resume=a.resume, progress=not a.no_progress)
+    res = train(cfg, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
     if res.best["value"] > float("-inf"):
         log.info("done: step %d, best %s %.4f at step %d; checkpoints in %s", res.step, res.best["metric"],
                  res.best["value"], res.best["step"], res.out_dir)
@@ -214,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
         "`captioner train --config tiny-cpu --data.source=data/synth --train.out_dir=runs/x --train.epochs=5`. "
         "Sections: model, data, train (see captioner/config.py and captioner/model.py for every key)."))
     s.add_argument("--config", default="tiny-cpu", help="preset name (configs/*.yaml) or YAML path")
-    s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt_latest.pt")
+    s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt_latest.pt, else from the model "
+                   "store (--train.publish_uri); start fresh when neither has one")
+    s.add_argument("--overwrite", action="store_true", help="replace a run already in OUT_DIR / the model store "
+                   "(without --resume or --overwrite such a run is refused and left untouched)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train, overrides_ok=True)
 
