@@ -44,6 +44,7 @@ CLOUD_POOLS = {
 # PET_NPROC_PER_NODE); MASTER_ADDR/WORLD_SIZE/RANK exist only with a Master replica, which
 # an elastic job has not. So the container runs torchrun, never the script directly.
 TORCHRUN_COMMAND = ["torchrun", "-m", "captioner", "train"]
+WORKDIR, RUN_DIR = "/workspace", "run"  # the pod's local copy of the run (an emptyDir); the store holds the truth
 
 
 @dataclass
@@ -100,6 +101,7 @@ def build_pytorchjob(s: JobSpec) -> dict:
                 "image": s.image,
                 "imagePullPolicy": "IfNotPresent",
                 "command": list(s.command),
+                "workingDir": WORKDIR,
                 "args": list(s.args),
                 "env": env,
                 # the rendezvous port: the operator builds PET_RDZV_ENDPOINT from the port with this name
@@ -108,7 +110,7 @@ def build_pytorchjob(s: JobSpec) -> dict:
                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]}},
                 "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
-                                 {"name": "workspace", "mountPath": "/workspace"}],
+                                 {"name": "workspace", "mountPath": WORKDIR}],
             }],
             "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
                         {"name": "tmp", "emptyDir": {}}, {"name": "workspace", "emptyDir": {}}],
@@ -133,7 +135,6 @@ def build_pytorchjob(s: JobSpec) -> dict:
     }
 
 
-RUN_DIR = "/workspace/run"  # the pod's local copy of the run (an emptyDir); the store holds the truth
 
 
 def training_job(name: str, config: str, overrides: list[str], model_uri: str, *, workers: int = 2,
