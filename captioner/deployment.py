@@ -25,9 +25,10 @@ RDZV_PORT, RDZV_PORT_NAME = 23456, "pytorchjob-port"
 GPU_NODE_SELECTOR = ("cloud.google.com/gke-accelerator", "nvidia-tesla-a100")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 CKPT_LATEST, CKPT_BEST = "ckpt_latest.pt", "ckpt_best.pt"
-# Oldest KFP backend that runs the compiled IR: emptyDir mounts from kfp-kubernetes
-# (kubeflow/pipelines PR #10913) first shipped in the 2.3.0 backend.
-MIN_KFP_BACKEND = "2.3.0"
+# Oldest KFP backend that runs the compiled IR correctly (tests/test_kubeflow.py derives it
+# from the IR): the driver resolves `{{$.pipeline_job_uuid}}` (the train step's run id) only
+# since 2.5.0 (kubeflow/pipelines PR #11599), which also reads secretNameParameter.
+MIN_KFP_BACKEND = "2.5.0"
 TRAINING_OPERATOR_VERSION = "v1.9.0"
 
 # --- serving (pinned Triton release, its onnxruntime, control-API key) ---
