@@ -12,6 +12,7 @@ from captioner.deployment import TRAINER_S3_SECRET
 from captioner.pytorchjob import training_job
 from tests.conftest import ROOT, TINY, free_port
 from tests.operator_contract import apply_defaults, operator_env, pod_env
+from tests.test_k8s import crd_validator  # noqa: F401 - fixture
 
 FAKE_SECRETS = {TRAINER_S3_SECRET: {"endpoint": "127.0.0.1:9", "access-key": "k", "secret-key": "s"}}
 
@@ -89,3 +90,56 @@ def test_rendered_command_under_operator_env_forms_one_ddp_group(synth_dir, tmp_
     assert done[0][3] == done[1][3], f"ranks disagree on the weights: {done}"
     ck = torch.load(store / "ckpt_latest.pt", weights_only=True)
     assert ck["world_size"] == 2 and ck["step"] == 3 and len(ck["rng"]) == 2
+
+
+JOB_RENDER = ["--config", "vit-b16-a100", "--nodes", "2", "--gpus-per-node", "8", "--data", "s3://datasets/flickr30k/v1",
+              "--model-uri", "s3://models/runs/manual", "--name", "captioner-train-manual", "--min-nodes", "1",
+              "--max-nodes", "4"]
+
+
+def _render(*args):
+    r = subprocess.run([sys.executable, "-m", "captioner", "job", "render", *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return r
+
+
+@pytest.mark.parametrize("args", [JOB_RENDER, ["--config", "tiny-cpu", "--nodes", "1", "--gpus-per-node", "0",
+                                               "--data", "s3://d/x", "--model-uri", "s3://models/runs/t", "--cloud",
+                                               "kind", "--train.max_steps=5"]])
+def test_job_render_prints_the_pipeline_job_and_validates_strictly(args, crd_validator):
+    import yaml
+
+    from captioner.pytorchjob import job_name
+    from tests.test_k8s import _check
+
+    r = _render(*args)
+    assert r.returncode == 0, r.stderr
+    job = yaml.safe_load(r.stdout)
+    _check(job, crd_validator)  # the vendored v1.9.0 CRD, unknown fields rejected, and the webhook's rules
+    a = dict(zip(args[::2], args[1::2]))
+    same = training_job(a.get("--name") or job_name("captioner-train", a["--model-uri"]), a["--config"],
+                        [f"--data.source={a['--data']}", *[x for x in args if x.startswith("--train.")]],
+                        a["--model-uri"], workers=int(a["--nodes"]), gpus_per_worker=int(a["--gpus-per-node"]),
+                        cloud=a.get("--cloud", "gke"), min_workers=int(a.get("--min-nodes", 0)) or None,
+                        max_workers=int(a.get("--max-nodes", 0)) or None)
+    assert job == same, "job render must print what the pipeline's train step builds"
+    c = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert c["command"][0] == "torchrun" and "--resume" in c["args"]
+
+
+def test_template_is_the_render_output():
+    import yaml
+
+    r = _render(*JOB_RENDER)
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((ROOT / "k8s" / "pytorchjob-template.yaml").read_text()) == yaml.safe_load(r.stdout)
+
+
+@pytest.mark.parametrize("bad, msg", [(["--nodes", "0"], "workers must be >= 1"),
+                                      (["--config", "nope"], "nope")])
+def test_job_render_refuses_bad_input(bad, msg):
+    args = list(JOB_RENDER)
+    for i in range(0, len(bad), 2):
+        args[args.index(bad[i]) + 1] = bad[i + 1]
+    r = _render(*args)
+    assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
