@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from captioner.checkpoint import CheckpointError, load_checkpoint, load_raw
-from tests.conftest import ROOT, tiny_cfg
+from tests.conftest import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
