@@ -212,7 +212,7 @@ def cmd_bench(a, _):
 
 
 COMMANDS = {}
-from captioner.deployment import JOB_NAMESPACE, TRAINER_IMAGE  # noqa: E402 - defaults shown in --help
+from captioner.deployment import JOB_NAMESPACE, NODE_POOLS, TRAINER_IMAGE  # noqa: E402 - defaults in --help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nproc", type=int, default=1, help="with --train-in-pod: processes (GPUs) in the train pod")
     g.add_argument("--workers", type=int, default=None, help="PyTorchJob worker nodes (default 2)")
     g.add_argument("--gpus-per-worker", type=int, default=None, help="GPUs per worker node (default 8)")
-    g.add_argument("--cloud", choices=["gke", "eks", "aks", "kind"], default=None, help="node pool (default gke)")
+    g.add_argument("--cloud", choices=list(NODE_POOLS), default=None, help="node pool (default gke)")
     g.add_argument("--image", default=None, help="trainer image for the PyTorchJob")
     g.add_argument("--job-namespace", default=None, help="namespace of the PyTorchJob (default captioner)")
     g.add_argument("--max-cost", type=float, default=None, help="cost guard limit in $ (default 500)")
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", default=TRAINER_IMAGE, help="trainer image (default: %(default)s)")
     s.add_argument("--name", default=None, help="job name (default: derived from --model-uri)")
     s.add_argument("--namespace", default=JOB_NAMESPACE, help="default: %(default)s")
-    s.add_argument("--cloud", choices=["gke", "eks", "aks", "kind"], default="gke", help="node pool (default: gke)")
+    s.add_argument("--cloud", choices=list(NODE_POOLS), default="gke", help="node pool (default: gke)")
     s.add_argument("--min-nodes", type=int, default=None, help="elastic: fewest nodes to run with (default: --nodes)")
     s.add_argument("--max-nodes", type=int, default=None, help="elastic: most nodes (default: --nodes)")
     s.set_defaults(fn=cmd_job, overrides_ok=True)

@@ -24,6 +24,13 @@ KFP_STEP_SERVICE_ACCOUNT = "pipeline-runner"
 RDZV_PORT, RDZV_PORT_NAME = 23456, "pytorchjob-port"
 GPU_NODE_SELECTOR = ("cloud.google.com/gke-accelerator", "nvidia-tesla-a100")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# GPU node pools per cloud: (node selector, tolerations) for the PyTorchJob workers.
+NODE_POOLS = {
+    "gke": (dict([GPU_NODE_SELECTOR]), [GPU_TOLERATION]),
+    "eks": ({"node.kubernetes.io/instance-type": "p4d.24xlarge"}, [GPU_TOLERATION]),
+    "aks": ({"agentpool": "a100"}, [{"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]),
+    "kind": ({}, []),
+}
 CKPT_LATEST, CKPT_BEST = "ckpt_latest.pt", "ckpt_best.pt"
 # Oldest KFP backend that runs the compiled IR correctly (tests/test_kubeflow.py derives it
 # from the IR): the driver resolves `{{$.pipeline_job_uuid}}` (the train step's run id) only

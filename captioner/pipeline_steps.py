@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,10 @@ def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str],
     if "{{" in run_id:
         raise ValueError(f"run id {run_id!r} is an unresolved KFP placeholder: the Kubeflow Pipelines backend is "
                          f"older than {MIN_KFP_BACKEND}, which this pipeline needs")
-    ov = [f"--data.source={data_uri}", *overrides, f"--train.publish_uri={model_uri}", f"--train.run_id={run_id}"]
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", run_id):
+        raise ValueError(f"run id {run_id!r}: expected letters, digits, '.', '_' or '-'")
+    # quoted: an all-digit id (kfp.local uses those) must stay a string in the YAML override
+    ov = [f"--data.source={data_uri}", *overrides, f"--train.publish_uri={model_uri}", f'--train.run_id="{run_id}"']
     cfg = load_config(config, ov)
     if mode == "cluster":
         return _train_cluster(cfg, config, ov, model_uri, run_id, cluster or {})

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from captioner.deployment import (GPU_NODE_SELECTOR, GPU_TOLERATION, JOB_NAMESPACE, RDZV_PORT, RDZV_PORT_NAME, S3_ENV,
-                                  TRAINER_IMAGE, TRAINER_S3_SECRET, TRAINER_SERVICE_ACCOUNT)
+from captioner.deployment import (GPU_NODE_SELECTOR, GPU_TOLERATION, JOB_NAMESPACE, NODE_POOLS, RDZV_PORT,
+                                  RDZV_PORT_NAME, S3_ENV, TRAINER_IMAGE, TRAINER_S3_SECRET, TRAINER_SERVICE_ACCOUNT)
 
 log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
@@ -30,13 +30,8 @@ class NodePool:
     tolerations: list = field(default_factory=lambda: [dict(GPU_TOLERATION)])
 
 
-CLOUD_POOLS = {
-    "gke": NodePool(),
-    "eks": NodePool({"node.kubernetes.io/instance-type": "p4d.24xlarge"}, [dict(GPU_TOLERATION)]),
-    "aks": NodePool({"agentpool": "a100"}, [{"key": "sku", "operator": "Equal", "value": "gpu",
-                                             "effect": "NoSchedule"}]),
-    "kind": NodePool({}, []),
-}
+CLOUD_POOLS = {cloud: NodePool(dict(sel), [dict(t) for t in tol]) for cloud, (sel, tol) in NODE_POOLS.items()}
+
 
 # torchrun reads every launcher setting from the PET_* variables the operator sets on an
 # elastic job (training-operator v1.9 pkg/controller.v1/pytorch/envvar.go setPodEnv and
