@@ -1,5 +1,6 @@
 """The KFP pipeline: compiled IR asserted on, and a whole local run."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def _features(spec, platform) -> set[str]:
                 f |= {f"platform:secretAsEnv.{kk}" for s in v for kk in s if kk not in ("secretName", "keyToEnv")}
     for ex in spec["deploymentSpec"]["executors"].values():
         f |= {f"resources:{k}" for k in ex["container"].get("resources", {})}
-    f |= {f"placeholder:{m}" for m in __import__("re").findall(r"\{\{\$\.pipeline_[a-z_]+\}\}", json.dumps(spec))}
+    f |= {f"placeholder:{m}" for m in re.findall(r"\{\{\$\.pipeline_[a-z_]+\}\}", json.dumps(spec))}
     return f
 
 
