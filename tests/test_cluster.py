@@ -31,6 +31,9 @@ def test_operator_env_for_an_elastic_worker_only_job(tmp_path):
     assert env["PET_NNODES"] == "2:2" and env["PET_NPROC_PER_NODE"] == "1" and env["PET_RDZV_BACKEND"] == "c10d"
     assert env["PET_RDZV_ENDPOINT"] == "captioner-train-contract-worker-0:23456"
     assert apply_defaults(job) == job, "the builder leaves nothing for the operator's defaulting to change"
+    elastic = _job(tmp_path, tmp_path / "store", min_workers=1, max_workers=4, gpus_per_worker=8)
+    env = operator_env(elastic, "Worker", 0)
+    assert env["PET_NNODES"] == "1:4" and env["PET_NPROC_PER_NODE"] == "8" and env["PET_MAX_RESTARTS"] == "3"
 
 
 def run_pods(job, tmp_path, secrets=FAKE_SECRETS, timeout=400):

@@ -304,3 +304,12 @@ def test_ingest_step_reads_a_raw_dataset_from_the_store(synth_dir, s3_server, mo
     publish(synth_dir, "s3://raw-src/synth")
     r = steps.ingest_step("s3://raw-src/synth", str(tmp_path / "ds"), shard_mb=0.05)
     assert r["items"] > 0 and (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_train_step_refuses_an_unresolved_job_id(tmp_path):
+    """On a KFP backend older than MIN_KFP_BACKEND the placeholder arrives verbatim: every run
+    would share one job name and one checkpoint owner, so the step stops instead."""
+    from kfp import dsl
+
+    with pytest.raises(ValueError, match="older than 2.5.0"):
+        steps.train_step(str(tmp_path), str(tmp_path / "m"), "tiny-cpu", [], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
