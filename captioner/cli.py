@@ -52,7 +52,7 @@ def cmd_train(a, overrides):
     from captioner.train import train
 
     cfg = load_config(a.config, overrides)
-    res = train(cfg, resume=a.resume, progress=not a.no_progress)
+    res = train(cfg, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
     if res.best["value"] > float("-inf"):
         log.info("done: step %d, best %s %.4f at step %d; checkpoints in %s", res.step, res.best["metric"],
                  res.best["value"], res.best["step"], res.out_dir)
@@ -160,24 +160,44 @@ def cmd_pipeline(a, overrides):
     from captioner import kfp_pipeline as kp
 
     if a.action == "compile":
-        kp.compile_pipeline(a.out or "captioner-pipeline.yaml")
+        kp.compile_pipeline(a.out or "captioner-pipeline.yaml", train_in_pod=a.train_in_pod)
         print(f"wrote {a.out or 'captioner-pipeline.yaml'} (upload it in the Kubeflow Pipelines UI)")
         return
     if not a.source:
-        raise SystemExit("pipeline run: --source is required (a Flickr30k folder/zip or captions JSON)")
-    args = kp.local_arguments(a.workdir, a.source, a.config, overrides, a.min_cider, eval_max_images=a.eval_max_images,
-                              val_fraction=a.val_fraction, test_fraction=a.test_fraction)
-    if a.host:
-        for k in ("data_uri", "model_uri", "repo_uri", "serving_uri"):
-            v = getattr(a, k)
-            if not v:
-                raise SystemExit(f"pipeline run --host: --{k.replace('_', '-')} (an s3:// URI) is required")
-            args[k] = v
-        args.update(train_mode=a.train_mode, export_device="gpu")
-        print(kp.run_host(a.host, args))
+        raise SystemExit("pipeline run: --source is required (a Flickr30k folder/zip or captions JSON; "
+                         "with --host an s3:// URI)")
+    common = dict(config=a.config, overrides=list(overrides), min_cider=a.min_cider, eval_max_images=a.eval_max_images,
+                  val_fraction=a.val_fraction, test_fraction=a.test_fraction, shard_mb=a.shard_mb)
+    if not a.host:
+        args = kp.local_arguments(a.workdir, a.source, **common)
+        kp.run_local(args, Path(a.workdir).resolve() / "pipeline_root")
+        print(f"pipeline finished; artefacts under {Path(a.workdir).resolve()}")
         return
-    kp.run_local(args, Path(a.workdir).resolve() / "pipeline_root")
-    print(f"pipeline finished; artefacts under {Path(a.workdir).resolve()}")
+    import os
+
+    cluster = {k: v for k, v in dict(workers=a.workers, gpus_per_worker=a.gpus_per_worker, cloud=a.cloud,
+                                     image=a.image, namespace=a.job_namespace, max_cost=a.max_cost,
+                                     price_per_gpu_hour=a.price_per_gpu_hour).items() if v is not None}
+    args = kp.host_arguments(a.source, a.data_uri, a.model_uri, a.repo_uri, a.serving_uri, **common,
+                             export_device=a.export_device, triton_url=a.triton_url, nproc=a.nproc,
+                             cluster_settings=cluster)
+    print(kp.run_host(a.host, args, namespace=a.namespace, existing_token=os.environ.get(a.token_env),
+                      cookies=os.environ.get(a.cookies_env), ssl_ca_cert=a.ssl_ca_cert, train_in_pod=a.train_in_pod))
+
+
+def cmd_job(a, overrides):
+    """`captioner job render`: the PyTorchJob the pipeline's train step would create."""
+    import yaml
+
+    from captioner.config import load_config
+    from captioner.pytorchjob import job_name, training_job
+
+    load_config(a.config, [f"--data.source={a.data}", *overrides])  # fail here, not in the pods
+    job = training_job(a.name or job_name("captioner-train", a.model_uri), a.config,
+                       [f"--data.source={a.data}", *overrides], a.model_uri, workers=a.nodes,
+                       gpus_per_worker=a.gpus_per_node, image=a.image, namespace=a.namespace, cloud=a.cloud,
+                       min_workers=a.min_nodes, max_workers=a.max_nodes)
+    sys.stdout.write(yaml.safe_dump(job, sort_keys=False))
 
 
 def cmd_demo(a, _):
@@ -195,6 +215,7 @@ def cmd_bench(a, _):
 
 
 COMMANDS = {}
+from captioner.deployment import JOB_NAMESPACE, NODE_POOLS, TRAINER_IMAGE  # noqa: E402 - defaults in --help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
         "`captioner train --config tiny-cpu --data.source=data/synth --train.out_dir=runs/x --train.epochs=5`. "
         "Sections: model, data, train (see captioner/config.py and captioner/model.py for every key)."))
     s.add_argument("--config", default="tiny-cpu", help="preset name (configs/*.yaml) or YAML path")
-    s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt_latest.pt")
+    s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt_latest.pt, else from the model "
+                   "store (--train.publish_uri); start fresh when neither has one")
+    s.add_argument("--overwrite", action="store_true", help="replace a run already in OUT_DIR / the model store "
+                   "(without --resume or --overwrite such a run is refused and left untouched)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train, overrides_ok=True)
 
@@ -302,22 +326,64 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pipeline", help="compile the Kubeflow pipeline, or run it (--local or --host URL)",
                        description="compile OUT.yaml: write the KFP v2 IR YAML. run --local: run every step on this "
                                    "machine (kfp.local.SubprocessRunner). run --host URL: submit to Kubeflow "
-                                   "Pipelines. Extra --section.key=value arguments become training overrides.")
+                                   "Pipelines (every location an s3:// URI). Extra --section.key=value arguments "
+                                   "become training overrides.")
     s.add_argument("action", choices=["compile", "run"])
     s.add_argument("out", nargs="?", default=None, help="output YAML for compile")
+    s.add_argument("--train-in-pod", action="store_true",
+                   help="cluster: train inside the pipeline's own 1-GPU pod instead of launching a PyTorchJob")
     s.add_argument("--local", action="store_true", help="run here (the default when --host is not given)")
-    s.add_argument("--host", default=None, help="Kubeflow Pipelines endpoint to submit to")
-    s.add_argument("--source", default=None, help="dataset to ingest")
+    s.add_argument("--source", default=None, help="dataset to ingest: a folder/zip/JSON here, an s3:// URI with --host")
     s.add_argument("--workdir", default="pipeline_out", help="local run: where data, model, repository go")
-    s.add_argument("--config", default="tiny-cpu")
+    s.add_argument("--config", default="tiny-cpu", help="training preset or YAML (default: %(default)s)")
     s.add_argument("--min-cider", type=float, default=0.5, help="quality gate: minimum CIDEr-D to deploy")
-    s.add_argument("--eval-max-images", type=int, default=0)
+    s.add_argument("--eval-max-images", type=int, default=0, help="0 = the whole test split")
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--test-fraction", type=float, default=0.1)
-    s.add_argument("--train-mode", choices=["local", "cluster"], default="cluster", help="with --host")
+    s.add_argument("--shard-mb", type=float, default=64.0, help="ingest shard size in MB")
+    g = s.add_argument_group("run --host (Kubeflow Pipelines)")
+    g.add_argument("--host", default=None, help="Kubeflow Pipelines endpoint, e.g. https://kubeflow.example.com/pipeline")
+    g.add_argument("--namespace", default=None, help="multi-user Kubeflow: your profile namespace")
+    g.add_argument("--token-env", default="KF_PIPELINES_TOKEN", metavar="VAR",
+                   help="environment variable holding a bearer token for the endpoint (default: %(default)s)")
+    g.add_argument("--cookies-env", default="KF_PIPELINES_COOKIES", metavar="VAR",
+                   help="environment variable holding the session cookie, e.g. authservice_session=... "
+                        "(default: %(default)s)")
+    g.add_argument("--ssl-ca-cert", default=None, help="CA bundle for an endpoint with a private certificate")
     for k in ("data-uri", "model-uri", "repo-uri", "serving-uri"):
-        s.add_argument(f"--{k}", default=None, help="with --host: s3:// URI")
+        g.add_argument(f"--{k}", default=None, help="s3:// URI")
+    g.add_argument("--export-device", choices=["gpu", "cpu"], default="gpu",
+                   help="Triton instance kind in the exported configs; cpu for a CPU-only cluster (kind overlay)")
+    g.add_argument("--triton-url", default="", help="HOST:PORT of Triton's gRPC endpoint for the deploy step's reload")
+    g.add_argument("--nproc", type=int, default=1, help="with --train-in-pod: processes (GPUs) in the train pod")
+    g.add_argument("--workers", type=int, default=None, help="PyTorchJob worker nodes (default 2)")
+    g.add_argument("--gpus-per-worker", type=int, default=None, help="GPUs per worker node (default 8)")
+    g.add_argument("--cloud", choices=list(NODE_POOLS), default=None, help="node pool (default gke)")
+    g.add_argument("--image", default=None, help="trainer image for the PyTorchJob")
+    g.add_argument("--job-namespace", default=None, help="namespace of the PyTorchJob (default captioner)")
+    g.add_argument("--max-cost", type=float, default=None, help="cost guard limit in $ (default 500)")
+    g.add_argument("--price-per-gpu-hour", type=float, default=None, help="for the cost guard (default 3.0)")
     s.set_defaults(fn=cmd_pipeline, overrides_ok=True)
+
+    s = sub.add_parser("job", help="render the training PyTorchJob for kubectl (no Kubeflow Pipelines needed)",
+                       description="job render: print the PyTorchJob (Kubeflow Training Operator v1.9) that the "
+                                   "pipeline's train step would create, e.g. `kubectl create -f <(captioner job render "
+                                   "--config vit-b16-a100 --nodes 2 --gpus-per-node 8 --data s3://datasets/flickr30k/v1 "
+                                   "--model-uri s3://models/runs/r1)`. Extra --section.key=value arguments become "
+                                   "training overrides.")
+    s.add_argument("action", choices=["render"])
+    s.add_argument("--config", required=True, help="training preset or YAML inside the image")
+    s.add_argument("--nodes", type=int, required=True, help="worker nodes (pods)")
+    s.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node = processes per node (0 = CPU)")
+    s.add_argument("--data", required=True, help="dataset written by `captioner ingest` (s3:// URI)")
+    s.add_argument("--model-uri", required=True, help="model store for checkpoints (s3:// URI); restarts resume here")
+    s.add_argument("--image", default=TRAINER_IMAGE, help="trainer image (default: %(default)s)")
+    s.add_argument("--name", default=None, help="job name (default: derived from --model-uri)")
+    s.add_argument("--namespace", default=JOB_NAMESPACE, help="default: %(default)s")
+    s.add_argument("--cloud", choices=list(NODE_POOLS), default="gke", help="node pool (default: gke)")
+    s.add_argument("--min-nodes", type=int, default=None, help="elastic: fewest nodes to run with (default: --nodes)")
+    s.add_argument("--max-nodes", type=int, default=None, help="elastic: most nodes (default: --nodes)")
+    s.set_defaults(fn=cmd_job, overrides_ok=True)
 
     s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
     s.add_argument("--workdir", default="demo_out")

@@ -88,9 +88,13 @@ class TrainConfig:
     best_metric: str = "CIDEr"
     # Backend for torch.distributed; "auto" = nccl on CUDA, gloo otherwise.
     dist_backend: str = "auto"
-    # Copy the finished run (checkpoints, config, tokenizer, logs) here: a folder or
-    # s3:// prefix, e.g. where a PyTorchJob's pipeline step picks it up. Empty = keep local.
+    # The model store for this run: a folder or s3:// prefix. Every checkpoint is mirrored
+    # here as it is written, `--resume` continues from here when out_dir has none (a
+    # restarted pod), and the finished run is copied here. Empty = keep local.
     publish_uri: str = ""
+    # Which run the checkpoints belong to (the pipeline sets its KFP job id): --resume
+    # refuses a checkpoint of another run instead of silently continuing it.
+    run_id: str = ""
 
 
 @dataclass

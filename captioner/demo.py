@@ -46,7 +46,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     if not (src / "results.csv").exists():
         generate(src, images=images, seed=seed)
     run_dir = wd / "run"
-    for sub in ("pipeline_root", "serving"):  # a fresh pipeline run and deployment each time
+    for sub in ("pipeline_root", "serving", "model"):  # a fresh pipeline run, model and deployment each time
         if (run_dir / sub).exists():
             import shutil
 

@@ -4,7 +4,38 @@ that several modules agree on). Modules import these instead of repeating string
 from __future__ import annotations
 
 # --- object storage credentials (Kubernetes Secret and the env it becomes) ---
+# Each component has its own MinIO user (k8s/base/minio.yaml: the minio-users Job) and its
+# own Secret with the same three keys; the pipeline steps' Secret lives where the steps run
+# (namespace `kubeflow` for single-user KFP, the profile namespace for multi-user).
+S3_SECRET = "captioner-s3"  # pipeline steps (KFP pods)
+TRAINER_S3_SECRET = "captioner-trainer-s3"  # PyTorchJob workers
+S3_ENV = {"endpoint": "CAPTIONER_S3_ENDPOINT", "access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
+BUCKETS = ("datasets", "models")  # created by the minio-users Job
 
 # --- training on the cluster (images, node pools, checkpoint files) ---
+TRAINER_IMAGE = "ghcr.io/captioner/trainer:0.1.0"  # also the KFP components' base image
+JOB_NAMESPACE = "captioner"  # where PyTorchJobs, MinIO and Triton run
+TRAINER_SERVICE_ACCOUNT = "captioner-trainer"  # no RBAC bindings, token not mounted
+# Who runs KFP steps: single-user KFP runs every step as kubeflow/pipeline-runner; multi-user
+# Kubeflow runs them as default-editor in the user's profile namespace.
+KFP_STEP_NAMESPACE = "kubeflow"
+KFP_STEP_SERVICE_ACCOUNT = "pipeline-runner"
+# The operator's rendezvous port (training-operator v1.9 PyTorchJobDefaultPort / PortName).
+RDZV_PORT, RDZV_PORT_NAME = 23456, "pytorchjob-port"
+GPU_NODE_SELECTOR = ("cloud.google.com/gke-accelerator", "nvidia-tesla-a100")
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# GPU node pools per cloud: (node selector, tolerations) for the PyTorchJob workers.
+NODE_POOLS = {
+    "gke": (dict([GPU_NODE_SELECTOR]), [GPU_TOLERATION]),
+    "eks": ({"node.kubernetes.io/instance-type": "p4d.24xlarge"}, [GPU_TOLERATION]),
+    "aks": ({"agentpool": "a100"}, [{"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]),
+    "kind": ({}, []),
+}
+CKPT_LATEST, CKPT_BEST = "ckpt_latest.pt", "ckpt_best.pt"
+# Oldest KFP backend that runs the compiled IR correctly (tests/test_kubeflow.py derives it
+# from the IR): the driver resolves `{{$.pipeline_job_uuid}}` (the train step's run id) only
+# since 2.5.0 (kubeflow/pipelines PR #11599), which also reads secretNameParameter.
+MIN_KFP_BACKEND = "2.5.0"
+TRAINING_OPERATOR_VERSION = "v1.9.0"
 
 # --- serving (pinned Triton release, its onnxruntime, control-API key) ---

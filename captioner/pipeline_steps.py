@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from captioner.deployment import CKPT_BEST
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion.json"
@@ -18,62 +21,70 @@ CHAMPION = "champion.json"
 def ingest_step(source: str, dest: str, shard_mb: float = 64.0, val_fraction: float = 0.05,
                 test_fraction: float = 0.05) -> dict:
     from captioner.ingest import IngestOptions, ingest
+    from captioner.storage import fetch, is_s3
 
-    return ingest(source, dest, IngestOptions(shard_mb=shard_mb, val_fraction=val_fraction,
-                                              test_fraction=test_fraction, progress=False))
+    opts = IngestOptions(shard_mb=shard_mb, val_fraction=val_fraction, test_fraction=test_fraction, progress=False)
+    if not is_s3(source):
+        return ingest(source, dest, opts)
+    with tempfile.TemporaryDirectory(prefix="captioner-source-") as tmp:  # a raw dataset uploaded to the store
+        return ingest(str(fetch(source, tmp)), dest, opts)
 
 
 def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str], mode: str = "local",
                nproc: int = 1, run_id: str = "local", cluster: dict | None = None) -> dict:
     """local: train on this machine (torchrun when nproc > 1); cluster: launch a PyTorchJob
-    after the cost guard and wait for it. Either way the run's artefacts end up at
-    model_uri (a folder or s3:// prefix) and the checkpoint URI is returned."""
+    after the cost guard and wait for it. Either way checkpoints are mirrored to model_uri
+    (a folder or s3:// prefix) as they are written, a retry of the same run (same run_id,
+    the KFP job id) resumes from the latest one there, and the checkpoint URI is returned."""
     from captioner.config import load_config
-    from captioner.storage import is_s3, publish
+    from captioner.deployment import MIN_KFP_BACKEND
 
-    ov = [f"--data.source={data_uri}", *overrides]
+    if "{{" in run_id:
+        raise ValueError(f"run id {run_id!r} is an unresolved KFP placeholder: the Kubeflow Pipelines backend is "
+                         f"older than {MIN_KFP_BACKEND}, which this pipeline needs")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", run_id):
+        raise ValueError(f"run id {run_id!r}: expected letters, digits, '.', '_' or '-'")
+    # quoted: an all-digit id (kfp.local uses those) must stay a string in the YAML override
+    ov = [f"--data.source={data_uri}", *overrides, f"--train.publish_uri={model_uri}", f'--train.run_id="{run_id}"']
     cfg = load_config(config, ov)
     if mode == "cluster":
         return _train_cluster(cfg, config, ov, model_uri, run_id, cluster or {})
     if mode != "local":
         raise ValueError(f"train mode must be 'local' or 'cluster', got {mode!r}")
     with tempfile.TemporaryDirectory(prefix="captioner-train-") as tmp:
-        out = str(Path(tmp) / "run") if is_s3(model_uri) else model_uri
-        ov.append(f"--train.out_dir={out}")
+        out = str(Path(tmp) / "run")
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "captioner", "train", "--config", config, "--no-progress", *ov]
+                   "-m", "captioner", "train", "--config", config, "--no-progress", "--resume", *ov,
+                   f"--train.out_dir={out}"]
             log.info("running %s", " ".join(cmd))
             subprocess.run(cmd, check=True)
         else:
             from captioner.train import train
 
             cfg.train.out_dir = out
-            train(cfg, progress=False)
-        publish(out, model_uri)
-    return {"checkpoint": f"{model_uri.rstrip('/')}/ckpt_best.pt", "model_uri": model_uri}
+            train(cfg, resume=True, progress=False)
+    return {"checkpoint": f"{model_uri.rstrip('/')}/{CKPT_BEST}", "model_uri": model_uri}
 
 
 def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_id: str, c: dict) -> dict:
-    from captioner.pytorchjob import (CLOUD_POOLS, JobSpec, KubeApi, build_pytorchjob, check_cost, estimate_cost,
-                                      job_name, launch_and_wait)
+    from captioner.pytorchjob import KubeApi, check_cost, estimate_cost, job_name, launch_and_wait, training_job
     from captioner.shards import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)
     pairs = sum(len(it.captions) for it in manifest.items_in("train"))
-    gpus = int(c.get("workers", 2)) * int(c.get("gpus_per_worker", 8))
-    est = estimate_cost(pairs, cfg.train.epochs, float(c.get("pairs_per_s_per_gpu", 900.0)), gpus,
+    workers, gpus = int(c.get("workers", 2)), int(c.get("gpus_per_worker", 8))
+    est = estimate_cost(pairs, cfg.train.epochs, float(c.get("pairs_per_s_per_gpu", 900.0)), workers * max(gpus, 1),
                         float(c.get("price_per_gpu_hour", 3.0)))
     check_cost(est, float(c.get("max_cost", 500.0)), bool(c.get("override_cost", False)))
-    name = job_name("captioner-train", run_id)
-    spec = JobSpec(name=name, namespace=c.get("namespace", "captioner"), image=c.get("image", JobSpec.image),
-                   args=["--config", config, "--no-progress", *overrides, "--train.out_dir=/workspace/run",
-                         f"--train.publish_uri={model_uri}"],
-                   workers=int(c.get("workers", 2)), gpus_per_worker=int(c.get("gpus_per_worker", 8)),
-                   pool=CLOUD_POOLS[c.get("cloud", "gke")])
-    launch_and_wait(KubeApi(), build_pytorchjob(spec), timeout_s=float(c.get("timeout_s", 48 * 3600)),
+    name = job_name("captioner-train", run_id)  # the same on every retry: re-attaches on 409
+    kw = {k: c[k] for k in ("image", "namespace", "cloud", "nproc_per_node", "min_workers", "max_workers", "cpu",
+                            "memory", "shm_size") if c.get(k)}
+    job = training_job(name, config, [o for o in overrides if not o.startswith("--train.publish_uri=")], model_uri,
+                       workers=workers, gpus_per_worker=gpus, **kw)
+    launch_and_wait(KubeApi(), job, timeout_s=float(c.get("timeout_s", 48 * 3600)),
                     on_log=lambda t: print(t, end="", flush=True))
-    return {"checkpoint": f"{model_uri.rstrip('/')}/ckpt_best.pt", "model_uri": model_uri, "job": name,
+    return {"checkpoint": f"{model_uri.rstrip('/')}/{CKPT_BEST}", "model_uri": model_uri, "job": name,
             "estimate": est.text()}
 
 

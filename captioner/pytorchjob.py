@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from captioner.deployment import (GPU_NODE_SELECTOR, GPU_TOLERATION, JOB_NAMESPACE, NODE_POOLS, RDZV_PORT,
+                                  RDZV_PORT_NAME, S3_ENV, TRAINER_IMAGE, TRAINER_S3_SECRET, TRAINER_SERVICE_ACCOUNT)
+
 log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -23,27 +26,28 @@ DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 @dataclass
 class NodePool:
     """Where the GPU workers land; defaults fit GKE A100 pools, override per cloud."""
-    node_selector: dict = field(default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"})
-    tolerations: list = field(default_factory=lambda: [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    node_selector: dict = field(default_factory=lambda: dict([GPU_NODE_SELECTOR]))
+    tolerations: list = field(default_factory=lambda: [dict(GPU_TOLERATION)])
 
 
-CLOUD_POOLS = {
-    "gke": NodePool(),
-    "eks": NodePool({"node.kubernetes.io/instance-type": "p4d.24xlarge"},
-                    [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
-    "aks": NodePool({"agentpool": "a100"}, [{"key": "sku", "operator": "Equal", "value": "gpu",
-                                             "effect": "NoSchedule"}]),
-    "kind": NodePool({}, []),
-}
+CLOUD_POOLS = {cloud: NodePool(dict(sel), [dict(t) for t in tol]) for cloud, (sel, tol) in NODE_POOLS.items()}
+
+
+# torchrun reads every launcher setting from the PET_* variables the operator sets on an
+# elastic job (training-operator v1.9 pkg/controller.v1/pytorch/envvar.go setPodEnv and
+# elastic.go: PET_RDZV_ENDPOINT, PET_RDZV_BACKEND, PET_NNODES=min:max, PET_MAX_RESTARTS,
+# PET_NPROC_PER_NODE); MASTER_ADDR/WORLD_SIZE/RANK exist only with a Master replica, which
+# an elastic job has not. So the container runs torchrun, never the script directly.
+TORCHRUN_COMMAND = ["torchrun", "-m", "captioner", "train"]
+WORKDIR, RUN_DIR = "/workspace", "run"  # the pod's local copy of the run (an emptyDir); the store holds the truth
 
 
 @dataclass
 class JobSpec:
     name: str
-    namespace: str = "captioner"
-    image: str = "ghcr.io/captioner/trainer:0.1.0"
-    command: list = field(default_factory=lambda: ["captioner", "train"])
+    namespace: str = JOB_NAMESPACE
+    image: str = TRAINER_IMAGE
+    command: list = field(default_factory=lambda: list(TORCHRUN_COMMAND))
     args: list = field(default_factory=list)
     workers: int = 2  # initial Worker replicas (nodes)
     min_workers: int = 1
@@ -55,11 +59,11 @@ class JobSpec:
     shm_size: str = "16Gi"
     max_restarts: int = 3
     pool: NodePool = field(default_factory=NodePool)
-    s3_secret: str = "captioner-s3"  # keys: endpoint, access-key, secret-key
+    s3_secret: str = TRAINER_S3_SECRET  # keys: endpoint, access-key, secret-key
     ttl_seconds_after_finished: int = 3600
     active_deadline_seconds: int = 24 * 3600
     backoff_limit: int = 3
-    service_account: str = "captioner-pipeline"
+    service_account: str = TRAINER_SERVICE_ACCOUNT  # no permissions; its token is not mounted
 
 
 def job_name(prefix: str, run_id: str) -> str:
@@ -77,25 +81,34 @@ def build_pytorchjob(s: JobSpec) -> dict:
         limits = {"nvidia.com/gpu": str(s.gpus_per_worker), "cpu": s.cpu, "memory": s.memory}
     else:
         limits = {"cpu": s.cpu, "memory": s.memory}
-    env = [{"name": n, "valueFrom": {"secretKeyRef": {"name": s.s3_secret, "key": k}}}
-           for n, k in (("CAPTIONER_S3_ENDPOINT", "endpoint"), ("AWS_ACCESS_KEY_ID", "access-key"),
-                        ("AWS_SECRET_ACCESS_KEY", "secret-key"))]
-    env += [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "OMP_NUM_THREADS", "value": "4"}]
+    env = [{"name": n, "valueFrom": {"secretKeyRef": {"name": s.s3_secret, "key": k}}} for k, n in S3_ENV.items()]
+    env += [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "OMP_NUM_THREADS", "value": "4"},
+            {"name": "HOME", "value": "/tmp"}]
     pod = {
         "metadata": {"labels": {"app.kubernetes.io/name": "captioner-trainer", "captioner/job": s.name}},
         "spec": {
             "serviceAccountName": s.service_account,
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{
                 "name": "pytorch",  # the operator finds the container by this name
                 "image": s.image,
                 "imagePullPolicy": "IfNotPresent",
                 "command": list(s.command),
+                "workingDir": WORKDIR,
                 "args": list(s.args),
                 "env": env,
+                # the rendezvous port: the operator builds PET_RDZV_ENDPOINT from the port with this name
+                "ports": [{"name": RDZV_PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}],
                 "resources": {"limits": limits, "requests": dict(limits)},
-                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
+                                 {"name": "workspace", "mountPath": WORKDIR}],
             }],
-            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}}],
+            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
+                        {"name": "tmp", "emptyDir": {}}, {"name": "workspace", "emptyDir": {}}],
         },
     }
     if s.pool.node_selector:
@@ -115,6 +128,37 @@ def build_pytorchjob(s: JobSpec) -> dict:
             "pytorchReplicaSpecs": {"Worker": {"replicas": s.workers, "restartPolicy": "OnFailure", "template": pod}},
         },
     }
+
+
+
+
+def training_job(name: str, config: str, overrides: list[str], model_uri: str, *, workers: int = 2,
+                 gpus_per_worker: int = 8, image: str = TRAINER_IMAGE, namespace: str = JOB_NAMESPACE,
+                 cloud: str = "gke", nproc_per_node: str | None = None, min_workers: int | None = None,
+                 max_workers: int | None = None, cpu: str = "8", memory: str = "64Gi", shm_size: str = "16Gi",
+                 s3_secret: str = TRAINER_S3_SECRET) -> dict:
+    """The PyTorchJob for one training run, as the pipeline's train step and `captioner job
+    render` both build it. Checkpoints go to model_uri as they are written and every start
+    passes --resume, so a restarted pod (OnFailure, torchrun restart, KFP retry) continues
+    from the latest checkpoint in the store instead of from scratch."""
+    if cloud not in CLOUD_POOLS:
+        raise ValueError(f"unknown cloud {cloud!r}: one of {', '.join(CLOUD_POOLS)}")
+    if workers < 1 or gpus_per_worker < 0:
+        raise ValueError(f"workers must be >= 1 and gpus_per_worker >= 0, got {workers} and {gpus_per_worker}")
+    if not model_uri:
+        raise ValueError("model_uri is required: the trainer writes its checkpoints there and resumes from them")
+    npn = nproc_per_node or (str(gpus_per_worker) if gpus_per_worker > 0 else "1")
+    spec = JobSpec(name=name, namespace=namespace, image=image,
+                   args=["--config", config, "--no-progress", "--resume", *overrides, f"--train.out_dir={RUN_DIR}",
+                         f"--train.publish_uri={model_uri}"],
+                   workers=workers, min_workers=min_workers or workers, max_workers=max_workers or workers,
+                   gpus_per_worker=gpus_per_worker, nproc_per_node=npn, pool=CLOUD_POOLS[cloud], cpu=cpu,
+                   memory=memory, shm_size=shm_size, s3_secret=s3_secret)
+    job = build_pytorchjob(spec)
+    errs = webhook_errors(job)
+    if errs:
+        raise ValueError(f"PyTorchJob {name} would be rejected: {'; '.join(errs)}")
+    return job
 
 
 def webhook_errors(job: dict) -> list[str]:

@@ -1,8 +1,12 @@
 """Training: one process or many under torchrun (DDP: gloo on CPU, NCCL on GPU), same code.
 
-Each image is encoded once per batch for all of its captions. Checkpoints are atomic and
-carry optimizer, scheduler, per-rank RNG and data position, so `--resume` continues the
-exact same run (same data order, same losses).
+Each image is encoded once per batch for all of its captions. The shape follows timm's
+train.py: `setup` builds everything, `EpochLoader` hides folder vs shard sources,
+`train_one_epoch` and `validate` do the work, and `CheckpointSaver`
+(captioner/checkpoint.py) owns the checkpoint format. Checkpoints carry optimizer,
+scheduler, per-rank RNG and data position, so `--resume` continues the exact same run
+(same data order, same losses), from the model store (`train.publish_uri`) when the local
+folder is gone (a restarted pod).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import logging
 import math
 import os
 import functools
+import hashlib
 import random
 import time
 from contextlib import nullcontext
@@ -23,7 +28,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from captioner.checkpoint import BEST, LATEST, atomic_copy, atomic_save
+from captioner.checkpoint import (CheckpointSaver, TrainState, checkpoint_dict, rng_state, set_rng_state,
+                                  train_state)
 from captioner.config import ExperimentConfig, save_config
 from captioner.data import (CaptionImageDataset, DataSummary, ImageRecord, ResumableBatchSampler, assign_splits,
                             by_split, collate_grouped, read_records, summarize, verify_images)
@@ -35,6 +41,9 @@ from captioner.shards import ShardStream, is_shard_source, materialize, open_sha
 from captioner.tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
+# one line per rank at start and end, whatever the rank's log level (the CLI quiets ranks > 0)
+rank_log = logging.getLogger(__name__ + ".ranks")
+rank_log.setLevel(logging.INFO)
 
 
 @dataclass
@@ -68,21 +77,6 @@ def _bcast(obj, di: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
@@ -148,39 +142,135 @@ def _prepare_shards(cfg: ExperimentConfig, di: DistInfo):
     return train_caps, val, summary, manifest
 
 
+class RunExists(ValueError):
+    """Training into a folder or model store that already holds a run, without --resume/--overwrite."""
+
+
+class EpochLoader:
+    """One epoch's micro-batches, whatever the source: a folder/JSON dataset with a resumable
+    sampler, or tar shards streamed from the store. Always yields `micro_per_epoch` items
+    (None = an empty batch: all images bad, or a stream shorter on this rank), so every rank
+    takes the same number of steps."""
+
+    def __init__(self, cfg: ExperimentConfig, di: DistInfo, train_recs, manifest, tok, pre):
+        t, pin = cfg.train, cfg.data.pin_memory and di.device.type == "cuda"
+        gen = torch.Generator().manual_seed(t.seed)  # keeps the global RNG untouched by workers
+        if manifest is not None:  # stream tar shards from the store
+            self.ds = ShardStream(shard_store(cfg.data.source), manifest, "train", tok, pre, cfg.model.max_len,
+                                  t.batch_size, di.rank, di.world, t.seed, cfg.data.shuffle_buffer,
+                                  cfg.data.num_workers)
+            self.sampler = None
+            self.micro_per_epoch = self.ds.batches_per_rank()
+            # workers must see set_epoch, so they are not persistent
+            self.loader = torch.utils.data.DataLoader(self.ds, batch_size=None, num_workers=cfg.data.num_workers,
+                                                      pin_memory=pin, generator=gen)
+        else:
+            self.ds = CaptionImageDataset(train_recs, tok, pre, cfg.model.max_len)
+            self.sampler = ResumableBatchSampler(len(self.ds), t.batch_size, di.rank, di.world, seed=t.seed)
+            self.micro_per_epoch = len(self.sampler)
+            self.loader = torch.utils.data.DataLoader(
+                self.ds, batch_sampler=self.sampler, num_workers=cfg.data.num_workers, pin_memory=pin,
+                collate_fn=functools.partial(collate_grouped, pad_id=tok.pad_id),
+                persistent_workers=cfg.data.num_workers > 0, generator=gen)
+
+    def batches(self, epoch: int, first: int):
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, first)
+            n = first
+            for b in self.loader:
+                n += 1
+                yield b
+        else:
+            self.ds.set_epoch(epoch)
+            n = 0
+            for b in self.loader:  # resuming a stream replays and drops the batches already seen
+                if n >= first:
+                    yield b
+                n += 1
+            n = max(n, first)
+        for _ in range(n, self.micro_per_epoch):
+            yield None
+
+
 @dataclass
-class TrainResult:
-    model: Captioner
-    out_dir: Path
-    step: int
-    losses: list
-    val_history: list
-    best: dict
+class Run:
+    """Everything `setup` builds for one training run."""
+    cfg: ExperimentConfig
+    di: DistInfo
+    out: Path
+    tok: CaptionTokenizer
+    pre: PreprocessConfig
+    raw_model: Captioner
+    model: torch.nn.Module  # raw_model wrapped in DDP / torch.compile
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loader: EpochLoader
+    val_recs: list
+    total_steps: int
+    state: TrainState
+    saver: CheckpointSaver
+    autocast: object
+    losses: list = field(default_factory=list)
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _previous_run(cfg: ExperimentConfig, di: DistInfo, saver: CheckpointSaver, resume: bool,
+                  overwrite: bool) -> dict | None:
+    """The checkpoint to continue from (None = start fresh). Refuses to replace a run unless
+    asked to; refuses to continue another pipeline run's checkpoint."""
+    t = cfg.train
+    if overwrite:
+        saver.clear()
+        return None
+    if not resume:
+        where = _bcast(saver.existing() if di.main else None, di)
+        if where:
+            raise RunExists(f"{where} already holds a training run: pass --resume to continue it or --overwrite "
+                            "to replace it (nothing was changed)")
+        return None
+    ckpt = saver.restore()
+    if ckpt is None:
+        if di.main:
+            log.info("--resume: no checkpoint in %s%s yet: starting from scratch", t.out_dir,
+                     f" or {t.publish_uri}" if t.publish_uri else "")
+        return None
+    theirs = str(ckpt.get("run_id", ""))
+    if t.run_id and theirs and theirs != t.run_id:
+        raise RunExists(f"the checkpoint in {t.publish_uri or t.out_dir} belongs to run {theirs!r}, not this run "
+                        f"({t.run_id!r}): use a new model URI or --overwrite")
+    if di.main:
+        log.info("resuming from %s (step %d)", t.publish_uri or t.out_dir, ckpt["step"])
+    return ckpt
+
+
+def _check_same_start(ckpt: dict | None, di: DistInfo) -> None:
+    """Every rank must continue from the same step as rank 0 (each node reads its own copy)."""
+    mine = -1 if ckpt is None else int(ckpt["step"])
+    theirs = _bcast(mine, di)
+    if mine != theirs:
+        raise RuntimeError(f"rank {di.rank} would start at step {mine} but rank 0 at step {theirs}: nodes "
+                           "without a shared filesystem need the model store (--train.publish_uri) to resume")
+
+
+def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Run:
     t = cfg.train
     di = init_distributed(t.dist_backend)
+    rank_log.info("rank %d/%d joined (local rank %d, %s)", di.rank, di.world, di.local_rank, di.device)
     out = Path(t.out_dir)
-    if di.main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(t.seed)
-    np.random.seed(t.seed)
-    random.seed(t.seed)
-
-    ckpt = None
-    if resume:
-        p = out / LATEST
-        if p.exists():
-            ckpt = torch.load(p, map_location="cpu", weights_only=False)
-            log.info("resuming from %s (step %d)", p, ckpt["step"]) if di.main else None
-        elif di.main:
-            log.warning("--resume given but %s does not exist: starting from scratch", p)
+    out.mkdir(parents=True, exist_ok=True)  # every rank: each node has its own filesystem
+    _seed(t.seed)
+    saver = CheckpointSaver(out, t.publish_uri, di.main)
+    ckpt = _previous_run(cfg, di, saver, resume, overwrite)
+    _check_same_start(ckpt, di)
 
     train_recs, val_recs, summary, manifest = prepare_data(cfg, di, progress)
     if not train_recs:
         raise ValueError(f"no training images left in {cfg.data.source} ({summary.text()})")
-
     if ckpt is not None:
         tok = CaptionTokenizer.from_str(ckpt["tokenizer"])
     else:
@@ -190,8 +280,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
             tok_json = CaptionTokenizer.train(caps, cfg.data.tokenizer, cfg.data.vocab_size,
                                               cfg.data.min_word_freq).to_str()
         tok = CaptionTokenizer.from_str(_bcast(tok_json, di))
-    cfg.model.vocab_size = tok.vocab_size
-    cfg.model.pad_id = tok.pad_id
+    cfg.model.vocab_size, cfg.model.pad_id = tok.vocab_size, tok.pad_id
 
     model = Captioner(cfg.model)
     pre = PreprocessConfig.from_model(model.encoder.backbone)
@@ -204,39 +293,25 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                  cfg.model.encoder, cfg.model.n_layers, count_params(model) / 1e6, tok.vocab_size, pre.input_size)
 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=tuple(t.betas))
-    if manifest is not None:  # stream tar shards from the store
-        ds = ShardStream(shard_store(cfg.data.source), manifest, "train", tok, pre, cfg.model.max_len, t.batch_size, di.rank, di.world,
-                         t.seed, cfg.data.shuffle_buffer, cfg.data.num_workers)
-        sampler = None
-        micro_per_epoch = ds.batches_per_rank()
-    else:
-        ds = CaptionImageDataset(train_recs, tok, pre, cfg.model.max_len)
-        sampler = ResumableBatchSampler(len(ds), t.batch_size, di.rank, di.world, seed=t.seed)
-        micro_per_epoch = len(sampler)
-    steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum_steps)
+    loader = EpochLoader(cfg, di, train_recs, manifest, tok, pre)
+    steps_per_epoch = math.ceil(loader.micro_per_epoch / t.grad_accum_steps)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, t.warmup_steps, t.min_lr_ratio))
 
-    step, start_epoch, start_micro = 0, 0, 0
-    best = {"metric": t.best_metric, "value": -math.inf, "step": 0}
+    state = TrainState(best={"metric": t.best_metric, "value": -math.inf, "step": 0}, run_id=t.run_id)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        step, start_epoch, start_micro = ckpt["step"], ckpt["epoch"], ckpt["micro_in_epoch"]
-        best = ckpt.get("best", best)
-        _set_rng_state(ckpt["rng"][di.rank] if di.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        state = train_state(ckpt)
+        state.run_id = t.run_id or state.run_id
+        set_rng_state(state.rng[di.rank] if di.rank < len(state.rng) else state.rng[0])
         if di.main:
-            _truncate_jsonl(out / "metrics.jsonl", step)
-            _truncate_jsonl(out / "val_metrics.jsonl", step)
+            _truncate_jsonl(out / "metrics.jsonl", state.step)
+            _truncate_jsonl(out / "val_metrics.jsonl", state.step)
     else:
         torch.manual_seed(t.seed + di.rank)  # different dropout masks per rank
-        if di.main and (out / LATEST).exists():
-            log.warning("%s already holds a run: starting from scratch and replacing it (use --resume to "
-                        "continue it)", out)
-        if di.main:
-            for name in ("metrics.jsonl", "val_metrics.jsonl", BEST):
-                (out / name).unlink(missing_ok=True)
+        saver.clear()  # logs of an earlier, replaced run
 
     raw_model = model
     if di.world > 1:
@@ -245,153 +320,160 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         model = torch.compile(model)
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and di.device.type == "cuda")
     autocast = (lambda: torch.autocast(di.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    return Run(cfg, di, out, tok, pre, raw_model, model, opt, sched, loader, val_recs, total_steps, state, saver,
+               autocast)
 
-    pin = cfg.data.pin_memory and di.device.type == "cuda"
-    if sampler is not None:
-        loader = torch.utils.data.DataLoader(
-            ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=pin,
-            collate_fn=functools.partial(collate_grouped, pad_id=tok.pad_id),
-            persistent_workers=cfg.data.num_workers > 0,
-            generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched by workers
-        )
-    else:  # workers must see set_epoch, so they are not persistent
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers, pin_memory=pin,
-                                             generator=torch.Generator().manual_seed(t.seed))
 
-    def epoch_batches(epoch: int, first: int):
-        """This epoch's micro-batches from `first` on; always `micro_per_epoch` of them
-        (None = an empty batch: all images bad, or a stream shorter on this rank)."""
-        if sampler is not None:
-            sampler.set_epoch(epoch, first)
-            n = first
-            for b in loader:
-                n += 1
-                yield b
+def save_checkpoint(r: Run, epoch: int, micro: int, is_best: bool = False) -> None:
+    """Every rank contributes its RNG state; rank 0 writes (and mirrors to the store)."""
+    r.state.epoch, r.state.micro_in_epoch = epoch, micro
+    if r.di.world > 1:
+        rngs = [None] * r.di.world
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    r.state.rng = rngs
+    if r.di.main:
+        r.saver.save(checkpoint_dict(r.cfg, r.raw_model, r.opt, r.sched, r.state, r.tok, r.pre, r.di.world), is_best)
+
+
+def validate(r: Run) -> dict | None:
+    """Caption metrics on the validation images (rank 0); updates r.state.best on every rank."""
+    t, res = r.cfg.train, None
+    if r.di.main and r.val_recs and t.val_max_images > 0:
+        r.raw_model.eval()
+        params = DecodeParams(strategy="beam" if t.val_beam_size > 1 else "greedy", beam_size=t.val_beam_size,
+                              max_new_tokens=r.cfg.model.max_new_tokens)
+        metrics, hyps, _ = score_records(r.raw_model, r.tok, r.pre, r.val_recs, params, r.di.device, meteor=False)
+        r.raw_model.train()
+        res = {"step": r.state.step, **metrics}
+        with open(r.out / "val_metrics.jsonl", "a") as f:
+            f.write(json.dumps(res) + "\n")
+        log.info("val step %d: %s | e.g. %s: %r", r.state.step, " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
+                 *next(iter(hyps.items())))
+        if metrics.get(t.best_metric, -math.inf) > r.state.best["value"]:
+            r.state.best = {"metric": t.best_metric, "value": metrics[t.best_metric], "step": r.state.step}
+    r.state.best = _bcast(r.state.best, r.di)
+    return res
+
+
+def _micro_step(r: Run, batch, sync_now: bool) -> tuple[float | None, int, int]:
+    """Forward + backward of one micro-batch; returns (loss or None, pairs, images)."""
+    di, t = r.di, r.cfg.train
+    sync = nullcontext() if (sync_now or di.world == 1) else r.model.no_sync()
+    with sync:
+        if batch is None:  # an empty batch still joins the gradient all-reduce
+            loss = sum(p.sum() * 0.0 for p in r.raw_model.parameters() if p.requires_grad)
+            pairs = images_n = 0
         else:
-            ds.set_epoch(epoch)
-            n = 0
-            for b in loader:  # resuming a stream replays and drops the batches already seen
-                if n >= first:
-                    yield b
-                n += 1
-            n = max(n, first)
-        for _ in range(n, micro_per_epoch):
-            yield None
+            images, tokens, index, _ = batch
+            images, tokens, index = (images.to(di.device, non_blocking=True), tokens.to(di.device, non_blocking=True),
+                                     index.to(di.device))
+            with r.autocast():
+                _, loss = r.model(images, tokens, index, label_smoothing=t.label_smoothing)
+            pairs, images_n = tokens.shape[0], images.shape[0]
+        (loss / t.grad_accum_steps).backward()
+    return (float(loss.detach()) if batch is not None else None), pairs, images_n
 
-    def save(epoch: int, micro: int) -> None:
-        rngs = [None] * di.world
-        if di.world > 1:
-            dist.all_gather_object(rngs, _rng_state())
-        else:
-            rngs = [_rng_state()]
+
+def _optimizer_step(r: Run, mean_loss: float) -> float:
+    t, di = r.cfg.train, r.di
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), t.grad_clip)
+    r.opt.step()
+    r.sched.step()
+    r.opt.zero_grad(set_to_none=True)
+    r.state.step += 1
+    lt = torch.tensor([mean_loss], dtype=torch.float64)
+    if di.world > 1:
+        dist.all_reduce(lt)
+        lt /= di.world
+    return float(lt)
+
+
+def train_one_epoch(r: Run, epoch: int, first: int, bar) -> int:
+    """Train from micro-batch `first` of `epoch` to its end (or the step budget); returns
+    the micro-batch position reached."""
+    t, di = r.cfg.train, r.di
+    acc, n_loss, t0, pairs, images_seen = 0.0, 0, time.time(), 0, 0
+    micro = first
+    for batch in r.loader.batches(epoch, first):
+        last = (micro + 1) % t.grad_accum_steps == 0 or micro + 1 == r.loader.micro_per_epoch
+        loss, p, n = _micro_step(r, batch, last)
+        if loss is not None:
+            acc, n_loss, pairs, images_seen = acc + loss, n_loss + 1, pairs + p, images_seen + n
+        micro += 1
+        if not last:
+            continue
+        loss_v = _optimizer_step(r, acc / max(1, n_loss))
+        acc, n_loss = 0.0, 0
+        step = r.state.step
+        r.losses.append((step, loss_v))
         if di.main:
-            atomic_save({"config": cfg.to_dict(), "model": raw_model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "step": step, "epoch": epoch, "micro_in_epoch": micro,
-                         "rng": rngs, "tokenizer": tok.to_str(), "preprocess": pre.to_dict(), "best": best,
-                         "world_size": di.world}, out / LATEST)
-            log.info("checkpoint saved: %s (step %d)", out / LATEST, step)
-
-    def validate() -> dict | None:
-        nonlocal best
-        res = None
-        if di.main and val_recs and t.val_max_images > 0:
-            raw_model.eval()
-            params = DecodeParams(strategy="beam" if t.val_beam_size > 1 else "greedy", beam_size=t.val_beam_size,
-                                  max_new_tokens=cfg.model.max_new_tokens)
-            metrics, hyps, kept = score_records(raw_model, tok, pre, val_recs, params,
-                                                di.device, meteor=False)
-            raw_model.train()
-            res = {"step": step, **metrics}
-            with open(out / "val_metrics.jsonl", "a") as f:
-                f.write(json.dumps(res) + "\n")
-            sample = next(iter(hyps.items()))
-            log.info("val step %d: %s | e.g. %s: %r", step,
-                     " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), *sample)
-            if metrics.get(t.best_metric, -math.inf) > best["value"]:
-                best = {"metric": t.best_metric, "value": metrics[t.best_metric], "step": step}
-        best = _bcast(best, di)
-        return res
-
-    losses, val_history = [], []
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and di.main),
-               dynamic_ncols=True)
-    model.train()
-    acc_loss, n_micro, t0, pairs, images_seen = 0.0, 0, time.time(), 0, 0
-    done = step >= total_steps
-    for epoch in range(start_epoch, t.epochs if not t.max_steps else 10**9):
-        if done:
+            lr = r.sched.get_last_lr()[-1]
+            with open(r.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_v, "lr": lr}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}")
+            if t.log_every and step % t.log_every == 0:
+                dt = time.time() - t0
+                log.info("step %d/%d epoch %d loss %.4f lr %.2e | %.1f img/s %.1f pairs/s per rank", step,
+                         r.total_steps, epoch, loss_v, lr, images_seen / dt, pairs / dt)
+                t0, pairs, images_seen = time.time(), 0, 0
+        if t.ckpt_every and step % t.ckpt_every == 0:
+            save_checkpoint(r, epoch, micro)
+        if step >= r.total_steps:
             break
-        first = start_micro if epoch == start_epoch else 0
-        micro = first
-        for batch in epoch_batches(epoch, first):
-            last = (micro + 1) % t.grad_accum_steps == 0 or micro + 1 == micro_per_epoch
-            sync = nullcontext() if (last or di.world == 1) else model.no_sync()
-            with sync:
-                if batch is None:  # every image of this micro-batch was unreadable
-                    loss = sum(p.sum() * 0.0 for p in raw_model.parameters() if p.requires_grad)
-                else:
-                    images, tokens, index, _ = batch
-                    images, tokens, index = (images.to(di.device, non_blocking=True),
-                                             tokens.to(di.device, non_blocking=True), index.to(di.device))
-                    with autocast():
-                        _, loss = model(images, tokens, index, label_smoothing=t.label_smoothing)
-                    pairs += tokens.shape[0]
-                    images_seen += images.shape[0]
-                (loss / t.grad_accum_steps).backward()
-            if batch is not None:
-                acc_loss += float(loss.detach())
-                n_micro += 1
-            micro += 1
-            if not last:
-                continue
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            lt = torch.tensor([acc_loss / max(1, n_micro)], dtype=torch.float64)
-            if di.world > 1:
-                dist.all_reduce(lt)
-                lt /= di.world
-            acc_loss, n_micro = 0.0, 0
-            loss_v = float(lt)
-            losses.append((step, loss_v))
-            if di.main:
-                lr = sched.get_last_lr()[-1]
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_v, "lr": lr}) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}")
-                if t.log_every and step % t.log_every == 0:
-                    dt = time.time() - t0
-                    log.info("step %d/%d epoch %d loss %.4f lr %.2e | %.1f img/s %.1f pairs/s per rank", step,
-                             total_steps, epoch, loss_v, lr, images_seen / dt, pairs / dt)
-                    t0, pairs, images_seen = time.time(), 0, 0
-            if t.ckpt_every and step % t.ckpt_every == 0:
-                save(epoch, micro)
-            if step >= total_steps:
-                done = True
-                break
-        end_of_epoch = micro >= micro_per_epoch
-        v = validate()
+    return micro
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    model: Captioner
+    out_dir: Path
+    step: int
+    losses: list
+    val_history: list
+    best: dict
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train (or continue, with resume) one run; refuses to replace an existing run unless
+    overwrite. Rank 0 writes the run folder and mirrors checkpoints to `train.publish_uri`."""
+    r = setup(cfg, resume, overwrite, progress)
+    t, di, st = cfg.train, r.di, r.state
+    val_history = []
+    bar = tqdm(total=r.total_steps, initial=st.step, desc="train", unit="step", disable=not (progress and di.main),
+               dynamic_ncols=True)
+    r.model.train()
+    epoch = st.epoch
+    while st.step < r.total_steps and (t.max_steps or epoch < t.epochs):
+        first = st.micro_in_epoch if epoch == st.epoch else 0
+        micro = train_one_epoch(r, epoch, first, bar)
+        end_of_epoch = micro >= r.loader.micro_per_epoch
+        v = validate(r)
         if v:
             val_history.append(v)
-        save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else micro)
-        if di.main and v and best["step"] == step:
-            atomic_copy(out / LATEST, out / BEST)
-            log.info("new best %s=%.4f at step %d -> %s", t.best_metric, best["value"], step, out / BEST)
+        save_checkpoint(r, epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else micro,
+                        is_best=bool(v) and st.best["step"] == st.step)
+        if not end_of_epoch:
+            break
+        epoch += 1
     bar.close()
-    if di.main and not (out / BEST).exists():
-        atomic_copy(out / LATEST, out / BEST)
-    if di.main and t.publish_uri:
-        from captioner.storage import publish
-
-        publish(out, t.publish_uri)
-        log.info("published %s to %s", out, t.publish_uri)
+    r.saver.finish()
+    rank_log.info("rank %d/%d done at step %d; weights sha256 %s", di.rank, di.world, st.step,
+                  weights_digest(r.raw_model))
     if di.world > 1:
         dist.barrier()
-    return TrainResult(raw_model, out, step, losses, val_history, best)
+    return TrainResult(r.raw_model, r.out, st.step, r.losses, val_history, st.best)
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:

@@ -4,16 +4,22 @@ Each parses its inputs, calls one function and writes its outputs (artifacts and
 metadata). The image is the trainer image, which has the `captioner` package installed;
 `kfp.local.SubprocessRunner(use_venv=False)` runs them in the current environment.
 """
+import functools
 import os
 from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-IMAGE = os.environ.get("CAPTIONER_IMAGE", "ghcr.io/captioner/trainer:0.1.0")
+from captioner.deployment import TRAINER_IMAGE
+
+IMAGE = os.environ.get("CAPTIONER_IMAGE", TRAINER_IMAGE)
+# kfp is pinned in the trainer image (docker/trainer.Dockerfile), so no component runs
+# `pip install kfp` at start (which needs a package index reachable from the cluster).
+component = functools.partial(dsl.component, base_image=IMAGE, install_kfp_package=False)
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def ingest(source: str, dest: str, shard_mb: float, val_fraction: float, test_fraction: float,
            dataset: Output[Dataset]):
     import json
@@ -26,22 +32,21 @@ def ingest(source: str, dest: str, shard_mb: float, val_fraction: float, test_fr
         json.dump(r, f)
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def train(dataset: Input[Dataset], model_uri: str, config: str, overrides: list, mode: str, nproc: int,
-          cluster: dict, model: Output[Model]):
+          cluster: dict, run_id: str, model: Output[Model]):
+    """run_id: the KFP pipeline job id (the same on every retry of this task)."""
     import json
-    import os
 
     from captioner.pipeline_steps import train_step
 
-    run_id = os.environ.get("KFP_RUN_ID") or os.environ.get("HOSTNAME") or model_uri
     r = train_step(dataset.metadata["uri"], model_uri, config, list(overrides), mode, nproc, run_id, cluster)
     model.metadata.update(r)
     with open(model.path, "w") as f:
         json.dump(r, f)
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metrics: Output[Metrics],
              samples: Output[HTML]) -> NamedTuple("EvalOutputs", [("cider", float), ("bleu4", float)]):
     import os
@@ -60,7 +65,7 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metr
     return namedtuple("EvalOutputs", ["cider", "bleu4"])(float(r["metrics"]["CIDEr"]), float(r["metrics"]["BLEU-4"]))
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def export(model: Input[Model], repo_uri: str, device: str, repository: Output[Artifact]):
     import json
 
@@ -73,21 +78,21 @@ def export(model: Input[Model], repo_uri: str, device: str, repository: Output[A
         json.dump(r, f)
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def champion(serving_uri: str) -> float:
     from captioner.pipeline_steps import champion_score
 
     return champion_score(serving_uri)
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def gate(cider: float, min_cider: float, champion_cider: float) -> bool:
     from captioner.pipeline_steps import should_deploy
 
     return should_deploy(cider, min_cider, champion_cider)
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def deploy(repository: Input[Artifact], serving_uri: str, cider: float, triton_url: str) -> str:
     import json
 

@@ -31,13 +31,27 @@ def _k8s_version() -> str:
     return ".".join(map(str, vs[-1]))
 
 
+_RENDER_CACHE: dict = {}
+
+
 def render(overlay: str) -> list[dict]:
+    """`kubectl kustomize` of an overlay, from a copy of k8s/ whose credentials were made by
+    k8s/base/secrets/generate.sh (as an install does; none are committed)."""
     kubectl = shutil.which("kubectl")
     if not kubectl:
         pytest.skip("kubectl (with built-in kustomize) is not installed: cannot render the overlays")
-    r = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return [d for d in yaml.safe_load_all(r.stdout) if d]
+    if overlay not in _RENDER_CACHE:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="captioner-k8s-"))
+        shutil.copytree(K8S, tmp / "k8s", ignore=shutil.ignore_patterns("*.env"))
+        subprocess.run(["sh", str(tmp / "k8s" / "base" / "secrets" / "generate.sh")], check=True, capture_output=True)
+        r = subprocess.run([kubectl, "kustomize", str(tmp / "k8s" / "overlays" / overlay)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        _RENDER_CACHE[overlay] = r.stdout
+        shutil.rmtree(tmp)
+    return [d for d in yaml.safe_load_all(_RENDER_CACHE[overlay]) if d]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -47,14 +61,18 @@ def test_rendered_manifests_validate_strictly(overlay):
     docs = render(overlay)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for want in [("Namespace", "captioner"), ("StatefulSet", "minio"), ("Service", "minio"), ("Secret", "captioner-s3"),
+                 ("Secret", "minio-root"), ("Secret", "captioner-trainer-s3"), ("Secret", "captioner-triton-s3"),
+                 ("Job", "minio-users"),
                  ("Deployment", "triton"), ("Service", "triton"), ("HorizontalPodAutoscaler", "triton"),
                  ("PodDisruptionBudget", "triton"), ("NetworkPolicy", "minio-ingress"), ("Role", "captioner-pytorchjobs"),
-                 ("RoleBinding", "captioner-pytorchjobs"), ("ServiceAccount", "captioner-pipeline")]:
+                 ("RoleBinding", "captioner-pipeline-steps"), ("ServiceAccount", "captioner-trainer")]:
         assert want in kinds, want
     version = _k8s_version()
     for d in docs:
         kubernetes_validate.validate(d, version, strict=True)
-        if d["kind"] != "Namespace":
+        if d["kind"] == "Secret" and d["metadata"]["name"] == "captioner-s3":  # where the KFP steps run
+            assert d["metadata"].get("namespace") in ("kubeflow", "kubeflow-user-example-com")
+        elif d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") == "captioner", d["metadata"]["name"]
     triton = next(d for d in docs if d["kind"] == "Deployment")
     c = triton["spec"]["template"]["spec"]["containers"][0]
@@ -66,7 +84,7 @@ def test_rendered_manifests_validate_strictly(overlay):
     assert triton["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert "limits" in c["resources"]
     gpus = c["resources"]["limits"].get("nvidia.com/gpu")
-    assert (gpus == "1") == (overlay == "gpu-a100")
+    assert (gpus == "1") == (overlay in ("gpu-a100", "multi-user-example"))
     minio = next(d for d in docs if d["kind"] == "StatefulSet")
     assert "@sha256:" in minio["spec"]["template"]["spec"]["containers"][0]["image"]
     role = next(d for d in docs if d["kind"] == "Role")
@@ -130,7 +148,8 @@ def test_builder_output_validates_against_crd_and_webhook(spec, crd_validator):
     assert c["name"] == "pytorch" and job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] == "OnFailure"
     assert isinstance(job["spec"]["nprocPerNode"], str)
     assert job["spec"]["elasticPolicy"]["rdzvBackend"] == "c10d"
-    assert {v["name"] for v in pod["volumes"]} == {"dshm"} and pod["volumes"][0]["emptyDir"]["medium"] == "Memory"
+    assert {v["name"] for v in pod["volumes"]} == {"dshm", "tmp", "workspace"}  # writable dirs; the root fs is read-only
+    assert pod["volumes"][0]["emptyDir"]["medium"] == "Memory"
     assert all("secretKeyRef" in e["valueFrom"] for e in c["env"] if e["name"].startswith(("AWS_", "CAPTIONER_S3")))
     rp = job["spec"]["runPolicy"]
     assert rp["ttlSecondsAfterFinished"] > 0 and rp["activeDeadlineSeconds"] > 0

@@ -51,8 +51,12 @@ def cluster():
         sh("kubectl", "--context", ctx, "apply", "--server-side", "-k", OPERATOR)
         sh("kubectl", "--context", ctx, "-n", "kubeflow", "wait", "--for=condition=Available",
            "deployment/training-operator", "--timeout=300s")
+        sh("sh", str(ROOT / "k8s" / "base" / "secrets" / "generate.sh"))  # per-install credentials
+        sh("kubectl", "--context", ctx, "create", "namespace", "kubeflow", check=False)  # the steps' Secret goes there
         sh("kubectl", "--context", ctx, "apply", "-k", str(ROOT / "k8s" / "overlays" / "kind"))
         sh("kubectl", "--context", ctx, "-n", "captioner", "rollout", "status", "statefulset/minio", "--timeout=300s")
+        sh("kubectl", "--context", ctx, "-n", "captioner", "wait", "--for=condition=complete", "job/minio-users",
+           "--timeout=300s")
         yield ctx
     finally:
         sh("kind", "delete", "cluster", "--name", name, check=False)
@@ -68,22 +72,21 @@ def _port_forward(ctx, target, remote):
 def test_tiny_pytorchjob_then_triton_captions(cluster, tmp_path):
     from captioner.client import caption_bytes, wait_ready
     from captioner.ingest import IngestOptions, ingest
-    from captioner.pytorchjob import CLOUD_POOLS, JobSpec, KubeApi, build_pytorchjob, launch_and_wait
+    from captioner.pytorchjob import KubeApi, launch_and_wait, training_job
     from captioner.synthetic import generate
 
     ctx = cluster
     pf, port = _port_forward(ctx, "svc/minio", 9000)
     try:
-        os.environ.update({"CAPTIONER_S3_ENDPOINT": f"127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "captioner",
-                           "AWS_SECRET_ACCESS_KEY": "change-me-in-production"})
+        keys = dict(ln.split("=", 1) for ln in (ROOT / "k8s" / "base" / "secrets" / "pipeline.env").read_text().split())
+        os.environ.update({"CAPTIONER_S3_ENDPOINT": f"127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": keys["access-key"],
+                           "AWS_SECRET_ACCESS_KEY": keys["secret-key"]})  # the pipeline steps' MinIO user
         src = generate(tmp_path / "src", images=120, seed=0, side=64, progress=False)
         ingest(str(src), "s3://datasets/synth/v1", IngestOptions(shard_mb=1, progress=False))
-        job = build_pytorchjob(JobSpec(
-            name="captioner-e2e", image="captioner-trainer:dev", gpus_per_worker=0, workers=2, min_workers=1,
-            max_workers=2, nproc_per_node="1", cpu="1", memory="2Gi", shm_size="256Mi", pool=CLOUD_POOLS["kind"],
-            args=["--config", "tiny-cpu", "--no-progress", "--data.source=s3://datasets/synth/v1",
-                  "--data.num_workers=0", "--train.epochs=2", "--train.out_dir=/tmp/run",
-                  "--train.publish_uri=s3://models/runs/e2e"]))
+        job = training_job("captioner-e2e", "tiny-cpu", ["--data.source=s3://datasets/synth/v1", "--data.num_workers=0",
+                                                         "--train.epochs=2"], "s3://models/runs/e2e",
+                           image="captioner-trainer:dev", workers=2, gpus_per_worker=0, cloud="kind", cpu="1",
+                           memory="2Gi", shm_size="256Mi")
         os.environ["KUBECONFIG"] = os.environ.get("KUBECONFIG", os.path.expanduser("~/.kube/config"))
         launch_and_wait(KubeApi(), job, timeout_s=1800, poll_s=10)
         from captioner.pipeline_steps import deploy_step, export_step

@@ -1,0 +1,148 @@
+"""Training on a real Kubeflow cluster, checked against the real systems' rules:
+the Training Operator's pod environment (tests/operator_contract.py, from its v1.9 source)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.deployment import TRAINER_S3_SECRET
+from captioner.pytorchjob import training_job
+from tests.conftest import ROOT, TINY, free_port
+from tests.operator_contract import apply_defaults, operator_env, pod_env
+from tests.test_k8s import crd_validator  # noqa: F401 - fixture
+
+FAKE_SECRETS = {TRAINER_S3_SECRET: {"endpoint": "127.0.0.1:9", "access-key": "k", "secret-key": "s"}}
+
+
+def _job(data, store, **kw):
+    ov = [*TINY, f"--data.source={data}", "--train.max_steps=3", "--train.val_max_images=0", "--model.dropout=0.1"]
+    return training_job("captioner-train-contract", "tiny-cpu", ov, str(store), cloud="kind", cpu="1",
+                        memory="2Gi", shm_size="256Mi", **{"workers": 2, "gpus_per_worker": 0, **kw})
+
+
+def test_operator_env_for_an_elastic_worker_only_job(tmp_path):
+    job = _job(tmp_path, tmp_path / "store")
+    env = operator_env(job, "Worker", 1)
+    # no Master replica: the operator sets no MASTER_ADDR / WORLD_SIZE / RANK at all
+    assert not {"MASTER_ADDR", "WORLD_SIZE", "RANK"} & set(env)
+    assert env["PET_NNODES"] == "2:2" and env["PET_NPROC_PER_NODE"] == "1" and env["PET_RDZV_BACKEND"] == "c10d"
+    assert env["PET_RDZV_ENDPOINT"] == "captioner-train-contract-worker-0:23456"
+    assert apply_defaults(job) == job, "the builder leaves nothing for the operator's defaulting to change"
+    elastic = _job(tmp_path, tmp_path / "store", min_workers=1, max_workers=4, gpus_per_worker=8)
+    env = operator_env(elastic, "Worker", 0)
+    assert env["PET_NNODES"] == "1:4" and env["PET_NPROC_PER_NODE"] == "8" and env["PET_MAX_RESTARTS"] == "3"
+
+
+def run_pods(job, tmp_path, secrets=FAKE_SECRETS, timeout=400):
+    """Start every Worker replica's container command as a local process with the env the
+    v1.9 operator + kubelet give it. Differences from a cluster, and why they keep the
+    contract: the headless Service name <job>-worker-0 resolves to pod 0, here every pod is
+    127.0.0.1 (same c10d store host); the rendezvous port is a free one instead of 23456
+    (tests run in parallel); each pod's workingDir is its own folder."""
+    ws = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    c = next(c for c in ws["template"]["spec"]["containers"] if c["name"] == "pytorch")
+    port, procs = free_port(), []
+    base = {**os.environ, "PYTHONPATH": str(ROOT),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for i in range(ws["replicas"]):
+        env = pod_env(job, "Worker", i, secrets)
+        host = env["PET_RDZV_ENDPOINT"].rsplit(":", 1)[0]
+        assert host == f"{job['metadata']['name']}-worker-0"
+        env["PET_RDZV_ENDPOINT"] = f"127.0.0.1:{port}"
+        wd = tmp_path / f"pod{i}"
+        wd.mkdir()
+        log = open(tmp_path / f"pod{i}.log", "w")
+        procs.append((subprocess.Popen(c["command"] + c["args"], cwd=wd, env={**base, **env}, stdout=log,
+                                       stderr=subprocess.STDOUT), tmp_path / f"pod{i}.log"))
+    out = []
+    for p, logf in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, logf.read_text()))
+    return out
+
+
+def _ranks(text):
+    import re
+
+    joined = re.findall(r"rank (\d+)/(\d+) joined", text)
+    done = re.findall(r"rank (\d+)/(\d+) done at step (\d+); weights sha256 (\w+)", text)
+    return joined, done
+
+
+@pytest.mark.slow
+def test_rendered_command_under_operator_env_forms_one_ddp_group(synth_dir, tmp_path):
+    """2 nodes x 1 process: one DDP group of world size 2, distinct ranks, the same weights."""
+    store = tmp_path / "store"
+    results = run_pods(_job(synth_dir, store), tmp_path)
+    joined, done = [], []
+    for rc, text in results:
+        assert rc == 0, text[-3000:]
+        j, d = _ranks(text)
+        joined += j
+        done += d
+    assert sorted(joined) == [("0", "2"), ("1", "2")], f"each pod must join one group of 2, got {joined}"
+    assert len(done) == 2 and {d[2] for d in done} == {"3"}
+    assert done[0][3] == done[1][3], f"ranks disagree on the weights: {done}"
+    ck = torch.load(store / "ckpt_latest.pt", weights_only=True)
+    assert ck["world_size"] == 2 and ck["step"] == 3 and len(ck["rng"]) == 2
+
+
+JOB_RENDER = ["--config", "vit-b16-a100", "--nodes", "2", "--gpus-per-node", "8", "--data", "s3://datasets/flickr30k/v1",
+              "--model-uri", "s3://models/runs/manual", "--name", "captioner-train-manual", "--min-nodes", "1",
+              "--max-nodes", "4"]
+
+
+def _render(*args):
+    r = subprocess.run([sys.executable, "-m", "captioner", "job", "render", *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return r
+
+
+@pytest.mark.parametrize("args", [JOB_RENDER, ["--config", "tiny-cpu", "--nodes", "1", "--gpus-per-node", "0",
+                                               "--data", "s3://d/x", "--model-uri", "s3://models/runs/t", "--cloud",
+                                               "kind", "--train.max_steps=5"]])
+def test_job_render_prints_the_pipeline_job_and_validates_strictly(args, crd_validator):
+    import yaml
+
+    from captioner.pytorchjob import job_name
+    from tests.test_k8s import _check
+
+    r = _render(*args)
+    assert r.returncode == 0, r.stderr
+    job = yaml.safe_load(r.stdout)
+    _check(job, crd_validator)  # the vendored v1.9.0 CRD, unknown fields rejected, and the webhook's rules
+    a = dict(zip(args[::2], args[1::2]))
+    same = training_job(a.get("--name") or job_name("captioner-train", a["--model-uri"]), a["--config"],
+                        [f"--data.source={a['--data']}", *[x for x in args if x.startswith("--train.")]],
+                        a["--model-uri"], workers=int(a["--nodes"]), gpus_per_worker=int(a["--gpus-per-node"]),
+                        cloud=a.get("--cloud", "gke"), min_workers=int(a.get("--min-nodes", 0)) or None,
+                        max_workers=int(a.get("--max-nodes", 0)) or None)
+    assert job == same, "job render must print what the pipeline's train step builds"
+    c = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert c["command"][0] == "torchrun" and "--resume" in c["args"]
+
+
+def test_template_is_the_render_output():
+    import yaml
+
+    r = _render(*JOB_RENDER)
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((ROOT / "k8s" / "pytorchjob-template.yaml").read_text()) == yaml.safe_load(r.stdout)
+
+
+@pytest.mark.parametrize("bad, msg", [(["--nodes", "0"], "workers must be >= 1"),
+                                      (["--config", "nope"], "nope")])
+def test_job_render_refuses_bad_input(bad, msg):
+    args = list(JOB_RENDER)
+    for i in range(0, len(bad), 2):
+        args[args.index(bad[i]) + 1] = bad[i + 1]
+    r = _render(*args)
+    assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
