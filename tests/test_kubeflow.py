@@ -9,7 +9,7 @@ import yaml
 
 from captioner import pipeline_steps as steps
 
-from tests.conftest import ROOT, start_serve
+from tests.helpers import ROOT, start_serve
 
 TINY_TRAIN = ["--model.encoder_kwargs={output_stride: 16, pretrained_cfg_overlay: {input_size: [3, 32, 32]}}",
               "--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--data.num_workers=0",

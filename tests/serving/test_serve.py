@@ -21,7 +21,7 @@ from captioner.export import sample_images
 from captioner.inference import caption_tensor
 from captioner.serving_core import image_bytes_to_pixels
 
-from tests.conftest import ROOT, start_serve
+from tests.helpers import ROOT, start_serve
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 
 def _missing() -> str | None:
