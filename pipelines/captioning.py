@@ -6,6 +6,7 @@ and on a laptop (`captioner pipeline run --local`, kfp.local.SubprocessRunner).
 from kfp import dsl, kubernetes
 
 import components as c
+from captioner.deployment import CONTROL_KEY_ENV, CONTROL_SECRET, CONTROL_SECRET_KEY
 
 S3_SECRET = "captioner-s3"
 S3_ENV = {"endpoint": "CAPTIONER_S3_ENDPOINT", "access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
@@ -70,3 +71,7 @@ def captioning_pipeline(
                        triton_url=triton_url)
         dep.set_caching_options(False)
         _s3(dep)
+        # the key for Triton's restricted model-repository protocol (optional: a laptop run has
+        # no secret and passes it in the environment)
+        kubernetes.use_secret_as_env(dep, secret_name=CONTROL_SECRET,
+                                     secret_key_to_env={CONTROL_SECRET_KEY: CONTROL_KEY_ENV}, optional=True)

@@ -117,7 +117,7 @@ def _png(w, h):
     ("dtype", "datatype FP32, expected BYTES", "INVALID_ARGUMENT"),
     ("shape", "has shape [1, 2], expected [-1, 1]", "INVALID_ARGUMENT"),
     ("decoder-shape", "input 'cross_kv' has shape", "INVALID_ARGUMENT"),
-    ("unknown-model", "Request for unknown model: model 'nope'", "NOT_FOUND"),
+    ("unknown-model", "Request for unknown model: 'nope' is not found", "NOT_FOUND"),
     ("missing-input", "missing required input(s): IMAGE", "INVALID_ARGUMENT"),
 ])
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, trained_run, case, needle, code):
