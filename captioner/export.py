@@ -23,8 +23,8 @@ from captioner.inference import caption_tensor
 from captioner.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
                              LOGITS, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV, TOKENIZER_FILE)
 from captioner.serving_core import DecodeLoop, image_bytes_to_pixels
-from captioner.triton_repo import (BLS_VERSION_KEY, MAX_BATCH, build_configs, check_repository, read_config,  # noqa: F401
-                                   write_configs, write_marker)
+from captioner.triton_repo import (BLS_VERSION_KEY, MAX_BATCH, build_configs, check_repository, write_configs,
+                                   write_marker)
 
 log = logging.getLogger(__name__)
 SOURCES = Path(__file__).resolve().parent / "triton"  # the Python-backend models, copied in as model.py

@@ -51,6 +51,10 @@ def cluster():
         sh("kubectl", "--context", ctx, "apply", "--server-side", "-k", OPERATOR)
         sh("kubectl", "--context", ctx, "-n", "kubeflow", "wait", "--for=condition=Available",
            "deployment/training-operator", "--timeout=300s")
+        # the per-install key of Triton's restricted model-repository protocol (k8s/base/triton.yaml)
+        sh("kubectl", "--context", ctx, "create", "namespace", "captioner")
+        sh("kubectl", "--context", ctx, "-n", "captioner", "create", "secret", "generic", "captioner-triton-control",
+           f"--from-literal=key={uuid.uuid4().hex}")
         sh("kubectl", "--context", ctx, "apply", "-k", str(ROOT / "k8s" / "overlays" / "kind"))
         sh("kubectl", "--context", ctx, "-n", "captioner", "rollout", "status", "statefulset/minio", "--timeout=300s")
         yield ctx
