@@ -3,7 +3,6 @@ machine with kfp.local.SubprocessRunner, or submit it to a Kubeflow Pipelines en
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -11,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _pipeline():
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    # `pipelines` and `components` are packages of this distribution (pyproject.toml), importable
+    # wherever `captioner` is: no sys.path or PYTHONPATH patching
     from pipelines.captioning import captioning_pipeline
 
     return captioning_pipeline
@@ -38,13 +37,8 @@ def local_arguments(workdir: str | Path, source: str, config: str = "tiny-cpu", 
 
 def run_local(arguments: dict, pipeline_root: str | Path):
     """Run the whole pipeline here; returns the pipeline task (outputs) and the root."""
-    import os
-
     from kfp import local
 
-    os.environ.setdefault("PYTHONPATH", str(ROOT))
-    if str(ROOT) not in os.environ["PYTHONPATH"].split(os.pathsep):
-        os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ["PYTHONPATH"]
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)
     return _pipeline()(**arguments)

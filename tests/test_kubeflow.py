@@ -9,7 +9,7 @@ import yaml
 
 from captioner import pipeline_steps as steps
 
-from tests.helpers import ROOT, start_serve
+from tests.helpers import start_serve
 
 TINY_TRAIN = ["--model.encoder_kwargs={output_stride: 16, pretrained_cfg_overlay: {input_size: [3, 32, 32]}}",
               "--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--data.num_workers=0",
@@ -20,7 +20,7 @@ TINY_TRAIN = ["--model.encoder_kwargs={output_stride: 16, pretrained_cfg_overlay
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
     r = subprocess.run([sys.executable, "-m", "captioner", "pipeline", "compile", str(out)], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       text=True, env=os.environ.copy())
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all(out.read_text()))
     spec = docs[0]

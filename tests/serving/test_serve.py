@@ -21,7 +21,7 @@ from captioner.export import sample_images
 from captioner.inference import caption_tensor
 from captioner.serving_core import image_bytes_to_pixels
 
-from tests.helpers import ROOT, start_serve
+from tests.helpers import start_serve
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_caption_cli_against_server(server, synth_dir, tmp_path):
     assert all(out[str(p)] and not out[str(p)].startswith("ERROR") for p in imgs)
     assert out[str(bad)].startswith("ERROR:") and "not a recognised image format" in out[str(bad)]
     r = subprocess.run([sys.executable, "-m", "captioner", "caption", *map(str, imgs), "--url", url, "--beam", "2"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, text=True, env=os.environ.copy())
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) == 3
 

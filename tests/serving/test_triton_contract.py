@@ -2,6 +2,7 @@
 triton-inference-server/core files it follows) and python_backend's behaviour (the pb_utils
 double): each test guards one of the deployment defects of issue 8."""
 import json
+import re
 import shutil
 import uuid
 
@@ -241,3 +242,30 @@ def test_deploy_loads_decoder_then_ensemble_through_the_protected_control_api(ex
     finally:
         p.terminate()
         p.wait(timeout=30)
+
+
+# ------------------------------------------------------------------ one request path (issue 10)
+@pytest.mark.parametrize("beam, needle", [
+    (np.array([[1], [3]], np.int32), "BEAM_SIZE must be the same for every image of a request, got [1, 3]"),
+    (np.array([[99], [99]], np.int32), "BEAM_SIZE must be between 1 and 8, got 99"),
+])
+def test_serve_and_triton_decode_loop_answer_a_request_the_same_way(exported_repo, monkeypatch, beam, needle):
+    """Both servers run serving_core.caption_requests: a request mixing BEAM_SIZE values is
+    refused by both (Triton's model used to take the first value silently)."""
+    from captioner.serve import Repository
+
+    repo, _ = exported_repo
+    s = DecodeSettings.load(repo / names.DECODE_LOOP / "1")
+    cross = np.random.default_rng(0).standard_normal((2, 2 * s.n_layers, s.n_heads, 16, s.head_dim)).astype(np.float32)
+    triton = _load_model_py(repo, names.DECODE_LOOP, monkeypatch)
+    out = triton.execute([pb_utils_double.FakeRequest(cross_kv=cross, BEAM_SIZE=beam),
+                          pb_utils_double.FakeRequest(cross_kv=cross)])
+    assert needle in out[0].error().message() and not out[1].has_error()
+    local = Repository(repo, control="explicit", load=list(LOAD_ORDER))
+    try:
+        with pytest.raises(Exception, match=re.escape(needle)):
+            local.run(names.DECODE_LOOP, {names.CROSS_KV: cross, names.BEAM_SIZE: beam})
+        want = pb_utils_double.get_output_tensor_by_name(out[1], names.CAPTION).as_numpy()
+        assert (local.run(names.DECODE_LOOP, {names.CROSS_KV: cross})[names.CAPTION] == want).all()
+    finally:
+        local.close()
