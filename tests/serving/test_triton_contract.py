@@ -269,3 +269,37 @@ def test_serve_and_triton_decode_loop_answer_a_request_the_same_way(exported_rep
         assert (local.run(names.DECODE_LOOP, {names.CROSS_KV: cross})[names.CAPTION] == want).all()
     finally:
         local.close()
+
+
+def test_deploy_loads_every_replica_and_records_the_champion_only_after(exported_repo, tmp_path, monkeypatch):
+    """Defect 5: one load through the Service reaches one pod; here two servers (replicas of the
+    same serving folder) both get the new version, and a replica that cannot be loaded leaves
+    the champion record unchanged."""
+    from captioner.pipeline_steps import deploy_step, triton_endpoints
+    from captioner.storage import open_store
+    from tests.helpers import free_port
+
+    serving = tmp_path / "serving"
+    triton_repo.publish_version(exported_repo[0], open_store(str(serving)))
+    key = uuid.uuid4().hex
+    monkeypatch.setenv(CONTROL_KEY_ENV, key)
+    flags = ("--model-control-mode", "explicit", "--load-model", names.DECODER, "--load-model", names.ENSEMBLE,
+             "--grpc-restricted-protocol", f"model-repository:{CONTROL_HEADER}={key}")
+    procs = [start_serve(serving, tmp_path / f"replica{i}.log", *flags) for i in range(2)]
+    try:
+        urls = [u for _, u in procs]
+        assert triton_endpoints(",".join(urls)) == urls
+        assert triton_endpoints(f"localhost:{urls[0].split(':')[1]}") == [urls[0]]
+        dead = f"127.0.0.1:{free_port()}"
+        with pytest.raises(Exception):
+            deploy_step(str(exported_repo[0]), str(serving), 2.0, triton_url=f"{urls[0]},{dead}")
+        assert not (serving / "champion.json").exists()
+        r = deploy_step(str(exported_repo[0]), str(serving), 2.0, triton_url=",".join(urls))
+        assert r["replicas"] == urls and r["version"] == 3
+        for u in urls:
+            assert grpcclient.InferenceServerClient(u).is_model_ready(names.ENSEMBLE, "3")
+        assert json.loads((serving / "champion.json").read_text())["version"] == 3
+    finally:
+        for p, _ in procs:
+            p.terminate()
+            p.wait(timeout=30)
