@@ -282,9 +282,9 @@ def plan_load(models: dict[str, Model], requested: Iterable[str], read: Callable
 
 def check_repository(root: str | Path, load: Iterable[str] = ALL_MODELS) -> dict[str, Model]:
     """Refuse (RepositoryError) a local repository Triton would refuse for `load`."""
-    keys, read = listing_from_dir(root)
     if not Path(root).is_dir():
         raise RepositoryError(f"failed to stat file {root}: the model repository does not exist")
+    keys, read = listing_from_dir(root)
     models = load_listing(keys, read)
     plan_load(models, load, read)
     return models
