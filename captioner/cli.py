@@ -128,7 +128,13 @@ def cmd_export(a, _):
 def cmd_serve(a, _):
     from captioner.serve import serve_forever
 
-    serve_forever(a.repo, host=a.host, port=a.grpc_port, threads=a.threads)
+    from captioner.triton_repo import RepositoryError
+
+    try:
+        serve_forever(a.repo, host=a.host, port=a.grpc_port, threads=a.threads, control=a.model_control_mode,
+                      load=a.load_model, restricted=a.grpc_restricted_protocol)
+    except RepositoryError as e:
+        raise SystemExit(f"serve: Triton would refuse this repository: {e}") from None
 
 
 def _store(a, uri, create=False):
@@ -287,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    s.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
+                   help="as tritonserver: 'none' loads every model (and refuses a repository Triton would refuse); "
+                        "'explicit' loads only --load-model names and what RepositoryModelLoad asks for")
+    s.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="explicit mode: load NAME at start (repeat; dependencies first, e.g. decoder then captioner)")
+    s.add_argument("--grpc-restricted-protocol", default=None, metavar="model-repository:KEY=VALUE",
+                   help="as tritonserver: model load/unload/index calls must carry header KEY with VALUE")
     s.set_defaults(fn=cmd_serve)
 
     def s3_flags(sp):

@@ -86,13 +86,14 @@ def caption_files(url: str, paths: list[str], beam: int = 1, concurrency: int = 
 
 
 def wait_ready(url: str, timeout: float = 60.0, model: str = ENSEMBLE, tls: TLS | None = None) -> None:
+    """Wait until the server, and `model` unless it is "", is ready."""
     import time
 
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
-            if _client(url, tls).is_server_ready() and _client(url, tls).is_model_ready(model):
+            if _client(url, tls).is_server_ready() and (not model or _client(url, tls).is_model_ready(model)):
                 return
         except Exception as e:  # noqa: BLE001 - not up yet
             last = e

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -33,12 +34,14 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     import torch
 
     from captioner.checkpoint import load_checkpoint
+    from captioner.deployment import CONTROL_HEADER, CONTROL_KEY_ENV
     from captioner.client import caption_bytes, wait_ready
     from captioner.inference import caption_tensor
     from captioner.kfp_pipeline import local_arguments, run_local
     from captioner.serving_core import image_bytes_to_pixels
     from captioner.shards import materialize, open_shard_source
     from captioner.synthetic import attribute_accuracy, generate
+    from captioner.triton_repo import LOAD_ORDER
 
     t0 = time.time()
     wd = Path(workdir).resolve()
@@ -51,22 +54,46 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
             import shutil
 
             shutil.rmtree(run_dir / sub)
-    args = local_arguments(run_dir, src, "tiny-cpu", [f"--train.epochs={epochs}"], min_cider=min_cider,
-                           val_fraction=0.1, test_fraction=0.1, shard_mb=16.0)
-    print(f"running the captioner pipeline locally (kfp.local.SubprocessRunner) under {run_dir} ...", flush=True)
-    run_local(args, run_dir / "pipeline_root")
+    # `captioner serve` plays the cluster's Triton: explicit model control over the (still empty)
+    # serving folder, model-repository protocol restricted to a per-run key; the pipeline's
+    # deploy step gets the key through the environment, as the Secret gives it on the cluster.
+    (run_dir / "serving").mkdir(parents=True)
+    key = secrets.token_hex(16)
+    os.environ[CONTROL_KEY_ENV] = key
+    port = _free_port()
+    url = f"127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(run_dir / "serving"),
+                               "--grpc-port", str(port), "--model-control-mode", "explicit",
+                               "--grpc-restricted-protocol", f"model-repository:{CONTROL_HEADER}={key}"],
+                              env=os.environ.copy())
+    try:
+        wait_ready(url, timeout=120, model="")
+        args = local_arguments(run_dir, src, "tiny-cpu", [f"--train.epochs={epochs}"], min_cider=min_cider,
+                               val_fraction=0.1, test_fraction=0.1, shard_mb=16.0, triton_url=url)
+        print(f"running the captioner pipeline locally (kfp.local.SubprocessRunner) under {run_dir} ...", flush=True)
+        run_local(args, run_dir / "pipeline_root")
+    except BaseException:
+        server.terminate()
+        server.wait(timeout=30)
+        raise
     root = run_dir / "pipeline_root"
     ev = _task_output(root, "evaluate")
     metrics = ev["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     deployed = (run_dir / "serving" / "captioner" / "config.pbtxt").exists()
+    if deployed:
+        dep = json.loads(_task_output(root, "deploy")["parameterValues"]["Output"])
+        print(f"deploy: published version {dep['version']} to {dep['serving_uri']} and loaded "
+              f"{' then '.join(LOAD_ORDER)} on {', '.join(dep['replicas'])} through the restricted control API")
+    else:  # nothing deployed: serve the exported repository instead
+        server.terminate()
+        server.wait(timeout=30)
+        port = _free_port()
+        url = f"127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "captioner", "serve", args["repo_uri"], "--grpc-port",
+                                   str(port)], env=os.environ.copy())
 
     store, manifest = open_shard_source(args["data_uri"])
     held_out = materialize(store, manifest, "test", wd / "test_images")
-    repo = args["serving_uri"] if deployed else args["repo_uri"]
-    port = _free_port()
-    url = f"127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "captioner", "serve", repo, "--grpc-port", str(port)],
-                              env=os.environ.copy())
     try:
         wait_ready(url, timeout=120)
         served = caption_bytes(url, [Path(r.path).read_bytes() for r in held_out[:5]])

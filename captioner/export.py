@@ -15,21 +15,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 from captioner.checkpoint import LoadedCheckpoint, load_checkpoint
 from captioner.config import save_config
 from captioner.decoding import DecodeParams
 from captioner.inference import caption_tensor
-from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN,
-                             ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS,
-                             PREPROCESS_FILE, PRESENT_KV, TOKENIZER_FILE)
-from captioner.serving_core import MAX_BEAM, image_bytes_to_pixels
+from captioner.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
+                             LOGITS, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV, TOKENIZER_FILE)
+from captioner.serving_core import DecodeLoop, image_bytes_to_pixels
+from captioner.triton_repo import (BLS_VERSION_KEY, MAX_BATCH, build_configs, check_repository, write_configs,
+                                   write_marker)
 
 log = logging.getLogger(__name__)
-SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
-MAX_BATCH = 8  # images per batch for the encoder, preprocess, decode loop and the ensemble
+SOURCES = Path(__file__).resolve().parent / "triton"  # the Python-backend models, copied in as model.py
 
 
 class ParityError(RuntimeError):
@@ -102,71 +100,6 @@ def export_onnx(ck: LoadedCheckpoint, repo: Path, opset: int = 17) -> Dims:
     return d
 
 
-# ------------------------------------------------------------------ Triton configs
-def _io(cls, name, dtype, dims, optional=False):
-    t = cls(name=name, data_type=getattr(mc, dtype), dims=list(dims))
-    if optional:
-        t.optional = True
-    return t
-
-
-def build_configs(d: Dims, kind: str = "KIND_GPU", max_batch: int = MAX_BATCH) -> dict[str, mc.ModelConfig]:
-    gpu = getattr(mc.ModelInstanceGroup, kind)
-    cpu = mc.ModelInstanceGroup.KIND_CPU
-    I, O = mc.ModelInput, mc.ModelOutput
-    kv = [2 * d.L, d.heads, d.P, d.Dh]
-    past = [2 * d.L, d.heads, -1, d.Dh]
-    batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=2000)
-    cfgs = {
-        PREPROCESS: mc.ModelConfig(
-            name=PREPROCESS, backend="python", max_batch_size=max_batch,
-            input=[_io(I, IMAGE, "TYPE_STRING", [1])], output=[_io(O, PIXEL_VALUES, "TYPE_FP32", [d.C, d.H, d.W])],
-            instance_group=[mc.ModelInstanceGroup(kind=cpu, count=2)], dynamic_batching=batching),
-        ENCODER: mc.ModelConfig(
-            name=ENCODER, backend="onnxruntime", max_batch_size=max_batch,
-            input=[_io(I, PIXEL_VALUES, "TYPE_FP32", [d.C, d.H, d.W])],
-            output=[_io(O, ENCODER_HIDDEN, "TYPE_FP32", [d.P, d.D]), _io(O, CROSS_KV, "TYPE_FP32", kv)],
-            instance_group=[mc.ModelInstanceGroup(kind=gpu, count=1)], dynamic_batching=batching),
-        DECODER: mc.ModelConfig(
-            name=DECODER, backend="onnxruntime", max_batch_size=max_batch * MAX_BEAM,
-            input=[_io(I, INPUT_IDS, "TYPE_INT64", [-1]), _io(I, CROSS_KV, "TYPE_FP32", kv),
-                   _io(I, PAST_KV, "TYPE_FP32", past)],
-            output=[_io(O, LOGITS, "TYPE_FP32", [-1, d.V]), _io(O, PRESENT_KV, "TYPE_FP32", past)],
-            instance_group=[mc.ModelInstanceGroup(kind=gpu, count=1)]),
-        DECODE_LOOP: mc.ModelConfig(
-            name=DECODE_LOOP, backend="python", max_batch_size=max_batch,
-            input=[_io(I, CROSS_KV, "TYPE_FP32", kv), _io(I, BEAM_SIZE, "TYPE_INT32", [1], optional=True),
-                   _io(I, MAX_TOKENS, "TYPE_INT32", [1], optional=True)],
-            output=[_io(O, CAPTION, "TYPE_STRING", [1])],
-            instance_group=[mc.ModelInstanceGroup(kind=cpu, count=1)], dynamic_batching=batching),
-    }
-    S = mc.ModelEnsembling.Step
-    cfgs[ENSEMBLE] = mc.ModelConfig(
-        name=ENSEMBLE, platform="ensemble", max_batch_size=max_batch,
-        input=[_io(I, IMAGE, "TYPE_STRING", [1]), _io(I, BEAM_SIZE, "TYPE_INT32", [1], optional=True),
-               _io(I, MAX_TOKENS, "TYPE_INT32", [1], optional=True)],
-        output=[_io(O, CAPTION, "TYPE_STRING", [1])],
-        ensemble_scheduling=mc.ModelEnsembling(step=[
-            S(model_name=PREPROCESS, model_version=-1, input_map={IMAGE: IMAGE}, output_map={PIXEL_VALUES: PIXEL_VALUES}),
-            S(model_name=ENCODER, model_version=-1, input_map={PIXEL_VALUES: PIXEL_VALUES},
-              output_map={CROSS_KV: CROSS_KV}),
-            S(model_name=DECODE_LOOP, model_version=-1,
-              input_map={CROSS_KV: CROSS_KV, BEAM_SIZE: BEAM_SIZE, MAX_TOKENS: MAX_TOKENS},
-              output_map={CAPTION: CAPTION}),
-        ]))
-    return cfgs
-
-
-def write_configs(repo: Path, cfgs: dict[str, mc.ModelConfig]) -> None:
-    for name, cfg in cfgs.items():
-        (repo / name / "1").mkdir(parents=True, exist_ok=True)
-        (repo / name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
-
-
-def read_config(path: str | Path) -> mc.ModelConfig:
-    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
-
-
 # ------------------------------------------------------------------ parity
 def sample_images(ck: LoadedCheckpoint, n: int = 8) -> list[tuple[str, bytes]]:
     """Held-out images from the checkpoint's data when reachable, else generated scenes."""
@@ -219,7 +152,8 @@ def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: floa
     rep.encoder_max_abs_diff = float(max(np.abs(mem_o - mem_t.numpy()).max(), np.abs(cross_o - cross_t.numpy()).max()))
     params = DecodeParams(max_new_tokens=m.cfg.max_new_tokens)
     caps_t = caption_tensor(m, ck.tokenizer, x, DecodeParams(**vars(params)))
-    caps_o = ort_m.loop.caption(cross_o, DecodeParams(**vars(params)))
+    loop = DecodeLoop.from_dir(repo / DECODE_LOOP / "1", ort_m.run_decoder)
+    caps_o = loop.caption(cross_o, DecodeParams(**vars(params)))
     # per-step logits, teacher-forced on PyTorch's captions, through the cache in both
     ids = [[ck.tokenizer.bos_id] + ck.tokenizer.encode(c, m.cfg.max_len)[1:-1] for c in caps_t]
     T = min(len(s) for s in ids)
@@ -274,6 +208,16 @@ def quantize_int8(repo: Path) -> None:
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
+def onnx_versions(repo: Path) -> dict:
+    """IR version and opsets of each exported graph (the serving runtime must support them)."""
+    out = {}
+    for name in (ENCODER, DECODER):
+        m = onnx.load(str(repo / name / "1" / "model.onnx"), load_external_data=False)
+        out[name] = {"ir_version": int(m.ir_version),
+                     "opsets": {(o.domain or "ai.onnx"): int(o.version) for o in m.opset_import}}
+    return out
+
+
 # ------------------------------------------------------------------ entry point
 def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None = None, verify: bool = True,
            parity_images: int = 8, max_batch: int = MAX_BATCH, optimize: bool = True) -> dict:
@@ -286,13 +230,14 @@ def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None 
     cfgs = build_configs(d, "KIND_GPU" if device == "gpu" else "KIND_CPU", max_batch)
     write_configs(repo, cfgs)
     for name in (PREPROCESS, DECODE_LOOP):
-        shutil.copyfile(SOURCES / name / "1" / "model.py", repo / name / "1" / "model.py")
+        shutil.copyfile(SOURCES / f"{name}.py", repo / name / "1" / "model.py")
     (repo / PREPROCESS / "1" / PREPROCESS_FILE).write_text(json.dumps(ck.preprocess.to_dict(), indent=2))
     ck.tokenizer.save(repo / DECODE_LOOP / "1" / TOKENIZER_FILE)
     (repo / DECODE_LOOP / "1" / DECODE_FILE).write_text(json.dumps({
         "bos_id": ck.tokenizer.bos_id, "eos_id": ck.tokenizer.eos_id, "max_new_tokens": ck.model.cfg.max_new_tokens,
-        "n_layers": d.L, "n_heads": d.heads, "head_dim": d.Dh}, indent=2))
-    report = {"checkpoint": str(ck.path), "step": ck.step, "dims": asdict(d), "device": device}
+        "n_layers": d.L, "n_heads": d.heads, "head_dim": d.Dh, BLS_VERSION_KEY: -1}, indent=2))
+    report = {"checkpoint": str(ck.path), "step": ck.step, "dims": asdict(d), "device": device,
+              "onnx": onnx_versions(repo)}
     if optimize:
         report["fusions"] = optimize_graphs(repo, ck)
     if verify:
@@ -305,7 +250,10 @@ def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None 
                  q.captions_equal, q.images, q.logits_max_abs_diff)
     elif quantize:
         raise ValueError(f"--quantize supports only 'int8', got {quantize!r}")
+    report["onnx"] = onnx_versions(repo)  # after optimisation/quantisation: what Triton will load
     (repo / "export_report.json").write_text(json.dumps(report, indent=2))
     save_config(ck.config, repo / "config.yaml")
+    write_marker(repo, {"checkpoint": str(ck.path), "step": ck.step})
+    check_repository(repo)  # what Triton would refuse, refused here
     log.info("wrote Triton model repository %s (models: %s)", repo, ", ".join(sorted(cfgs)))
     return report

@@ -3,7 +3,6 @@ machine with kfp.local.SubprocessRunner, or submit it to a Kubeflow Pipelines en
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -11,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _pipeline(cluster: bool = True, train_in_pod: bool = False):
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    # `pipelines` and `components` are packages of this distribution (pyproject.toml), importable
+    # wherever `captioner` is: no sys.path or PYTHONPATH patching
     from pipelines.captioning import build_pipeline
 
     return build_pipeline(cluster=cluster, train_in_pod=train_in_pod)
@@ -54,13 +53,8 @@ def host_arguments(source: str, data_uri: str, model_uri: str, repo_uri: str, se
 
 def run_local(arguments: dict, pipeline_root: str | Path):
     """Run the whole pipeline here; returns the pipeline task (outputs) and the root."""
-    import os
-
     from kfp import local
 
-    os.environ.setdefault("PYTHONPATH", str(ROOT))
-    if str(ROOT) not in os.environ["PYTHONPATH"].split(os.pathsep):
-        os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ["PYTHONPATH"]
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)
     return _pipeline(cluster=False)(**arguments)

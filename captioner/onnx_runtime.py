@@ -1,14 +1,13 @@
-"""onnxruntime runners over an exported Triton repository (encoder + decoder ONNX)."""
+"""The two ONNX sessions of an exported repository (encoder and decoder) in onnxruntime.
+No decode loop here: that is `captioner.serving_core`."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from captioner.decoding import DecodeParams
-from captioner.names import (CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS, LOGITS, PAST_KV,
-                             PIXEL_VALUES, PREPROCESS, PRESENT_KV)
-from captioner.serving_core import DecodeLoop, load_preprocess
+from captioner.names import (CROSS_KV, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS, LOGITS, PAST_KV, PIXEL_VALUES,
+                             PRESENT_KV)
 
 
 def session(path: str | Path, threads: int = 0):
@@ -23,13 +22,13 @@ def session(path: str | Path, threads: int = 0):
 
 
 class OrtCaptioner:
-    def __init__(self, repo: str | Path, threads: int = 0):
+    """encoder/<version>/model.onnx and decoder/<version>/model.onnx as onnxruntime sessions."""
+
+    def __init__(self, repo: str | Path, threads: int = 0, encoder_version: int = 1, decoder_version: int = 1):
         repo = Path(repo)
         self.repo = repo
-        self.encoder = session(repo / ENCODER / "1" / "model.onnx", threads)
-        self.decoder = session(repo / DECODER / "1" / "model.onnx", threads)
-        self.pre = load_preprocess(repo / PREPROCESS / "1")
-        self.loop = DecodeLoop.from_dir(repo / DECODE_LOOP / "1", self.run_decoder)
+        self.encoder = session(repo / ENCODER / str(encoder_version) / "model.onnx", threads)
+        self.decoder = session(repo / DECODER / str(decoder_version) / "model.onnx", threads)
 
     def run_encoder(self, pixels: np.ndarray):
         hidden, cross = self.encoder.run([ENCODER_HIDDEN, CROSS_KV], {PIXEL_VALUES: pixels.astype(np.float32)})
@@ -39,8 +38,3 @@ class OrtCaptioner:
         logits, present = self.decoder.run([LOGITS, PRESENT_KV], {INPUT_IDS: input_ids.astype(np.int64),
                                                                    CROSS_KV: cross_kv, PAST_KV: past_kv})
         return logits, present
-
-    def caption_pixels(self, pixels: np.ndarray, params: DecodeParams | None = None) -> list[str]:
-        params = params or DecodeParams(max_new_tokens=self.loop.s.max_new_tokens)
-        _, cross = self.run_encoder(pixels)
-        return self.loop.caption(cross, params)

@@ -128,22 +128,62 @@ def should_deploy(cider: float, min_cider: float, champion: float) -> bool:
     return ok
 
 
+def triton_endpoints(triton_url: str) -> list[str]:
+    """Every replica behind `triton_url`: a comma-separated list of HOST:PORT, each host
+    resolved to all its IPv4 addresses (a headless Service name resolves to one address per
+    ready pod), so a load reaches every replica rather than the one a Service picks."""
+    import socket
+
+    out: list[str] = []
+    for item in filter(None, (x.strip() for x in triton_url.split(","))):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"Triton URL must be HOST:PORT[,HOST:PORT...], got {item!r}")
+        try:
+            addrs = sorted({ai[4][0] for ai in socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)})
+        except socket.gaierror as e:
+            raise RuntimeError(f"cannot resolve Triton host {host!r}: {e}") from None
+        out += [f"{a}:{port}" for a in addrs if f"{a}:{port}" not in out]
+    return out
+
+
+def load_on_replicas(triton_url: str, version: int, key: str | None) -> list[str]:
+    """Load, on every replica, the BLS target and then the ensemble (triton_repo.LOAD_ORDER)
+    through the restricted model-repository protocol, and check the new version is ready."""
+    import tritonclient.grpc as grpcclient
+
+    from captioner.deployment import CONTROL_HEADER
+    from captioner.names import ENSEMBLE
+    from captioner.triton_repo import LOAD_ORDER
+
+    headers = {CONTROL_HEADER: key} if key else None
+    done = []
+    for ep in triton_endpoints(triton_url):
+        c = grpcclient.InferenceServerClient(ep)
+        for m in LOAD_ORDER:
+            log.info("%s: loading %s", ep, m)
+            c.load_model(m, headers=headers)
+        if not c.is_model_ready(ENSEMBLE, str(version)):
+            raise RuntimeError(f"{ep}: {ENSEMBLE} version {version} is not ready after loading")
+        done.append(ep)
+    return done
+
+
 def deploy_step(repo_uri: str, serving_uri: str, cider: float, triton_url: str = "", model: str = "captioner") -> dict:
-    """Publish the repository to the serving location, record the new champion, and ask a
-    Triton in explicit model-control mode to (re)load the model."""
-    from captioner.storage import fetch, publish
+    """Publish the repository to the serving location as a new numeric version (switched
+    atomically, see triton_repo.publish_version), load it on every Triton replica in explicit
+    model-control mode (decoder, then the ensemble; the control key comes from the
+    CAPTIONER_TRITON_CONTROL_KEY env, i.e. the Secret), and only then record the champion."""
+    from captioner.deployment import CONTROL_KEY_ENV
+    from captioner.storage import fetch, open_store
+    from captioner.triton_repo import publish_version
 
     with tempfile.TemporaryDirectory(prefix="captioner-deploy-") as tmp:
         local = fetch(repo_uri, tmp)
-        publish(local, serving_uri)
-        champ = Path(tmp) / CHAMPION
-        champ.write_text(json.dumps({"CIDEr": cider, "repo": repo_uri}))
-        publish(champ, f"{serving_uri.rstrip('/')}/{CHAMPION}")
-    loaded = False
-    if triton_url:
-        import tritonclient.grpc as grpcclient
-
-        c = grpcclient.InferenceServerClient(triton_url)
-        c.load_model(model)
-        loaded = c.is_model_ready(model)
-    return {"serving_uri": serving_uri, "triton_loaded": loaded, "pid": os.getpid()}
+        store = open_store(serving_uri, create=True)
+        version = publish_version(local, store)
+        log.info("published %s to %s as version %d", repo_uri, serving_uri, version)
+        loaded = load_on_replicas(triton_url, version, os.environ.get(CONTROL_KEY_ENV)) if triton_url else []
+        store.put_bytes(CHAMPION, json.dumps({"CIDEr": cider, "repo": repo_uri, "version": version}).encode())
+    return {"serving_uri": serving_uri, "version": version, "triton_loaded": bool(loaded), "replicas": loaded,
+            "model": model, "pid": os.getpid()}

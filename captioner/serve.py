@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import Iterable
 
 import grpc
 import numpy as np
@@ -25,11 +26,11 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from captioner import __version__
-from captioner.export import read_config
-from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, ENSEMBLE,
-                             IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
-from captioner.onnx_runtime import OrtCaptioner
-from captioner.serving_core import RequestError, image_bytes_to_pixels, params_for
+from captioner import triton_repo
+from captioner.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE,
+                             INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
+from captioner.onnx_runtime import session
+from captioner.serving_core import DecodeLoop, RequestError, caption_requests, image_bytes_to_pixels, load_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -101,29 +102,116 @@ class Batcher:
 
 
 class Repository:
-    """The models of an exported repository, runnable in process."""
+    """The models of an exported repository that Triton would load, runnable in process.
 
-    def __init__(self, repo: str | Path, threads: int = 0):
+    Loading follows `captioner.triton_repo` (Triton's rules, from the object listing):
+    model-control mode "none" loads every model and refuses to start if Triton would refuse
+    one (Triton's default --exit-on-error); "explicit" loads only what `load()` names plus
+    ensemble steps. The decode loop reaches the decoder like Triton's BLS does: it fails with
+    Triton's "unknown model" error when the decoder (version) it pins is not loaded."""
+
+    def __init__(self, repo: str | Path, threads: int = 0, control: str = "none", load: Iterable[str] = ()):
         self.path = Path(repo)
-        self.configs: dict[str, mc.ModelConfig] = {}
-        for cfg_path in sorted(self.path.glob("*/config.pbtxt")):
-            cfg = read_config(cfg_path)
-            if cfg.name != cfg_path.parent.name:
-                raise ValueError(f"{cfg_path}: name '{cfg.name}' does not match its folder")
-            self.configs[cfg.name] = cfg
-        missing = {ENSEMBLE, PREPROCESS, ENCODER, DECODER, DECODE_LOOP} - set(self.configs)
-        if missing:
-            raise FileNotFoundError(f"{self.path} is not a complete captioner repository: missing {sorted(missing)}")
-        self.ort = OrtCaptioner(self.path, threads)
-        ens = self.configs[ENSEMBLE]
-        delay = ens.dynamic_batching.max_queue_delay_microseconds / 1e6 if ens.HasField("dynamic_batching") else 0.002
-        self.batcher = Batcher(self._ensemble_batch, ens.max_batch_size, max(delay, 0.002), ENSEMBLE)
+        self.threads = threads
+        self.control = control
         self.lock = threading.Lock()
         self.stats: dict[str, dict] = {}
+        self.models: dict[str, triton_repo.Model] = {}
+        self.loaded: dict[str, list[int]] = {}
+        self._cache: dict[tuple[str, int], object] = {}
+        self.batcher: Batcher | None = None
+        if not self.path.is_dir():
+            raise triton_repo.RepositoryError(f"failed to stat file {self.path}: the model repository does not exist")
+        if control == "none":
+            keys, read = triton_repo.listing_from_dir(self.path)
+            self.load(sorted(triton_repo.load_listing(keys, read)), bls_check=True)
+        elif control == "explicit":
+            for name in load:
+                self.load([name])
+        else:
+            raise ValueError(f"model control mode must be 'none' or 'explicit', got {control!r}")
+
+    @property
+    def configs(self) -> dict[str, mc.ModelConfig]:
+        return {n: self.models[n].config for n in self.loaded}
+
+    # -- model control (Triton re-reads the repository on every load)
+    def load(self, names: list[str], bls_check: bool = False) -> list[str]:
+        keys, read = triton_repo.listing_from_dir(self.path)
+        models = triton_repo.load_listing(keys, read)
+        with self.lock:
+            order = triton_repo.plan_load(models, names, read, bls=bls_check)
+            for n in order:  # build every runner before switching, so a failed load changes nothing
+                for v in models[n].selected:
+                    self._runner(n, v, models, fresh=True)
+            self.models.update({n: models[n] for n in order})
+            for n in order:
+                self.loaded[n] = models[n].selected
+            if ENSEMBLE in order:
+                ens = models[ENSEMBLE].config
+                delay = ens.dynamic_batching.max_queue_delay_microseconds / 1e6 \
+                    if ens.HasField("dynamic_batching") else 0.002
+                old, self.batcher = self.batcher, Batcher(self._ensemble_batch, ens.max_batch_size, max(delay, 0.002),
+                                                          ENSEMBLE)
+                if old is not None:
+                    old.stop()
+        log.info("loaded %s", ", ".join(f"{n} (versions {self.loaded[n]})" for n in order))
+        return order
+
+    def unload(self, name: str) -> None:
+        with self.lock:
+            if name not in self.loaded:
+                raise NotFound(name)
+            del self.loaded[name]
+            if name == ENSEMBLE and self.batcher is not None:
+                self.batcher.stop()
+                self.batcher = None
+        log.info("unloaded %s", name)
+
+    def version(self, model: str, version: int = -1) -> int:
+        """The loaded version that serves a request for `version` (-1: the latest loaded),
+        or NotFound with Triton's message."""
+        vs = self.loaded.get(model)
+        if not vs or (version != -1 and version not in vs):
+            what = f"'{model}'" + (f" version {version}" if version != -1 else "")
+            raise NotFound(f"Request for unknown model: {what} is not found")
+        return max(vs) if version == -1 else version
+
+    def _runner(self, model: str, v: int, models=None, fresh: bool = False):
+        key = (model, v)
+        if key in self._cache and not fresh:
+            return self._cache[key]
+        d = self.path / model / str(v)
+        if model in (ENCODER, DECODER):
+            r = session(d / "model.onnx", self.threads)
+        elif model == PREPROCESS:
+            r = load_preprocess(d)
+        elif model == DECODE_LOOP:
+            r = DecodeLoop.from_dir(d, None)
+            pin = r.s.decoder_version
+            r.run = lambda ids, cross, past, _pin=pin: self._bls_decoder(_pin, ids, cross, past)
+        else:
+            r = None
+        self._cache[key] = r
+        return r
+
+    def _bls_decoder(self, pin: int, ids, cross, past):
+        try:
+            v = self.version(DECODER, pin)
+        except NotFound as e:
+            raise RuntimeError(f"{DECODER}: {e}") from None
+        return tuple(self._runner(DECODER, v).run([LOGITS, PRESENT_KV], {INPUT_IDS: ids.astype(np.int64),
+                                                                         CROSS_KV: cross, PAST_KV: past}))
+
+    def _steps(self) -> dict[str, int]:
+        """The versions the loaded ensemble runs (its pinned step versions, else the latest)."""
+        return {st.model_name: self.version(st.model_name, st.model_version)
+                for st in self.models[ENSEMBLE].config.ensemble_scheduling.step}
 
     # -- model runners: inputs dict name -> np.ndarray (with batch dim) -> outputs dict
-    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self._run(model, inputs)
+    def run(self, model: str, inputs: dict[str, np.ndarray], version: int = -1) -> dict[str, np.ndarray]:
+        v = self.version(model, version)
+        out = self._run(model, v, inputs)
         with self.lock:  # Triton's meaning: inferences = batch items, executions = model runs
             st = self.stats.setdefault(model, {"inference_count": 0, "execution_count": 0, "last_inference": 0})
             st["inference_count"] += len(next(iter(inputs.values()))) if inputs else 0
@@ -132,68 +220,57 @@ class Repository:
                 st["execution_count"] += 1
         return out
 
-    def _run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, model: str, v: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if model == ENSEMBLE:
             return self.batcher.submit(inputs, len(inputs[IMAGE])).result()
+        r = self._runner(model, v)
         if model == PREPROCESS:
-            return {PIXEL_VALUES: image_bytes_to_pixels(inputs[IMAGE], self.ort.pre)}
+            return {PIXEL_VALUES: image_bytes_to_pixels(inputs[IMAGE], r)}
         if model == ENCODER:
-            hidden, cross = self.ort.run_encoder(inputs[PIXEL_VALUES])
+            hidden, cross = r.run([ENCODER_HIDDEN, CROSS_KV], {PIXEL_VALUES: inputs[PIXEL_VALUES].astype(np.float32)})
             return {ENCODER_HIDDEN: hidden, CROSS_KV: cross}
         if model == DECODER:
-            logits, present = self.ort.run_decoder(inputs[INPUT_IDS], inputs[CROSS_KV], inputs[PAST_KV])
-            return {LOGITS: logits, PRESENT_KV: present}
+            return dict(zip([LOGITS, PRESENT_KV], r.run([LOGITS, PRESENT_KV], {
+                INPUT_IDS: inputs[INPUT_IDS], CROSS_KV: inputs[CROSS_KV], PAST_KV: inputs[PAST_KV]})))
         if model == DECODE_LOOP:
-            self.ort.loop.check_cross_kv(inputs[CROSS_KV])
-            p = params_for(_opt(inputs, BEAM_SIZE), _opt(inputs, MAX_TOKENS), self.ort.loop.s)
-            res = self.ort.loop.caption_requests([(inputs[CROSS_KV], p)])[0]
+            res = caption_requests(r, [inputs])[0]
             if isinstance(res, Exception):
                 raise res
-            return {CAPTION: _captions(res)}
+            return res
         raise NotFound(model)
 
     def _ensemble_batch(self, items: list[dict]) -> list:
         """preprocess -> encoder -> decode_loop for many requests at once; a request whose
-        image is bad fails alone."""
+        image is bad fails alone. The decode-loop step is serving_core.caption_requests, as in Triton."""
+        steps = self._steps()
+        pre, enc = self._runner(PREPROCESS, steps[PREPROCESS]), self._runner(ENCODER, steps[ENCODER])
+        loop = self._runner(DECODE_LOOP, steps[DECODE_LOOP])
         out: list = [None] * len(items)
-        ok, pixels, params = [], [], []
+        ok, pixels = [], []
         for i, inp in enumerate(items):
             try:
-                p = params_for(_opt(inp, BEAM_SIZE), _opt(inp, MAX_TOKENS), self.ort.loop.s)
-                pixels.append(image_bytes_to_pixels(inp[IMAGE], self.ort.pre))
+                pixels.append(image_bytes_to_pixels(inp[IMAGE], pre))
                 ok.append(i)
-                params.append(p)
             except Exception as e:  # noqa: BLE001
                 out[i] = e
         if ok:
-            _, cross = self.ort.run_encoder(np.concatenate(pixels))
+            _, cross = enc.run([ENCODER_HIDDEN, CROSS_KV], {PIXEL_VALUES: np.concatenate(pixels)})
             sizes = np.cumsum([0] + [len(x) for x in pixels])
-            res = self.ort.loop.caption_requests([(cross[a:b], p) for a, b, p in zip(sizes[:-1], sizes[1:], params)])
-            for i, r in zip(ok, res):
-                out[i] = r if isinstance(r, Exception) else {CAPTION: _captions(r)}
+            reqs = [{CROSS_KV: cross[a:b], **{k: items[i][k] for k in (BEAM_SIZE, MAX_TOKENS) if k in items[i]}}
+                    for i, a, b in zip(ok, sizes[:-1], sizes[1:])]
+            for i, r in zip(ok, caption_requests(loop, reqs)):
+                out[i] = r
         return out
 
     def close(self) -> None:
-        self.batcher.stop()
-
-
-def _opt(inputs: dict, name: str):
-    a = inputs.get(name)
-    if a is None or a.size == 0:
-        return None
-    vals = set(a.reshape(-1).tolist())
-    if len(vals) > 1:
-        raise RequestError(f"{name} must be the same for every image of a request, got {sorted(vals)}")
-    return vals.pop()
-
-
-def _captions(caps: list[str]) -> np.ndarray:
-    return np.array([c.encode() for c in caps], dtype=np.object_).reshape(-1, 1)
+        if self.batcher is not None:
+            self.batcher.stop()
 
 
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repo: Repository):
+    def __init__(self, repo: Repository, restricted: tuple[str, str] | None = None):
         self.repo = repo
+        self.restricted = restricted  # (header, value) guarding the model-repository protocol
         self.requests = 0
         self.errors = 0
 
@@ -208,23 +285,30 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerMetadataResponse(name="captioner-local", version=__version__,
                                                   extensions=["classification", "model_configuration"])
 
+    def _version(self, name: str, version: str, context) -> int:
+        try:
+            return self.repo.version(name, int(version) if version else -1)
+        except (NotFound, ValueError) as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{e} (loaded: {', '.join(sorted(self.repo.loaded)) or 'none'})")
+
     def _config(self, name: str, version: str, context) -> mc.ModelConfig:
-        cfg = self.repo.configs.get(name)
-        if cfg is None or version not in ("", "1"):
-            what = f"model '{name}'" + (f" version {version}" if version else "")
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"Request for unknown model: {what} is not found (serving: {', '.join(sorted(self.repo.configs))})")
-        return cfg
+        self._version(name, version, context)
+        return self.repo.models[name].config
 
     def ModelReady(self, request, context):
-        return service_pb2.ModelReadyResponse(ready=request.name in self.repo.configs and request.version in ("", "1"))
+        try:
+            self.repo.version(request.name, int(request.version) if request.version else -1)
+            return service_pb2.ModelReadyResponse(ready=True)
+        except (NotFound, ValueError):
+            return service_pb2.ModelReadyResponse(ready=False)
 
     def ModelMetadata(self, request, context):
         cfg = self._config(request.name, request.version, context)
         batch = [-1] if cfg.max_batch_size > 0 else []
         T = service_pb2.ModelMetadataResponse.TensorMetadata
         return service_pb2.ModelMetadataResponse(
-            name=cfg.name, versions=["1"], platform=cfg.platform or PLATFORM.get(cfg.backend, cfg.backend),
+            name=cfg.name, versions=[str(v) for v in self.repo.loaded[cfg.name]],
+            platform=cfg.platform or PLATFORM.get(cfg.backend, cfg.backend),
             inputs=[T(name=t.name, datatype=_dtype(t)[0], shape=batch + list(t.dims)) for t in cfg.input],
             outputs=[T(name=t.name, datatype=_dtype(t)[0], shape=batch + list(t.dims)) for t in cfg.output])
 
@@ -232,29 +316,75 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelConfigResponse(config=self._config(request.name, request.version, context))
 
     def ModelStatistics(self, request, context):
-        names = [request.name] if request.name else sorted(self.repo.configs)
+        names = [request.name] if request.name else sorted(self.repo.loaded)
         if request.name:
             self._config(request.name, request.version, context)
         out = []
         for n in names:
             st = dict(self.repo.stats.get(n, {}))
-            if n == ENSEMBLE:
+            if n == ENSEMBLE and self.repo.batcher is not None:
                 st["execution_count"] = self.repo.batcher.batches  # one batched pass per dynamic batch
-            out.append(service_pb2.ModelStatistics(name=n, version="1", **st))
+            out.append(service_pb2.ModelStatistics(name=n, version=str(max(self.repo.loaded[n])), **st))
         return service_pb2.ModelStatisticsResponse(model_stats=out)
 
+    # -- model repository protocol (Triton's RepositoryIndex / RepositoryModelLoad / RepositoryModelUnload),
+    # restricted like `tritonserver --grpc-restricted-protocol=model-repository:KEY=VALUE`: without the
+    # header the call fails UNAVAILABLE with Triton's message (server src/grpc/grpc_handler.h,
+    # CommonCallData::Execute / ExecutePrecondition).
+    def _restricted(self, context) -> None:
+        if self.restricted is None:
+            return
+        key, value = self.restricted
+        if dict(context.invocation_metadata()).get(key) != value:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"This protocol is restricted, expecting header '{key}'")
+
     def RepositoryIndex(self, request, context):
+        self._restricted(context)
+        keys, read = triton_repo.listing_from_dir(self.repo.path)
         M = service_pb2.RepositoryIndexResponse.ModelIndex
-        return service_pb2.RepositoryIndexResponse(
-            models=[M(name=n, version="1", state="READY") for n in sorted(self.repo.configs)])
+        out = []
+        for n, m in sorted(triton_repo.load_listing(keys, read).items()):
+            if n in self.repo.loaded:
+                out += [M(name=n, version=str(v), state="READY") for v in self.repo.loaded[n]]
+            elif not request.ready:
+                out.append(M(name=n, state="UNAVAILABLE", reason=m.error or "unloaded"))
+        return service_pb2.RepositoryIndexResponse(models=out)
+
+    def RepositoryModelLoad(self, request, context):
+        self._restricted(context)
+        if request.parameters:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "load parameters (config/file overrides) are not supported")
+        if self.repo.control != "explicit":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "explicit model load / unload is not allowed if polling is "
+                                                       "enabled or model control mode is none")
+        try:
+            self.repo.load([request.model_name])
+        except triton_repo.RepositoryError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:  # noqa: BLE001 - a bad model fails its load, never the server
+            log.exception("load of %s failed", request.model_name)
+            context.abort(grpc.StatusCode.INTERNAL, f"failed to load '{request.model_name}': {type(e).__name__}: {e}")
+        return service_pb2.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request, context):
+        self._restricted(context)
+        if self.repo.control != "explicit":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "explicit model load / unload is not allowed if polling is "
+                                                       "enabled or model control mode is none")
+        try:
+            self.repo.unload(request.model_name)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"failed to unload '{request.model_name}': not loaded")
+        return service_pb2.RepositoryModelUnloadResponse()
 
     # -- inference
     def ModelInfer(self, request, context):
         self.requests += 1
         cfg = self._config(request.model_name, request.model_version, context)
+        version = self._version(request.model_name, request.model_version, context)
         try:
             inputs = self._parse_inputs(cfg, request)
-            outputs = self.repo.run(cfg.name, inputs)
+            outputs = self.repo.run(cfg.name, inputs, version)
             return self._response(cfg, request, outputs)
         except (RequestError, ValueError) as e:
             self.errors += 1
@@ -314,7 +444,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _response(self, cfg, request, outputs: dict[str, np.ndarray]):
         names = [o.name for o in request.outputs] or [o.name for o in cfg.output]
         known = {o.name: o for o in cfg.output}
-        resp = service_pb2.ModelInferResponse(model_name=cfg.name, model_version="1", id=request.id)
+        resp = service_pb2.ModelInferResponse(model_name=cfg.name, model_version=request.model_version or "",
+                                              id=request.id)
         for n in names:
             if n not in known:
                 raise RequestError(f"unknown output '{n}' requested (model outputs: {', '.join(known)})")
@@ -331,13 +462,26 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 MAX_MESSAGE = 256 * 1024 * 1024
 
 
+def parse_restricted(spec: str | None) -> tuple[str, str] | None:
+    """Triton's `--grpc-restricted-protocol=model-repository:KEY=VALUE` -> (KEY, VALUE)."""
+    if not spec:
+        return None
+    proto, _, kv = spec.partition(":")
+    key, eq, value = kv.partition("=")
+    if proto != "model-repository" or not eq or not key or not value:
+        raise ValueError(f"--grpc-restricted-protocol must be 'model-repository:KEY=VALUE', got {spec!r}")
+    return key.lower(), value  # gRPC metadata keys are lower case
+
+
 def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, workers: int = 32,
-                 threads: int = 0) -> tuple[grpc.Server, Repository, int]:
-    r = Repository(repo, threads)
+                 threads: int = 0, control: str = "none", load: Iterable[str] = (),
+                 restricted: str | None = None) -> tuple[grpc.Server, Repository, int]:
+    guard = parse_restricted(restricted)
+    r = Repository(repo, threads, control, load)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                   ("grpc.max_send_message_length", MAX_MESSAGE)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(r), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(r, guard), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
@@ -345,9 +489,12 @@ def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, wo
     return server, r, bound
 
 
-def serve_forever(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, threads: int = 0) -> None:
-    server, r, bound = start_server(repo, host, port, threads=threads)
-    log.info("serving %s on %s:%d (models: %s)", repo, host, bound, ", ".join(sorted(r.configs)))
+def serve_forever(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, threads: int = 0,
+                  control: str = "none", load: Iterable[str] = (), restricted: str | None = None) -> None:
+    server, r, bound = start_server(repo, host, port, threads=threads, control=control, load=load,
+                                    restricted=restricted)
+    log.info("serving %s on %s:%d (model control %s; loaded: %s)", repo, host, bound, control,
+             ", ".join(sorted(r.loaded)) or "none")
     stop = threading.Event()
 
     def _term(signum, _frame):

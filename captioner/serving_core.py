@@ -1,6 +1,8 @@
 """Request-level logic shared by the Triton Python-backend models and the local server:
-turning IMAGE bytes into pixel values and running the cached decode loop over any decoder
-runner (Triton BLS, onnxruntime). Every request either succeeds or gets its own error."""
+turning IMAGE bytes into pixel values, and `caption_requests`, the one request path from
+decode-loop request tensors (cross K/V, optional BEAM_SIZE / MAX_TOKENS) to CAPTION tensors,
+run over any decoder runner (Triton BLS, onnxruntime). Every request either succeeds or
+gets its own error."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from captioner.decoding import CachedStep, DecodeParams, decode
-from captioner.names import DECODE_FILE, PREPROCESS_FILE, TOKENIZER_FILE
+from captioner.names import BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, MAX_TOKENS, PREPROCESS_FILE, TOKENIZER_FILE
 from captioner.preprocess import SERVING_MAX_PIXELS, ImageError, PreprocessConfig, preprocess_bytes
 from captioner.tokenizer import CaptionTokenizer
 
@@ -48,6 +50,7 @@ class DecodeSettings:
     head_dim: int
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    decoder_version: int = -1  # the decoder version the BLS calls pin (-1 = latest); set by the deploy
 
     @classmethod
     def load(cls, d: str | Path) -> "DecodeSettings":
@@ -93,7 +96,7 @@ class DecodeLoop:
         ids = decode(step, B, self.tok.bos_id, self.tok.eos_id, params)
         return [self.tok.decode(x) for x in ids]
 
-    def caption_requests(self, items: list[tuple[np.ndarray, DecodeParams]]) -> list[list[str] | Exception]:
+    def caption_groups(self, items: list[tuple[np.ndarray, DecodeParams]]) -> list[list[str] | Exception]:
         """Batch many requests: requests with the same decoding parameters and patch count
         are decoded together; results come back in request order."""
         groups: dict[tuple, list[int]] = {}
@@ -113,6 +116,44 @@ class DecodeLoop:
                 out[i] = caps[k:k + n]
                 k += n
         return out
+
+
+def request_int(tensors: dict, name: str) -> int | None:
+    """One optional INT32 parameter of a request: absent/empty -> None; every row of the
+    request must carry the same value (a request is decoded with one setting)."""
+    a = tensors.get(name)
+    if a is None or a.size == 0:
+        return None
+    vals = set(np.asarray(a).reshape(-1).tolist())
+    if len(vals) > 1:
+        raise RequestError(f"{name} must be the same for every image of a request, got {sorted(vals)}")
+    return int(vals.pop())
+
+
+def captions_tensor(caps: list[str]) -> np.ndarray:
+    return np.array([c.encode() for c in caps], dtype=np.object_).reshape(-1, 1)
+
+
+def caption_requests(loop: DecodeLoop, requests: list[dict]) -> list[dict | Exception]:
+    """The request-level step of the decode loop, for `captioner serve` and Triton's
+    decode_loop model alike: each request's tensors {cross_kv, BEAM_SIZE?, MAX_TOKENS?} ->
+    {CAPTION: [B,1] bytes} or that request's own error. Checks the cross K/V, parses the
+    parameters, decodes requests with equal settings in one batch, encodes the captions."""
+    out: list = [None] * len(requests)
+    ok, items = [], []
+    for i, t in enumerate(requests):
+        try:
+            cross = t.get(CROSS_KV)
+            if cross is None:
+                raise RequestError(f"missing input {CROSS_KV}")
+            loop.check_cross_kv(cross)
+            items.append((cross, params_for(request_int(t, BEAM_SIZE), request_int(t, MAX_TOKENS), loop.s)))
+            ok.append(i)
+        except Exception as e:  # noqa: BLE001 - this request's error only
+            out[i] = e
+    for i, r in zip(ok, loop.caption_groups(items)):
+        out[i] = r if isinstance(r, Exception) else {CAPTION: captions_tensor(r)}
+    return out
 
 
 def load_preprocess(d: str | Path) -> PreprocessConfig:

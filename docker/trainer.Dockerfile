@@ -13,7 +13,6 @@ COPY components ./components
 COPY pipelines ./pipelines
 COPY benchmarks ./benchmarks
 COPY configs ./configs
-COPY model_repository ./model_repository
 
 # the base image already has torch; install the rest without replacing it
 RUN pip install --no-deps -e . \

@@ -14,7 +14,8 @@ the train task re-attaches to its PyTorchJob and resumes from its checkpoints.
 from kfp import dsl, kubernetes
 
 import components as c
-from captioner.deployment import GPU_NODE_SELECTOR, GPU_TOLERATION, S3_ENV, S3_SECRET
+from captioner.deployment import (CONTROL_KEY_ENV, CONTROL_SECRET, CONTROL_SECRET_KEY, GPU_NODE_SELECTOR,
+                                  GPU_TOLERATION, S3_ENV, S3_SECRET)
 
 
 def _s3(task, cluster: bool):
@@ -86,6 +87,9 @@ def build_pipeline(cluster: bool = True, train_in_pod: bool = False):
                            triton_url=triton_url)
             dep.set_caching_options(False)
             _s3(dep, cluster)
+            if cluster:  # the key for Triton's restricted model-repository protocol (a local run passes it as env)
+                kubernetes.use_secret_as_env(dep, secret_name=CONTROL_SECRET,
+                                             secret_key_to_env={CONTROL_SECRET_KEY: CONTROL_KEY_ENV}, optional=False)
 
     return captioning_pipeline
 

@@ -5,19 +5,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# A model small enough that a training step takes milliseconds on one CPU core.
-TINY = [
-    "--model.encoder=vit_tiny_patch16_224",
-    "--model.encoder_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
-    "--model.d_model=32", "--model.n_layers=2", "--model.n_heads=2", "--model.max_len=16",
-    "--data.num_workers=0", "--data.val_fraction=0.15", "--data.test_fraction=0.15",
-    "--train.batch_size=8", "--train.warmup_steps=5", "--train.log_every=0", "--train.val_max_images=16",
-    "--train.lr=2e-3",
-]
+# shared helpers live in tests/helpers.py; re-exported here for older imports
+from tests.helpers import ROOT, TINY, free_port, start_serve, tiny_cfg  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +28,6 @@ def synth_copy(synth_dir, tmp_path) -> Path:
     return d
 
 
-def tiny_cfg(data: Path, out: Path, *extra: str):
-    from captioner.config import load_config
-
-    return load_config(None, [*TINY, f"--data.source={data}", f"--train.out_dir={out}", *extra])
-
-
 @pytest.fixture(scope="session")
 def trained_run(synth_dir, tmp_path_factory):
     """One tiny trained run shared by the read-only tests (evaluate, caption, export...)."""
@@ -60,14 +45,6 @@ def exported_repo(trained_run, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo") / "models"
     report = export(str(trained_run.out_dir / "ckpt_best.pt"), str(repo), device="cpu")
     return repo, report
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -120,22 +97,3 @@ def store_uri(request, tmp_path, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return f"s3://bucket-{uuid.uuid4().hex[:8]}/datasets/v1"
-
-
-def start_serve(repo, log_path):
-    """`captioner serve REPO` as a real process on a free port, ready; output goes to log_path."""
-    import subprocess
-
-    from captioner.client import wait_ready
-
-    port = free_port()
-    log = open(log_path, "w")
-    p = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--grpc-port", str(port)],
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"127.0.0.1:{port}"
-    try:
-        wait_ready(url, timeout=60)
-    except TimeoutError:
-        p.kill()
-        raise AssertionError(Path(log_path).read_text()) from None
-    return p, url

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[1])
-from conftest import tiny_cfg  # noqa: E402
+from helpers import tiny_cfg  # noqa: E402  (tests/helpers.py)
 
 from captioner.train import train  # noqa: E402
 

@@ -10,7 +10,7 @@ import yaml
 
 from captioner import pipeline_steps as steps
 
-from tests.conftest import ROOT, start_serve
+from tests.helpers import start_serve
 
 TINY_TRAIN = ["--model.encoder_kwargs={output_stride: 16, pretrained_cfg_overlay: {input_size: [3, 32, 32]}}",
               "--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--data.num_workers=0",
@@ -19,7 +19,7 @@ TINY_TRAIN = ["--model.encoder_kwargs={output_stride: 16, pretrained_cfg_overlay
 
 def _compile(path, *flags):
     r = subprocess.run([sys.executable, "-m", "captioner", "pipeline", "compile", str(path), *flags],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, text=True, env=os.environ.copy())
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all(path.read_text()))
     platform = next(d for d in docs if "platforms" in d)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -291,7 +291,7 @@ def test_pipeline_run_host_refuses_local_paths(flag, tmp_path):
     args = list(HOST_URIS)
     args[args.index(flag) + 1] = str(tmp_path)
     r = subprocess.run([sys.executable, "-m", "captioner", "pipeline", "run", "--host", "http://127.0.0.1:9", *args],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, text=True, env=os.environ.copy())
     assert r.returncode == 2 and "must be an s3://bucket/prefix URI" in r.stderr and flag in r.stderr, r.stderr
 
 

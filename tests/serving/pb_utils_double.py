@@ -1,21 +1,32 @@
 """A test double of Triton's `triton_python_backend_utils`, installed through sys.modules.
 
-Tensors, requests and responses behave like the real module's for what the captioner
-models use; `InferenceRequest.exec()` runs the named model of the exported repository in
-onnxruntime, after checking the request's tensor names, dtypes and shapes against that
-model's config.pbtxt, as Triton would.
+It follows python_backend's behaviour (triton-inference-server/python_backend r25.01), not ours:
+- src/pb_tensor.cc `PbTensor::AsNumpy`: a tensor not in CPU memory raises
+  "Tensor is stored in GPU and cannot be converted to NumPy." (TritonModelException).
+- BLS (README "Business Logic Scripting", src/infer_request.h `PreferredMemory`,
+  src/request_executor.cc): the callee's outputs come back in the memory the callee produced
+  them in (an onnxruntime model with a KIND_GPU instance group produces GPU tensors) unless
+  the request's `preferred_memory` asks for CPU (TRITONSERVER_MEMORY_CPU).
+- A BLS request to a model (or version) that is not loaded fails with core's message
+  (core src/model_lifecycle.cc `GetModel`): "Request for unknown model: '<name>' is not found".
+  What is loaded is decided by `captioner.triton_repo.plan_load` (explicit mode: the named
+  models plus ensemble steps; BLS targets are not loaded for you).
+Requests are also checked against the callee's config.pbtxt (names, dtypes, shapes, batch).
 """
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
 import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
 
-from captioner.export import read_config
 from captioner.onnx_runtime import session
+from captioner.triton_repo import ALL_MODELS, listing_from_dir, load_listing, plan_load
 
 NP = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_STRING": np.object_}
+TRITONSERVER_MEMORY_CPU, TRITONSERVER_MEMORY_CPU_PINNED, TRITONSERVER_MEMORY_GPU = 0, 1, 2
 
 
 class TritonError(Exception):
@@ -27,16 +38,30 @@ class TritonError(Exception):
         return self._msg
 
 
+class TritonModelException(Exception):
+    """What python_backend raises in the stub for PythonBackendException."""
+
+
+class PreferredMemory:
+    def __init__(self, preferred_memory_type, preferred_device_id=0):
+        self.preferred_memory_type, self.preferred_device_id = preferred_memory_type, preferred_device_id
+
+
 class Tensor:
-    def __init__(self, name, array):
+    def __init__(self, name, array, _gpu=False):
         if not isinstance(array, np.ndarray):
             raise TypeError(f"Tensor '{name}' needs a numpy array, got {type(array).__name__}")
-        self._name, self._a = name, array
+        self._name, self._a, self._gpu = name, array, _gpu
 
     def name(self):
         return self._name
 
+    def is_cpu(self):
+        return not self._gpu
+
     def as_numpy(self):
+        if self._gpu:
+            raise TritonModelException("Tensor is stored in GPU and cannot be converted to NumPy.")
         return self._a
 
 
@@ -74,21 +99,24 @@ def get_output_tensor_by_name(response, name):
 
 
 class _Backend:
-    def __init__(self, repo: Path):
-        self.repo = Path(repo)
-        self.sessions, self.configs, self.calls = {}, {}, []
+    """The models a Triton started with `--model-control-mode=explicit --load-model=...` holds."""
 
-    def run(self, model, inputs, outputs):
-        cfg = self.configs.get(model)
-        if cfg is None:
-            p = self.repo / model / "config.pbtxt"
-            if not p.exists():
-                return InferenceResponse(error=TritonError(f"Request for unknown model: '{model}' is not found"))
-            cfg = self.configs[model] = read_config(p)
+    def __init__(self, repo: Path, load=ALL_MODELS):
+        self.repo = Path(repo)
+        keys, read = listing_from_dir(self.repo)
+        self.models = load_listing(keys, read)
+        self.loaded = {n: self.models[n].selected for n in plan_load(self.models, load, bls=False)}
+        self.sessions, self.calls = {}, []
+
+    def run(self, model, version, inputs, outputs, preferred):
+        versions = self.loaded.get(model)
+        if not versions or (version != -1 and version not in versions):
+            what = f"'{model}'" + (f" version {version}" if version != -1 else "")
+            return InferenceResponse(error=TritonError(f"Request for unknown model: {what} is not found"))
+        version = max(versions) if version == -1 else version
+        cfg = self.models[model].config
         spec = {t.name: t for t in cfg.input}
         feed = {}
-        from tritonclient.grpc import model_config_pb2 as mc
-
         for t in inputs:
             s = spec.get(t.name())
             a = t.as_numpy()
@@ -107,30 +135,42 @@ class _Backend:
         for o in outputs:
             if o not in known:
                 return InferenceResponse(error=TritonError(f"unknown requested output '{o}' for '{model}'"))
-        if model not in self.sessions:
-            self.sessions[model] = session(self.repo / model / "1" / "model.onnx")
+        if (model, version) not in self.sessions:
+            self.sessions[model, version] = session(self.repo / model / str(version) / "model.onnx")
         self.calls.append((model, {k: v.shape for k, v in feed.items()}))
-        res = self.sessions[model].run(list(outputs), feed)
-        return InferenceResponse([Tensor(n, a) for n, a in zip(outputs, res)])
+        res = self.sessions[model, version].run(list(outputs), feed)
+        on_gpu = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group) or not cfg.instance_group
+        if preferred is not None and preferred.preferred_memory_type in (TRITONSERVER_MEMORY_CPU,
+                                                                        TRITONSERVER_MEMORY_CPU_PINNED):
+            on_gpu = False
+        return InferenceResponse([Tensor(n, a, _gpu=on_gpu) for n, a in zip(outputs, res)])
 
 
 _backend: _Backend | None = None
 
 
 class InferenceRequest:
-    def __init__(self, model_name, requested_output_names, inputs, **_):
+    def __init__(self, model_name, requested_output_names, inputs, model_version=-1, preferred_memory=None, **_):
         self.model_name, self.outputs, self.inputs = model_name, list(requested_output_names), list(inputs)
+        self.model_version, self.preferred_memory = int(model_version), preferred_memory
 
     def exec(self):
-        return _backend.run(self.model_name, self.inputs, self.outputs)
+        return _backend.run(self.model_name, self.model_version, self.inputs, self.outputs, self.preferred_memory)
 
 
-def make_module(repo: Path) -> types.ModuleType:
+def make_module(repo: Path, load=ALL_MODELS) -> types.ModuleType:
     global _backend
-    _backend = _Backend(repo)
+    _backend = _Backend(repo, load)
     m = types.ModuleType("triton_python_backend_utils")
-    for n in ("Tensor", "InferenceResponse", "InferenceRequest", "TritonError", "get_input_tensor_by_name",
-              "get_output_tensor_by_name"):
+    for n in ("Tensor", "InferenceResponse", "InferenceRequest", "TritonError", "TritonModelException",
+              "PreferredMemory", "TRITONSERVER_MEMORY_CPU", "TRITONSERVER_MEMORY_CPU_PINNED", "TRITONSERVER_MEMORY_GPU",
+              "get_input_tensor_by_name", "get_output_tensor_by_name"):
         setattr(m, n, globals()[n])
     m.backend = _backend
     return m
+
+
+def model_args(repo: Path, model: str, version: int = 1) -> dict:
+    """The `args` Triton passes to initialize() (python_backend src/pb_stub.cc)."""
+    return {"model_repository": str(Path(repo) / model), "model_version": str(version), "model_name": model,
+            "model_config": json.dumps({"name": model})}

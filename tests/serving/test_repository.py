@@ -13,9 +13,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from captioner import names
 from captioner.checkpoint import load_checkpoint
-from captioner.export import read_config, sample_images
+from captioner.export import sample_images
 from captioner.inference import caption_tensor
 from captioner.serving_core import image_bytes_to_pixels
+from captioner.triton_repo import LOAD_ORDER, VERSION_README, read_config
 
 from tests.serving import pb_utils_double
 
@@ -32,7 +33,7 @@ def test_every_config_parses_and_names_its_folder(exported_repo):
     assert set(cfgs) == {names.ENSEMBLE, names.PREPROCESS, names.ENCODER, names.DECODER, names.DECODE_LOOP}
     for folder, cfg in cfgs.items():
         assert cfg.name == folder
-        assert (repo / folder / "1").is_dir()
+        assert (repo / folder / "1" / VERSION_README).is_file()  # S3 keeps no empty folder
         assert cfg.max_batch_size > 0
     kinds = {n: cfgs[n].instance_group[0].kind for n in (names.ENCODER, names.DECODER)}
     assert set(kinds.values()) == {mc.ModelInstanceGroup.KIND_CPU}  # exported with --device cpu
@@ -113,14 +114,15 @@ def test_bls_tensor_names_exist_in_called_configs(exported_repo):
     assert {names.INPUT_IDS, names.CROSS_KV, names.PAST_KV} <= dec
 
 
-def _load_model_py(repo, model, monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils_double.make_module(repo))
-    spec = importlib.util.spec_from_file_location(f"triton_{model}", repo / model / "1" / "model.py")
+def _load_model_py(repo, model, monkeypatch, load=LOAD_ORDER, version=1):
+    """Import <model>/<version>/model.py the way python_backend does, with Triton holding the
+    models an explicit-mode load of `load` gives (triton_repo.plan_load)."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils_double.make_module(repo, load))
+    spec = importlib.util.spec_from_file_location(f"triton_{model}", repo / model / str(version) / "model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     inst = mod.TritonPythonModel()
-    inst.initialize({"model_repository": str(repo / model), "model_version": "1",
-                     "model_config": (repo / model / "config.pbtxt").read_text()})
+    inst.initialize(pb_utils_double.model_args(repo, model, version))
     return inst
 
 

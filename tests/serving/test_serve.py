@@ -21,7 +21,7 @@ from captioner.export import sample_images
 from captioner.inference import caption_tensor
 from captioner.serving_core import image_bytes_to_pixels
 
-from tests.conftest import ROOT, start_serve
+from tests.helpers import start_serve
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def _png(w, h):
     ("dtype", "datatype FP32, expected BYTES", "INVALID_ARGUMENT"),
     ("shape", "has shape [1, 2], expected [-1, 1]", "INVALID_ARGUMENT"),
     ("decoder-shape", "input 'cross_kv' has shape", "INVALID_ARGUMENT"),
-    ("unknown-model", "Request for unknown model: model 'nope'", "NOT_FOUND"),
+    ("unknown-model", "Request for unknown model: 'nope' is not found", "NOT_FOUND"),
     ("missing-input", "missing required input(s): IMAGE", "INVALID_ARGUMENT"),
 ])
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, trained_run, case, needle, code):
@@ -171,7 +171,7 @@ def test_caption_cli_against_server(server, synth_dir, tmp_path):
     assert all(out[str(p)] and not out[str(p)].startswith("ERROR") for p in imgs)
     assert out[str(bad)].startswith("ERROR:") and "not a recognised image format" in out[str(bad)]
     r = subprocess.run([sys.executable, "-m", "captioner", "caption", *map(str, imgs), "--url", url, "--beam", "2"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, text=True, env=os.environ.copy())
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) == 3
 

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 
 def _missing() -> str | None:
@@ -53,6 +53,10 @@ def cluster():
            "deployment/training-operator", "--timeout=300s")
         sh("sh", str(ROOT / "k8s" / "base" / "secrets" / "generate.sh"))  # per-install credentials
         sh("kubectl", "--context", ctx, "create", "namespace", "kubeflow", check=False)  # the steps' Secret goes there
+        # the per-install key of Triton's restricted model-repository protocol (k8s/base/triton.yaml)
+        sh("kubectl", "--context", ctx, "create", "namespace", "captioner", check=False)
+        sh("kubectl", "--context", ctx, "-n", "captioner", "create", "secret", "generic", "captioner-triton-control",
+           f"--from-literal=key={uuid.uuid4().hex}")
         sh("kubectl", "--context", ctx, "apply", "-k", str(ROOT / "k8s" / "overlays" / "kind"))
         sh("kubectl", "--context", ctx, "-n", "captioner", "rollout", "status", "statefulset/minio", "--timeout=300s")
         sh("kubectl", "--context", ctx, "-n", "captioner", "wait", "--for=condition=complete", "job/minio-users",

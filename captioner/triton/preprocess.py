@@ -1,5 +1,6 @@
 """Triton Python backend: IMAGE (encoded bytes, TYPE_STRING [1]) -> pixel_values FP32 [3,H,W].
 
+`captioner export` copies this file to `preprocess/<version>/model.py`.
 A thin shell: decoding and preprocessing are `captioner.serving_core.image_bytes_to_pixels`,
 the same function training, export and the local server use; the numbers come from
 preprocess.json, which `captioner export` writes from the encoder's timm data config.

@@ -1,0 +1,348 @@
+"""The Triton model repository contract, in one place: building, writing and reading the
+`config.pbtxt` files, and deciding, from an object *listing* (what S3 returns: objects only,
+no folders), which models Triton would load and why it would refuse one.
+
+Used by `captioner export` (writes), `captioner serve` (refuses what Triton refuses), the
+deploy step (publishes a new numeric version and loads in dependency order) and the tests.
+It imports no torch/onnx export code.
+
+Triton's rules applied here, followed from triton-inference-server/core (r25.01):
+- src/model_repository_manager/model_repository_manager.cc (`Poll`, `LoadModelByDependency`,
+  `UpdateDependencyGraph`): every sub-folder of the repository root is a model; files at
+  the root are ignored; an ensemble's `ensemble_scheduling.step[*].model_name` are its
+  dependencies and are loaded with it; a model's own config name must equal its folder.
+  Models reached through BLS are *not* dependencies: in explicit mode they are loaded only
+  when named (`--load-model` / RepositoryModelLoad).
+- src/model_config_utils.cc (`GetModelVersionFromPath`) and src/model_lifecycle.cc
+  (`VersionsToLoad`, `AsyncLoad`): versions are the sub-folders whose names parse as
+  integers; the version policy (default `latest { num_versions: 1 }`) selects among them;
+  "at least one version must be available under the version policy of model '<name>'".
+  An S3 "folder" exists only if an object lies under it, so an empty `1/` is no version.
+- src/ensemble_scheduler/ensemble_utils.cc (`ValidateEnsembleConfig`): every step model
+  must exist, and a pinned step `model_version` must be one that model loads.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN,
+                             ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS,
+                             PRESENT_KV)
+
+CONFIG = "config.pbtxt"
+REPOSITORY_MARKER = "captioner-repository.json"  # at the root of every repository `captioner export` writes
+VERSION_README = "README.md"  # in every version folder, so the folder exists on S3 (defect: empty `captioner/1/`)
+MAX_BATCH = 8  # images per batch for the encoder, preprocess, decode loop and the ensemble
+MAX_BEAM = 8
+ALL_MODELS = (ENSEMBLE, PREPROCESS, ENCODER, DECODER, DECODE_LOOP)
+# Models a Python-backend model calls through BLS (`pb_utils.InferenceRequest(model_name=...)`).
+# Triton does not know about these edges, so they must be loaded explicitly, before the caller.
+BLS_TARGETS = {DECODE_LOOP: (DECODER,)}
+# What a deploy loads in explicit mode, in this order: the BLS target first, then the ensemble
+# (which brings preprocess, encoder and decode_loop as its dependencies).
+LOAD_ORDER = (DECODER, ENSEMBLE)
+BLS_VERSION_KEY = "decoder_version"  # in decode_loop's decode.json: the decoder version it calls (-1 = latest)
+
+
+class RepositoryError(ValueError):
+    """Triton would refuse to load this model; the message gives Triton's reason."""
+
+
+# ------------------------------------------------------------------ configs: build / write / read
+def _io(cls, name, dtype, dims, optional=False):
+    t = cls(name=name, data_type=getattr(mc, dtype), dims=list(dims))
+    if optional:
+        t.optional = True
+    return t
+
+
+def build_configs(d, kind: str = "KIND_GPU", max_batch: int = MAX_BATCH) -> dict[str, mc.ModelConfig]:
+    """d: the graph dimensions (C, H, W, P, D, L, heads, Dh, V attributes)."""
+    gpu = getattr(mc.ModelInstanceGroup, kind)
+    cpu = mc.ModelInstanceGroup.KIND_CPU
+    I, O = mc.ModelInput, mc.ModelOutput
+    kv = [2 * d.L, d.heads, d.P, d.Dh]
+    past = [2 * d.L, d.heads, -1, d.Dh]
+    batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=2000)
+    cfgs = {
+        PREPROCESS: mc.ModelConfig(
+            name=PREPROCESS, backend="python", max_batch_size=max_batch,
+            input=[_io(I, IMAGE, "TYPE_STRING", [1])], output=[_io(O, PIXEL_VALUES, "TYPE_FP32", [d.C, d.H, d.W])],
+            instance_group=[mc.ModelInstanceGroup(kind=cpu, count=2)], dynamic_batching=batching),
+        ENCODER: mc.ModelConfig(
+            name=ENCODER, backend="onnxruntime", max_batch_size=max_batch,
+            input=[_io(I, PIXEL_VALUES, "TYPE_FP32", [d.C, d.H, d.W])],
+            output=[_io(O, ENCODER_HIDDEN, "TYPE_FP32", [d.P, d.D]), _io(O, CROSS_KV, "TYPE_FP32", kv)],
+            instance_group=[mc.ModelInstanceGroup(kind=gpu, count=1)], dynamic_batching=batching),
+        DECODER: mc.ModelConfig(
+            name=DECODER, backend="onnxruntime", max_batch_size=max_batch * MAX_BEAM,
+            input=[_io(I, INPUT_IDS, "TYPE_INT64", [-1]), _io(I, CROSS_KV, "TYPE_FP32", kv),
+                   _io(I, PAST_KV, "TYPE_FP32", past)],
+            output=[_io(O, LOGITS, "TYPE_FP32", [-1, d.V]), _io(O, PRESENT_KV, "TYPE_FP32", past)],
+            instance_group=[mc.ModelInstanceGroup(kind=gpu, count=1)]),
+        DECODE_LOOP: mc.ModelConfig(
+            name=DECODE_LOOP, backend="python", max_batch_size=max_batch,
+            input=[_io(I, CROSS_KV, "TYPE_FP32", kv), _io(I, BEAM_SIZE, "TYPE_INT32", [1], optional=True),
+                   _io(I, MAX_TOKENS, "TYPE_INT32", [1], optional=True)],
+            output=[_io(O, CAPTION, "TYPE_STRING", [1])],
+            instance_group=[mc.ModelInstanceGroup(kind=cpu, count=1)], dynamic_batching=batching),
+    }
+    S = mc.ModelEnsembling.Step
+    cfgs[ENSEMBLE] = mc.ModelConfig(
+        name=ENSEMBLE, platform="ensemble", max_batch_size=max_batch,
+        input=[_io(I, IMAGE, "TYPE_STRING", [1]), _io(I, BEAM_SIZE, "TYPE_INT32", [1], optional=True),
+               _io(I, MAX_TOKENS, "TYPE_INT32", [1], optional=True)],
+        output=[_io(O, CAPTION, "TYPE_STRING", [1])],
+        ensemble_scheduling=mc.ModelEnsembling(step=[
+            S(model_name=PREPROCESS, model_version=-1, input_map={IMAGE: IMAGE}, output_map={PIXEL_VALUES: PIXEL_VALUES}),
+            S(model_name=ENCODER, model_version=-1, input_map={PIXEL_VALUES: PIXEL_VALUES},
+              output_map={CROSS_KV: CROSS_KV}),
+            S(model_name=DECODE_LOOP, model_version=-1,
+              input_map={CROSS_KV: CROSS_KV, BEAM_SIZE: BEAM_SIZE, MAX_TOKENS: MAX_TOKENS},
+              output_map={CAPTION: CAPTION}),
+        ]))
+    return cfgs
+
+
+def config_text(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse_config(text: str | bytes, where: str = CONFIG) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(text.decode() if isinstance(text, bytes) else text, mc.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as e:
+        raise RepositoryError(f"{where}: not a valid ModelConfig: {e}") from None
+
+
+def read_config(path: str | Path) -> mc.ModelConfig:
+    return parse_config(Path(path).read_text(), str(path))
+
+
+def write_configs(repo: Path, cfgs: dict[str, mc.ModelConfig], version: int = 1) -> None:
+    """Each model's config.pbtxt, and a README in its version folder: S3 has no empty folders,
+    and Triton needs at least one version folder per model (defect 1)."""
+    for name, cfg in cfgs.items():
+        vdir = repo / name / str(version)
+        vdir.mkdir(parents=True, exist_ok=True)
+        (repo / name / CONFIG).write_text(config_text(cfg))
+        readme = vdir / VERSION_README
+        if not readme.exists():
+            readme.write_text(f"Version {version} of Triton model '{name}', written by `captioner export`.\n")
+
+
+def write_marker(repo: Path, info: dict) -> None:
+    (repo / REPOSITORY_MARKER).write_text(json.dumps({"models": sorted(ALL_MODELS), **info}, indent=2))
+
+
+# ------------------------------------------------------------------ repository from a listing
+@dataclass
+class Model:
+    name: str
+    config: mc.ModelConfig | None
+    versions: dict[int, list[str]]  # version -> object keys under it (relative to the model folder)
+    error: str | None = None  # why Triton would refuse to load it
+    selected: list[int] = field(default_factory=list)  # versions the policy loads
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def versions_to_load(cfg: mc.ModelConfig, available: Iterable[int]) -> list[int]:
+    """Triton's VersionsToLoad (core src/model_lifecycle.cc): latest N (default 1), all, or specific."""
+    avail = sorted(set(available), reverse=True)
+    pol = cfg.version_policy
+    which = pol.WhichOneof("policy_choice")
+    if which == "all":
+        return sorted(avail)
+    if which == "specific":
+        return sorted(v for v in set(pol.specific.versions) if v in avail)
+    n = pol.latest.num_versions if which == "latest" and pol.latest.num_versions > 0 else 1
+    return sorted(avail[:n])
+
+
+def load_listing(keys: Iterable[str], read: Callable[[str], bytes]) -> dict[str, Model]:
+    """Models of a repository given only its object keys (relative to the repository root)
+    and a way to read one object. A model Triton would refuse gets `error` (not raised:
+    Triton refuses only the models it is asked to load)."""
+    by_model: dict[str, list[str]] = {}
+    for k in keys:
+        k = k.lstrip("/")
+        parts = k.split("/")
+        if len(parts) < 2 or not parts[0] or parts[0].startswith("."):
+            continue  # files at the root (export_report.json, the marker...) are not models
+        by_model.setdefault(parts[0], []).append(posixpath.join(*parts[1:]))
+    models: dict[str, Model] = {}
+    for name, rel in sorted(by_model.items()):
+        versions: dict[int, list[str]] = {}
+        for r in rel:
+            head, _, tail = r.partition("/")
+            if tail and _is_int(head):
+                versions.setdefault(int(head), []).append(tail)
+        m = Model(name, None, versions)
+        models[name] = m
+        if CONFIG not in rel:
+            m.error = f"failed to load '{name}': {name}/{CONFIG} not found (required for python and ensemble models)"
+            continue
+        try:
+            m.config = parse_config(read(f"{name}/{CONFIG}"), f"{name}/{CONFIG}")
+        except RepositoryError as e:
+            m.error = f"failed to load '{name}': {e}"
+            continue
+        if m.config.name and m.config.name != name:
+            m.error = (f"failed to load '{name}': unexpected model name '{m.config.name}' in {name}/{CONFIG} "
+                       f"(it must equal the folder name '{name}')")
+            continue
+        m.selected = versions_to_load(m.config, versions)
+        if not m.selected:
+            m.error = (f"failed to load '{name}': at least one version must be available under the version policy "
+                       f"of model '{name}' (numeric version folders holding objects: {sorted(versions) or 'none'})")
+    return models
+
+
+def listing_from_dir(root: str | Path) -> tuple[list[str], Callable[[str], bytes]]:
+    """A local folder seen the way S3 sees it: files only (an empty folder does not exist)."""
+    root = Path(root)
+    keys = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
+    return keys, lambda k: (root / k).read_bytes()
+
+
+def listing_from_store(store) -> tuple[list[str], Callable[[str], bytes]]:
+    """Keys and reader of a `captioner.storage.Store` (local folder or S3 prefix)."""
+    return store.list(""), store.get_bytes
+
+
+def bls_pin(models: dict[str, Model], caller: str, version: int, read: Callable[[str], bytes]) -> int:
+    """The version of its BLS target that `caller`'s version folder asks for (-1 = latest)."""
+    if caller != DECODE_LOOP or DECODE_FILE not in models[caller].versions.get(version, []):
+        return -1
+    return int(json.loads(read(f"{caller}/{version}/{DECODE_FILE}")).get(BLS_VERSION_KEY, -1))
+
+
+def plan_load(models: dict[str, Model], requested: Iterable[str], read: Callable[[str], bytes] | None = None,
+              already: Iterable[str] = (), bls: bool = True) -> list[str]:
+    """Models Triton loads for `requested` (explicit mode: the named models plus ensemble
+    steps, dependencies first), or RepositoryError with Triton's reason. Also checks what
+    Triton checks only at the first request: every BLS target of a loaded model is loaded
+    (with the version the caller pins), since Triton does not load BLS targets itself.
+    bls=False: exactly what Triton itself does (loads, and fails at the first BLS call)."""
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in path:
+            raise RepositoryError(f"circular ensemble dependency: {' -> '.join(path + (name,))}")
+        m = models.get(name)
+        if m is None:
+            where = f" (needed by ensemble '{path[-1]}')" if path else ""
+            raise RepositoryError(f"failed to load '{name}': model not found in any model repository{where}")
+        if m.error:
+            raise RepositoryError(m.error + (f" (needed by ensemble '{path[-1]}')" if path else ""))
+        if m.config.platform == "ensemble":
+            for step in m.config.ensemble_scheduling.step:
+                visit(step.model_name, path + (name,))
+                dep = models[step.model_name]
+                if step.model_version != -1 and step.model_version not in dep.selected:
+                    raise RepositoryError(
+                        f"failed to load '{name}': ensemble step model '{step.model_name}' version "
+                        f"{step.model_version} is not available (loaded versions: {dep.selected})")
+        order.append(name)
+
+    for name in requested:
+        visit(name, ())
+    loaded = set(order) | set(already)
+    for caller in order if bls else ():
+        for target in BLS_TARGETS.get(caller, ()):
+            if target not in loaded:
+                raise RepositoryError(
+                    f"'{caller}' calls '{target}' through BLS, but '{target}' is not loaded: in explicit model-control "
+                    f"mode Triton loads an ensemble's steps, not BLS targets; load '{target}' too "
+                    f"(--load-model={target}, before '{caller}')")
+            if read is not None:
+                for v in models[caller].selected:
+                    pin = bls_pin(models, caller, v, read)
+                    if pin != -1 and pin not in models[target].selected:
+                        raise RepositoryError(f"'{caller}' version {v} calls '{target}' version {pin}, which is not "
+                                              f"loaded (loaded versions: {models[target].selected})")
+    return order
+
+
+def check_repository(root: str | Path, load: Iterable[str] = ALL_MODELS) -> dict[str, Model]:
+    """Refuse (RepositoryError) a local repository Triton would refuse for `load`."""
+    if not Path(root).is_dir():
+        raise RepositoryError(f"failed to stat file {root}: the model repository does not exist")
+    keys, read = listing_from_dir(root)
+    models = load_listing(keys, read)
+    plan_load(models, load, read)
+    return models
+
+
+# ------------------------------------------------------------------ deploy: a new numeric version, switched atomically
+def next_version(models: dict[str, Model]) -> int:
+    return 1 + max((v for m in models.values() for v in m.versions), default=0)
+
+
+def publish_version(local: str | Path, store, keep: int = 2) -> int:
+    """Publish an exported repository (version 1 of each model, as `captioner export` writes
+    it) into a serving store as a new numeric version N, without a moment at which Triton
+    could load a partly written or mixed model:
+    1. every file goes to `<model>/N/...` while the configs still pin the previous versions
+       (`version_policy: specific`), so no loader looks at N yet;
+    2. the component configs are rewritten to load [previous, N] (both complete);
+    3. the ensemble config, pinning every step to N, is written last: one object PUT is the
+       switch. decode_loop N pins its BLS decoder to N (decode.json). Versions older than the
+       last `keep` are deleted afterwards (Triton copies a model from S3 when loading it)."""
+    local = Path(local)
+    lkeys, lread = listing_from_dir(local)
+    new = load_listing(lkeys, lread)
+    plan_load(new, ALL_MODELS, lread)  # refuse to publish what Triton would refuse
+    skeys, sread = listing_from_store(store)
+    old = load_listing(skeys, sread)
+    n = next_version(old)
+    prev = {name: [v for v in (m.selected if not m.error else []) if v != n] for name, m in old.items()}
+    # 1. the new version's files (configs untouched)
+    for name, m in new.items():
+        for rel in m.versions[1]:
+            data = lread(f"{name}/1/{rel}")
+            if name == DECODE_LOOP and rel == DECODE_FILE:
+                d = json.loads(data)
+                d[BLS_VERSION_KEY] = n
+                data = json.dumps(d, indent=2).encode()
+            store.put_bytes(f"{name}/{n}/{rel}", data)
+    # 2. component configs: previous and new versions loadable
+    for name in [x for x in new if x != ENSEMBLE]:
+        cfg = mc.ModelConfig()
+        cfg.CopyFrom(new[name].config)
+        cfg.version_policy.specific.versions[:] = sorted(set(prev.get(name, [])[-(keep - 1):] + [n])) if keep > 1 else [n]
+        store.put_bytes(f"{name}/{CONFIG}", config_text(cfg).encode())
+    # 3. the switch
+    ens = mc.ModelConfig()
+    ens.CopyFrom(new[ENSEMBLE].config)
+    ens.version_policy.specific.versions[:] = [n]
+    for step in ens.ensemble_scheduling.step:
+        step.model_version = n
+    store.put_bytes(f"{ENSEMBLE}/{CONFIG}", config_text(ens).encode())
+    for k in lkeys:  # non-model files at the root (report, marker, training config)
+        if "/" not in k:
+            store.put_bytes(k, lread(k))
+    # old versions nobody loads any more
+    for name, m in old.items():
+        keepv = set(prev.get(name, [])[-(keep - 1):]) if keep > 1 else set()
+        for v, rels in m.versions.items():
+            if v != n and v not in keepv:
+                for rel in rels:
+                    store.delete(f"{name}/{v}/{rel}")
+    return n

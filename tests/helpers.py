@@ -1,0 +1,68 @@
+"""Helpers shared by several test files (fixtures stay in conftest.py): the tiny model
+config, a free port, and `captioner serve` started as a real process."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough that a training step takes milliseconds on one CPU core.
+TINY = [
+    "--model.encoder=vit_tiny_patch16_224",
+    "--model.encoder_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+    "--model.d_model=32", "--model.n_layers=2", "--model.n_heads=2", "--model.max_len=16",
+    "--data.num_workers=0", "--data.val_fraction=0.15", "--data.test_fraction=0.15",
+    "--train.batch_size=8", "--train.warmup_steps=5", "--train.log_every=0", "--train.val_max_images=16",
+    "--train.lr=2e-3",
+]
+
+
+def tiny_cfg(data: Path, out: Path, *extra: str):
+    from captioner.config import load_config
+
+    return load_config(None, [*TINY, f"--data.source={data}", f"--train.out_dir={out}", *extra])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_server(url: str, model: str | None, timeout: float = 60.0) -> None:
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            c = grpcclient.InferenceServerClient(url)
+            if c.is_server_ready() and (model is None or c.is_model_ready(model)):
+                return
+        except Exception as e:  # noqa: BLE001 - not up yet
+            last = e
+        time.sleep(0.2)
+    raise TimeoutError(f"server at {url} not ready after {timeout:.0f}s ({last})")
+
+
+def start_serve(repo, log_path, *extra: str, ready_model: str | None = "captioner"):
+    """`captioner serve REPO [extra...]` as a real process on 127.0.0.1 and a free port, ready
+    (server ready and, unless ready_model is None, that model ready); output goes to log_path.
+    The environment is inherited (the package must be importable, as after `pip install -e .`)."""
+    port = free_port()
+    log = open(log_path, "w")
+    p = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--grpc-port", str(port), *extra],
+                         env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{port}"
+    try:
+        wait_server(url, ready_model)
+    except TimeoutError:
+        p.kill()
+        p.wait()
+        raise AssertionError(Path(log_path).read_text()) from None
+    return p, url
