@@ -107,9 +107,12 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def preprocess_bytes(data: bytes, cfg: PreprocessConfig, name: str | None = None) -> np.ndarray:
+def preprocess_bytes(data: bytes, cfg: PreprocessConfig, name: str | None = None,
+                     max_pixels: int | None = None) -> np.ndarray:
+    """`max_pixels` lowers the cap of `cfg` for this call (serving accepts less than ingest)."""
     _, H, W = cfg.input_size
-    return preprocess(load_image(data, cfg.max_pixels, name=name, draft_size=(W, H)), cfg)
+    cap = cfg.max_pixels if max_pixels is None else min(cfg.max_pixels, max_pixels)
+    return preprocess(load_image(data, cap, name=name, draft_size=(W, H)), cfg)
 
 
 def preprocess_path(path: str | Path, cfg: PreprocessConfig, name: str | None = None) -> np.ndarray:
