@@ -143,7 +143,11 @@ class DecodePool:
     def pixels(self, images: np.ndarray, deadline: Deadline) -> np.ndarray:
         total = check_pixel_budget(images, self.budget, self.max_pixels)
         lane = self.light if total <= self.light_pixels else self.heavy
-        return deadline.wait(lane.submit(self._decode, images, deadline))
+        try:
+            f = lane.submit(self._decode, images, deadline)
+        except RuntimeError:  # the pool was shut down
+            raise ShuttingDown("server is shutting down: request not run") from None
+        return deadline.wait(f)
 
     def _decode(self, images: np.ndarray, deadline: Deadline) -> np.ndarray:
         n = images.size
