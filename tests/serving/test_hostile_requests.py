@@ -310,6 +310,7 @@ def test_second_server_on_busy_port_exits_nonzero(server, exported_repo, good):
     r = subprocess.run([sys.executable, "-m", "captioner", "serve", str(exported_repo[0]), "--grpc-port", port],
                        capture_output=True, text=True, timeout=90, env={**__import__("os").environ,
                                                                          "PYTHONPATH": str(ROOT)})
+    print(r.stderr)
     assert r.returncode != 0, r.stdout + r.stderr
     assert "address already in use" in r.stderr and port in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
