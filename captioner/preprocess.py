@@ -179,10 +179,10 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 def preprocess_bytes(data: bytes, cfg: PreprocessConfig, name: str | None = None,
                      max_pixels: int | None = None) -> np.ndarray:
-    """Encoded image -> model input. `max_pixels` overrides cfg.max_pixels (the ingest cap):
-    servers pass SERVING_MAX_PIXELS."""
+    """Encoded image -> model input. `max_pixels` lowers the cap of `cfg` (the ingest cap) for
+    this call: servers pass SERVING_MAX_PIXELS."""
     _, H, W = cfg.input_size
-    cap = cfg.max_pixels if max_pixels is None else max_pixels
+    cap = cfg.max_pixels if max_pixels is None else min(cfg.max_pixels, max_pixels)
     return preprocess(load_image(data, cap, name=name, draft_size=(W, H)), cfg)
 
 

@@ -7,12 +7,20 @@ repository, running the ONNX models in onnxruntime and the Python-backend logic 
 Concurrent requests to a batching model are batched up to its `max_batch_size` within its
 dynamic-batching queue delay. Bad requests get INVALID_ARGUMENT / NOT_FOUND naming the
 problem; the server keeps serving.
+
+Hostile requests are bounded (issue 10): images are decoded in a bounded pool outside the
+batcher (a light lane and a heavy lane, so a request of large images cannot hold up a small
+one), each request has a pixel budget, BYTES tensors are counted while their length prefixes
+are walked, messages and concurrent RPCs are capped, and work for a client that has gone
+(deadline passed, cancelled) is dropped before decoding and before the encoder.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import signal
+import socket
+import struct
 import threading
 import time
 from concurrent import futures
@@ -23,14 +31,16 @@ import grpc
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+from tritonclient.utils import serialize_byte_tensor
 
 from captioner import __version__
 from captioner import triton_repo
 from captioner.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE,
                              INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
 from captioner.onnx_runtime import session
-from captioner.serving_core import DecodeLoop, RequestError, caption_requests, image_bytes_to_pixels, load_preprocess
+from captioner.preprocess import SERVING_MAX_PIXELS
+from captioner.serving_core import (DecodeLoop, RequestError, caption_requests, check_pixel_budget,
+                                    image_bytes_to_pixels, load_preprocess, params_for, request_int)
 
 log = logging.getLogger(__name__)
 
@@ -45,60 +55,246 @@ class NotFound(Exception):
     pass
 
 
+# -- serving limits (issue 10 items 5 and 6) -------------------------------------------------------
+# Per image: preprocess.SERVING_MAX_PIXELS, 16 megapixels (a phone photo; ingest accepts up to 50). Per request: 32 megapixels,
+# two images at the cap, which bounds one request's decoding to ~1 s of one core and ~150 MiB.
+REQUEST_PIXEL_BUDGET = 32_000_000
+# Requests of at most this many pixels in total decode in the light lane, larger ones in the heavy
+# lane; each lane is a fixed pool, so decoding memory is bounded by the lanes' sizes whatever the
+# number of concurrent requests: at most 2 x 4 MP + 1 x 32 MP decoded at a time.
+LIGHT_REQUEST_PIXELS = 4_000_000
+LIGHT_DECODERS, HEAVY_DECODERS = 2, 1
+# Receive limit: the largest image we accept encoded, 16 MP at 1 byte/pixel (any JPEG photo up to
+# quality 95, a PNG photo up to ~8 MP), plus 1 MiB for the other inputs and protobuf framing.
+# gRPC refuses larger messages with RESOURCE_EXHAUSTED before our code sees them.
+MAX_IMAGE_BYTES = 16 << 20
+MAX_RECEIVE_MESSAGE = MAX_IMAGE_BYTES + (1 << 20)
+MAX_SEND_MESSAGE = 256 << 20  # our own answers (decoder logits/present K/V for a full batch)
+# RPCs in progress at once (handler threads); beyond it gRPC answers RESOURCE_EXHAUSTED at once.
+# Received requests held in memory are bounded by MAX_CONCURRENT_RPCS x MAX_RECEIVE_MESSAGE.
+MAX_CONCURRENT_RPCS = 32
+
+
+class Expired(Exception):
+    """The client has gone (deadline passed or cancelled); its remaining work is dropped."""
+
+
+class BindError(OSError):
+    """The gRPC port cannot be listened on (message names host, port and the reason)."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping; the request was not run."""
+
+
+class Deadline:
+    """When a request's client stops waiting: its gRPC deadline (monotonic seconds, None = none)
+    and, given the RPC context, its cancellation."""
+
+    def __init__(self, at: float | None = None, context=None):
+        self.at, self.context = at, context
+
+    @classmethod
+    def of(cls, context) -> "Deadline":
+        rem = context.time_remaining()
+        # grpc reports a huge remainder for calls without a deadline
+        return cls(None if rem is None or rem > 1e8 else time.monotonic() + rem, context)
+
+    def expired(self) -> str | None:
+        """Why the client is gone, or None while it waits."""
+        if self.at is not None and time.monotonic() >= self.at:
+            return "deadline exceeded"
+        if self.context is not None and not self.context.is_active():
+            return "cancelled"
+        return None
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+    def wait(self, f: futures.Future):
+        """The future's result, or Expired once the client has stopped waiting."""
+        try:
+            return f.result(timeout=self.remaining())
+        except futures.TimeoutError:
+            raise Expired("deadline exceeded") from None
+
+
+def _settle(f: futures.Future, r) -> None:
+    if f.done():
+        return
+    try:
+        f.set_exception(r) if isinstance(r, BaseException) else f.set_result(r)
+    except futures.InvalidStateError:
+        pass  # settled concurrently (stop() failing what the loop also finished)
+
+
+class DecodePool:
+    """Decodes requests' images outside the batcher thread in two fixed pools: requests of up to
+    `light_pixels` in total in the light lane, larger ones (within the request budget) in the heavy
+    lane. A request is refused over its pixel budget before anything is decoded; a request whose
+    client has gone is not decoded (checked before each image)."""
+
+    def __init__(self, max_pixels: int = SERVING_MAX_PIXELS, budget: int = REQUEST_PIXEL_BUDGET,
+                 light_pixels: int = LIGHT_REQUEST_PIXELS):
+        self.max_pixels, self.budget, self.light_pixels = max_pixels, budget, light_pixels
+        self.light = futures.ThreadPoolExecutor(LIGHT_DECODERS, thread_name_prefix="decode-light")
+        self.heavy = futures.ThreadPoolExecutor(HEAVY_DECODERS, thread_name_prefix="decode-heavy")
+        self.lock = threading.Lock()
+        self.skipped_images = 0
+
+    def pixels(self, images: np.ndarray, pre, deadline: Deadline) -> np.ndarray:
+        """`pre`: the preprocessing settings of the preprocess model version that runs."""
+        total = check_pixel_budget(images, self.budget, self.max_pixels)
+        lane = self.light if total <= self.light_pixels else self.heavy
+        try:
+            f = lane.submit(self._decode, images, pre, deadline)
+        except RuntimeError:  # the pool was shut down
+            raise ShuttingDown("server is shutting down: request not run") from None
+        return deadline.wait(f)
+
+    def _decode(self, images: np.ndarray, pre, deadline: Deadline) -> np.ndarray:
+        n = images.size
+
+        def check(i: int) -> None:
+            why = deadline.expired()
+            if why:
+                with self.lock:
+                    self.skipped_images += n - i
+                log.info("skipped decoding %d of %d image(s) of a request: %s", n - i, n, why)
+                raise Expired(why)
+
+        return image_bytes_to_pixels(images, pre, self.max_pixels, check)
+
+    def close(self) -> None:
+        for pool in (self.light, self.heavy):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def bytes_elements(buf: bytes, n: int, name: str) -> np.ndarray:
+    """A raw BYTES tensor (each element a 4-byte little-endian length, then its bytes; KServe v2
+    / Triton `raw_input_contents`) -> object array of n elements. The prefixes are walked and the
+    walk stops at the first element beyond n, so a payload of millions of elements costs nothing;
+    a prefix that is cut short or runs past the end is INVALID_ARGUMENT naming the element."""
+    out: list[bytes] = []
+    off, end = 0, len(buf)
+    while off < end:
+        if len(out) == n:
+            raise RequestError(f"input '{name}' holds more than {n} element(s), its shape needs {n}")
+        if off + 4 > end:
+            raise RequestError(f"input '{name}' element {len(out)}: BYTES length prefix cut short at byte "
+                               f"{off} of {end}")
+        (k,) = struct.unpack_from("<I", buf, off)
+        off += 4
+        if k > end - off:
+            raise RequestError(f"input '{name}' element {len(out)}: BYTES length prefix declares {k} bytes but "
+                               f"only {end - off} follow")
+        out.append(buf[off:off + k])
+        off += k
+    if len(out) != n:
+        raise RequestError(f"input '{name}' holds {len(out)} elements, its shape needs {n}")
+    arr = np.empty(n, dtype=np.object_)
+    arr[:] = out
+    return arr
+
+
 def _dtype(t) -> tuple[str, type]:
     return DTYPES[mc.DataType.Name(t.data_type)]
 
 
 class Batcher:
     """Collects concurrent requests for up to `delay_s` or until `max_batch` rows, then runs
-    `fn(items) -> results` once for all of them (a result may be an Exception)."""
+    `fn(items) -> results` once for all of them (a result may be an Exception). Items whose
+    client has gone are dropped before `fn` runs. `stop()` runs what was queued before it and
+    fails anything still pending; nothing submitted after it is left waiting."""
 
     def __init__(self, fn, max_batch: int, delay_s: float, name: str):
         self.fn, self.max_batch, self.delay = fn, max(1, max_batch), delay_s
         self.q: queue.Queue = queue.Queue()
         self.batches = 0
+        self.dropped = 0
+        self._held = None  # an item that did not fit the last batch: first in the next one
+        self._lock = threading.Lock()
+        self._stopped = False
         self.thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self.thread.start()
 
-    def submit(self, item, rows: int) -> futures.Future:
+    def submit(self, item, rows: int, deadline: Deadline | None = None) -> futures.Future:
         f: futures.Future = futures.Future()
-        self.q.put((item, rows, f))
+        with self._lock:  # the stop signal is queued under the same lock: nothing lands behind it
+            if self._stopped:
+                f.set_exception(ShuttingDown("server is shutting down: request not run"))
+                return f
+            self.q.put((item, rows, f, deadline))
         return f
 
-    def stop(self) -> None:
-        self.q.put(None)
-        self.thread.join(timeout=5)
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self.q.put(None)
+        self.thread.join(timeout=timeout)
+        self._fail_pending()  # only if the loop could not finish in time
+
+    def _fail_pending(self) -> None:
+        pending = [self._held] if self._held is not None else []
+        while True:
+            try:
+                pending.append(self.q.get_nowait())
+            except queue.Empty:
+                break
+        for x in pending:
+            if x is not None:
+                _settle(x[2], ShuttingDown("server is shutting down: request not run"))
 
     def _loop(self) -> None:
+        stopping = False
         while True:
-            first = self.q.get()
-            if first is None:
-                return
+            if self._held is not None:
+                first, self._held = self._held, None
+            elif stopping:
+                return  # the stop signal was the last item queued
+            else:
+                first = self.q.get()
+                if first is None:
+                    return
             batch, rows = [first], first[1]
             deadline = time.monotonic() + self.delay
-            while rows < self.max_batch:
+            while rows < self.max_batch and not stopping:
                 try:
                     nxt = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self.q.put(None)
+                    stopping = True
+                elif rows + nxt[1] > self.max_batch:
+                    self._held = nxt  # kept here, never re-queued behind a stop signal
                     break
-                if rows + nxt[1] > self.max_batch:
-                    self.q.put(nxt)  # next batch; order among waiting requests is kept loosely
-                    break
-                batch.append(nxt)
-                rows += nxt[1]
-            self.batches += 1
-            try:
-                results = self.fn([b[0] for b in batch])
-            except Exception as e:  # noqa: BLE001
-                results = [e] * len(batch)
-            for (_, _, f), r in zip(batch, results):
-                if isinstance(r, Exception):
-                    f.set_exception(r)
                 else:
-                    f.set_result(r)
+                    batch.append(nxt)
+                    rows += nxt[1]
+            self._run(batch)
+
+    def _run(self, batch: list) -> None:
+        live = []
+        for b in batch:
+            why = b[3].expired() if b[3] is not None else None
+            if why:
+                _settle(b[2], Expired(why))
+            else:
+                live.append(b)
+        if len(live) < len(batch):
+            self.dropped += len(batch) - len(live)
+            log.info("dropped %d request(s) before the encoder: client gone", len(batch) - len(live))
+        if not live:
+            return
+        self.batches += 1
+        try:
+            results = self.fn([b[0] for b in live])
+        except Exception as e:  # noqa: BLE001
+            results = [e] * len(live)
+        for b, r in zip(live, results):
+            _settle(b[2], r)
 
 
 class Repository:
@@ -114,6 +310,7 @@ class Repository:
         self.path = Path(repo)
         self.threads = threads
         self.control = control
+        self.decode_pool = DecodePool()
         self.lock = threading.Lock()
         self.stats: dict[str, dict] = {}
         self.models: dict[str, triton_repo.Model] = {}
@@ -209,9 +406,10 @@ class Repository:
                 for st in self.models[ENSEMBLE].config.ensemble_scheduling.step}
 
     # -- model runners: inputs dict name -> np.ndarray (with batch dim) -> outputs dict
-    def run(self, model: str, inputs: dict[str, np.ndarray], version: int = -1) -> dict[str, np.ndarray]:
+    def run(self, model: str, inputs: dict[str, np.ndarray], version: int = -1,
+            deadline: Deadline | None = None) -> dict[str, np.ndarray]:
         v = self.version(model, version)
-        out = self._run(model, v, inputs)
+        out = self._run(model, v, inputs, deadline or Deadline())
         with self.lock:  # Triton's meaning: inferences = batch items, executions = model runs
             st = self.stats.setdefault(model, {"inference_count": 0, "execution_count": 0, "last_inference": 0})
             st["inference_count"] += len(next(iter(inputs.values()))) if inputs else 0
@@ -220,12 +418,19 @@ class Repository:
                 st["execution_count"] += 1
         return out
 
-    def _run(self, model: str, v: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, model: str, v: int, inputs: dict[str, np.ndarray], deadline: Deadline) -> dict[str, np.ndarray]:
         if model == ENSEMBLE:
-            return self.batcher.submit(inputs, len(inputs[IMAGE])).result()
+            steps = self._steps()
+            loop = self._runner(DECODE_LOOP, steps[DECODE_LOOP])
+            params_for(request_int(inputs, BEAM_SIZE), request_int(inputs, MAX_TOKENS), loop.s)  # refuse before decoding
+            pixels = self.decode_pool.pixels(inputs[IMAGE], self._runner(PREPROCESS, steps[PREPROCESS]), deadline)
+            batcher = self.batcher
+            if batcher is None:
+                raise NotFound(f"Request for unknown model: '{ENSEMBLE}' is not found")
+            return deadline.wait(batcher.submit({**inputs, PIXEL_VALUES: pixels}, len(pixels), deadline))
         r = self._runner(model, v)
         if model == PREPROCESS:
-            return {PIXEL_VALUES: image_bytes_to_pixels(inputs[IMAGE], r)}
+            return {PIXEL_VALUES: self.decode_pool.pixels(inputs[IMAGE], r, deadline)}
         if model == ENCODER:
             hidden, cross = r.run([ENCODER_HIDDEN, CROSS_KV], {PIXEL_VALUES: inputs[PIXEL_VALUES].astype(np.float32)})
             return {ENCODER_HIDDEN: hidden, CROSS_KV: cross}
@@ -240,31 +445,21 @@ class Repository:
         raise NotFound(model)
 
     def _ensemble_batch(self, items: list[dict]) -> list:
-        """preprocess -> encoder -> decode_loop for many requests at once; a request whose
-        image is bad fails alone. The decode-loop step is serving_core.caption_requests, as in Triton."""
+        """encoder -> decode_loop for many requests at once (their images were decoded by the
+        decode pool into PIXEL_VALUES); a request that fails fails alone. The decode-loop step is
+        serving_core.caption_requests, as in Triton."""
         steps = self._steps()
-        pre, enc = self._runner(PREPROCESS, steps[PREPROCESS]), self._runner(ENCODER, steps[ENCODER])
-        loop = self._runner(DECODE_LOOP, steps[DECODE_LOOP])
-        out: list = [None] * len(items)
-        ok, pixels = [], []
-        for i, inp in enumerate(items):
-            try:
-                pixels.append(image_bytes_to_pixels(inp[IMAGE], pre))
-                ok.append(i)
-            except Exception as e:  # noqa: BLE001
-                out[i] = e
-        if ok:
-            _, cross = enc.run([ENCODER_HIDDEN, CROSS_KV], {PIXEL_VALUES: np.concatenate(pixels)})
-            sizes = np.cumsum([0] + [len(x) for x in pixels])
-            reqs = [{CROSS_KV: cross[a:b], **{k: items[i][k] for k in (BEAM_SIZE, MAX_TOKENS) if k in items[i]}}
-                    for i, a, b in zip(ok, sizes[:-1], sizes[1:])]
-            for i, r in zip(ok, caption_requests(loop, reqs)):
-                out[i] = r
-        return out
+        enc, loop = self._runner(ENCODER, steps[ENCODER]), self._runner(DECODE_LOOP, steps[DECODE_LOOP])
+        pixels = [inp[PIXEL_VALUES] for inp in items]
+        _, cross = enc.run([ENCODER_HIDDEN, CROSS_KV], {PIXEL_VALUES: np.concatenate(pixels)})
+        sizes = np.cumsum([0] + [len(x) for x in pixels])
+        return caption_requests(loop, [{CROSS_KV: cross[a:b], **{k: inp[k] for k in (BEAM_SIZE, MAX_TOKENS) if k in inp}}
+                                       for inp, a, b in zip(items, sizes[:-1], sizes[1:])])
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
+        self.decode_pool.close()
 
 
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -384,8 +579,15 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         version = self._version(request.model_name, request.model_version, context)
         try:
             inputs = self._parse_inputs(cfg, request)
-            outputs = self.repo.run(cfg.name, inputs, version)
+            outputs = self.repo.run(cfg.name, inputs, version, Deadline.of(context))
             return self._response(cfg, request, outputs)
+        except Expired as e:  # the client has gone; this answer only reaches a late-listening client
+            self.errors += 1
+            code = grpc.StatusCode.CANCELLED if str(e) == "cancelled" else grpc.StatusCode.DEADLINE_EXCEEDED
+            context.abort(code, f"[{cfg.name}] {e}: request dropped")
+        except ShuttingDown as e:
+            self.errors += 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"[{cfg.name}] {e}")
         except (RequestError, ValueError) as e:
             self.errors += 1
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"[{cfg.name}] {e}")
@@ -421,9 +623,13 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 batch_sizes.add(shape[0])
             n = int(np.prod(shape))
             if want_dt == "BYTES":
-                arr = deserialize_bytes_tensor(raw[i]) if raw else np.array(list(t.contents.bytes_contents), np.object_)
-                if arr.size != n:
-                    raise RequestError(f"input '{t.name}' holds {arr.size} elements, shape {shape} needs {n}")
+                if raw:
+                    arr = bytes_elements(raw[i], n, t.name)
+                else:
+                    if len(t.contents.bytes_contents) != n:
+                        raise RequestError(f"input '{t.name}' holds {len(t.contents.bytes_contents)} elements, "
+                                           f"shape {shape} needs {n}")
+                    arr = np.array(list(t.contents.bytes_contents), np.object_)
                 arr = arr.reshape(shape)
             else:
                 buf = raw[i] if raw else None
@@ -459,7 +665,15 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return resp
 
 
-MAX_MESSAGE = 256 * 1024 * 1024
+def _bind_error(host: str, port: int) -> str:
+    """Why (host, port) cannot be bound, in the operating system's words."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.bind(addr)
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    return "gRPC could not bind it"
 
 
 def parse_restricted(spec: str | None) -> tuple[str, str] | None:
@@ -473,26 +687,38 @@ def parse_restricted(spec: str | None) -> tuple[str, str] | None:
     return key.lower(), value  # gRPC metadata keys are lower case
 
 
-def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, workers: int = 32,
-                 threads: int = 0, control: str = "none", load: Iterable[str] = (),
-                 restricted: str | None = None) -> tuple[grpc.Server, Repository, int]:
+def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, workers: int = MAX_CONCURRENT_RPCS,
+                 threads: int = 0, control: str = "none", load: Iterable[str] = (), restricted: str | None = None,
+                 max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> tuple[grpc.Server, Repository, int]:
     guard = parse_restricted(restricted)
     r = Repository(repo, threads, control, load)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE)])
+    # so_reuseport 0: bind exclusively. gRPC sets SO_REUSEPORT by default on Linux, so a second
+    # server on a busy port would start and share its requests with the first (issue 14 item 2).
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                         options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE),
+                                  ("grpc.max_send_message_length", MAX_SEND_MESSAGE),
+                                  ("grpc.so_reuseport", 0)],
+                         maximum_concurrent_rpcs=max_concurrent_rpcs)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(r, guard), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC port {host}:{port}")
+        r.close()
+        raise BindError(f"cannot listen on {host}:{port}: {_bind_error(host, port)} (port {port}; is another "
+                      f"server running there? choose another with --grpc-port)")
     server.start()
     return server, r, bound
 
 
 def serve_forever(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, threads: int = 0,
                   control: str = "none", load: Iterable[str] = (), restricted: str | None = None) -> None:
-    server, r, bound = start_server(repo, host, port, threads=threads, control=control, load=load,
-                                    restricted=restricted)
+    try:
+        server, r, bound = start_server(repo, host, port, threads=threads, control=control, load=load,
+                                        restricted=restricted)
+    except BindError as e:
+        raise SystemExit(f"captioner serve: {e}") from None
     log.info("serving %s on %s:%d (model control %s; loaded: %s)", repo, host, bound, control,
              ", ".join(sorted(r.loaded)) or "none")
     stop = threading.Event()

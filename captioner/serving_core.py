@@ -5,6 +5,7 @@ run over any decoder runner (Triton BLS, onnxruntime). Every request either succ
 gets its own error."""
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,12 @@ class RequestError(ValueError):
     """Bad input in one request; the message names the problem (-> INVALID_ARGUMENT)."""
 
 
-def image_bytes_to_pixels(images: np.ndarray, pre: PreprocessConfig) -> np.ndarray:
-    """images: object array of encoded bytes, shape [B] or [B, 1] -> pixels [B, 3, H, W]."""
+def image_bytes_to_pixels(images: np.ndarray, pre: PreprocessConfig, max_pixels: int = SERVING_MAX_PIXELS,
+                          check: Callable[[int], None] | None = None) -> np.ndarray:
+    """images: object array of encoded bytes, shape [B] or [B, 1] -> pixels [B, 3, H, W].
+    `max_pixels` lowers the per-image cap of `pre` (serving accepts less than ingest);
+    `check(i)` runs before image i is decoded and may raise to abandon the rest (a request
+    whose client has gone)."""
     flat = images.reshape(-1)
     if flat.size == 0:
         raise RequestError("IMAGE holds no elements")
@@ -33,11 +38,43 @@ def image_bytes_to_pixels(images: np.ndarray, pre: PreprocessConfig) -> np.ndarr
     for i, item in enumerate(flat):
         if not isinstance(item, (bytes, bytearray, np.bytes_)):
             raise RequestError(f"IMAGE[{i}] must be encoded image bytes, got {type(item).__name__}")
+        if check is not None:
+            check(i)
         try:
-            out.append(preprocess_bytes(bytes(item), pre, name=f"IMAGE[{i}]", max_pixels=SERVING_MAX_PIXELS))
+            out.append(preprocess_bytes(bytes(item), pre, name=f"IMAGE[{i}]", max_pixels=max_pixels))
         except ImageError as e:
             raise RequestError(str(e)) from None
     return np.stack(out)
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header alone (nothing decoded); (0, 0) when unreadable
+    (the decoder then names the problem)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            return int(w), int(h)
+    except Exception:  # noqa: BLE001 - any header we cannot read is refused by the decoder
+        return 0, 0
+
+
+def check_pixel_budget(images: np.ndarray, budget: int, max_pixels: int | None = None) -> int:
+    """Refuse, before decoding any image, a request with an image over `max_pixels` or whose
+    images together exceed `budget` pixels; returns the request's total pixels."""
+    total, n = 0, 0
+    for i, b in enumerate(images.reshape(-1)):
+        w, h = header_size(bytes(b)) if isinstance(b, (bytes, bytearray, np.bytes_)) else (0, 0)
+        if max_pixels is not None and w * h > max_pixels:
+            raise RequestError(f"IMAGE[{i}]: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+                               f"{max_pixels / 1e6:.1f} megapixels")
+        total, n = total + w * h, n + 1
+    if total > budget:
+        raise RequestError(f"IMAGE: the request's {n} image(s) hold {total / 1e6:.1f} megapixels, over the "
+                           f"per-request pixel budget of {budget / 1e6:.1f} megapixels (send fewer or smaller "
+                           f"images per request)")
+    return total
 
 
 @dataclass
