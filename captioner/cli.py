@@ -110,7 +110,7 @@ def cmd_export(a, _):
     from captioner.export import export
 
     r = export(a.checkpoint, a.out, device=a.device, quantize=a.quantize, verify=not a.no_verify,
-               parity_images=a.parity_images, optimize=not a.no_optimize)
+               parity_images=a.parity_images, optimize=not a.no_optimize, force=a.force)
     if "parity" in r:
         p = r["parity"]
         print(f"parity: encoder max|diff| {p['encoder_max_abs_diff']:.2e}, per-step logits max|diff| "
@@ -241,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export encoder and decoder (with past key/values) to ONNX, write the Triton "
                                    "repository and verify onnxruntime against PyTorch (fails loudly on mismatch).")
     s.add_argument("checkpoint", help="checkpoint file or run folder")
-    s.add_argument("--out", required=True, help="repository folder to (re)create")
+    s.add_argument("--out", required=True,
+                   help="repository folder: new, empty, or one written earlier by export (replaced atomically)")
+    s.add_argument("--force", action="store_true",
+                   help="replace --out even if it holds other files (they are deleted)")
     s.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="instance kind in the ONNX models' configs (KIND_GPU for the cluster, KIND_CPU locally)")
     s.add_argument("--quantize", choices=["int8"], default=None, help="onnxruntime dynamic int8 quantization")
@@ -332,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(a.verbose)
     from captioner.config import ConfigError
+    from captioner.errors import UserError
     from captioner.storage import StoreError
 
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
@@ -339,9 +343,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"overrides must look like --section.key=value, got: {' '.join(bad)}")
     try:
         a.fn(a, extra)
-    except (ConfigError, FileNotFoundError, ValueError, StoreError) as e:
+    except (UserError, ConfigError, FileNotFoundError, ValueError, StoreError) as e:
+        _fail(e, a.verbose)
+
+
+def _fail(e: BaseException, verbose: bool) -> None:
+    """One line (and a hint) for a mistake the user can fix; the traceback only with -v."""
+    if verbose:
+        log.error("%s", e, exc_info=e)
+    else:
         log.error("%s", e)
-        raise SystemExit(2) from None
+    hint = getattr(e, "hint", "")
+    if hint:
+        log.error("hint: %s", hint)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import shutil
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from captioner.checkpoint import LoadedCheckpoint, load_checkpoint
 from captioner.config import save_config
 from captioner.decoding import DecodeParams
+from captioner.errors import UnsafeOutputError
 from captioner.inference import caption_tensor
 from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN,
                              ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS,
@@ -30,6 +33,9 @@ from captioner.serving_core import MAX_BEAM, image_bytes_to_pixels
 log = logging.getLogger(__name__)
 SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
 MAX_BATCH = 8  # images per batch for the encoder, preprocess, decode loop and the ensemble
+# Written by export in the repository root; only a folder holding it may be replaced by export.
+# (Lives here for now; the lead moves it next to the repository layout in captioner/triton_repo.py.)
+REPOSITORY_MARKER = "captioner-repository.json"
 
 
 class ParityError(RuntimeError):
@@ -276,12 +282,65 @@ def quantize_int8(repo: Path) -> None:
 
 # ------------------------------------------------------------------ entry point
 def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None = None, verify: bool = True,
-           parity_images: int = 8, max_batch: int = MAX_BATCH, optimize: bool = True) -> dict:
+           parity_images: int = 8, max_batch: int = MAX_BATCH, optimize: bool = True, force: bool = False) -> dict:
+    """Write the repository beside `out` and rename it into place. `out` must be new, empty or a
+    repository written by export (it holds REPOSITORY_MARKER), unless `force`."""
+    final = Path(out).absolute()
+    check_output_folder(final, force)
     ck = load_checkpoint(checkpoint)
-    repo = Path(out)
-    if repo.exists():
-        shutil.rmtree(repo)
-    repo.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    repo = _sibling(final, "new")  # written beside, renamed into place at the end
+    try:
+        report = _write_repository(ck, repo, device, quantize, verify, parity_images, max_batch, optimize)
+        (repo / REPOSITORY_MARKER).write_text(json.dumps({"written_by": "captioner export",
+                                                          "checkpoint": str(ck.path), "step": ck.step}, indent=2))
+        replace_folder(repo, final)
+    except BaseException:
+        shutil.rmtree(repo, ignore_errors=True)
+        raise
+    log.info("wrote Triton model repository %s (models: %s)", final, ", ".join(sorted(MODELS)))
+    return report
+
+
+def check_output_folder(out: Path, force: bool = False) -> None:
+    """Refuse to replace anything but an empty folder or a repository written by export."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise UnsafeOutputError(f"--out {out} exists and is not a folder; export will not replace it",
+                                hint="give a new folder name")
+    if force or (out / REPOSITORY_MARKER).is_file() or not any(out.iterdir()):
+        return
+    shown = sorted(p.name for p in out.iterdir())
+    raise UnsafeOutputError(
+        f"--out {out} is not empty and is not a model repository written by `captioner export` "
+        f"(no {REPOSITORY_MARKER}; it holds {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''})",
+        hint="give a new or empty folder, or add --force to replace it and everything in it")
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the finished folder `new` at `final`: the old one is renamed aside first and deleted
+    only after the new one is in place, so `final` is at every moment a complete repository."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sibling(final: Path, tag: str) -> Path:
+    p = final.with_name(f".{final.name}.{tag}-{uuid.uuid4().hex[:8]}")
+    p.mkdir()  # the process umask applies, as for the repository's other folders
+    return p
+
+
+MODELS = (PREPROCESS, ENCODER, DECODER, DECODE_LOOP, ENSEMBLE)
+
+
+def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: str | None, verify: bool,
+                      parity_images: int, max_batch: int, optimize: bool) -> dict:
     d = export_onnx(ck, repo)
     cfgs = build_configs(d, "KIND_GPU" if device == "gpu" else "KIND_CPU", max_batch)
     write_configs(repo, cfgs)
@@ -307,5 +366,4 @@ def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None 
         raise ValueError(f"--quantize supports only 'int8', got {quantize!r}")
     (repo / "export_report.json").write_text(json.dumps(report, indent=2))
     save_config(ck.config, repo / "config.yaml")
-    log.info("wrote Triton model repository %s (models: %s)", repo, ", ".join(sorted(cfgs)))
     return report

@@ -1,0 +1,66 @@
+"""Issue 14, "a newcomer's first hour": each test runs the command a user typed and checks
+what they should have seen. Commands run as real `python -m captioner` processes."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _listing(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------- 14.1 export --out never deletes data
+@pytest.mark.parametrize("kind", ["training_run", "notes", "cwd"])
+def test_export_refuses_a_folder_it_did_not_write(kind, trained_run, tmp_path):
+    if kind == "training_run":  # a copy: the shared run must survive the old code too
+        out = tmp_path / "run_copy"
+        shutil.copytree(trained_run.out_dir, out)
+    else:
+        out = tmp_path / "notes"
+        out.mkdir()
+        (out / "notes.txt").write_text("my notes")
+        (out / "sub").mkdir()
+        (out / "sub" / "more.md").write_text("more")
+    before = _listing(out)
+    if kind == "cwd":
+        r = run_cli("export", trained_run.out_dir / "ckpt_best.pt", "--out", ".", "--device", "cpu", cwd=out)
+    else:
+        r = run_cli("export", trained_run.out_dir / "ckpt_best.pt", "--out", out, "--device", "cpu")
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert _listing(out) == before  # every file still there, unchanged
+    assert "--force" in r.stderr and "not a model repository" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left over
+
+
+def test_export_replaces_its_own_repository_and_force_replaces_anything(trained_run, exported_repo, tmp_path):
+    from captioner.export import REPOSITORY_MARKER
+
+    repo = tmp_path / "models"
+    shutil.copytree(exported_repo[0], repo)
+    assert (repo / REPOSITORY_MARKER).is_file()
+    (repo / "stale.txt").write_text("from an old export")
+    r = run_cli("export", trained_run.out_dir, "--out", repo, "--device", "cpu", "--no-verify", "--no-optimize")
+    assert r.returncode == 0, r.stderr
+    assert (repo / REPOSITORY_MARKER).is_file() and (repo / "captioner" / "config.pbtxt").is_file()
+    assert not (repo / "stale.txt").exists()  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # nothing left beside it
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("x")
+    r = run_cli("export", trained_run.out_dir, "--out", notes, "--device", "cpu", "--no-verify", "--no-optimize",
+                "--force")
+    assert r.returncode == 0, r.stderr
+    assert not (notes / "notes.txt").exists() and (notes / REPOSITORY_MARKER).is_file()
