@@ -19,15 +19,68 @@ def _setup_logging(verbose: bool = False) -> None:
                         datefmt="%H:%M:%S")
 
 
+# ----------------------------------------------------------------------------- argument types
+def int_range(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi]; anything else is refused with the accepted range."""
+    want = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {v}")
+        return v
+
+    parse.__name__ = want
+    return parse
+
+
+def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite number in the interval; (lo, hi) open where asked."""
+    lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+    want = (f"a number in {lb}{lo}, {hi}{rb}" if lo is not None and hi is not None else
+            f"a number {'>' if lo_open else '>='} {lo}" if lo is not None else "a number")
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}") from None
+        bad = (v != v or v in (float("inf"), float("-inf"))
+               or (lo is not None and (v < lo or (lo_open and v == lo)))
+               or (hi is not None and (v > hi or (hi_open and v == hi))))
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s}")
+        return v
+
+    parse.__name__ = want
+    return parse
+
+
+POSITIVE = int_range(1)
+COUNT_OR_ALL = int_range(0)  # 0 means "all" / "off"
+FRACTION = float_range(0.0, 1.0, lo_open=True, hi_open=True)
+PORT = int_range(1, 65535)
+
+
 def _decode_args(p: argparse.ArgumentParser) -> None:
+    from captioner.serving_core import MAX_BEAM
+
     g = p.add_argument_group("decoding")
-    g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
-    g.add_argument("--length-penalty", type=float, default=1.0, help="beam length penalty alpha")
-    g.add_argument("--no-repeat-ngram", type=int, default=0, help="block repeated n-grams of this size")
+    g.add_argument("--beam", type=int_range(1, MAX_BEAM), default=1, help="beam size (1 = greedy)")
+    g.add_argument("--length-penalty", type=float_range(0.0), default=1.0,
+                   help="beam length penalty alpha (0 = raw log-probability)")
+    g.add_argument("--no-repeat-ngram", type=COUNT_OR_ALL, default=0,
+                   help="block repeated n-grams of this size (0 = off)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=30)
+    g.add_argument("--temperature", type=float_range(0.0, lo_open=True), default=1.0,
+                   help="sampling temperature (with --sample)")
+    g.add_argument("--top-p", type=float_range(0.0, 1.0, lo_open=True), default=1.0,
+                   help="nucleus sampling: keep the smallest token set with this much probability (with --sample)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=30,
+                   help="longest caption in tokens (also capped by the model's max_new_tokens)")
 
 
 def _params(a):
@@ -204,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate-data", help="write a synthetic captioned image set (Kaggle Flickr30k layout)")
     s.add_argument("out", help="output folder (gets results.csv and flickr30k_images/)")
-    s.add_argument("--images", type=int, default=1000, help="number of images (5 captions each)")
+    s.add_argument("--images", type=POSITIVE, default=1000, help="number of images (5 captions each)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--side", type=int, default=128, help="image side in pixels")
+    s.add_argument("--side", type=int_range(16, 4096), default=128, help="image side in pixels")
     s.set_defaults(fn=cmd_generate_data)
 
     s = sub.add_parser("train", help="train (one process, or under torchrun for DDP)", description=(
@@ -223,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", choices=["train", "val", "test"])
     s.add_argument("--data", default=None, help="data source (default: the one in the checkpoint's config)")
     s.add_argument("--out", default=None, help="output folder (default: RUN/eval_SPLIT)")
-    s.add_argument("--max-images", type=int, default=0)
+    s.add_argument("--max-images", type=COUNT_OR_ALL, default=0, help="evaluate at most this many images (0 = all)")
     s.add_argument("--no-meteor", action="store_true", help="skip METEOR (Java) even where Java exists")
     _decode_args(s)
     s.set_defaults(fn=cmd_evaluate)
@@ -233,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", "-c", default=None, help="checkpoint file or run folder (PyTorch path)")
     s.add_argument("--url", default=None, help="HOST:PORT of Triton or `captioner serve` (gRPC)")
     s.add_argument("--model-name", default="captioner", help="served model name (with --url)")
-    s.add_argument("--concurrency", type=int, default=4, help="requests in flight (with --url)")
+    s.add_argument("--concurrency", type=int_range(1, 256), default=4, help="requests in flight (with --url)")
     _decode_args(s)
     s.set_defaults(fn=cmd_caption)
 
@@ -250,14 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantize", choices=["int8"], default=None, help="onnxruntime dynamic int8 quantization")
     s.add_argument("--no-verify", action="store_true", help="skip the onnxruntime/PyTorch parity check")
     s.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's transformer graph fusions")
-    s.add_argument("--parity-images", type=int, default=8)
+    s.add_argument("--parity-images", type=POSITIVE, default=8, help="images in the parity check")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("serve", help="serve a model repository over Triton's gRPC protocol (local stand-in)")
     s.add_argument("repo", help="model repository written by `captioner export`")
-    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    s.add_argument("--threads", type=COUNT_OR_ALL, default=0, help="onnxruntime intra-op threads (0 = default)")
     s.set_defaults(fn=cmd_serve)
 
     def s3_flags(sp):
@@ -273,11 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DEST: a folder or s3://bucket/prefix. Resumable: rerun after an interruption.")
     s.add_argument("source")
     s.add_argument("dest")
-    s.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB")
-    s.add_argument("--max-side", type=int, default=0, help="resize images so the longer side is at most this")
-    s.add_argument("--workers", type=int, default=8, help="parallel uploads / image checks")
-    s.add_argument("--val-fraction", type=float, default=0.05)
-    s.add_argument("--test-fraction", type=float, default=0.05)
+    s.add_argument("--shard-mb", type=float_range(0.0, lo_open=True), default=64.0, help="target shard size in MB")
+    s.add_argument("--max-side", type=COUNT_OR_ALL, default=0,
+                   help="resize images so the longer side is at most this (0 = keep)")
+    s.add_argument("--workers", type=int_range(1, 256), default=8, help="parallel uploads / image checks")
+    s.add_argument("--val-fraction", type=FRACTION, default=0.05, help="share of images held out for validation")
+    s.add_argument("--test-fraction", type=FRACTION, default=0.05, help="share of images held out for testing")
     s.add_argument("--split-seed", type=int, default=0)
     s.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco"])
     s.add_argument("--image-root", default="", help="image folder for JSON sources")
@@ -287,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", help="re-check a dataset's manifest against the store (sizes and sha256)")
     s.add_argument("dest")
-    s.add_argument("--workers", type=int, default=8)
+    s.add_argument("--workers", type=int_range(1, 256), default=8, help="parallel checks")
     s3_flags(s)
     s.set_defaults(fn=cmd_verify)
 
@@ -302,10 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", default=None, help="dataset to ingest")
     s.add_argument("--workdir", default="pipeline_out", help="local run: where data, model, repository go")
     s.add_argument("--config", default="tiny-cpu")
-    s.add_argument("--min-cider", type=float, default=0.5, help="quality gate: minimum CIDEr-D to deploy")
-    s.add_argument("--eval-max-images", type=int, default=0)
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--test-fraction", type=float, default=0.1)
+    s.add_argument("--min-cider", type=float_range(0.0), default=0.5, help="quality gate: minimum CIDEr-D to deploy")
+    s.add_argument("--eval-max-images", type=COUNT_OR_ALL, default=0, help="evaluate at most this many images (0 = all)")
+    s.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of images held out for validation")
+    s.add_argument("--test-fraction", type=FRACTION, default=0.1, help="share of images held out for testing")
     s.add_argument("--train-mode", choices=["local", "cluster"], default="cluster", help="with --host")
     for k in ("data-uri", "model-uri", "repo-uri", "serving-uri"):
         s.add_argument(f"--{k}", default=None, help="with --host: s3:// URI")
@@ -313,9 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
     s.add_argument("--workdir", default="demo_out")
-    s.add_argument("--images", type=int, default=1500)
-    s.add_argument("--epochs", type=int, default=8)
-    s.add_argument("--min-cider", type=float, default=1.0, help="quality gate for the deploy step")
+    s.add_argument("--images", type=int_range(50), default=1500, help="generated images")
+    s.add_argument("--epochs", type=POSITIVE, default=8, help="training epochs")
+    s.add_argument("--min-cider", type=float_range(0.0), default=1.0, help="quality gate for the deploy step")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks (print side-by-side measurements)")

@@ -64,3 +64,29 @@ def test_export_replaces_its_own_repository_and_force_replaces_anything(trained_
                 "--force")
     assert r.returncode == 0, r.stderr
     assert not (notes / "notes.txt").exists() and (notes / REPOSITORY_MARKER).is_file()
+
+
+# ----------------------------------------------------------------- 14.7 / 14.4 ranges refused by the parser
+@pytest.mark.parametrize("args, bad", [
+    (["generate-data", "{out}", "--images", "-5"], "--images"),
+    (["generate-data", "{out}", "--images", "0"], "--images"),
+    (["generate-data", "{out}", "--side", "0"], "--side"),
+    (["ingest", "src", "{out}", "--val-fraction", "1.5"], "--val-fraction"),
+    (["ingest", "src", "{out}", "--test-fraction", "0"], "--test-fraction"),
+    (["ingest", "src", "{out}", "--shard-mb", "-1"], "--shard-mb"),
+    (["ingest", "src", "{out}", "--workers", "0"], "--workers"),
+    (["pipeline", "run", "--host", "http://127.0.0.1:9", "--source", "src", "--workdir", "{out}",
+      "--val-fraction", "nan"], "--val-fraction"),
+    (["evaluate", "run", "--out", "{out}", "--max-images", "-1"], "--max-images"),
+    (["caption", "x.jpg", "-c", "run", "--beam", "0"], "--beam"),
+    (["caption", "x.jpg", "-c", "run", "--top-p", "5"], "--top-p"),
+    (["caption", "x.jpg", "-c", "run", "--temperature", "0"], "--temperature"),
+    (["caption", "x.jpg", "-c", "run", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["serve", "{out}", "--grpc-port", "70000"], "--grpc-port"),
+])
+def test_out_of_range_values_are_refused_by_the_parser(args, bad, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli(*[a.format(out=out) for a in args])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "usage:" in r.stderr and f"argument {bad}" in r.stderr and "expected" in r.stderr
+    assert "wrote" not in r.stdout and not out.exists()
