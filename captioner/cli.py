@@ -79,8 +79,14 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
                    help="sampling temperature (with --sample)")
     g.add_argument("--top-p", type=float_range(0.0, 1.0, lo_open=True), default=1.0,
                    help="nucleus sampling: keep the smallest token set with this much probability (with --sample)")
-    g.add_argument("--max-new-tokens", type=POSITIVE, default=30,
-                   help="longest caption in tokens (also capped by the model's max_new_tokens)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=None,
+                   help="longest caption in tokens (default: the model's limit, max_len - 1)")
+
+
+# what `captioner serve` / Triton's decode loop takes per request (BEAM_SIZE, MAX_TOKENS); the rest is
+# fixed in the repository's decode settings, so over --url these flags would be silently ignored
+_URL_UNSUPPORTED = (("--sample", "sample", False), ("--temperature", "temperature", 1.0), ("--top-p", "top_p", 1.0),
+                    ("--length-penalty", "length_penalty", 1.0), ("--no-repeat-ngram", "no_repeat_ngram", 0))
 
 
 def _params(a):
@@ -123,10 +129,17 @@ def cmd_evaluate(a, _):
 def cmd_caption(a, _):
     if a.url:
         from captioner.client import caption_files
+        from captioner.errors import UserError
 
+        ignored = [flag for flag, key, default in _URL_UNSUPPORTED if getattr(a, key) != default]
+        if ignored:
+            raise UserError(f"caption --url: the server decodes greedy or beam search only and cannot honour "
+                            f"{', '.join(ignored)}",
+                            hint="over --url give only --beam and --max-new-tokens; use -c CHECKPOINT for the other "
+                                 "decoding options")
         failed = 0
         for path, cap in caption_files(a.url, a.images, beam=a.beam, concurrency=a.concurrency,
-                                       model=a.model_name):
+                                       model=a.model_name, max_tokens=a.max_new_tokens):
             if cap.startswith("ERROR:"):
                 failed += 1
                 print(f"{path}\t{cap}", file=sys.stderr)
@@ -135,8 +148,6 @@ def cmd_caption(a, _):
         if failed:
             raise SystemExit(1)
         return
-    if not a.checkpoint:
-        raise SystemExit("caption: give --checkpoint CKPT (PyTorch) or --url HOST:PORT (Triton/`captioner serve`)")
     import numpy as np
 
     from captioner.checkpoint import load_checkpoint
@@ -283,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("caption", help="print one caption per image (PyTorch checkpoint or a Triton/gRPC server)")
     s.add_argument("images", nargs="+", help="image files")
-    s.add_argument("--checkpoint", "-c", default=None, help="checkpoint file or run folder (PyTorch path)")
-    s.add_argument("--url", default=None, help="HOST:PORT of Triton or `captioner serve` (gRPC)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", "-c", default=None, help="checkpoint file or run folder (caption with PyTorch)")
+    src.add_argument("--url", default=None, help="HOST:PORT of Triton or `captioner serve` (gRPC)")
     s.add_argument("--model-name", default="captioner", help="served model name (with --url)")
     s.add_argument("--concurrency", type=int_range(1, 256), default=4, help="requests in flight (with --url)")
     _decode_args(s)

@@ -65,6 +65,8 @@ def evaluate(checkpoint: str, split: str = "test", out_dir: str | None = None, d
     cfg = ck.config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ck.model.to(device)
+    params = DecodeParams(**vars(params or DecodeParams()))
+    params.max_new_tokens = min(params.max_new_tokens or ck.model.cfg.max_new_tokens, ck.model.cfg.max_new_tokens)
     src = data_source or cfg.data.source
     out = Path(out_dir or Path(ck.path).parent / f"eval_{split}")
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ def evaluate(checkpoint: str, split: str = "test", out_dir: str | None = None, d
     log.info("evaluating %s on %d %s images of %s", ck.path, len(recs), split, src)
     metrics, hyps, kept = score_records(ck.model, ck.tokenizer, ck.preprocess, recs, params, device, meteor)
     report = {"checkpoint": str(ck.path), "step": ck.step, "split": split, "images": len(kept),
-              "decode": vars(params or DecodeParams()), "metrics": metrics, "data": summary.to_dict()}
+              "decode": vars(params), "metrics": metrics, "data": summary.to_dict()}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "captions.json").write_text(json.dumps(hyps, indent=2))
     (out / "samples.html").write_text(samples_html(kept, hyps, metrics, f"{split} samples, step {ck.step}"))

@@ -90,3 +90,47 @@ def test_out_of_range_values_are_refused_by_the_parser(args, bad, tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "usage:" in r.stderr and f"argument {bad}" in r.stderr and "expected" in r.stderr
     assert "wrote" not in r.stdout and not out.exists()
+
+
+# ----------------------------------------------------------------- 14.4 caption --url passes or refuses every option
+@pytest.fixture(scope="module")
+def served(exported_repo, tmp_path_factory):
+    from tests.conftest import start_serve
+
+    p, url = start_serve(exported_repo[0], tmp_path_factory.mktemp("serve") / "serve.log")
+    yield url
+    p.kill()
+    p.wait()
+
+
+def _images(synth_dir, n=3):
+    return sorted((synth_dir / "flickr30k_images").glob("*.jpg"))[:n]
+
+
+def _captions(r):
+    assert r.returncode == 0, r.stderr
+    return [line.split("\t", 1)[1] for line in r.stdout.splitlines()]
+
+
+def test_caption_url_refuses_options_the_server_cannot_honour(served, synth_dir):
+    r = run_cli("caption", *_images(synth_dir, 1), "--url", served, "--sample", "--temperature", "2.0",
+                "--max-new-tokens", "3")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "--sample" in r.stderr and "--temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("opts", [["--max-new-tokens", "3"], ["--beam", "3"], ["--beam", "2", "--max-new-tokens", "4"]])
+def test_caption_url_passes_beam_and_max_tokens_like_the_pytorch_path(opts, served, trained_run, synth_dir):
+    imgs = _images(synth_dir)
+    over_url = _captions(run_cli("caption", *imgs, "--url", served, *opts))
+    local = _captions(run_cli("caption", *imgs, "-c", trained_run.out_dir, *opts))
+    assert over_url == local
+    if "--max-new-tokens" in opts:
+        limit = int(opts[opts.index("--max-new-tokens") + 1])
+        full = _captions(run_cli("caption", *imgs, "--url", served))
+        assert all(len(c.split()) <= limit for c in over_url) and over_url != full
+
+
+def test_caption_checkpoint_and_url_together_is_an_error(served, trained_run, synth_dir):
+    r = run_cli("caption", *_images(synth_dir, 1), "-c", trained_run.out_dir, "--url", served)
+    assert r.returncode == 2 and "not allowed with" in r.stderr and r.stdout == ""
