@@ -3,6 +3,7 @@ file, written atomically (temp file + rename), read back by one loader."""
 from __future__ import annotations
 
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from captioner.config import ExperimentConfig, config_from_dict
+from captioner.errors import NotACheckpointError
 from captioner.model import Captioner
 from captioner.preprocess import PreprocessConfig
 from captioner.storage import atomic_write
@@ -54,10 +56,17 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedCheckpoint:
     p = resolve_checkpoint_path(path)
-    raw = torch.load(p, map_location=map_location, weights_only=False)
+    hint = "give a ckpt_best.pt / ckpt_latest.pt written by `captioner train`, or its run folder"
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip archive; anything else is not ours
+        raise NotACheckpointError(f"{p} is not a captioner checkpoint (not a file written by torch.save)", hint)
+    try:
+        raw = torch.load(p, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign archive
+        raise NotACheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})",
+                                  hint) from e
     for k in ("config", "model", "tokenizer", "preprocess", "step"):
-        if k not in raw:
-            raise ValueError(f"{p} is not a captioner checkpoint (missing '{k}')")
+        if not isinstance(raw, dict) or k not in raw:
+            raise NotACheckpointError(f"{p} is not a captioner checkpoint (missing '{k}')", hint)
     cfg = config_from_dict(raw["config"])
     mcfg = cfg.model
     mcfg.pretrained, mcfg.encoder_weights = False, ""  # the checkpoint holds the weights

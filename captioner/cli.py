@@ -17,6 +17,15 @@ def _setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if not verbose:  # other libraries' internals: shown with -v
+        import warnings
+
+        for name in ("urllib3", "kfp", "onnxruntime", "onnx_model", "onnx_model_bert", "fusion_base",
+                     "fusion_utils", "fusion_options", "fusion_attention", "fusion_skiplayernorm", "fusion_gelu"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        # kfp_server_api's Configuration resets urllib3's level: a filter survives that
+        logging.getLogger("urllib3.connectionpool").addFilter(lambda r: r.levelno >= logging.ERROR)
+        warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline")
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -111,6 +120,9 @@ def cmd_train(a, overrides):
     from captioner.train import train
 
     cfg = load_config(a.config, overrides)
+    from captioner.encoders import check_encoder
+
+    check_encoder(cfg.model.encoder, cfg.model.pretrained, cfg.model.encoder_weights)  # before any data work
     res = train(cfg, resume=a.resume, progress=not a.no_progress)
     if res.best["value"] > float("-inf"):
         log.info("done: step %d, best %s %.4f at step %d; checkpoints in %s", res.step, res.best["metric"],
@@ -235,10 +247,26 @@ def cmd_pipeline(a, overrides):
                 raise SystemExit(f"pipeline run --host: --{k.replace('_', '-')} (an s3:// URI) is required")
             args[k] = v
         args.update(train_mode=a.train_mode, export_device="gpu")
-        print(kp.run_host(a.host, args))
+        print(_submit(kp, a.host, args))
         return
     kp.run_local(args, Path(a.workdir).resolve() / "pipeline_root")
     print(f"pipeline finished; artefacts under {Path(a.workdir).resolve()}")
+
+
+def _submit(kp, host: str, args: dict) -> str:
+    """kp.run_host, with a refused/unresolvable/timed-out connection as one line and a hint."""
+    import urllib3
+
+    from captioner.errors import UnreachableError
+
+    try:
+        return kp.run_host(host, args)
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UnreachableError(f"cannot reach Kubeflow Pipelines at {host}: {reason}",
+                               hint="check --host (the ml-pipeline-ui / ml-pipeline endpoint, e.g. "
+                                    "http://localhost:8080 after `kubectl port-forward -n kubeflow "
+                                    "svc/ml-pipeline-ui 8080:80`) and that you are logged in") from e
 
 
 def cmd_demo(a, _):

@@ -23,5 +23,5 @@ class UnreachableError(UserError, ConnectionError):
     """A server (Kubeflow Pipelines, Triton...) could not be reached."""
 
 
-class WeightsUnavailableError(UserError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained encoder weights are neither cached nor downloadable."""

@@ -11,9 +11,9 @@ import pytest
 from tests.conftest import ROOT
 
 
-def run_cli(*args, cwd=None, timeout=600):
+def run_cli(*args, cwd=None, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def _listing(d: Path) -> dict:
@@ -134,3 +134,34 @@ def test_caption_url_passes_beam_and_max_tokens_like_the_pytorch_path(opts, serv
 def test_caption_checkpoint_and_url_together_is_an_error(served, trained_run, synth_dir):
     r = run_cli("caption", *_images(synth_dir, 1), "-c", trained_run.out_dir, "--url", served)
     assert r.returncode == 2 and "not allowed with" in r.stderr and r.stdout == ""
+
+
+# ----------------------------------------------------------------- 14.6 one line and a hint, traceback with -v
+MISTAKES = {
+    "unknown_encoder": (["train", "--data.source={synth}", "--train.out_dir={tmp}/run", "--model.encoder=resnet_nope"],
+                        "unknown timm encoder 'resnet_nope'"),
+    "not_a_checkpoint": (["export", "{synth}/results.csv", "--out", "{tmp}/repo"], "is not a captioner checkpoint"),
+    "kubeflow_unreachable": (["pipeline", "run", "--host", "http://127.0.0.1:9", "--source", "{synth}",
+                              "--data-uri", "s3://b/d", "--model-uri", "s3://b/m", "--repo-uri", "s3://b/r",
+                              "--serving-uri", "s3://b/s"], "cannot reach Kubeflow Pipelines at http://127.0.0.1:9"),
+    # no weights in an empty cache and a Hub that refuses connections (no network here either way)
+    "weights_offline": (["train", "--config", "vit-b16-a100", "--data.source={synth}", "--train.out_dir={tmp}/run"],
+                        "pretrained weights for 'vit_base_patch16_224' are not cached"),
+}
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+def test_common_mistakes_get_one_line_and_a_hint(mistake, verbose, synth_dir, tmp_path):
+    args, message = MISTAKES[mistake]
+    args = [a.format(synth=synth_dir, tmp=tmp_path) for a in args]
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    r = run_cli(*(["-v"] if verbose else []), *args, env=env)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "hint: " in r.stderr
+    if verbose:
+        assert "Traceback" in r.stderr
+    else:
+        assert "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 2, r.stderr  # the error and its hint
+    assert not (tmp_path / "run").exists() and not (tmp_path / "repo").exists()
