@@ -1,6 +1,7 @@
 """Issue 14, "a newcomer's first hour": each test runs the command a user typed and checks
 what they should have seen. Commands run as real `python -m captioner` processes."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -165,3 +166,52 @@ def test_common_mistakes_get_one_line_and_a_hint(mistake, verbose, synth_dir, tm
         assert "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 2, r.stderr  # the error and its hint
     assert not (tmp_path / "run").exists() and not (tmp_path / "repo").exists()
+
+
+# ----------------------------------------------------------------- 14.12 / 14.13 metrics.json and samples.html
+@pytest.fixture(scope="module")
+def shards(synth_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards") / "data"
+    r = run_cli("ingest", synth_dir, d, "--val-fraction", "0.15", "--test-fraction", "0.15", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+@pytest.mark.parametrize("source", ["shards", "raw"])
+def test_evaluate_reports_the_images_it_scored_and_a_worst_first_page(source, trained_run, synth_dir, shards,
+                                                                      tmp_path):
+    import json
+    import re
+
+    data = shards if source == "shards" else synth_dir
+    out = tmp_path / "ev"
+    r = run_cli("evaluate", trained_run.out_dir, "--data", data, "--out", out, "--beam", "2", "--no-meteor")
+    assert r.returncode == 0, r.stderr
+    assert "PTBTokenizer tokenized" not in r.stderr  # 14.10: pycocoevalcap's Java chatter goes to the debug log
+    m = json.loads((out / "metrics.json").read_text())
+    n = len(json.loads((out / "captions.json").read_text()))
+    assert n > 0 and m["images"] == n
+    assert m["data"]["images"] == n and m["data"]["split"] == "test" and m["data"]["captions"] == 5 * n
+    if source == "shards":
+        manifest = json.loads((shards / "manifest.json").read_text())
+        assert n == sum(it["split"] == "test" for it in manifest["items"])
+    page = (out / "samples.html").read_text()
+    scores = [float(x) for x in re.findall(r"<td class='score'>([0-9.]+)</td>", page)]
+    assert len(scores) == n and f"All {n} evaluated images, worst CIDEr-D first" in page
+    assert scores == sorted(scores)  # worst first
+    assert sum(scores) / n == pytest.approx(m["metrics"]["CIDEr"], abs=2e-3)  # per-image CIDEr-D is the real one
+    assert "beam search (beam 2, length penalty 1)" in page and "new tokens" in page
+
+
+def test_samples_page_says_how_many_of_the_evaluated_images_it_shows(tmp_path):
+    from captioner.data import ImageRecord
+    from captioner.decoding import DecodeParams
+    from captioner.evaluate import samples_html
+
+    recs = [ImageRecord(f"img{i}", str(tmp_path / f"{i}.jpg"), ["a cat"], "test") for i in range(5)]
+    per_image = {f"img{i}": s for i, s in enumerate([0.9, 0.1, 2.0, 0.0, 0.5])}
+    page = samples_html(recs, {r.image_id: "a cat" for r in recs}, {"CIDEr": 0.7}, "t", per_image,
+                        DecodeParams(strategy="greedy", max_new_tokens=7), n=3)
+    assert "Showing the 3 lowest-scoring of 5 evaluated images, worst CIDEr-D first" in page
+    assert re.findall(r"<small>(img\d)</small>", page) == ["img3", "img1", "img4"]
+    assert "greedy, at most 7 new tokens" in page
