@@ -139,9 +139,15 @@ def cmd_evaluate(a, _):
 
 
 def cmd_caption(a, _):
+    from captioner.errors import UserError
+    from captioner.image_files import expand_image_args
+
+    a.images, skipped = expand_image_args(a.images)
+    if not a.images:
+        raise UserError(f"caption: no image files among the arguments ({len(skipped)} other files skipped)",
+                        hint="give image files (jpg, png, webp, ...) or folders that hold them")
     if a.url:
         from captioner.client import caption_files
-        from captioner.errors import UserError
 
         ignored = [flag for flag, key, default in _URL_UNSUPPORTED if getattr(a, key) != default]
         if ignored:
@@ -321,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("caption", help="print one caption per image (PyTorch checkpoint or a Triton/gRPC server)")
-    s.add_argument("images", nargs="+", help="image files")
+    s.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files or folders of images; other files are skipped with a warning")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", "-c", default=None, help="checkpoint file or run folder (caption with PyTorch)")
     src.add_argument("--url", default=None, help="HOST:PORT of Triton or `captioner serve` (gRPC)")

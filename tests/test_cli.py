@@ -215,3 +215,34 @@ def test_samples_page_says_how_many_of_the_evaluated_images_it_shows(tmp_path):
     assert "Showing the 3 lowest-scoring of 5 evaluated images, worst CIDEr-D first" in page
     assert re.findall(r"<small>(img\d)</small>", page) == ["img3", "img1", "img4"]
     assert "greedy, at most 7 new tokens" in page
+
+
+# ----------------------------------------------------------------- 14.15 caption DIR, non-images skipped
+@pytest.fixture
+def mixed_folder(synth_dir, tmp_path):
+    d = tmp_path / "photos"
+    d.mkdir()
+    for p in _images(synth_dir, 3):
+        shutil.copy(p, d / p.name)
+    shutil.copy(_images(synth_dir, 4)[3], d / "no_suffix")  # an image without an image suffix
+    (d / "README.txt").write_text("holiday photos")
+    (d / "notes.md").write_text("# notes")
+    (d / "sub").mkdir()
+    return d
+
+
+@pytest.mark.parametrize("how", ["folder", "glob"])
+def test_caption_expands_a_folder_and_skips_non_images(how, mixed_folder, trained_run):
+    args = [mixed_folder] if how == "folder" else sorted(p for p in mixed_folder.iterdir())  # what `photos/*` gives
+    r = run_cli("caption", *args, "-c", trained_run.out_dir)
+    assert r.returncode == 0, r.stderr
+    named = [line.split("\t")[0] for line in r.stdout.splitlines()]
+    assert sorted(Path(n).name for n in named) == sorted(["no_suffix"] + [p.name for p in mixed_folder.glob("*.jpg")])
+    assert all(line.split("\t")[1] for line in r.stdout.splitlines())
+    assert "skipping" in r.stderr and "README.txt" in r.stderr and "notes.md" in r.stderr
+
+
+def test_caption_with_nothing_but_non_images_is_an_error(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    r = run_cli("caption", tmp_path / "a.txt", "-c", tmp_path)
+    assert r.returncode == 2 and "no image files" in r.stderr and r.stdout == ""
