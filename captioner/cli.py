@@ -89,7 +89,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float_range(0.0, 1.0, lo_open=True), default=1.0,
                    help="nucleus sampling: keep the smallest token set with this much probability (with --sample)")
     g.add_argument("--max-new-tokens", type=POSITIVE, default=None,
-                   help="longest caption in tokens (default: the model's limit, max_len - 1)")
+                   help="longest caption in tokens (default: the model's limit, model.max_len - 2)")
 
 
 # what `captioner serve` / Triton's decode loop takes per request (BEAM_SIZE, MAX_TOKENS); the rest is
@@ -238,12 +238,10 @@ def cmd_verify(a, _):
 def cmd_pipeline(a, overrides):
     from captioner import kfp_pipeline as kp
 
-    if a.action == "compile":
-        kp.compile_pipeline(a.out or "captioner-pipeline.yaml")
-        print(f"wrote {a.out or 'captioner-pipeline.yaml'} (upload it in the Kubeflow Pipelines UI)")
+    if a.pipeline_action == "compile":
+        kp.compile_pipeline(a.out)
+        print(f"wrote {a.out} (upload it in the Kubeflow Pipelines UI)")
         return
-    if not a.source:
-        raise SystemExit("pipeline run: --source is required (a Flickr30k folder/zip or captions JSON)")
     args = kp.local_arguments(a.workdir, a.source, a.config, overrides, a.min_cider, eval_max_images=a.eval_max_images,
                               val_fraction=a.val_fraction, test_fraction=a.test_fraction)
     if a.host:
@@ -292,33 +290,113 @@ def cmd_bench(a, _):
 COMMANDS = {}
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; every option's help ends with its default (unless
+    the default is "nothing": None/False/empty, or the help already says it)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if ("%(default)" in h or "default:" in h or not action.option_strings
+                or d is None or d is False or d == "" or d == argparse.SUPPRESS):
+            return h
+        return f"{h} (default: %(default)s)"
+
+    def _split_lines(self, text, width):  # never split "tiny-cpu" or a path at a hyphen
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return "\n".join(ln if ln.startswith(" ") else
+                         textwrap.fill(ln, width, initial_indent=indent, subsequent_indent=indent)
+                         for ln in text.splitlines())
+
+
+def _presets_and_config_keys() -> str:
+    """`train --help` epilog: the presets and every config key, generated from the dataclasses."""
+    import dataclasses
+    import inspect
+
+    from captioner.config import PRESET_DIR, ExperimentConfig
+
+    lines = ["presets (--config NAME):"]
+    for f in sorted(PRESET_DIR.glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        lines.append(f"  {f.stem:<14} {first}")
+    lines.append("")
+    lines.append("config keys (--section.key=value; the preset or YAML sets some, the rest keep these defaults):")
+    cfg = ExperimentConfig()
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        notes = _field_comments(inspect.getsource(type(obj)))
+        lines.append(f"  {sec.name}:")
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            note = notes.get(f.name, "")
+            lines.append(f"    {sec.name}.{f.name}={v!r}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines)
+
+
+def _field_comments(src: str) -> dict[str, str]:
+    """The comment above or beside each field of a dataclass's source, first sentence only."""
+    import re
+
+    out, pending = {}, []
+    for ln in src.splitlines():
+        t = ln.strip()
+        if t.startswith("#"):
+            pending.append(t.lstrip("# "))
+            continue
+        m = re.match(r"(\w+)\s*:\s*[^=]+=.*?(?:#\s*(.*))?$", t)
+        if m and not t.startswith(("def ", "@", "class ")):
+            text = " ".join(pending) or (m.group(2) or "")
+            first = text.split(". ")[0].rstrip(".") if text else ""
+            out[m.group(1)] = first if len(first) <= 100 else first[:99] + "…"
+        pending = []
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="captioner", description=(
+    from captioner import __version__
+
+    p = argparse.ArgumentParser(prog="captioner", formatter_class=_Help, description=(
         "Image captioning platform: generate data, train a ViT + Transformer captioner, evaluate, "
         "export to ONNX/Triton, serve over Triton's gRPC protocol, ingest into object storage and run the "
-        "Kubeflow pipeline."))
-    p.add_argument("-v", "--verbose", action="store_true")
+        "Kubeflow pipeline. `captioner COMMAND --help` explains each command."))
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
+    p.add_argument("--version", action="version", version=f"captioner {__version__}")
+    verbose = argparse.ArgumentParser(add_help=False)  # -v also after the command; SUPPRESS keeps the top's value
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging, and tracebacks with errors")
+    common = {"formatter_class": _Help, "parents": [verbose]}
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("generate-data", help="write a synthetic captioned image set (Kaggle Flickr30k layout)")
+    s = sub.add_parser("generate-data", **common, help="write a synthetic captioned image set (Kaggle Flickr30k layout)")
     s.add_argument("out", help="output folder (gets results.csv and flickr30k_images/)")
     s.add_argument("--images", type=POSITIVE, default=1000, help="number of images (5 captions each)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     s.add_argument("--side", type=int_range(16, 4096), default=128, help="image side in pixels")
     s.set_defaults(fn=cmd_generate_data)
 
-    s = sub.add_parser("train", help="train (one process, or under torchrun for DDP)", description=(
-        "Train from a config preset or YAML file plus --section.key=value overrides, e.g. "
-        "`captioner train --config tiny-cpu --data.source=data/synth --train.out_dir=runs/x --train.epochs=5`. "
-        "Sections: model, data, train (see captioner/config.py and captioner/model.py for every key)."))
+    s = sub.add_parser("train", **common, help="train (one process, or under torchrun for DDP)", description=(
+        "Train from a config preset or YAML file plus --section.key=value overrides, e.g.\n"
+        "  captioner train --config tiny-cpu --data.source=data/synth --train.out_dir=runs/x --train.epochs=5\n"
+        "Several processes: torchrun --nproc_per_node=N -m captioner train ..."),
+        epilog=_presets_and_config_keys())
     s.add_argument("--config", default="tiny-cpu", help="preset name (configs/*.yaml) or YAML path")
     s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt_latest.pt")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train, overrides_ok=True)
 
-    s = sub.add_parser("evaluate", help="caption a split and report BLEU/METEOR/ROUGE-L/CIDEr-D")
+    s = sub.add_parser("evaluate", **common, help="caption a split and report BLEU/METEOR/ROUGE-L/CIDEr-D")
     s.add_argument("checkpoint", help="checkpoint file or run folder (uses ckpt_best.pt)")
-    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to caption")
     s.add_argument("--data", default=None, help="data source (default: the one in the checkpoint's config)")
     s.add_argument("--out", default=None, help="output folder (default: RUN/eval_SPLIT)")
     s.add_argument("--max-images", type=COUNT_OR_ALL, default=0, help="evaluate at most this many images (0 = all)")
@@ -326,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(s)
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("caption", help="print one caption per image (PyTorch checkpoint or a Triton/gRPC server)")
+    s = sub.add_parser("caption", **common, help="print one caption per image (PyTorch checkpoint or a Triton/gRPC server)")
     s.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files or folders of images; other files are skipped with a warning")
     src = s.add_mutually_exclusive_group(required=True)
@@ -337,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(s)
     s.set_defaults(fn=cmd_caption)
 
-    s = sub.add_parser("export", help="checkpoint -> Triton model repository (ONNX + Python backend + ensemble)",
+    s = sub.add_parser("export", **common, help="checkpoint -> Triton model repository (ONNX + Python backend + ensemble)",
                        description="Export encoder and decoder (with past key/values) to ONNX, write the Triton "
                                    "repository and verify onnxruntime against PyTorch (fails loudly on mismatch).")
     s.add_argument("checkpoint", help="checkpoint file or run folder")
@@ -353,11 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parity-images", type=POSITIVE, default=8, help="images in the parity check")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("serve", help="serve a model repository over Triton's gRPC protocol (local stand-in)")
+    s = sub.add_parser("serve", **common, help="serve a model repository over Triton's gRPC protocol (local stand-in)")
     s.add_argument("repo", help="model repository written by `captioner export`")
     s.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--threads", type=COUNT_OR_ALL, default=0, help="onnxruntime intra-op threads (0 = default)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--threads", type=COUNT_OR_ALL, default=0, help="onnxruntime intra-op threads (0 = onnxruntime's choice)")
     s.set_defaults(fn=cmd_serve)
 
     def s3_flags(sp):
@@ -367,63 +445,75 @@ def build_parser() -> argparse.ArgumentParser:
                             "$AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY")
         g.add_argument("--s3-secure", action="store_true", default=None, help="use TLS (default: $CAPTIONER_S3_SECURE)")
 
-    s = sub.add_parser("ingest", help="validate, shard and upload a captioned image set to a folder or s3://",
+    s = sub.add_parser("ingest", **common, help="validate, shard and upload a captioned image set to a folder or s3://",
                        description="SOURCE: a Kaggle Flickr30k folder or zip (results.csv + flickr30k_images/), a "
                                    "Karpathy split JSON or a COCO captions JSON (images next to it or --image-root). "
                                    "DEST: a folder or s3://bucket/prefix. Resumable: rerun after an interruption.")
-    s.add_argument("source")
-    s.add_argument("dest")
+    s.add_argument("source", help="captioned images: folder, zip or captions JSON")
+    s.add_argument("dest", help="a folder or s3://bucket/prefix")
     s.add_argument("--shard-mb", type=float_range(0.0, lo_open=True), default=64.0, help="target shard size in MB")
     s.add_argument("--max-side", type=COUNT_OR_ALL, default=0,
                    help="resize images so the longer side is at most this (0 = keep)")
     s.add_argument("--workers", type=int_range(1, 256), default=8, help="parallel uploads / image checks")
     s.add_argument("--val-fraction", type=FRACTION, default=0.05, help="share of images held out for validation")
     s.add_argument("--test-fraction", type=FRACTION, default=0.05, help="share of images held out for testing")
-    s.add_argument("--split-seed", type=int, default=0)
-    s.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco"])
+    s.add_argument("--split-seed", type=int, default=0, help="seed of the image -> split hash")
+    s.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco"],
+                   help="source layout (auto: detected from SOURCE)")
     s.add_argument("--image-root", default="", help="image folder for JSON sources")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s3_flags(s)
     s.set_defaults(fn=cmd_ingest)
 
-    s = sub.add_parser("verify", help="re-check a dataset's manifest against the store (sizes and sha256)")
-    s.add_argument("dest")
+    s = sub.add_parser("verify", **common, help="re-check a dataset's manifest against the store (sizes and sha256)")
+    s.add_argument("dest", help="a dataset written by `captioner ingest`: folder or s3://bucket/prefix")
     s.add_argument("--workers", type=int_range(1, 256), default=8, help="parallel checks")
     s3_flags(s)
     s.set_defaults(fn=cmd_verify)
 
-    s = sub.add_parser("pipeline", help="compile the Kubeflow pipeline, or run it (--local or --host URL)",
-                       description="compile OUT.yaml: write the KFP v2 IR YAML. run --local: run every step on this "
-                                   "machine (kfp.local.SubprocessRunner). run --host URL: submit to Kubeflow "
-                                   "Pipelines. Extra --section.key=value arguments become training overrides.")
-    s.add_argument("action", choices=["compile", "run"])
-    s.add_argument("out", nargs="?", default=None, help="output YAML for compile")
-    s.add_argument("--local", action="store_true", help="run here (the default when --host is not given)")
-    s.add_argument("--host", default=None, help="Kubeflow Pipelines endpoint to submit to")
-    s.add_argument("--source", default=None, help="dataset to ingest")
-    s.add_argument("--workdir", default="pipeline_out", help="local run: where data, model, repository go")
-    s.add_argument("--config", default="tiny-cpu")
-    s.add_argument("--min-cider", type=float_range(0.0), default=0.5, help="quality gate: minimum CIDEr-D to deploy")
-    s.add_argument("--eval-max-images", type=COUNT_OR_ALL, default=0, help="evaluate at most this many images (0 = all)")
-    s.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of images held out for validation")
-    s.add_argument("--test-fraction", type=FRACTION, default=0.1, help="share of images held out for testing")
-    s.add_argument("--train-mode", choices=["local", "cluster"], default="cluster", help="with --host")
-    for k in ("data-uri", "model-uri", "repo-uri", "serving-uri"):
-        s.add_argument(f"--{k}", default=None, help="with --host: s3:// URI")
-    s.set_defaults(fn=cmd_pipeline, overrides_ok=True)
+    s = sub.add_parser("pipeline", **common, help="compile the Kubeflow pipeline, or run it (here or on Kubeflow)",
+                       description="compile: write the KFP v2 IR YAML for the Kubeflow Pipelines UI. run: run every "
+                                   "step on this machine (kfp.local) or submit to Kubeflow Pipelines (--host).")
+    psub = s.add_subparsers(dest="pipeline_cmd", required=True, metavar="{compile,run}")
+    pc = psub.add_parser("compile", help="write the pipeline's KFP v2 IR YAML (upload it in the Kubeflow UI)", **common)
+    pc.add_argument("out", nargs="?", default="captioner-pipeline.yaml", metavar="OUT.yaml",
+                    help="output file (default: %(default)s)")
+    pc.set_defaults(fn=cmd_pipeline, pipeline_action="compile")
+    pr = psub.add_parser("run", help="run the pipeline here (--local, the default) or on Kubeflow (--host URL)",
+                         description="run --local: every step on this machine (kfp.local.SubprocessRunner). "
+                                     "run --host URL: submit to Kubeflow Pipelines. Extra --section.key=value "
+                                     "arguments become training overrides (see `captioner train --help`).", **common)
+    pr.add_argument("--local", action="store_true", help="run here (the default when --host is not given)")
+    pr.add_argument("--host", default=None, help="Kubeflow Pipelines endpoint to submit to (instead of --local)")
+    pr.add_argument("--source", default=None, required=True,
+                    help="dataset to ingest: a Flickr30k folder/zip or a captions JSON (see `captioner ingest -h`)")
+    pr.add_argument("--workdir", default="pipeline_out", help="local run: where data, model and repository go")
+    pr.add_argument("--config", default="tiny-cpu", help="training preset name or YAML path")
+    pr.add_argument("--min-cider", type=float_range(0.0), default=0.5, help="quality gate: minimum CIDEr-D to deploy")
+    pr.add_argument("--eval-max-images", type=COUNT_OR_ALL, default=0, help="evaluate at most this many images (0 = all)")
+    pr.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of images held out for validation")
+    pr.add_argument("--test-fraction", type=FRACTION, default=0.1, help="share of images held out for testing")
+    g = pr.add_argument_group("with --host (Kubeflow)")
+    g.add_argument("--train-mode", choices=["local", "cluster"], default="cluster",
+                   help="cluster: the train step launches a PyTorchJob; local: it trains inside its own pod")
+    for k, what in (("data-uri", "the ingested dataset"), ("model-uri", "the training run"),
+                    ("repo-uri", "the exported Triton repository"), ("serving-uri", "the repository Triton serves")):
+        g.add_argument(f"--{k}", default=None, metavar="S3_URI", help=f"s3:// URI for {what} (required with --host)")
+    pr.set_defaults(fn=cmd_pipeline, pipeline_action="run", overrides_ok=True)
 
-    s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
-    s.add_argument("--workdir", default="demo_out")
+    s = sub.add_parser("demo", **common, help="the main job end to end on generated data (what `make demo` runs)")
+    s.add_argument("--workdir", default="demo_out", help="where the generated data, run and repository go")
     s.add_argument("--images", type=int_range(50), default=1500, help="generated images")
     s.add_argument("--epochs", type=POSITIVE, default=8, help="training epochs")
     s.add_argument("--min-cider", type=float_range(0.0), default=1.0, help="quality gate for the deploy step")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("bench", help="benchmarks (print side-by-side measurements)")
-    s.add_argument("what", choices=["train", "latency", "ingest"],
+    s = sub.add_parser("bench", **common, help="benchmarks (print side-by-side measurements)")
+    s.add_argument("what", choices=["train", "latency", "ingest"], metavar="{train,latency,ingest}",
                    help="train: encode-once vs per-pair throughput; latency: caption latency/throughput of the "
                         "no-cache baseline, PyTorch+KV cache, onnxruntime, int8; ingest: S3 ingest and loader speed")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="passed to the benchmark (try `captioner bench latency --help`)")
     s.set_defaults(fn=cmd_bench)
     return p
 

@@ -246,3 +246,81 @@ def test_caption_with_nothing_but_non_images_is_an_error(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     r = run_cli("caption", tmp_path / "a.txt", "-c", tmp_path)
     assert r.returncode == 2 and "no image files" in r.stderr and r.stdout == ""
+
+
+# ----------------------------------------------------------------- 14.8 --help explains
+def _subparsers(parser, path=()):
+    import argparse
+
+    yield path, parser
+    for act in parser._actions:
+        if isinstance(act, argparse._SubParsersAction):
+            for name, sp in act.choices.items():
+                yield from _subparsers(sp, path + (name,))
+
+
+def _commands():
+    from captioner.cli import build_parser
+
+    return [path for path, _ in _subparsers(build_parser())]
+
+
+@pytest.mark.parametrize("path", _commands(), ids=lambda p: " ".join(p) or "captioner")
+def test_every_option_has_help_and_shows_its_default(path):
+    import argparse
+
+    from captioner.cli import build_parser
+
+    parser = dict(_subparsers(build_parser()))[path]
+    text = parser.format_help()
+    for act in parser._actions:
+        if isinstance(act, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        assert act.help, f"captioner {' '.join(path)}: {act.dest} has no help"
+        shown = act.default not in (None, "", argparse.SUPPRESS) and act.default is not False
+        if act.option_strings and shown:
+            assert f"(default: {act.default})" in " ".join(text.split()), f"{act.dest} hides its default"
+    usage = text.split("\n\n")[0]
+    for internal in ("action", "what", "rest", "pipeline_cmd"):
+        assert not re.search(rf"\b{internal}\b", usage), usage
+
+
+def test_train_help_lists_presets_and_config_keys_from_the_dataclasses():
+    import dataclasses
+
+    from captioner.config import PRESET_DIR, ExperimentConfig
+
+    r = run_cli("train", "--help")
+    assert r.returncode == 0
+    for preset in PRESET_DIR.glob("*.yaml"):
+        assert f"  {preset.stem} " in r.stdout
+    cfg = ExperimentConfig()
+    for sec in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, sec.name)):
+            assert f"{sec.name}.{f.name}=" in r.stdout
+    assert "see config.py" not in r.stdout
+
+
+def test_pipeline_compile_help_shows_only_its_own_flags():
+    r = run_cli("pipeline", "compile", "--help")
+    assert r.returncode == 0 and "OUT.yaml" in r.stdout
+    for run_only in ("--host", "--source", "--min-cider", "--data-uri", "--train-mode"):
+        assert run_only not in r.stdout
+    assert "--host" in run_cli("pipeline", "run", "--help").stdout
+
+
+def test_version():
+    from captioner import __version__
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"captioner {__version__}"
+
+
+@pytest.mark.parametrize("args", [["pipeline", "compile", "{out}", "--train.epochs=3"],
+                                  ["generate-data", "{out}", "--train.epochs=3"],
+                                  ["export", "ckpt.pt", "--out", "{out}", "--model.d_model=8"]])
+def test_overrides_a_command_ignores_are_an_error(args, tmp_path):
+    out = tmp_path / "out.yaml"
+    r = run_cli(*[a.format(out=out) for a in args])
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+    assert not out.exists()
