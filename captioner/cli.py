@@ -253,8 +253,12 @@ def cmd_pipeline(a, overrides):
         args.update(train_mode=a.train_mode, export_device="gpu")
         print(_submit(kp, a.host, args))
         return
-    kp.run_local(args, Path(a.workdir).resolve() / "pipeline_root")
-    print(f"pipeline finished; artefacts under {Path(a.workdir).resolve()}")
+    from captioner.local_run import run_pipeline_here
+
+    wd = Path(a.workdir).resolve()
+    print("running the pipeline here (kfp.local); steps as they finish:", flush=True)
+    run_pipeline_here(args, wd / "pipeline_root", wd / "pipeline.log", verbose=a.verbose)
+    print(f"pipeline finished; artefacts under {wd}")
 
 
 def _submit(kp, host: str, args: dict) -> str:
@@ -532,8 +536,11 @@ def main(argv: list[str] | None = None) -> None:
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:
         parser.error(f"overrides must look like --section.key=value, got: {' '.join(bad)}")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        a.fn(a, extra)
+        with logging_redirect_tqdm():  # log lines go above the progress bar, not through it
+            a.fn(a, extra)
     except (UserError, ConfigError, FileNotFoundError, ValueError, StoreError) as e:
         _fail(e, a.verbose)
 

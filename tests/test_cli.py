@@ -324,3 +324,49 @@ def test_overrides_a_command_ignores_are_an_error(args, tmp_path):
     r = run_cli(*[a.format(out=out) for a in args])
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
     assert not out.exists()
+
+
+# ----------------------------------------------------------------- 14.10 quieter output
+TINY_PIPELINE = ["--model.encoder=vit_tiny_patch16_224",
+                 "--model.encoder_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+                 "--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--model.max_len=16",
+                 "--data.num_workers=0", "--train.epochs=1", "--train.batch_size=8", "--train.val_max_images=8"]
+
+
+def test_pipeline_run_local_prints_one_line_per_step(synth_dir, tmp_path):
+    wd = tmp_path / "w"
+    r = run_cli("pipeline", "run", "--local", "--source", synth_dir, "--workdir", wd, "--val-fraction", "0.15",
+                "--test-fraction", "0.15", "--min-cider", "100", *TINY_PIPELINE)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "\x1b[" not in out and "Executing task" not in out and "Streamed logs" not in out
+    steps = {m.group(1): m.group(2) for m in re.finditer(r"^  (\w[\w-]*)\s+success\s+[\d.]+s  (.*)$", r.stdout, re.M)}
+    assert {"ingest", "train", "evaluate", "export", "champion", "gate"} <= set(steps), r.stdout
+    assert "items 80" in steps["ingest"] and "cider=" in steps["evaluate"] and "Output=False" in steps["gate"]
+    assert len(out.splitlines()) < 15, out
+    details = (wd / "pipeline.log").read_text()
+    assert "Executing task" in details and "Fused" in details  # everything is kept, just not on the terminal
+    # 14.13: the HTML artifact has its .html name (kfp_pipeline output artifacts are written by the component)
+    assert [p.suffix for p in (wd / "pipeline_root").rglob("evaluate/samples*")] == [".html"]
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_export_hides_onnxruntime_optimizer_internals(verbose, trained_run, tmp_path):
+    r = run_cli(*(["-v"] if verbose else []), "export", trained_run.out_dir, "--out", tmp_path / "repo",
+                "--device", "cpu", "--no-verify")
+    assert r.returncode == 0, r.stderr
+    internals = re.findall(r"^.*(?:fusion_base|onnx_model|fusion_utils).*$", r.stderr, re.M)
+    assert bool(internals) == verbose
+    assert "onnxruntime fusions:" in r.stderr  # our one-line summary stays
+
+
+def test_progress_bar_and_log_lines_do_not_interleave(synth_dir, tmp_path):
+    from tests.conftest import TINY
+
+    r = run_cli("train", *TINY, f"--data.source={synth_dir}", f"--train.out_dir={tmp_path / 'run'}",
+                "--train.epochs=2", "--train.log_every=1")
+    assert r.returncode == 0, r.stderr
+    segments = re.split(r"[\r\n]", r.stderr)
+    assert any(s.startswith("train:") for s in segments), "no progress bar drawn"
+    logs = [s for s in segments if re.search(r"\d\d:\d\d:\d\d (INFO|WARNING) ", s)]
+    assert logs and all(re.match(r"\d\d:\d\d:\d\d ", s) for s in logs), [s for s in logs if not s[:1].isdigit()]
