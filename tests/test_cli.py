@@ -370,3 +370,52 @@ def test_progress_bar_and_log_lines_do_not_interleave(synth_dir, tmp_path):
     assert any(s.startswith("train:") for s in segments), "no progress bar drawn"
     logs = [s for s in segments if re.search(r"\d\d:\d\d:\d\d (INFO|WARNING) ", s)]
     assert logs and all(re.match(r"\d\d:\d\d:\d\d ", s) for s in logs), [s for s in logs if not s[:1].isdigit()]
+
+
+# ----------------------------------------------------------------- 14.9 the README's laptop-to-cluster path
+README = ROOT / "README.md"
+
+
+def test_captioner_image_names_every_step(tmp_path):
+    import yaml
+
+    out = tmp_path / "p.yaml"
+    r = run_cli("pipeline", "compile", out, env={"CAPTIONER_IMAGE": "registry.example.com/ml/captioner-trainer:9.9"})
+    assert r.returncode == 0, r.stderr
+    docs = list(yaml.safe_load_all(out.read_text()))
+    executors = docs[0]["deploymentSpec"]["executors"]
+    assert executors and {e["container"]["image"] for e in executors.values()} == \
+        {"registry.example.com/ml/captioner-trainer:9.9"}
+
+
+def test_readme_cost_table_matches_the_estimator():
+    import yaml
+
+    from captioner.pytorchjob import estimate_cost
+
+    rows = re.findall(r"^\| `([\w-]+)` \| (\d+) \| (1 (?:GPU|A100)|2 workers × 8 [\w ()]+) \| ([\d.]+) h \| ([\d.]+) \| "
+                      r"\$([\d.]+) \|$", README.read_text(), re.M)
+    assert len(rows) == 4, rows
+    for preset, epochs, hw, hours, gpu_hours, cost in rows:
+        assert int(epochs) == yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())["train"]["epochs"]
+        gpus = 1 if hw.startswith("1 ") else 16
+        e = estimate_cost(29000 * 5, int(epochs), 900.0, gpus, 3.0)
+        assert (hours, gpu_hours, cost) == (f"{e.hours:.2f}", f"{e.gpu_hours:.1f}", f"{e.cost:.2f}"), preset
+
+
+def test_readme_commands_are_valid_command_lines():
+    import shlex
+
+    from captioner.cli import build_parser
+
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    lines = [ln.split("#")[0].strip() for b in blocks for ln in b.splitlines()]
+    commands = [ln for ln in lines if ln.startswith("captioner ")]
+    assert len(commands) >= 4
+    for c in commands:
+        parser = build_parser()
+        try:
+            a, extra = parser.parse_known_args(shlex.split(c)[1:])
+        except SystemExit:
+            raise AssertionError(f"README command does not parse: {c}") from None
+        assert not extra or (getattr(a, "overrides_ok", False) and all(x.startswith("--") and "=" in x for x in extra)), c
