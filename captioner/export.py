@@ -319,15 +319,33 @@ def check_output_folder(out: Path, force: bool = False) -> None:
 
 
 def replace_folder(new: Path, final: Path) -> None:
-    """Put the finished folder `new` at `final`: the old one is renamed aside first and deleted
-    only after the new one is in place, so `final` is at every moment a complete repository."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
+    """Put the finished folder `new` at `final`. An existing `final` is swapped with `new` in one
+    step where the kernel can (Linux renameat2 RENAME_EXCHANGE), else renamed aside just before
+    `new` is renamed in; the old one is deleted only after the new one is in place."""
+    if not final.exists():
+        os.rename(new, final)
+        return
+    if _exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old repository
+        return
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(final, old)
     os.rename(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _sibling(final: Path, tag: str) -> Path:

@@ -419,3 +419,19 @@ def test_readme_commands_are_valid_command_lines():
         except SystemExit:
             raise AssertionError(f"README command does not parse: {c}") from None
         assert not extra or (getattr(a, "overrides_ok", False) and all(x.startswith("--") and "=" in x for x in extra)), c
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_replace_folder_swaps_in_the_new_repository(exchange, tmp_path, monkeypatch):
+    from captioner import export
+
+    if not exchange:
+        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+    new, final = tmp_path / ".repo.new-1", tmp_path / "repo"
+    new.mkdir()
+    (new / "model.onnx").write_text("new")
+    final.mkdir()
+    (final / "model.onnx").write_text("old")
+    export.replace_folder(new, final)
+    assert (final / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
