@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = {"formatter_class": _Help, "parents": [verbose]}
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("generate-data", **common, help="write a synthetic captioned image set (Kaggle Flickr30k layout)")
+    s = sub.add_parser("generate-data", **common,
+                       help="write a synthetic captioned image set (Kaggle Flickr30k layout)")
     s.add_argument("out", help="output folder (gets results.csv and flickr30k_images/)")
     s.add_argument("--images", type=POSITIVE, default=1000, help="number of images (5 captions each)")
     s.add_argument("--seed", type=int, default=0, help="random seed of the generator")
@@ -408,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(s)
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("caption", **common, help="print one caption per image (PyTorch checkpoint or a Triton/gRPC server)")
+    s = sub.add_parser("caption", **common,
+                       help="print one caption per image (PyTorch checkpoint or a Triton/gRPC server)")
     s.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files or folders of images; other files are skipped with a warning")
     src = s.add_mutually_exclusive_group(required=True)
@@ -419,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(s)
     s.set_defaults(fn=cmd_caption)
 
-    s = sub.add_parser("export", **common, help="checkpoint -> Triton model repository (ONNX + Python backend + ensemble)",
+    s = sub.add_parser("export", **common,
+                       help="checkpoint -> Triton model repository (ONNX + Python backend + ensemble)",
                        description="Export encoder and decoder (with past key/values) to ONNX, write the Triton "
                                    "repository and verify onnxruntime against PyTorch (fails loudly on mismatch).")
     s.add_argument("checkpoint", help="checkpoint file or run folder")
@@ -439,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("repo", help="model repository written by `captioner export`")
     s.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--threads", type=COUNT_OR_ALL, default=0, help="onnxruntime intra-op threads (0 = onnxruntime's choice)")
+    s.add_argument("--threads", type=COUNT_OR_ALL, default=0,
+                   help="onnxruntime intra-op threads (0 = onnxruntime's choice)")
     s.set_defaults(fn=cmd_serve)
 
     def s3_flags(sp):
@@ -494,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workdir", default="pipeline_out", help="local run: where data, model and repository go")
     pr.add_argument("--config", default="tiny-cpu", help="training preset name or YAML path")
     pr.add_argument("--min-cider", type=float_range(0.0), default=0.5, help="quality gate: minimum CIDEr-D to deploy")
-    pr.add_argument("--eval-max-images", type=COUNT_OR_ALL, default=0, help="evaluate at most this many images (0 = all)")
+    pr.add_argument("--eval-max-images", type=COUNT_OR_ALL, default=0,
+                    help="evaluate at most this many images (0 = all)")
     pr.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of images held out for validation")
     pr.add_argument("--test-fraction", type=FRACTION, default=0.1, help="share of images held out for testing")
     g = pr.add_argument_group("with --host (Kubeflow)")
