@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 def run_cli(*args, cwd=None, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def _listing(d: Path) -> dict:
@@ -141,10 +141,10 @@ def test_caption_checkpoint_and_url_together_is_an_error(served, trained_run, sy
 MISTAKES = {
     "unknown_encoder": (["train", "--data.source={synth}", "--train.out_dir={tmp}/run", "--model.encoder=resnet_nope"],
                         "unknown timm encoder 'resnet_nope'"),
-    "not_a_checkpoint": (["export", "{synth}/results.csv", "--out", "{tmp}/repo"], "is not a captioner checkpoint"),
-    "kubeflow_unreachable": (["pipeline", "run", "--host", "http://127.0.0.1:9", "--source", "{synth}",
-                              "--data-uri", "s3://b/d", "--model-uri", "s3://b/m", "--repo-uri", "s3://b/r",
-                              "--serving-uri", "s3://b/s"], "cannot reach Kubeflow Pipelines at http://127.0.0.1:9"),
+    "not_a_checkpoint": (["export", "{synth}/results.csv", "--out", "{tmp}/repo"], "not a captioner checkpoint"),
+    "kubeflow_unreachable": (["pipeline", "run", "--host", "http://127.0.0.1:9", "--source", "s3://bkt/src",
+                              "--data-uri", "s3://bkt/d", "--model-uri", "s3://bkt/m", "--repo-uri", "s3://bkt/r",
+                              "--serving-uri", "s3://bkt/s"], "cannot reach Kubeflow Pipelines at http://127.0.0.1:9"),
     # no weights in an empty cache and a Hub that refuses connections (no network here either way)
     "weights_offline": (["train", "--config", "vit-b16-a100", "--data.source={synth}", "--train.out_dir={tmp}/run"],
                         "pretrained weights for 'vit_base_patch16_224' are not cached"),
