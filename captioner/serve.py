@@ -39,8 +39,9 @@ from captioner.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENCODER,
                              INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
 from captioner.onnx_runtime import session
 from captioner.preprocess import SERVING_MAX_PIXELS
-from captioner.serving_core import (DecodeLoop, RequestError, caption_requests, check_pixel_budget,
-                                    image_bytes_to_pixels, load_preprocess, params_for, request_int)
+from captioner.serving_core import (REQUEST_PIXEL_BUDGET, DecodeLoop, RequestError, caption_requests,
+                                    check_pixel_budget, image_bytes_to_pixels, load_preprocess, params_for,
+                                    request_int)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,8 @@ class NotFound(Exception):
 
 
 # -- serving limits (issue 10 items 5 and 6) -------------------------------------------------------
-# Per image: preprocess.SERVING_MAX_PIXELS, 16 megapixels (a phone photo; ingest accepts up to 50). Per request: 32 megapixels,
-# two images at the cap, which bounds one request's decoding to ~1 s of one core and ~150 MiB.
-REQUEST_PIXEL_BUDGET = 32_000_000
+# Per image: preprocess.SERVING_MAX_PIXELS (16 MP, a phone photo; ingest accepts up to 50). Per
+# request: serving_core.REQUEST_PIXEL_BUDGET (32 MP), shared with the Triton preprocess model.
 # Requests of at most this many pixels in total decode in the light lane, larger ones in the heavy
 # lane; each lane is a fixed pool, so decoding memory is bounded by the lanes' sizes whatever the
 # number of concurrent requests: at most 2 x 4 MP + 1 x 32 MP decoded at a time.
