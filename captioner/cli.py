@@ -192,7 +192,7 @@ def cmd_pipeline(a, overrides):
 
 
 def cmd_job(a, overrides):
-    """`captioner job render`: the PyTorchJob the pipeline's train step would create."""
+    """`captioner job render`: the PyTorchJob or TrainJob the pipeline's train step would create."""
     import yaml
 
     from captioner.config import load_config
@@ -202,7 +202,7 @@ def cmd_job(a, overrides):
     job = training_job(a.name or job_name("captioner-train", a.model_uri), a.config,
                        [f"--data.source={a.data}", *overrides], a.model_uri, workers=a.nodes,
                        gpus_per_worker=a.gpus_per_node, image=a.image, namespace=a.namespace, cloud=a.cloud,
-                       min_workers=a.min_nodes, max_workers=a.max_nodes)
+                       min_workers=a.min_nodes, max_workers=a.max_nodes, api=a.api)
     sys.stdout.write(yaml.safe_dump(job, sort_keys=False))
 
 
@@ -396,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cloud", choices=list(NODE_POOLS), default="gke", help="node pool (default: gke)")
     s.add_argument("--min-nodes", type=int, default=None, help="elastic: fewest nodes to run with (default: --nodes)")
     s.add_argument("--max-nodes", type=int, default=None, help="elastic: most nodes (default: --nodes)")
+    s.add_argument("--api", choices=["pytorchjob", "trainjob"], default="pytorchjob",
+                   help="pytorchjob: kubeflow.org/v1 PyTorchJob (Training Operator v1.9); trainjob: "
+                        "trainer.kubeflow.org/v1alpha1 TrainJob on the torch-distributed runtime (Trainer v2.3, "
+                        "no elastic range) (default: %(default)s)")
     s.set_defaults(fn=cmd_job, overrides_ok=True)
 
     s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
