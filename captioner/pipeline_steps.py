@@ -67,8 +67,12 @@ def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str],
     return {"checkpoint": f"{model_uri.rstrip('/')}/{CKPT_BEST}", "model_uri": model_uri}
 
 
-def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_id: str, c: dict) -> dict:
-    from captioner.pytorchjob import KubeApi, check_cost, estimate_cost, job_name, launch_and_wait, training_job
+def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_id: str, c: dict,
+                   api=None) -> dict:
+    """Launch the run as a PyTorchJob or a TrainJob (--train.api; auto = the kind the cluster
+    serves), after the cost guard, and wait for it. `api`: a KubeApi-like factory (tests)."""
+    from captioner.k8s_jobs import KubeApi, served_kind
+    from captioner.pytorchjob import check_cost, estimate_cost, job_name, launch_and_wait, training_job
     from captioner.shards import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)
@@ -77,15 +81,17 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
     est = estimate_cost(pairs, cfg.train.epochs, float(c.get("pairs_per_s_per_gpu", 900.0)), workers * max(gpus, 1),
                         float(c.get("price_per_gpu_hour", 3.0)))
     check_cost(est, float(c.get("max_cost", 500.0)), bool(c.get("override_cost", False)))
+    make_api = api or KubeApi
+    kind = served_kind(cfg.train.api, make_api().discover)
     name = job_name("captioner-train", run_id)  # the same on every retry: re-attaches on 409
     kw = {k: c[k] for k in ("image", "namespace", "cloud", "nproc_per_node", "min_workers", "max_workers", "cpu",
                             "memory", "shm_size") if c.get(k)}
     job = training_job(name, config, [o for o in overrides if not o.startswith("--train.publish_uri=")], model_uri,
-                       workers=workers, gpus_per_worker=gpus, **kw)
-    launch_and_wait(KubeApi(), job, timeout_s=float(c.get("timeout_s", 48 * 3600)),
+                       workers=workers, gpus_per_worker=gpus, api=kind.api, **kw)
+    launch_and_wait(make_api(kind), job, timeout_s=float(c.get("timeout_s", 48 * 3600)),
                     on_log=lambda t: print(t, end="", flush=True))
     return {"checkpoint": f"{model_uri.rstrip('/')}/{CKPT_BEST}", "model_uri": model_uri, "job": name,
-            "estimate": est.text()}
+            "kind": job["kind"], "estimate": est.text()}
 
 
 def evaluate_step(checkpoint_uri: str, data_uri: str, out_dir: str, split: str = "test", max_images: int = 0) -> dict:

@@ -88,6 +88,8 @@ class FakeCluster:
         assert body["kind"] == self.kind.kind
         if self.kind is TRAINJOB:
             assert trainjob_errors(body) == []
+        else:
+            assert errors(body, "kubeflow.org_pytorchjobs.v1.9.0.yaml", "v1") == []
         if (ns, body["metadata"]["name"]) in self.objects:
             raise ApiConflict("409 AlreadyExists")
         self.objects[(ns, body["metadata"]["name"])] = copy.deepcopy(body)
@@ -229,3 +231,45 @@ def test_job_render_trainjob_is_the_pipeline_job():
     r = _render("--api", "trainjob", "--config", "vit-b16-a100", "--nodes", "2", "--gpus-per-node", "8", "--data",
                 "s3://d/x", "--model-uri", "s3://models/runs/m", "--max-nodes", "4")
     assert r.returncode != 0 and "no elastic training" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def ingested(synth_dir, tmp_path_factory):
+    from captioner.pipeline_steps import ingest_step
+
+    d = tmp_path_factory.mktemp("ingested") / "data"
+    ingest_step(str(synth_dir), str(d))
+    return d
+
+
+@pytest.mark.parametrize("choice, served, kind", [("auto", ["/apis/trainer.kubeflow.org/v1alpha1"], "TrainJob"),
+                                                  ("auto", ["/apis/kubeflow.org/v1"], "PyTorchJob"),
+                                                  ("pytorchjob", list(DISCOVERY), "PyTorchJob")])
+def test_pipeline_cluster_mode_launches_the_chosen_api(ingested, tmp_path, monkeypatch, choice, served, kind):
+    """train_step(mode=cluster) with --train.api: discovery picks the kind, the job the
+    pipeline builds is created through the shared launcher and followed to its done state."""
+    import captioner.k8s_jobs as kj
+    from captioner.pipeline_steps import train_step
+
+    made = {}
+
+    def api(k=None):
+        if k is None:
+            return type("Discovery", (), {"discover": staticmethod(_served(*served))})()
+        made[k.kind] = FakeCluster(k, [[], [(k.done, "Done", "")]])
+        return made[k.kind]
+
+    monkeypatch.setattr(kj, "KubeApi", api)
+    r = train_step(str(ingested), "s3://models/runs/p", "tiny-cpu", [f"--train.api={choice}"], mode="cluster",
+                   run_id="run-7", cluster={"workers": 2, "gpus_per_worker": 1})
+    assert r["kind"] == kind and list(made) == [kind] and made[kind].created == [r["job"]]
+
+
+def test_pipeline_cluster_mode_refuses_an_api_the_cluster_lacks(ingested, monkeypatch):
+    import captioner.k8s_jobs as kj
+    from captioner.pipeline_steps import train_step
+
+    monkeypatch.setattr(kj, "KubeApi", lambda k=None: type("D", (), {"discover": staticmethod(_served())})())
+    with pytest.raises(RuntimeError, match=r"serves no PyTorchJob \(kubeflow.org/v1\)"):
+        train_step(str(ingested), "s3://models/runs/p", "tiny-cpu", ["--train.api=pytorchjob"], mode="cluster",
+                   run_id="run-7", cluster={"workers": 2, "gpus_per_worker": 1})
