@@ -37,12 +37,14 @@ class FakeKServe:
       100-X% (tag prev); else latest ready revision 100%;
     - status (apis/serving/v1beta1/inference_service_status.go PropagateStatus): a latest
       ready revision at 100% becomes latestRolledoutRevision (the old one previous);
-    - Ready is True when the latest created revision is ready (Knative ConfigurationsReady).
+    - Ready is True when the latest created revision is ready (Knative ConfigurationsReady);
+    - the controller reconciles after a write: the first read after one still shows the
+      status of before it (status.observedGeneration lags metadata.generation).
     Every object written is validated strictly against the v0.19.0 CRD."""
 
     def __init__(self, ready_after=1):
         self.ready_after, self.obj, self.revisions, self.writes = ready_after, None, [], []
-        self.status = {}
+        self.status, self.last_status, self.stale = {}, None, False
 
     def _template(self, o):
         p = copy.deepcopy(o["spec"]["predictor"])
@@ -65,7 +67,7 @@ class FakeKServe:
         before = self._template(self.obj)
         new = _merge(copy.deepcopy(self.obj), patch)
         self._written(new)
-        self.obj = new
+        self.obj, self.stale = new, True
         if self._template(new) != before:
             self._new_revision()
         return new
@@ -76,6 +78,9 @@ class FakeKServe:
     def get(self, ns, name):
         if self.obj is None:
             return None
+        if self.stale and self.last_status is not None:
+            self.stale = False
+            return {**copy.deepcopy(self.obj), "status": copy.deepcopy(self.last_status)}
         latest = self.revisions[-1]
         latest["reads"] += 1
         ready = [r["name"] for r in self.revisions
@@ -111,6 +116,7 @@ class FakeKServe:
         ok = lr == latest["name"]
         out["status"] = {"components": {"predictor": copy.deepcopy(st)},
                          "conditions": [{"type": "Ready", "status": "True" if ok else "False"}]}
+        self.last_status = copy.deepcopy(out["status"])
         return out
 
     def traffic(self):
