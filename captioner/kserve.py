@@ -36,6 +36,7 @@ GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservice
 RUNTIME = "kserve-tritonserver"  # the ClusterServingRuntime KServe v0.19.0 ships
 MODEL_FORMAT = {"name": "triton", "version": "2"}  # a format the runtime lists (supportedModelFormats)
 ISVC_NAME, SERVICE_ACCOUNT = "captioner", "captioner-kserve"
+S3_SECRET = "captioner-kserve-s3"  # Triton's read-only MinIO user, in KServe's key names (k8s/overlays/kserve)
 TAG_ROUTING = "serving.kserve.io/enable-tag-routing"
 MODEL_VERSION_ENV = "CAPTIONER_MODEL_VERSION"  # changes with every release: a new Knative revision
 DEFAULT_CANARY_PERCENT = 10
@@ -67,6 +68,8 @@ def build_inferenceservice(s: IsvcSpec) -> dict:
         limits["nvidia.com/gpu"] = str(s.gpus)
     predictor = {
         "serviceAccountName": s.service_account,
+        # the base NetworkPolicies let pods labelled triton reach MinIO (storage initializer)
+        "labels": {"app.kubernetes.io/name": "triton", "app.kubernetes.io/component": "kserve-predictor"},
         "minReplicas": s.min_replicas,
         "maxReplicas": s.max_replicas,
         "scaleMetric": "concurrency",

@@ -302,3 +302,76 @@ def test_published_repository_loads_in_the_runtime_mode(exported_repo, tmp_path)
     order = plan_load(models, sorted(models), read)  # mode none: all of them
     assert set(order) == set(models) and len(models) == 5
     assert models["captioner"].selected == [2] and 2 in models["decoder"].selected
+
+
+# ------------------------------------------------------------------ k8s/overlays/kserve
+@pytest.fixture(scope="module")
+def kserve_docs():
+    """`kubectl kustomize k8s/overlays/kserve` from a copy whose credentials were made by the
+    two generate.sh scripts, as an install does."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl is not installed: cannot render the overlay")
+    tmp = Path(tempfile.mkdtemp(prefix="captioner-kserve-"))
+    try:
+        shutil.copytree(ROOT / "k8s", tmp / "k8s", ignore=shutil.ignore_patterns("*.env"))
+        for script in ("base/secrets/generate.sh", "overlays/kserve/secrets/generate.sh"):
+            subprocess.run(["sh", str(tmp / "k8s" / script)], check=True, capture_output=True)
+        r = subprocess.run([kubectl, "kustomize", str(tmp / "k8s" / "overlays" / "kserve")], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        triton_env = dict(line.split("=", 1) for line in (tmp / "k8s/base/secrets/triton.env").read_text().split())
+        return [d for d in yaml.safe_load_all(r.stdout) if d], triton_env
+    finally:
+        shutil.rmtree(tmp)
+
+
+def test_kserve_overlay_validates_strictly(kserve_docs):
+    import base64
+
+    import kubernetes_validate
+
+    from tests.test_k8s import _k8s_version
+
+    docs, triton_env = kserve_docs
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert ("Deployment", "triton") not in by and ("HorizontalPodAutoscaler", "triton") not in by
+    isvc = by[("InferenceService", "captioner")]
+    assert isvc_errors(isvc) == []
+    for d in docs:
+        if d["kind"] != "InferenceService":
+            kubernetes_validate.validate(d, _k8s_version(), strict=True)
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") in ("captioner", "kubeflow"), d["metadata"]["name"]
+    p = isvc["spec"]["predictor"]
+    assert p["model"]["storageUri"] == "s3://models/serving" and p["model"]["modelFormat"]["name"] == "triton"
+    assert p["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert p["minReplicas"] >= 1 and p["maxReplicas"] > p["minReplicas"] and p["scaleTarget"] > 0
+    sa = by[("ServiceAccount", p["serviceAccountName"])]
+    assert {"name": ks.S3_SECRET} in sa["secrets"] and sa["automountServiceAccountToken"] is False
+    sec = by[("Secret", ks.S3_SECRET)]
+    ann = sec["metadata"]["annotations"]
+    assert ann["serving.kserve.io/s3-endpoint"] == "minio.captioner.svc.cluster.local:9000"
+    assert ann["serving.kserve.io/s3-usehttps"] == "0"
+    data = {k: base64.b64decode(v).decode() for k, v in sec["data"].items()}
+    # Triton's read-only MinIO user (policy captioner-triton: GetObject on models/serving/* only)
+    assert data == {"AWS_ACCESS_KEY_ID": triton_env["access-key"], "AWS_SECRET_ACCESS_KEY": triton_env["secret-key"]}
+    # the predictor pods carry the label the base NetworkPolicies let reach MinIO
+    assert p["labels"]["app.kubernetes.io/name"] == "triton"
+
+
+def test_overlay_inferenceservice_is_the_builder_output():
+    import yaml
+
+    from tests.conftest import ROOT
+
+    committed = yaml.safe_load((ROOT / "k8s/overlays/kserve/inferenceservice.yaml").read_text())
+    assert committed == ks.build_inferenceservice(ks.IsvcSpec("s3://models/serving", 0))
