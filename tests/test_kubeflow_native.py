@@ -2,16 +2,13 @@
 and KServe v0.19.0 InferenceService. Every object is validated strictly against the vendored
 CRDs (tests/crd_schemas.py)."""
 import copy
-import subprocess
-import sys
-
 import pytest
 import yaml
 
 from captioner.k8s_jobs import (PYTORCHJOB, TRAINJOB, ApiConflict, JobFailed, JobTimeout, launch_and_wait,
                                 served_kind)
 from captioner.pytorchjob import training_job
-from tests.conftest import ROOT
+from tests.test_cluster import _render
 from tests.crd_schemas import (RUNTIME_CRD, SERVINGRUNTIME_CRD, TORCH_RUNTIME, TRITON_RUNTIME, VENDORED_FILES,
                                SHARED, VENDORED, errors, load, trainjob_errors)
 
@@ -211,13 +208,6 @@ def test_api_discovery_picks_the_served_kind(choice, served, want):
 def test_api_discovery_refuses_clearly(choice, served, msg):
     with pytest.raises((RuntimeError, ValueError), match=msg):
         served_kind(choice, _served(*served))
-
-
-def _render(*args):
-    import os
-
-    return subprocess.run([sys.executable, "-m", "captioner", "job", "render", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_job_render_trainjob_is_the_pipeline_job():
