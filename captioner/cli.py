@@ -271,7 +271,8 @@ def cmd_pipeline(a, overrides):
                                      price_per_gpu_hour=a.price_per_gpu_hour).items() if v is not None}
     args = kp.host_arguments(a.source, a.data_uri, a.model_uri, a.repo_uri, a.serving_uri, **common,
                              export_device=a.export_device, triton_url=a.triton_url, nproc=a.nproc,
-                             cluster_settings=cluster)
+                             cluster_settings=cluster, deploy_target=a.deploy_target,
+                             kserve_settings={"canary_percent": a.canary_percent})
     print(_submit(kp, a.host, args, namespace=a.namespace, existing_token=os.environ.get(a.token_env),
                   cookies=os.environ.get(a.cookies_env), ssl_ca_cert=a.ssl_ca_cert, train_in_pod=a.train_in_pod))
 
@@ -581,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-cost", type=float_range(0.0), default=None, help="cost guard limit in $ (default 500)")
     g.add_argument("--price-per-gpu-hour", type=float_range(0.0), default=None,
                    help="for the cost guard (default 3.0)")
+    # Kubeflow-native APIs; the training API itself is the override --train.api=pytorchjob|trainjob|auto
+    g.add_argument("--deploy-target", choices=["triton", "kserve"], default="triton",
+                   help="triton: load the new version on the Triton Deployment (k8s/base); kserve: roll it out on the "
+                        "KServe v0.19 InferenceService (k8s/overlays/kserve) as a canary, live-check, promote or roll "
+                        "back")
+    g.add_argument("--canary-percent", type=int_range(1, 99), default=10,
+                   help="with --deploy-target kserve: canaryTrafficPercent of the new version before promotion")
     pr.set_defaults(fn=cmd_pipeline, pipeline_action="run", overrides_ok=True)
 
     s = sub.add_parser("job", **common, help="render the training PyTorchJob for kubectl (no Kubeflow Pipelines needed)",
