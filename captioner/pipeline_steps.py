@@ -194,17 +194,34 @@ def deploy_step(repo_uri: str, serving_uri: str, cider: float, triton_url: str =
     with tempfile.TemporaryDirectory(prefix="captioner-deploy-") as tmp:
         local = fetch(repo_uri, tmp)
         store = open_store(serving_uri, create=True)
+        previous = _champion_version(store)
         version = publish_version(local, store)
         log.info("published %s to %s as version %d", repo_uri, serving_uri, version)
         extra: dict = {}
         if target == "kserve":
-            extra = _rollout_kserve(local, serving_uri, version, dict(kserve or {}))
+            try:
+                extra = _rollout_kserve(local, serving_uri, version, dict(kserve or {}))
+            except Exception:
+                # the previous revision's pods copy storageUri whenever they start: point it back
+                if previous is not None:
+                    from captioner.triton_repo import pin_ensemble
+
+                    pin_ensemble(store, previous)
+                    log.warning("rolled back: %s serves version %d again", serving_uri, previous)
+                raise
             loaded = []
         else:
             loaded = load_on_replicas(triton_url, version, os.environ.get(CONTROL_KEY_ENV)) if triton_url else []
         store.put_bytes(CHAMPION, json.dumps({"CIDEr": cider, "repo": repo_uri, "version": version}).encode())
     return {"serving_uri": serving_uri, "version": version, "triton_loaded": bool(loaded), "replicas": loaded,
             "model": model, "pid": os.getpid(), "target": target, **extra}
+
+
+def _champion_version(store) -> int | None:
+    try:
+        return int(json.loads(store.get_bytes(CHAMPION))["version"])
+    except Exception:  # noqa: BLE001 - nothing deployed yet
+        return None
 
 
 def _check_images(where: str) -> list[bytes]:

@@ -257,10 +257,15 @@ def test_deploy_kserve_promotes_after_the_live_check_and_records_the_champion(ex
 
 def test_deploy_kserve_rolls_back_on_a_caption_mismatch_and_keeps_the_champion(exported_repo, s3_env, tmp_path,
                                                                                  monkeypatch):
-    """The canary serves a repository whose decode settings differ from the exported model's
-    (captions cut to 2 tokens): the live check sees it, the canary is rolled back, no champion."""
+    """Version 1 goes out (first rollout, live check passes). Version 2's canary serves a
+    repository whose decode settings differ from the exported model's (captions cut to 2
+    tokens): the live check sees it, the canary is rolled back, the champion stays version 1
+    and the serving prefix pins version 1 again (the old revision's pods copy it when they
+    start)."""
     import captioner.pipeline_steps as steps
-    from captioner.names import DECODE_FILE, DECODE_LOOP
+    from captioner.names import DECODE_FILE, DECODE_LOOP, ENSEMBLE
+    from captioner.storage import open_store
+    from captioner.triton_repo import listing_from_store, load_listing
 
     repo, _ = exported_repo
     wrong = tmp_path / "wrong"
@@ -269,18 +274,25 @@ def test_deploy_kserve_rolls_back_on_a_caption_mismatch_and_keeps_the_champion(e
     d = json.loads(f.read_text())
     d["max_new_tokens"] = 2
     f.write_text(json.dumps(d))
-    api = _released(FakeKServe())
+    api = FakeKServe()
     monkeypatch.setattr(ks, "KubeIsvcApi", lambda: api)
-    p, url = _serve(wrong, tmp_path, "wrong")
-    try:
-        with pytest.raises(ks.RolloutFailed, match="captions differ from the exported model's"):
-            steps.deploy_step(str(repo), "s3://serving/kserve-bad", 0.9, target="kserve",
-                              kserve={"live_url": url, "poll_s": 0})
-    finally:
-        p.terminate()
-        p.wait(30)
+    uri = "s3://serving/kserve-bad"
+    for served, version in ((repo, 1), (wrong, 2)):
+        p, url = _serve(served, tmp_path, f"v{version}")
+        try:
+            if version == 1:
+                steps.deploy_step(str(repo), uri, 0.5, target="kserve", kserve={"live_url": url, "poll_s": 0})
+            else:
+                with pytest.raises(ks.RolloutFailed, match="captions differ from the exported model's"):
+                    steps.deploy_step(str(repo), uri, 0.9, target="kserve", kserve={"live_url": url, "poll_s": 0})
+        finally:
+            p.terminate()
+            p.wait(30)
     assert api.traffic() == {"captioner-predictor-00001": 100}
-    assert steps.champion_score("s3://serving/kserve-bad") == -1.0, "no champion without promotion"
+    assert steps.champion_score(uri) == 0.5, "no champion without promotion"
+    models = load_listing(*listing_from_store(open_store(uri)))
+    assert models[ENSEMBLE].selected == [1] and {s.model_version for s in models[ENSEMBLE].config.ensemble_scheduling.step} == {1}
+    assert 2 in models["decoder"].versions, "version 2 stays published, unpinned"
 
 
 def test_published_repository_loads_in_the_runtime_mode(exported_repo, tmp_path):
