@@ -171,7 +171,8 @@ def rollout(api: IsvcApi, spec: IsvcSpec, live_check: Callable[[dict], None], pe
         st, t = predictor_status(o), canary_target(o)
         return (bool(st.get("latestReadyRevision")) and st.get("latestReadyRevision") != prev
                 and st.get("latestReadyRevision") == st.get("latestCreatedRevision")
-                and t is not None and t.get("revisionName") == st["latestReadyRevision"] and t.get("percent") == percent)
+                and t is not None and t.get("revisionName") == st["latestReadyRevision"]
+                and t.get("percent") == percent)
 
     try:
         cur = _wait(api, ns, name, f"canary revision ready with {percent}% traffic", canary_ready, timeout_s, poll_s,

@@ -257,6 +257,7 @@ def _rollout_kserve(local: Path, serving_uri: str, version: int, k: dict, api=No
         url = k.get("live_url") or ks.grpc_target(t.get("url") or ks.predictor_status(isvc).get("url", ""))
         ks.live_check(url, images, want)
 
-    r = ks.rollout(api or ks.KubeIsvcApi(), spec, check, percent=int(k.get("canary_percent", ks.DEFAULT_CANARY_PERCENT)),
+    percent = int(k.get("canary_percent", ks.DEFAULT_CANARY_PERCENT))
+    r = ks.rollout(api or ks.KubeIsvcApi(), spec, check, percent=percent,
                    timeout_s=float(k.get("timeout_s", 900)), poll_s=float(k.get("poll_s", 10)))
     return {"revision": r["revision"], "previous_revision": r["previous"]}

@@ -137,7 +137,8 @@ def training_job(name: str, config: str, overrides: list[str], model_uri: str, *
                  s3_secret: str = TRAINER_S3_SECRET, api: str = "pytorchjob") -> dict:
     """The training job for one run, as the pipeline's train step and `captioner job render`
     both build it: a PyTorchJob (api="pytorchjob") or a Trainer v2 TrainJob on the
-    torch-distributed runtime (api="trainjob", captioner/trainjob.py), from one JobSpec. Checkpoints go to model_uri as they are written and every start
+    torch-distributed runtime (api="trainjob", captioner/trainjob.py), from one JobSpec.
+    Checkpoints go to model_uri as they are written and every start
     passes --resume, so a restarted pod (OnFailure, torchrun restart, KFP retry) continues
     from the latest checkpoint in the store instead of from scratch."""
     if cloud not in CLOUD_POOLS:

@@ -291,7 +291,8 @@ def test_deploy_kserve_rolls_back_on_a_caption_mismatch_and_keeps_the_champion(e
     assert api.traffic() == {"captioner-predictor-00001": 100}
     assert steps.champion_score(uri) == 0.5, "no champion without promotion"
     models = load_listing(*listing_from_store(open_store(uri)))
-    assert models[ENSEMBLE].selected == [1] and {s.model_version for s in models[ENSEMBLE].config.ensemble_scheduling.step} == {1}
+    assert models[ENSEMBLE].selected == [1]
+    assert {s.model_version for s in models[ENSEMBLE].config.ensemble_scheduling.step} == {1}
     assert 2 in models["decoder"].versions, "version 2 stays published, unpinned"
 
 

@@ -66,7 +66,8 @@ def plugin_env(job: dict, runtime: dict, index: int) -> dict[str, str]:
     tr, name = job["spec"].get("trainer") or {}, job["metadata"]["name"]
     nodes = tr.get("numNodes") or runtime["spec"]["mlPolicy"].get("numNodes", 1)
     res = tr.get("resourcesPerNode") or trainer_container(runtime).get("resources") or {}
-    gpus = int((res.get("limits") or {}).get("nvidia.com/gpu", 0) or (res.get("requests") or {}).get("nvidia.com/gpu", 0))
+    lim, req = res.get("limits") or {}, res.get("requests") or {}
+    gpus = int(lim.get("nvidia.com/gpu", 0) or req.get("nvidia.com/gpu", 0))
     npn = str(tr["numProcPerNode"]) if tr.get("numProcPerNode") is not None else "auto"
     if npn == "auto" and gpus == 0:
         cpu = (res.get("requests") or {}).get("cpu") or (res.get("limits") or {}).get("cpu") or 0
