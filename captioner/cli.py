@@ -271,7 +271,8 @@ def cmd_pipeline(a, overrides):
                                      price_per_gpu_hour=a.price_per_gpu_hour).items() if v is not None}
     args = kp.host_arguments(a.source, a.data_uri, a.model_uri, a.repo_uri, a.serving_uri, **common,
                              export_device=a.export_device, triton_url=a.triton_url, nproc=a.nproc,
-                             cluster_settings=cluster)
+                             cluster_settings=cluster, deploy_target=a.deploy_target,
+                             kserve_settings={"canary_percent": a.canary_percent})
     print(_submit(kp, a.host, args, namespace=a.namespace, existing_token=os.environ.get(a.token_env),
                   cookies=os.environ.get(a.cookies_env), ssl_ca_cert=a.ssl_ca_cert, train_in_pod=a.train_in_pod))
 
@@ -293,7 +294,7 @@ def _submit(kp, host: str, args: dict, **kw) -> str:
 
 
 def cmd_job(a, overrides):
-    """`captioner job render`: the PyTorchJob the pipeline's train step would create."""
+    """`captioner job render`: the PyTorchJob or TrainJob the pipeline's train step would create."""
     import yaml
 
     from captioner.config import load_config
@@ -303,7 +304,7 @@ def cmd_job(a, overrides):
     job = training_job(a.name or job_name("captioner-train", a.model_uri), a.config,
                        [f"--data.source={a.data}", *overrides], a.model_uri, workers=a.nodes,
                        gpus_per_worker=a.gpus_per_node, image=a.image, namespace=a.namespace, cloud=a.cloud,
-                       min_workers=a.min_nodes, max_workers=a.max_nodes)
+                       min_workers=a.min_nodes, max_workers=a.max_nodes, api=a.api)
     sys.stdout.write(yaml.safe_dump(job, sort_keys=False))
 
 
@@ -581,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-cost", type=float_range(0.0), default=None, help="cost guard limit in $ (default 500)")
     g.add_argument("--price-per-gpu-hour", type=float_range(0.0), default=None,
                    help="for the cost guard (default 3.0)")
+    # Kubeflow-native APIs; the training API itself is the override --train.api=pytorchjob|trainjob|auto
+    g.add_argument("--deploy-target", choices=["triton", "kserve"], default="triton",
+                   help="triton: load the new version on the Triton Deployment (k8s/base); kserve: roll it out on the "
+                        "KServe v0.19 InferenceService (k8s/overlays/kserve) as a canary, live-check, promote or roll "
+                        "back")
+    g.add_argument("--canary-percent", type=int_range(1, 99), default=10,
+                   help="with --deploy-target kserve: canaryTrafficPercent of the new version before promotion")
     pr.set_defaults(fn=cmd_pipeline, pipeline_action="run", overrides_ok=True)
 
     s = sub.add_parser("job", **common, help="render the training PyTorchJob for kubectl (no Kubeflow Pipelines needed)",
@@ -590,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--model-uri s3://models/runs/r1)`. Extra --section.key=value arguments become "
                                    "training overrides.")
     jsub = s.add_subparsers(dest="job_cmd", required=True, metavar="{render}")
-    jr = jsub.add_parser("render", help="print the PyTorchJob YAML", **common)
+    jr = jsub.add_parser("render", help="print the PyTorchJob or TrainJob YAML", **common)
     jr.add_argument("--config", required=True, help="training preset or YAML inside the image")
     jr.add_argument("--nodes", type=POSITIVE, required=True, help="worker nodes (pods)")
     jr.add_argument("--gpus-per-node", type=COUNT_OR_ALL, required=True,
@@ -603,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     jr.add_argument("--cloud", choices=list(NODE_POOLS), default="gke", help="node pool")
     jr.add_argument("--min-nodes", type=POSITIVE, default=None, help="elastic: fewest nodes to run with (default: --nodes)")
     jr.add_argument("--max-nodes", type=POSITIVE, default=None, help="elastic: most nodes (default: --nodes)")
+    jr.add_argument("--api", choices=["pytorchjob", "trainjob"], default="pytorchjob",
+                    help="pytorchjob: kubeflow.org/v1 PyTorchJob (Training Operator v1.9); trainjob: "
+                         "trainer.kubeflow.org/v1alpha1 TrainJob on the torch-distributed runtime (Trainer v2.3, "
+                         "no elastic range)")
     jr.set_defaults(fn=cmd_job, overrides_ok=True)
 
     s = sub.add_parser("demo", **common, help="the main job end to end on generated data (what `make demo` runs)")
