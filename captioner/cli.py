@@ -132,7 +132,8 @@ def cmd_serve(a, _):
 
     try:
         serve_forever(a.repo, host=a.host, port=a.grpc_port, threads=a.threads, control=a.model_control_mode,
-                      load=a.load_model, restricted=a.grpc_restricted_protocol)
+                      load=a.load_model, restricted=a.grpc_restricted_protocol, http_port=a.http_port,
+                      metrics_port=a.metrics_port)
     except RepositoryError as e:
         raise SystemExit(f"serve: Triton would refuse this repository: {e}") from None
 
@@ -300,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit mode: load NAME at start (repeat; dependencies first, e.g. decoder then captioner)")
     s.add_argument("--grpc-restricted-protocol", default=None, metavar="model-repository:KEY=VALUE",
                    help="as tritonserver: model load/unload/index calls must carry header KEY with VALUE")
+    # issue 11: Triton's other two ports (tritonserver --http-port / --metrics-port), off unless given
+    s.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                   help="also serve Triton's HTTP/REST API (KServe v2 + binary data) on PORT (default: off; Triton: 8000)")
+    s.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="also serve Prometheus /metrics with Triton's nv_inference_* names on PORT "
+                        "(default: off; Triton: 8002)")
     s.set_defaults(fn=cmd_serve)
 
     def s3_flags(sp):
