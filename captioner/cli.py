@@ -138,6 +138,14 @@ def cmd_serve(a, _):
         raise SystemExit(f"serve: Triton would refuse this repository: {e}") from None
 
 
+def cmd_web(a, _):
+    from captioner.client import TLS
+    from captioner.web import run
+
+    tls = TLS(a.root_certificates, a.private_key, a.certificate_chain) if a.tls else None
+    run(a.url, host=a.host, port=a.port, model=a.model_name, max_images=a.max_images, max_body=a.max_body, tls=tls)
+
+
 def _store(a, uri, create=False):
     from captioner.storage import open_store
 
@@ -308,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve Prometheus /metrics with Triton's nv_inference_* names on PORT "
                         "(default: off; Triton: 8002)")
     s.set_defaults(fn=cmd_serve)
+
+    # issue 11: the web gateway in front of Triton / `captioner serve`
+    s = sub.add_parser("web", help="web page + JSON API for captioning, in front of Triton or `captioner serve`",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--url", required=True, help="HOST:PORT of the model server's gRPC port (as `caption --url`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    s.add_argument("--port", type=int, default=8080, help="port to listen on")
+    s.add_argument("--model-name", default="captioner", help="served model name")
+    s.add_argument("--max-images", type=int, default=16, help="images per request (more: 400)")
+    s.add_argument("--max-body", type=int, default=32 << 20, help="request size limit in bytes (more: 413)")
+    g = s.add_argument_group("TLS to the model server")
+    g.add_argument("--tls", action="store_true", help="use TLS on the gRPC channel")
+    g.add_argument("--root-certificates", metavar="PEM", help="CA to verify the server (default: system roots)")
+    g.add_argument("--private-key", metavar="PEM", help="client key, for servers that require client certificates")
+    g.add_argument("--certificate-chain", metavar="PEM", help="client certificate chain (with --private-key)")
+    s.set_defaults(fn=cmd_web)
 
     def s3_flags(sp):
         g = sp.add_argument_group("object storage (s3:// URIs)")
