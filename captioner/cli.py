@@ -218,7 +218,7 @@ def cmd_job(a, overrides):
 def cmd_demo(a, _):
     from captioner.demo import run_demo
 
-    run_demo(a.workdir, images=a.images, epochs=a.epochs, min_cider=a.min_cider)
+    run_demo(a.workdir, images=a.images, epochs=a.epochs, min_cider=a.min_cider, serve=a.serve)
 
 
 def cmd_bench(a, _):
@@ -434,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=1500)
     s.add_argument("--epochs", type=int, default=8)
     s.add_argument("--min-cider", type=float, default=1.0, help="quality gate for the deploy step")
+    s.add_argument("--serve", action="store_true",
+                   help="then keep `captioner serve` and `captioner web` running until Ctrl-C (default: off)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks (print side-by-side measurements)")

@@ -188,3 +188,35 @@ def test_page_in_headless_chromium(stack, images, tmp_path):
         print(f"screenshot: {shot}")
     finally:
         driver.quit()
+
+
+def test_demo_serve_keeps_both_running_until_ctrl_c(exported_repo, tmp_path, images):
+    """`captioner demo --serve`'s last step (captioner.stack): serve + web up, URLs printed, Ctrl-C stops both."""
+    import signal
+
+    repo, _ = exported_repo
+    ports = [str(free_port()) for _ in range(4)]
+    log = tmp_path / "stack.log"
+    p = subprocess.Popen([sys.executable, "-m", "captioner.stack", str(repo), *ports], env=os.environ.copy(),
+                         stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            if "web page:" in log.read_text() or p.poll() is not None:
+                break
+            time.sleep(0.2)
+        out = log.read_text()
+        page = f"http://127.0.0.1:{ports[3]}/"
+        assert f"web page:     {page}" in out and f"http://127.0.0.1:{ports[1]}/v2" in out, out
+        assert "Caption your images" in requests.get(page, timeout=10).text
+        r = requests.post(page + "api/caption", files=_files(images[:1]), timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["caption"]
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 0, log.read_text()
+        assert "stopped captioner web and captioner serve" in log.read_text()
+        for port in ports:
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
