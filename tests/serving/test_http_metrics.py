@@ -100,10 +100,11 @@ def _headers_only(hostport, path, length, headers) -> tuple[int, dict]:
     return r.status, json.loads(r.read() or b"{}")
 
 
-def _binary_request(img: bytes, size_delta=0, shape=(1, 1)) -> tuple[bytes, dict]:
+def _binary_request(img: bytes, size_delta=0, shape=(1, 1), parameters=None) -> tuple[bytes, dict]:
     blob = len(img).to_bytes(4, "little") + img
     head = json.dumps({"inputs": [{"name": names.IMAGE, "datatype": "BYTES", "shape": list(shape),
-                                   "parameters": {"binary_data_size": len(blob) + size_delta}}]}).encode()
+                                   "parameters": {"binary_data_size": len(blob) + size_delta}}],
+                       **({"parameters": parameters} if parameters else {})}).encode()
     return head + blob, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
 
 
@@ -115,6 +116,7 @@ def _binary_request(img: bytes, size_delta=0, shape=(1, 1)) -> tuple[bytes, dict
     ("unclaimed-bytes", 400, None, "binary bytes that no input's binary_data_size claims"),
     ("not-json", 400, None, "failed to parse the request JSON"),
     ("too-large", 413, "RESOURCE_EXHAUSTED", "over the limit"),
+    ("timeout", 503, None, "deadline exceeded: request dropped"),  # parameters.timeout (us): Triton's request timeout
 ])
 def test_errors_map_to_the_same_statuses_as_grpc(server, images, case, status, grpc_code, needle):
     good = images[0]
@@ -131,7 +133,7 @@ def test_errors_map_to_the_same_statuses_as_grpc(server, images, case, status, g
         delta = -3
     elif case == "too-large":
         img = b"\xff" * (18 << 20)  # over the 17 MiB receive limit of both protocols
-    body, headers = _binary_request(img, delta, shape)
+    body, headers = _binary_request(img, delta, shape, {"timeout": 1} if case == "timeout" else None)
     if case == "not-json":
         body, headers = b"{nope" + body, {}
     if case == "too-large":  # refused from the headers alone, before the client sends the body
