@@ -628,7 +628,8 @@ def parse_restricted(spec: str | None) -> tuple[str, str] | None:
 
 def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, workers: int = MAX_CONCURRENT_RPCS,
                  threads: int = 0, control: str = "none", load: Iterable[str] = (), restricted: str | None = None,
-                 max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> tuple[grpc.Server, Repository, int]:
+                 max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS, http_port: int | None = None,
+                 metrics_port: int | None = None) -> tuple[grpc.Server, Repository, int]:
     guard = parse_restricted(restricted)
     r = Repository(repo, threads, control, load)
     # so_reuseport 0: bind exclusively. gRPC sets SO_REUSEPORT by default on Linux, so a second
@@ -648,6 +649,11 @@ def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, wo
         r.close()
         raise BindError(f"cannot listen on {host}:{port}: {_bind_error(host, port)} (port {port}; is another "
                       f"server running there? choose another with --grpc-port)")
+    try:  # HTTP and metrics listen before gRPC answers, so a client that saw gRPC ready finds them up
+        r.fronts = start_fronts(r, host, http_port, metrics_port)
+    except BindError:
+        r.close()
+        raise
     server.start()
     return server, r, bound
 
@@ -682,14 +688,8 @@ def serve_forever(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, t
                   http_port: int | None = None, metrics_port: int | None = None) -> None:
     try:
         server, r, bound = start_server(repo, host, port, threads=threads, control=control, load=load,
-                                        restricted=restricted)
+                                        restricted=restricted, http_port=http_port, metrics_port=metrics_port)
     except BindError as e:
-        raise SystemExit(f"captioner serve: {e}") from None
-    try:
-        fronts = start_fronts(r, host, http_port, metrics_port)
-    except BindError as e:
-        server.stop(0)
-        r.close()
         raise SystemExit(f"captioner serve: {e}") from None
     log.info("serving %s on %s:%d (model control %s; loaded: %s)", repo, host, bound, control,
              ", ".join(sorted(r.loaded)) or "none")
@@ -702,7 +702,7 @@ def serve_forever(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, t
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     stop.wait()
-    for f in fronts:
+    for f in r.fronts:
         f.stop()
     server.stop(grace=5).wait()
     r.close()
