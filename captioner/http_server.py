@@ -80,7 +80,7 @@ def parse_infer_body(body: bytes, header_len: str | None) -> tuple[dict, list[In
                                           f"{MAX_JSON_HEADER} bytes")
     try:
         req = json.loads(body[:n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
         raise DataPlaneError(INVALID_ARG, f"failed to parse the request JSON: {e}") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise DataPlaneError(INVALID_ARG, "the request JSON must be an object with an 'inputs' list")

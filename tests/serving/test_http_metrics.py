@@ -115,6 +115,7 @@ def _binary_request(img: bytes, size_delta=0, shape=(1, 1), parameters=None) -> 
     ("size-past-end", 400, None, "runs past"),
     ("unclaimed-bytes", 400, None, "binary bytes that no input's binary_data_size claims"),
     ("not-json", 400, None, "failed to parse the request JSON"),
+    ("deep-json", 400, None, "failed to parse the request JSON"),
     ("too-large", 413, "RESOURCE_EXHAUSTED", "over the limit"),
     ("timeout", 503, None, "deadline exceeded: request dropped"),  # parameters.timeout (us): Triton's request timeout
 ])
@@ -136,6 +137,8 @@ def test_errors_map_to_the_same_statuses_as_grpc(server, images, case, status, g
     body, headers = _binary_request(img, delta, shape, {"timeout": 1} if case == "timeout" else None)
     if case == "not-json":
         body, headers = b"{nope" + body, {}
+    elif case == "deep-json":
+        body, headers = b'{"inputs": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", {}
     if case == "too-large":  # refused from the headers alone, before the client sends the body
         got, err = _headers_only(server["http"], f"/v2/models/{model}/infer", len(body), headers)
     else:
