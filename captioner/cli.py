@@ -367,7 +367,10 @@ def _presets_and_config_keys() -> str:
     import dataclasses
     import inspect
 
-    from captioner.config import PRESET_DIR, ExperimentConfig
+    try:
+        from captioner.config import PRESET_DIR, ExperimentConfig
+    except ImportError as e:  # the web gateway's image has no torch; `captioner web` must still start
+        return f"(presets and config keys are listed where the training stack is installed: {e})"
 
     lines = ["presets (--config NAME):"]
     for f in sorted(PRESET_DIR.glob("*.yaml")):

@@ -50,8 +50,10 @@ def _classify(e: Exception, url: str) -> Upstream | None:
     image only (the model server refused it: INVALID_ARGUMENT)."""
     status = str(getattr(e, "status", lambda: "")() or "")
     msg = e.message() if hasattr(e, "message") else str(e)
-    if "INVALID_ARGUMENT" in status or "RESOURCE_EXHAUSTED" in status:
-        return None
+    if "INVALID_ARGUMENT" in status or ("RESOURCE_EXHAUSTED" in status and "larger than max" in msg):
+        return None  # this image: refused by the model, or over the server's message size
+    if "RESOURCE_EXHAUSTED" in status:  # the server's concurrent-RPC cap: busy, try again
+        return Upstream(503, f"model server at {url} is busy: {msg}")
     if "NOT_FOUND" in status:
         return Upstream(503, f"model server at {url} has no ready model: {msg}")
     if "DEADLINE_EXCEEDED" in status:
