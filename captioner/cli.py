@@ -216,9 +216,18 @@ def cmd_serve(a, _):
 
     try:
         serve_forever(a.repo, host=a.host, port=a.grpc_port, threads=a.threads, control=a.model_control_mode,
-                      load=a.load_model, restricted=a.grpc_restricted_protocol)
+                      load=a.load_model, restricted=a.grpc_restricted_protocol, http_port=a.http_port,
+                      metrics_port=a.metrics_port)
     except RepositoryError as e:
         raise SystemExit(f"serve: Triton would refuse this repository: {e}") from None
+
+
+def cmd_web(a, _):
+    from captioner.client import TLS
+    from captioner.web import run
+
+    tls = TLS(a.root_certificates, a.private_key, a.certificate_chain) if a.ssl else None
+    run(a.url, host=a.host, port=a.port, model=a.model_name, max_images=a.max_images, max_body=a.max_body, tls=tls)
 
 
 def _store(a, uri, create=False):
@@ -311,7 +320,7 @@ def cmd_job(a, overrides):
 def cmd_demo(a, _):
     from captioner.demo import run_demo
 
-    run_demo(a.workdir, images=a.images, epochs=a.epochs, min_cider=a.min_cider)
+    run_demo(a.workdir, images=a.images, epochs=a.epochs, min_cider=a.min_cider, serve=a.serve)
 
 
 def cmd_bench(a, _):
@@ -359,7 +368,10 @@ def _presets_and_config_keys() -> str:
     import dataclasses
     import inspect
 
-    from captioner.config import PRESET_DIR, ExperimentConfig
+    try:
+        from captioner.config import PRESET_DIR, ExperimentConfig
+    except ImportError as e:  # the web gateway's image has no torch; `captioner web` must still start
+        return f"(presets and config keys are listed where the training stack is installed: {e})"
 
     lines = ["presets (--config NAME):"]
     for f in sorted(PRESET_DIR.glob("*.yaml")):
@@ -491,7 +503,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit mode: load NAME at start (repeat; dependencies first, e.g. decoder then captioner)")
     s.add_argument("--grpc-restricted-protocol", default=None, metavar="model-repository:KEY=VALUE",
                    help="as tritonserver: model load/unload/index calls must carry header KEY with VALUE")
+    # issue 11: Triton's other two ports (tritonserver --http-port / --metrics-port), off unless given
+    s.add_argument("--http-port", type=PORT, default=None, metavar="PORT",
+                   help="also serve Triton's HTTP/REST API (KServe v2 + binary data) on PORT (default: off; "
+                        "Triton's is 8000)")
+    s.add_argument("--metrics-port", type=PORT, default=None, metavar="PORT",
+                   help="also serve Prometheus /metrics with Triton's nv_inference_* names on PORT (default: off; "
+                        "Triton's is 8002)")
     s.set_defaults(fn=cmd_serve)
+
+    # issue 11: the web gateway in front of Triton / `captioner serve`
+    s = sub.add_parser("web", **common,
+                       help="web page + JSON API for captioning, in front of Triton or `captioner serve`")
+    s.add_argument("--url", required=True, help="HOST:PORT of the model server's gRPC port (as `caption --url`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    s.add_argument("--port", type=PORT, default=8080, help="port to listen on")
+    s.add_argument("--model-name", default="captioner", help="served model name")
+    s.add_argument("--max-images", type=int_range(1, 256), default=16, help="images per request (more: 400)")
+    s.add_argument("--max-body", type=POSITIVE, default=32 << 20, help="request size limit in bytes (more: 413)")
+    g = s.add_argument_group("TLS to the model server (Triton --grpc-use-ssl / --grpc-use-ssl-mutual)")
+    g.add_argument("--ssl", action="store_true", help="connect over TLS (default: plaintext)")
+    g.add_argument("--root-certificates", metavar="PEM", help="CA to verify the server (default: system roots)")
+    g.add_argument("--private-key", metavar="PEM", help="client key, for servers that require client certificates")
+    g.add_argument("--certificate-chain", metavar="PEM", help="client certificate chain (with --private-key)")
+    s.set_defaults(fn=cmd_web)
 
     def s3_flags(sp):
         g = sp.add_argument_group("object storage (s3:// URIs)")
@@ -622,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int_range(50), default=1500, help="generated images")
     s.add_argument("--epochs", type=POSITIVE, default=8, help="training epochs")
     s.add_argument("--min-cider", type=float_range(0.0), default=1.0, help="quality gate for the deploy step")
+    s.add_argument("--serve", action="store_true",
+                   help="then keep `captioner serve` and `captioner web` running on the demo's model until Ctrl-C")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", **common, help="benchmarks (print side-by-side measurements)")
