@@ -74,6 +74,32 @@ def job_name(prefix: str, run_id: str) -> str:
     return f"{base[:40].rstrip('-')}-{digest}"
 
 
+# The trainer container's hardening and writable folders (read-only root filesystem), shared by
+# the PyTorchJob and the TrainJob builders.
+TRAINER_CONTAINER_SECURITY = {
+    "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]}},
+    "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
+                     {"name": "workspace", "mountPath": WORKDIR}],
+}
+
+
+def trainer_pod_spec(s: "JobSpec") -> dict:
+    """Pod-level fields of a trainer pod: its account, pod security, volumes and node pool."""
+    spec = {
+        "serviceAccountName": s.service_account,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
+                    {"name": "tmp", "emptyDir": {}}, {"name": "workspace", "emptyDir": {}}],
+    }
+    if s.pool.node_selector:
+        spec["nodeSelector"] = dict(s.pool.node_selector)
+    if s.pool.tolerations:
+        spec["tolerations"] = [dict(t) for t in s.pool.tolerations]
+    return spec
+
+
 def build_pytorchjob(s: JobSpec) -> dict:
     if s.gpus_per_worker > 0:
         limits = {"nvidia.com/gpu": str(s.gpus_per_worker), "cpu": s.cpu, "memory": s.memory}
@@ -85,10 +111,8 @@ def build_pytorchjob(s: JobSpec) -> dict:
     pod = {
         "metadata": {"labels": {"app.kubernetes.io/name": "captioner-trainer", "captioner/job": s.name}},
         "spec": {
-            "serviceAccountName": s.service_account,
+            **trainer_pod_spec(s),
             "automountServiceAccountToken": False,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{
                 "name": "pytorch",  # the operator finds the container by this name
                 "image": s.image,
@@ -100,19 +124,11 @@ def build_pytorchjob(s: JobSpec) -> dict:
                 # the rendezvous port: the operator builds PET_RDZV_ENDPOINT from the port with this name
                 "ports": [{"name": RDZV_PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}],
                 "resources": {"limits": limits, "requests": dict(limits)},
-                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                    "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
-                                 {"name": "workspace", "mountPath": WORKDIR}],
+                **TRAINER_CONTAINER_SECURITY,
             }],
-            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
-                        {"name": "tmp", "emptyDir": {}}, {"name": "workspace", "emptyDir": {}}],
         },
     }
-    if s.pool.node_selector:
-        pod["spec"]["nodeSelector"] = dict(s.pool.node_selector)
-    if s.pool.tolerations:
-        pod["spec"]["tolerations"] = [dict(t) for t in s.pool.tolerations]
+    pod["spec"]["volumes"] = pod["spec"].pop("volumes")  # after the containers, as kubectl prints it
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,

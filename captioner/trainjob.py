@@ -33,7 +33,7 @@ PATCH_MANAGER = "captioner"  # runtimePatches are keyed by manager
 def build_trainjob(s) -> dict:
     """The TrainJob for `s` (a pytorchjob.JobSpec). TrainJob v2.3.0 has no elastic range:
     min_workers/max_workers must equal workers."""
-    from captioner.pytorchjob import WORKDIR
+    from captioner.pytorchjob import TRAINER_CONTAINER_SECURITY, trainer_pod_spec
 
     if (s.min_workers, s.max_workers) != (s.workers, s.workers):
         raise ValueError(f"TrainJob (Trainer v2.3.0) has no elastic training: min/max nodes "
@@ -49,25 +49,8 @@ def build_trainjob(s) -> dict:
                "numNodes": s.workers, "resourcesPerNode": {"limits": limits, "requests": dict(limits)}}
     if str(s.nproc_per_node).isdigit():
         trainer["numProcPerNode"] = int(s.nproc_per_node)  # else the plugin's "auto"
-    pod = {
-        "serviceAccountName": s.service_account,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [{
-            "name": CONTAINER,
-            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                "capabilities": {"drop": ["ALL"]}},
-            # the image's WORKDIR is /workspace (docker/trainer.Dockerfile): the run folder is an emptyDir there
-            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
-                             {"name": "workspace", "mountPath": WORKDIR}],
-        }],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
-                    {"name": "tmp", "emptyDir": {}}, {"name": "workspace", "emptyDir": {}}],
-    }
-    if s.pool.node_selector:
-        pod["nodeSelector"] = dict(s.pool.node_selector)
-    if s.pool.tolerations:
-        pod["tolerations"] = [dict(t) for t in s.pool.tolerations]
+    # the image's WORKDIR is /workspace (docker/trainer.Dockerfile): the run folder is an emptyDir there
+    pod = {**trainer_pod_spec(s), "containers": [{"name": CONTAINER, **TRAINER_CONTAINER_SECURITY}]}
     patch = {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
         "name": REPLICATED_JOB,
         "template": {"spec": {"template": {

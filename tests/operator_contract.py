@@ -101,8 +101,17 @@ def pod_env(job: dict, rtype: str, index: int, secrets: dict[str, dict[str, str]
     Secret key fails like the kubelet's CreateContainerConfigError) + the operator's."""
     c = next(c for c in job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]["containers"]
              if c["name"] == CONTAINER)
+    env = resolve_env(c.get("env", []), secrets)
+    env.update(operator_env(job, rtype, index))
+    return env
+
+
+def resolve_env(entries: list[dict], secrets: dict) -> dict:
+    """A container's `env` list as the kubelet resolves it: values, and secretKeyRefs from
+    `secrets` ({name: {key: value}}); a missing key of a required Secret fails like the
+    kubelet's CreateContainerConfigError."""
     env = {}
-    for e in c.get("env", []):
+    for e in entries:
         if "value" in e:
             env[e["name"]] = e["value"]
         else:
@@ -110,5 +119,4 @@ def pod_env(job: dict, rtype: str, index: int, secrets: dict[str, dict[str, str]
             if ref["key"] not in secrets.get(ref["name"], {}) and not ref.get("optional"):
                 raise KeyError(f"CreateContainerConfigError: secret {ref['name']!r} key {ref['key']!r} not found")
             env[e["name"]] = secrets.get(ref["name"], {}).get(ref["key"], "")
-    env.update(operator_env(job, rtype, index))
     return env

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+from tests.operator_contract import resolve_env
+
 NODE, ANCESTOR_LABEL, MASTER_PORT = "node", "trainer.kubeflow.org/trainjob-ancestor-step", 29500
 RESERVED = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 
@@ -79,18 +81,10 @@ def plugin_env(job: dict, runtime: dict, index: int) -> dict[str, str]:
 def node_env(job: dict, runtime: dict, index: int, secrets: dict[str, dict[str, str]]) -> dict[str, str]:
     """The `node` container's environment: runtime env, then trainer.env (secretKeyRef
     resolved; a missing key fails like the kubelet's CreateContainerConfigError), then PET_*."""
-    env: dict[str, str] = {}
     tr = job["spec"].get("trainer") or {}
     bad = sorted({e["name"] for e in tr.get("env", [])} & set(RESERVED))
     if bad:
         raise ValueError(f"admission: spec.trainer.env must not have reserved envs {bad}")
-    for e in [*trainer_container(runtime).get("env", []), *tr.get("env", [])]:
-        if "value" in e:
-            env[e["name"]] = e["value"]
-        else:
-            ref = e["valueFrom"]["secretKeyRef"]
-            if ref["key"] not in secrets.get(ref["name"], {}) and not ref.get("optional"):
-                raise KeyError(f"CreateContainerConfigError: secret {ref['name']!r} key {ref['key']!r} not found")
-            env[e["name"]] = secrets.get(ref["name"], {}).get(ref["key"], "")
+    env = resolve_env([*trainer_container(runtime).get("env", []), *tr.get("env", [])], secrets)
     env.update(plugin_env(job, runtime, index))
     return env
