@@ -1,6 +1,7 @@
 """`captioner export`: checkpoint -> complete Triton model repository (ONNX encoder and
-decoder, Python-backend preprocess and BLS decode loop, ensemble), with a parity check of
-onnxruntime against PyTorch that fails loudly."""
+decoder, Python-backend preprocess and decode loop, ensemble), with a parity check of
+onnxruntime against PyTorch that fails loudly. The decode loop's version folder also gets the
+decoder graph it runs in process (decoder.onnx) and select_rows.onnx."""
 from __future__ import annotations
 
 import io
@@ -20,11 +21,11 @@ from captioner.checkpoint import LoadedCheckpoint, load_checkpoint
 from captioner.config import save_config
 from captioner.decoding import DecodeParams
 from captioner.inference import caption_tensor
-from captioner.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
-                             LOGITS, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV, TOKENIZER_FILE)
+from captioner.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER,
+                             ENCODER_HIDDEN, INPUT_IDS, LOGITS, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE,
+                             PRESENT_KV, ROWS, SELECT_ROWS_FILE, SELECTED, STATE, TOKENIZER_FILE)
 from captioner.serving_core import DecodeLoop, image_bytes_to_pixels
-from captioner.triton_repo import (BLS_VERSION_KEY, MAX_BATCH, build_configs, check_repository, write_configs,
-                                   write_marker)
+from captioner.triton_repo import MAX_BATCH, build_configs, check_repository, write_configs, write_marker
 
 log = logging.getLogger(__name__)
 SOURCES = Path(__file__).resolve().parent / "triton"  # the Python-backend models, copied in as model.py
@@ -100,6 +101,29 @@ def export_onnx(ck: LoadedCheckpoint, repo: Path, opset: int = 17) -> Dims:
     return d
 
 
+def write_select_rows(path: Path, opset: int = 17) -> None:
+    """select_rows.onnx: selected = Gather(state, rows, axis=0) over a rank-5 float cache
+    tensor, so the decode loop keeps / reorders / duplicates rows on the session's device."""
+    from onnx import TensorProto, helper
+
+    dims = ["rows_in", "a", "b", "c", "d"]
+    g = helper.make_graph(
+        [helper.make_node("Gather", [STATE, ROWS], [SELECTED], axis=0)], "select_rows",
+        [helper.make_tensor_value_info(STATE, TensorProto.FLOAT, dims),
+         helper.make_tensor_value_info(ROWS, TensorProto.INT64, ["rows_out"])],
+        [helper.make_tensor_value_info(SELECTED, TensorProto.FLOAT, ["rows_out"] + dims[1:])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def ship_decoder_graph(repo: Path) -> None:
+    """The decoder graph (as optimised / quantised) into decode_loop's version folder, where
+    its in-process session loads it (see captioner/triton/decode_loop.py for why there)."""
+    shutil.copyfile(repo / DECODER / "1" / "model.onnx", repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE)
+
+
 # ------------------------------------------------------------------ parity
 def sample_images(ck: LoadedCheckpoint, n: int = 8) -> list[tuple[str, bytes]]:
     """Held-out images from the checkpoint's data when reachable, else generated scenes."""
@@ -152,7 +176,7 @@ def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: floa
     rep.encoder_max_abs_diff = float(max(np.abs(mem_o - mem_t.numpy()).max(), np.abs(cross_o - cross_t.numpy()).max()))
     params = DecodeParams(max_new_tokens=m.cfg.max_new_tokens)
     caps_t = caption_tensor(m, ck.tokenizer, x, DecodeParams(**vars(params)))
-    loop = DecodeLoop.from_dir(repo / DECODE_LOOP / "1", ort_m.run_decoder)
+    loop = DecodeLoop.in_process(repo / DECODE_LOOP / "1")  # the served path: in-process bound decoder
     caps_o = loop.caption(cross_o, DecodeParams(**vars(params)))
     # per-step logits, teacher-forced on PyTorch's captions, through the cache in both
     ids = [[ck.tokenizer.bos_id] + ck.tokenizer.encode(c, m.cfg.max_len)[1:-1] for c in caps_t]
@@ -235,15 +259,18 @@ def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None 
     ck.tokenizer.save(repo / DECODE_LOOP / "1" / TOKENIZER_FILE)
     (repo / DECODE_LOOP / "1" / DECODE_FILE).write_text(json.dumps({
         "bos_id": ck.tokenizer.bos_id, "eos_id": ck.tokenizer.eos_id, "max_new_tokens": ck.model.cfg.max_new_tokens,
-        "n_layers": d.L, "n_heads": d.heads, "head_dim": d.Dh, BLS_VERSION_KEY: -1}, indent=2))
+        "n_layers": d.L, "n_heads": d.heads, "head_dim": d.Dh}, indent=2))
+    write_select_rows(repo / DECODE_LOOP / "1" / SELECT_ROWS_FILE)
     report = {"checkpoint": str(ck.path), "step": ck.step, "dims": asdict(d), "device": device,
               "onnx": onnx_versions(repo)}
     if optimize:
         report["fusions"] = optimize_graphs(repo, ck)
+    ship_decoder_graph(repo)
     if verify:
         report["parity"] = asdict(check_parity(ck, repo, parity_images))
     if quantize == "int8":
         quantize_int8(repo)
+        ship_decoder_graph(repo)
         q = check_parity(ck, repo, parity_images, fail=False)
         report["parity_int8"] = asdict(q)
         log.info("int8 parity: greedy captions equal %d/%d, logits max|diff| %.3f (report only)",
