@@ -421,15 +421,14 @@ def main(argv: list[str] | None = None) -> None:
     if extra and not getattr(a, "overrides_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(a.verbose)
-    from captioner.config import ConfigError
-    from captioner.storage import StoreError
+    from captioner.storage import StoreError  # (config.ConfigError is a ValueError: importing config loads torch)
 
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:
         parser.error(f"overrides must look like --section.key=value, got: {' '.join(bad)}")
     try:
         a.fn(a, extra)
-    except (ConfigError, FileNotFoundError, ValueError, StoreError) as e:
+    except (FileNotFoundError, ValueError, StoreError) as e:
         log.error("%s", e)
         raise SystemExit(2) from None
 

@@ -14,6 +14,14 @@ copies only that model's folder to local disk, so a sibling `decoder/` folder is
 read. Shipping the graph with the loop also keeps loop and graph of one version together.
 `args["model_instance_device_id"]` picks the GPU of a KIND_GPU instance.
 
+Why not onnxruntime's BeamSearch/GreedySearch contrib op (the whole loop in one graph): its
+encoder-decoder mode validates the encoder subgraph's first input as `encoder_input_ids`
+int32 [B, S] (onnxruntime contrib_ops/cpu/transformers/subgraph_t5_encoder.cc `Validate`), so
+it cannot take pixel values or the cross K/V our `encoder` step produces; its Whisper mode
+takes audio features with Whisper's own decoder conventions. It would also move the encoder
+out of the ensemble and replace decoding.py's beam search (GNMT length penalty, n-gram
+blocking), so captions would no longer equal the reference.
+
 The request-level step (checks, BEAM_SIZE / MAX_TOKENS, batching, captions, per-request
 errors) is `captioner.serving_core.caption_requests`, the same function `captioner serve` runs.
 """
