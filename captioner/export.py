@@ -125,16 +125,33 @@ def ship_decoder_graph(repo: Path) -> None:
 
 
 # ------------------------------------------------------------------ parity
-def sample_images(ck: LoadedCheckpoint, n: int = 8) -> list[tuple[str, bytes]]:
-    """Held-out images from the checkpoint's data when reachable, else generated scenes."""
+def held_out_records(ck: LoadedCheckpoint, n: int = 0, cache_dir: str | Path | None = None) -> list:
+    """The checkpoint's held-out images (test split, then val when too few; n=0: the whole test
+    split) as ImageRecords: for a dataset written by `captioner ingest` the split is the one its
+    manifest fixes (images extracted to `cache_dir`), else the split `assign_splits` gives."""
     from captioner.data import assign_splits, by_split, read_records
+    from captioner.shards import is_shard_source, materialize, open_shard_source
 
+    c = ck.config.data
+    if is_shard_source(c.source):
+        import tempfile
+
+        store, manifest = open_shard_source(c.source)
+        cache = Path(cache_dir or tempfile.mkdtemp(prefix="captioner-heldout-"))
+        recs = materialize(store, manifest, "test", cache / "test", n)
+        if n and len(recs) < n:
+            recs += materialize(store, manifest, "val", cache / "val", n - len(recs))
+        return recs
+    recs, _ = read_records(c.source, c.format, c.image_root)
+    assign_splits(recs, c.val_fraction, c.test_fraction, c.split_seed)
+    return (by_split(recs, "test") + by_split(recs, "val"))[:n] if n else by_split(recs, "test")
+
+
+def sample_images(ck: LoadedCheckpoint, n: int = 8) -> list[tuple[str, bytes]]:
+    """Held-out images from the checkpoint's data (its manifest's test split for a shard
+    dataset) when reachable, else generated scenes."""
     try:
-        c = ck.config.data
-        recs, _ = read_records(c.source, c.format, c.image_root)
-        assign_splits(recs, c.val_fraction, c.test_fraction, c.split_seed)
-        recs = (by_split(recs, "test") + by_split(recs, "val") + recs)[:n]
-        out = [(r.image_id, Path(r.path).read_bytes()) for r in recs]
+        out = [(r.image_id, Path(r.path).read_bytes()) for r in held_out_records(ck, n)]
         if out:
             return out
     except Exception as e:  # noqa: BLE001 - fall back to generated images
@@ -221,6 +238,9 @@ def optimize_graphs(repo: Path, ck: LoadedCheckpoint) -> dict:
 
 
 def quantize_int8(repo: Path) -> None:
+    """Dynamic int8: weights quantised per output channel (one scale per row of each weight
+    matrix, which keeps small-norm rows from being flattened by one large row), activations
+    quantised per tensor at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for name in (ENCODER, DECODER):
@@ -228,7 +248,7 @@ def quantize_int8(repo: Path) -> None:
         fp32 = repo / name / "model.fp32.onnx"  # outside the version folder: Triton ignores it
         shutil.move(f, fp32)
         # fused contrib ops defeat ONNX shape inference; their tensors are float
-        quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8, per_channel=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
