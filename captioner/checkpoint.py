@@ -21,6 +21,7 @@ import torch
 
 from captioner.config import ExperimentConfig, config_from_dict
 from captioner.deployment import CKPT_BEST, CKPT_LATEST
+from captioner.errors import NotACheckpointError
 from captioner.model import Captioner
 from captioner.preprocess import PreprocessConfig
 from captioner.storage import atomic_write
@@ -32,8 +33,12 @@ FORMAT = 2  # 2: no pickled objects (RNG states as tensors/lists)
 RUN_LOGS = ("metrics.jsonl", "val_metrics.jsonl")  # travel with the checkpoint to the store
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NotACheckpointError):
     """A file that is not a loadable captioner checkpoint; the message names it."""
+
+    def __init__(self, message: str,
+                 hint: str = "give a ckpt_best.pt / ckpt_latest.pt written by `captioner train`, or its run folder"):
+        super().__init__(message, hint)
 
 
 # ------------------------------------------------------------------ RNG state as tensors

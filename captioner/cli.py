@@ -17,17 +17,85 @@ def _setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if not verbose:  # other libraries' internals: shown with -v
+        import warnings
+
+        for name in ("urllib3", "kfp", "onnxruntime", "onnx_model", "onnx_model_bert", "fusion_base",
+                     "fusion_utils", "fusion_options", "fusion_attention", "fusion_skiplayernorm", "fusion_gelu"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        # kfp_server_api's Configuration resets urllib3's level: a filter survives that
+        logging.getLogger("urllib3.connectionpool").addFilter(lambda r: r.levelno >= logging.ERROR)
+        warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline")
+
+
+# ----------------------------------------------------------------------------- argument types
+def int_range(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi]; anything else is refused with the accepted range."""
+    want = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {v}")
+        return v
+
+    parse.__name__ = want
+    return parse
+
+
+def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite number in the interval; (lo, hi) open where asked."""
+    lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+    want = (f"a number in {lb}{lo}, {hi}{rb}" if lo is not None and hi is not None else
+            f"a number {'>' if lo_open else '>='} {lo}" if lo is not None else "a number")
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}") from None
+        bad = (v != v or v in (float("inf"), float("-inf"))
+               or (lo is not None and (v < lo or (lo_open and v == lo)))
+               or (hi is not None and (v > hi or (hi_open and v == hi))))
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s}")
+        return v
+
+    parse.__name__ = want
+    return parse
+
+
+POSITIVE = int_range(1)
+COUNT_OR_ALL = int_range(0)  # 0 means "all" / "off"
+FRACTION = float_range(0.0, 1.0, lo_open=True, hi_open=True)
+PORT = int_range(1, 65535)
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:
+    from captioner.serving_core import MAX_BEAM
+
     g = p.add_argument_group("decoding")
-    g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
-    g.add_argument("--length-penalty", type=float, default=1.0, help="beam length penalty alpha")
-    g.add_argument("--no-repeat-ngram", type=int, default=0, help="block repeated n-grams of this size")
+    g.add_argument("--beam", type=int_range(1, MAX_BEAM), default=1, help="beam size (1 = greedy)")
+    g.add_argument("--length-penalty", type=float_range(0.0), default=1.0,
+                   help="beam length penalty alpha (0 = raw log-probability)")
+    g.add_argument("--no-repeat-ngram", type=COUNT_OR_ALL, default=0,
+                   help="block repeated n-grams of this size (0 = off)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=30)
+    g.add_argument("--temperature", type=float_range(0.0, lo_open=True), default=1.0,
+                   help="sampling temperature (with --sample)")
+    g.add_argument("--top-p", type=float_range(0.0, 1.0, lo_open=True), default=1.0,
+                   help="nucleus sampling: keep the smallest token set with this much probability (with --sample)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=None,
+                   help="longest caption in tokens (default: the model's limit, model.max_len - 2)")
+
+
+# what `captioner serve` / Triton's decode loop takes per request (BEAM_SIZE, MAX_TOKENS); the rest is
+# fixed in the repository's decode settings, so over --url these flags would be silently ignored
+_URL_UNSUPPORTED = (("--sample", "sample", False), ("--temperature", "temperature", 1.0), ("--top-p", "top_p", 1.0),
+                    ("--length-penalty", "length_penalty", 1.0), ("--no-repeat-ngram", "no_repeat_ngram", 0))
 
 
 def _params(a):
@@ -52,6 +120,9 @@ def cmd_train(a, overrides):
     from captioner.train import train
 
     cfg = load_config(a.config, overrides)
+    from captioner.encoders import check_encoder
+
+    check_encoder(cfg.model.encoder, cfg.model.pretrained, cfg.model.encoder_weights)  # before any data work
     res = train(cfg, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
     if res.best["value"] > float("-inf"):
         log.info("done: step %d, best %s %.4f at step %d; checkpoints in %s", res.step, res.best["metric"],
@@ -68,15 +139,30 @@ def cmd_evaluate(a, _):
 
 
 def cmd_caption(a, _):
+    from captioner.errors import UserError
+    from captioner.image_files import expand_image_args
+
+    a.images, skipped = expand_image_args(a.images)
+    if not a.images:
+        raise UserError(f"caption: no image files among the arguments ({len(skipped)} other files skipped)",
+                        hint="give image files (jpg, png, webp, ...) or folders that hold them")
     if a.url:
         from captioner.client import TLS, caption_files
 
+        ignored = [flag for flag, key, default in _URL_UNSUPPORTED if getattr(a, key) != default]
+        if ignored:
+            raise UserError(f"caption --url: the server decodes greedy or beam search only and cannot honour "
+                            f"{', '.join(ignored)}",
+                            hint="over --url give only --beam and --max-new-tokens; use -c CHECKPOINT for the other "
+                                 "decoding options")
         certs = {k: getattr(a, k) for k in ("root_certificates", "private_key", "certificate_chain")}
         if any(certs.values()) and not a.ssl:
-            raise SystemExit("caption: --root-certificates/--private-key/--certificate-chain need --ssl")
+            raise UserError("caption: --root-certificates/--private-key/--certificate-chain need --ssl",
+                            hint="add --ssl (Triton started with --grpc-use-ssl)")
         failed = 0
         for path, cap in caption_files(a.url, a.images, beam=a.beam, concurrency=a.concurrency,
-                                       model=a.model_name, tls=TLS(**certs) if a.ssl else None):
+                                       model=a.model_name, tls=TLS(**certs) if a.ssl else None,
+                                       max_tokens=a.max_new_tokens):
             if cap.startswith("ERROR:"):
                 failed += 1
                 print(f"{path}\t{cap}", file=sys.stderr)
@@ -85,8 +171,6 @@ def cmd_caption(a, _):
         if failed:
             raise SystemExit(1)
         return
-    if not a.checkpoint:
-        raise SystemExit("caption: give --checkpoint CKPT (PyTorch) or --url HOST:PORT (Triton/`captioner serve`)")
     import numpy as np
 
     from captioner.checkpoint import load_checkpoint
@@ -113,7 +197,7 @@ def cmd_export(a, _):
     from captioner.export import export
 
     r = export(a.checkpoint, a.out, device=a.device, quantize=a.quantize, verify=not a.no_verify,
-               parity_images=a.parity_images, optimize=not a.no_optimize)
+               parity_images=a.parity_images, optimize=not a.no_optimize, force=a.force)
     if "parity" in r:
         p = r["parity"]
         print(f"parity: encoder max|diff| {p['encoder_max_abs_diff']:.2e}, per-step logits max|diff| "
@@ -165,19 +249,20 @@ def cmd_verify(a, _):
 def cmd_pipeline(a, overrides):
     from captioner import kfp_pipeline as kp
 
-    if a.action == "compile":
-        kp.compile_pipeline(a.out or "captioner-pipeline.yaml", train_in_pod=a.train_in_pod)
-        print(f"wrote {a.out or 'captioner-pipeline.yaml'} (upload it in the Kubeflow Pipelines UI)")
+    if a.pipeline_action == "compile":
+        kp.compile_pipeline(a.out, train_in_pod=a.train_in_pod)
+        print(f"wrote {a.out} (upload it in the Kubeflow Pipelines UI)")
         return
-    if not a.source:
-        raise SystemExit("pipeline run: --source is required (a Flickr30k folder/zip or captions JSON; "
-                         "with --host an s3:// URI)")
     common = dict(config=a.config, overrides=list(overrides), min_cider=a.min_cider, eval_max_images=a.eval_max_images,
                   val_fraction=a.val_fraction, test_fraction=a.test_fraction, shard_mb=a.shard_mb)
     if not a.host:
+        from captioner.local_run import run_pipeline_here
+
+        wd = Path(a.workdir).resolve()
         args = kp.local_arguments(a.workdir, a.source, **common)
-        kp.run_local(args, Path(a.workdir).resolve() / "pipeline_root")
-        print(f"pipeline finished; artefacts under {Path(a.workdir).resolve()}")
+        print("running the pipeline here (kfp.local); steps as they finish:", flush=True)
+        run_pipeline_here(args, wd / "pipeline_root", wd / "pipeline.log", verbose=a.verbose)
+        print(f"pipeline finished; artefacts under {wd}")
         return
     import os
 
@@ -187,8 +272,24 @@ def cmd_pipeline(a, overrides):
     args = kp.host_arguments(a.source, a.data_uri, a.model_uri, a.repo_uri, a.serving_uri, **common,
                              export_device=a.export_device, triton_url=a.triton_url, nproc=a.nproc,
                              cluster_settings=cluster)
-    print(kp.run_host(a.host, args, namespace=a.namespace, existing_token=os.environ.get(a.token_env),
-                      cookies=os.environ.get(a.cookies_env), ssl_ca_cert=a.ssl_ca_cert, train_in_pod=a.train_in_pod))
+    print(_submit(kp, a.host, args, namespace=a.namespace, existing_token=os.environ.get(a.token_env),
+                  cookies=os.environ.get(a.cookies_env), ssl_ca_cert=a.ssl_ca_cert, train_in_pod=a.train_in_pod))
+
+
+def _submit(kp, host: str, args: dict, **kw) -> str:
+    """kp.run_host, with a refused/unresolvable/timed-out connection as one line and a hint."""
+    import urllib3
+
+    from captioner.errors import UnreachableError
+
+    try:
+        return kp.run_host(host, args, **kw)
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UnreachableError(f"cannot reach Kubeflow Pipelines at {host}: {reason}",
+                               hint="check --host (the ml-pipeline-ui / ml-pipeline endpoint, e.g. "
+                                    "http://localhost:8080 after `kubectl port-forward -n kubeflow "
+                                    "svc/ml-pipeline-ui 8080:80`) and that you are logged in") from e
 
 
 def cmd_job(a, overrides):
@@ -216,7 +317,8 @@ def cmd_bench(a, _):
     import importlib
 
     mod = {"train": "benchmarks.train_throughput", "latency": "benchmarks.caption_latency",
-           "ingest": "benchmarks.ingest_throughput"}[a.what]
+           "ingest": "benchmarks.ingest_throughput", "serve": "benchmarks.serve_throughput",
+           "int8": "benchmarks.int8_quality"}[a.what]
     importlib.import_module(mod).main(a.rest)
 
 
@@ -224,25 +326,106 @@ COMMANDS = {}
 from captioner.deployment import JOB_NAMESPACE, NODE_POOLS, TRAINER_IMAGE  # noqa: E402 - defaults in --help
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; every option's help ends with its default (unless
+    the default is "nothing": None/False/empty, or the help already says it)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if ("%(default)" in h or "default:" in h or not action.option_strings
+                or d is None or d is False or d == "" or d == argparse.SUPPRESS):
+            return h
+        return f"{h} (default: %(default)s)"
+
+    def _split_lines(self, text, width):  # never split "tiny-cpu" or a path at a hyphen
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return "\n".join(ln if ln.startswith(" ") else
+                         textwrap.fill(ln, width, initial_indent=indent, subsequent_indent=indent)
+                         for ln in text.splitlines())
+
+
+def _presets_and_config_keys() -> str:
+    """`train --help` epilog: the presets and every config key, generated from the dataclasses."""
+    import dataclasses
+    import inspect
+
+    from captioner.config import PRESET_DIR, ExperimentConfig
+
+    lines = ["presets (--config NAME):"]
+    for f in sorted(PRESET_DIR.glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        lines.append(f"  {f.stem:<14} {first}")
+    lines.append("")
+    lines.append("config keys (--section.key=value; the preset or YAML sets some, the rest keep these defaults):")
+    cfg = ExperimentConfig()
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        notes = _field_comments(inspect.getsource(type(obj)))
+        lines.append(f"  {sec.name}:")
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            note = notes.get(f.name, "")
+            lines.append(f"    {sec.name}.{f.name}={v!r}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines)
+
+
+def _field_comments(src: str) -> dict[str, str]:
+    """The comment above or beside each field of a dataclass's source, first sentence only."""
+    import re
+
+    out, pending = {}, []
+    for ln in src.splitlines():
+        t = ln.strip()
+        if t.startswith("#"):
+            pending.append(t.lstrip("# "))
+            continue
+        m = re.match(r"(\w+)\s*:\s*[^=]+=.*?(?:#\s*(.*))?$", t)
+        if m and not t.startswith(("def ", "@", "class ")):
+            text = " ".join(pending) or (m.group(2) or "")
+            first = text.split(". ")[0].rstrip(".") if text else ""
+            out[m.group(1)] = first if len(first) <= 100 else first[:99] + "…"
+        pending = []
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="captioner", description=(
+    from captioner import __version__
+
+    p = argparse.ArgumentParser(prog="captioner", formatter_class=_Help, description=(
         "Image captioning platform: generate data, train a ViT + Transformer captioner, evaluate, "
         "export to ONNX/Triton, serve over Triton's gRPC protocol, ingest into object storage and run the "
-        "Kubeflow pipeline."))
-    p.add_argument("-v", "--verbose", action="store_true")
+        "Kubeflow pipeline. `captioner COMMAND --help` explains each command."))
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
+    p.add_argument("--version", action="version", version=f"captioner {__version__}")
+    verbose = argparse.ArgumentParser(add_help=False)  # -v also after the command; SUPPRESS keeps the top's value
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging, and tracebacks with errors")
+    common = {"formatter_class": _Help, "parents": [verbose]}
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("generate-data", help="write a synthetic captioned image set (Kaggle Flickr30k layout)")
+    s = sub.add_parser("generate-data", **common,
+                       help="write a synthetic captioned image set (Kaggle Flickr30k layout)")
     s.add_argument("out", help="output folder (gets results.csv and flickr30k_images/)")
-    s.add_argument("--images", type=int, default=1000, help="number of images (5 captions each)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--side", type=int, default=128, help="image side in pixels")
+    s.add_argument("--images", type=POSITIVE, default=1000, help="number of images (5 captions each)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    s.add_argument("--side", type=int_range(16, 4096), default=128, help="image side in pixels")
     s.set_defaults(fn=cmd_generate_data)
 
-    s = sub.add_parser("train", help="train (one process, or under torchrun for DDP)", description=(
-        "Train from a config preset or YAML file plus --section.key=value overrides, e.g. "
-        "`captioner train --config tiny-cpu --data.source=data/synth --train.out_dir=runs/x --train.epochs=5`. "
-        "Sections: model, data, train (see captioner/config.py and captioner/model.py for every key)."))
+    s = sub.add_parser("train", **common, help="train (one process, or under torchrun for DDP)", description=(
+        "Train from a config preset or YAML file plus --section.key=value overrides, e.g.\n"
+        "  captioner train --config tiny-cpu --data.source=data/synth --train.out_dir=runs/x --train.epochs=5\n"
+        "Several processes: torchrun --nproc_per_node=N -m captioner train ..."),
+        epilog=_presets_and_config_keys())
     s.add_argument("--config", default="tiny-cpu", help="preset name (configs/*.yaml) or YAML path")
     s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt_latest.pt, else from the model "
                    "store (--train.publish_uri); start fresh when neither has one")
@@ -251,22 +434,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train, overrides_ok=True)
 
-    s = sub.add_parser("evaluate", help="caption a split and report BLEU/METEOR/ROUGE-L/CIDEr-D")
+    s = sub.add_parser("evaluate", **common, help="caption a split and report BLEU/METEOR/ROUGE-L/CIDEr-D")
     s.add_argument("checkpoint", help="checkpoint file or run folder (uses ckpt_best.pt)")
-    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to caption")
     s.add_argument("--data", default=None, help="data source (default: the one in the checkpoint's config)")
     s.add_argument("--out", default=None, help="output folder (default: RUN/eval_SPLIT)")
-    s.add_argument("--max-images", type=int, default=0)
+    s.add_argument("--max-images", type=COUNT_OR_ALL, default=0, help="evaluate at most this many images (0 = all)")
     s.add_argument("--no-meteor", action="store_true", help="skip METEOR (Java) even where Java exists")
     _decode_args(s)
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("caption", help="print one caption per image (PyTorch checkpoint or a Triton/gRPC server)")
-    s.add_argument("images", nargs="+", help="image files")
-    s.add_argument("--checkpoint", "-c", default=None, help="checkpoint file or run folder (PyTorch path)")
-    s.add_argument("--url", default=None, help="HOST:PORT of Triton or `captioner serve` (gRPC)")
+    s = sub.add_parser("caption", **common,
+                       help="print one caption per image (PyTorch checkpoint or a Triton/gRPC server)")
+    s.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files or folders of images; other files are skipped with a warning")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", "-c", default=None, help="checkpoint file or run folder (caption with PyTorch)")
+    src.add_argument("--url", default=None, help="HOST:PORT of Triton or `captioner serve` (gRPC)")
     s.add_argument("--model-name", default="captioner", help="served model name (with --url)")
-    s.add_argument("--concurrency", type=int, default=4, help="requests in flight (with --url)")
+    s.add_argument("--concurrency", type=int_range(1, 256), default=4, help="requests in flight (with --url)")
     g = s.add_argument_group("TLS (with --url; Triton --grpc-use-ssl / --grpc-use-ssl-mutual)")
     g.add_argument("--ssl", action="store_true", help="connect over TLS (default: plaintext)")
     g.add_argument("--root-certificates", metavar="PEM", help="CA to verify the server (default: system roots)")
@@ -275,24 +461,29 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(s)
     s.set_defaults(fn=cmd_caption)
 
-    s = sub.add_parser("export", help="checkpoint -> Triton model repository (ONNX + Python backend + ensemble)",
+    s = sub.add_parser("export", **common,
+                       help="checkpoint -> Triton model repository (ONNX + Python backend + ensemble)",
                        description="Export encoder and decoder (with past key/values) to ONNX, write the Triton "
                                    "repository and verify onnxruntime against PyTorch (fails loudly on mismatch).")
     s.add_argument("checkpoint", help="checkpoint file or run folder")
-    s.add_argument("--out", required=True, help="repository folder to (re)create")
+    s.add_argument("--out", required=True,
+                   help="repository folder: new, empty, or one written earlier by export (replaced atomically)")
+    s.add_argument("--force", action="store_true",
+                   help="replace --out even if it holds other files (they are deleted)")
     s.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="instance kind in the ONNX models' configs (KIND_GPU for the cluster, KIND_CPU locally)")
     s.add_argument("--quantize", choices=["int8"], default=None, help="onnxruntime dynamic int8 quantization")
     s.add_argument("--no-verify", action="store_true", help="skip the onnxruntime/PyTorch parity check")
     s.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's transformer graph fusions")
-    s.add_argument("--parity-images", type=int, default=8)
+    s.add_argument("--parity-images", type=POSITIVE, default=8, help="images in the parity check")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("serve", help="serve a model repository over Triton's gRPC protocol (local stand-in)")
+    s = sub.add_parser("serve", **common, help="serve a model repository over Triton's gRPC protocol (local stand-in)")
     s.add_argument("repo", help="model repository written by `captioner export`")
-    s.add_argument("--grpc-port", type=int, default=8001)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    s.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--threads", type=COUNT_OR_ALL, default=0,
+                   help="onnxruntime intra-op threads (0 = onnxruntime's choice)")
     s.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
                    help="as tritonserver: 'none' loads every model (and refuses a repository Triton would refuse); "
                         "'explicit' loads only --load-model names and what RepositoryModelLoad asks for")
@@ -309,107 +500,129 @@ def build_parser() -> argparse.ArgumentParser:
                             "$AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY")
         g.add_argument("--s3-secure", action="store_true", default=None, help="use TLS (default: $CAPTIONER_S3_SECURE)")
 
-    s = sub.add_parser("ingest", help="validate, shard and upload a captioned image set to a folder or s3://",
+    s = sub.add_parser("ingest", **common, help="validate, shard and upload a captioned image set to a folder or s3://",
                        description="SOURCE: a Kaggle Flickr30k folder or zip (results.csv + flickr30k_images/), a "
                                    "Karpathy split JSON or a COCO captions JSON (images next to it or --image-root). "
                                    "DEST: a folder or s3://bucket/prefix. Resumable: rerun after an interruption.")
-    s.add_argument("source")
-    s.add_argument("dest")
-    s.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB")
-    s.add_argument("--max-side", type=int, default=0, help="resize images so the longer side is at most this")
-    s.add_argument("--workers", type=int, default=8, help="parallel uploads / image checks")
-    s.add_argument("--val-fraction", type=float, default=0.05)
-    s.add_argument("--test-fraction", type=float, default=0.05)
-    s.add_argument("--split-seed", type=int, default=0)
-    s.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco"])
+    s.add_argument("source", help="captioned images: folder, zip or captions JSON")
+    s.add_argument("dest", help="a folder or s3://bucket/prefix")
+    s.add_argument("--shard-mb", type=float_range(0.0, lo_open=True), default=64.0, help="target shard size in MB")
+    s.add_argument("--max-side", type=COUNT_OR_ALL, default=0,
+                   help="resize images so the longer side is at most this (0 = keep)")
+    s.add_argument("--workers", type=int_range(1, 256), default=8, help="parallel uploads / image checks")
+    s.add_argument("--val-fraction", type=FRACTION, default=0.05, help="share of images held out for validation")
+    s.add_argument("--test-fraction", type=FRACTION, default=0.05, help="share of images held out for testing")
+    s.add_argument("--split-seed", type=int, default=0, help="seed of the image -> split hash")
+    s.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco"],
+                   help="source layout (auto: detected from SOURCE)")
     s.add_argument("--image-root", default="", help="image folder for JSON sources")
     s.add_argument("--strip-metadata", action=argparse.BooleanOptionalAction, default=True,
                    help="drop EXIF (GPS, camera serials), XMP and comments from stored images, baking the EXIF "
-                        "orientation into the pixels (default: on)")
-    s.add_argument("--no-progress", action="store_true")
+                        "orientation into the pixels")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s3_flags(s)
     s.set_defaults(fn=cmd_ingest)
 
-    s = sub.add_parser("verify", help="re-check a dataset's manifest against the store (sizes and sha256)")
-    s.add_argument("dest")
-    s.add_argument("--workers", type=int, default=8)
+    s = sub.add_parser("verify", **common, help="re-check a dataset's manifest against the store (sizes and sha256)")
+    s.add_argument("dest", help="a dataset written by `captioner ingest`: folder or s3://bucket/prefix")
+    s.add_argument("--workers", type=int_range(1, 256), default=8, help="parallel checks")
     s3_flags(s)
     s.set_defaults(fn=cmd_verify)
 
-    s = sub.add_parser("pipeline", help="compile the Kubeflow pipeline, or run it (--local or --host URL)",
-                       description="compile OUT.yaml: write the KFP v2 IR YAML. run --local: run every step on this "
-                                   "machine (kfp.local.SubprocessRunner). run --host URL: submit to Kubeflow "
-                                   "Pipelines (every location an s3:// URI). Extra --section.key=value arguments "
-                                   "become training overrides.")
-    s.add_argument("action", choices=["compile", "run"])
-    s.add_argument("out", nargs="?", default=None, help="output YAML for compile")
-    s.add_argument("--train-in-pod", action="store_true",
-                   help="cluster: train inside the pipeline's own 1-GPU pod instead of launching a PyTorchJob")
-    s.add_argument("--local", action="store_true", help="run here (the default when --host is not given)")
-    s.add_argument("--source", default=None, help="dataset to ingest: a folder/zip/JSON here, an s3:// URI with --host")
-    s.add_argument("--workdir", default="pipeline_out", help="local run: where data, model, repository go")
-    s.add_argument("--config", default="tiny-cpu", help="training preset or YAML (default: %(default)s)")
-    s.add_argument("--min-cider", type=float, default=0.5, help="quality gate: minimum CIDEr-D to deploy")
-    s.add_argument("--eval-max-images", type=int, default=0, help="0 = the whole test split")
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--test-fraction", type=float, default=0.1)
-    s.add_argument("--shard-mb", type=float, default=64.0, help="ingest shard size in MB")
-    g = s.add_argument_group("run --host (Kubeflow Pipelines)")
-    g.add_argument("--host", default=None, help="Kubeflow Pipelines endpoint, e.g. https://kubeflow.example.com/pipeline")
+    s = sub.add_parser("pipeline", **common, help="compile the Kubeflow pipeline, or run it (here or on Kubeflow)",
+                       description="compile: write the KFP v2 IR YAML for the Kubeflow Pipelines UI. run: run every "
+                                   "step on this machine (kfp.local) or submit to Kubeflow Pipelines (--host).")
+    psub = s.add_subparsers(dest="pipeline_cmd", required=True, metavar="{compile,run}")
+    pc = psub.add_parser("compile", help="write the pipeline's KFP v2 IR YAML (upload it in the Kubeflow UI)", **common)
+    pc.add_argument("out", nargs="?", default="captioner-pipeline.yaml", metavar="OUT.yaml",
+                    help="output file (default: %(default)s)")
+    pc.add_argument("--train-in-pod", action="store_true",
+                    help="train inside the pipeline's own 1-GPU pod instead of launching a PyTorchJob")
+    pc.set_defaults(fn=cmd_pipeline, pipeline_action="compile")
+    pr = psub.add_parser("run", help="run the pipeline here (--local, the default) or on Kubeflow (--host URL)",
+                         description="run --local: every step on this machine (kfp.local.SubprocessRunner). "
+                                     "run --host URL: submit to Kubeflow Pipelines (every location an s3:// URI). "
+                                     "Extra --section.key=value arguments become training overrides (see "
+                                     "`captioner train --help`).", **common)
+    pr.add_argument("--local", action="store_true", help="run here (the default when --host is not given)")
+    pr.add_argument("--source", default=None, required=True,
+                    help="dataset to ingest: a Flickr30k folder/zip or a captions JSON here; an s3:// URI with --host")
+    pr.add_argument("--workdir", default="pipeline_out", help="local run: where data, model and repository go")
+    pr.add_argument("--config", default="tiny-cpu", help="training preset name or YAML path")
+    pr.add_argument("--min-cider", type=float_range(0.0), default=0.5, help="quality gate: minimum CIDEr-D to deploy")
+    pr.add_argument("--eval-max-images", type=COUNT_OR_ALL, default=0,
+                    help="evaluate at most this many images (0 = all)")
+    pr.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of images held out for validation")
+    pr.add_argument("--test-fraction", type=FRACTION, default=0.1, help="share of images held out for testing")
+    pr.add_argument("--shard-mb", type=float_range(0.0, lo_open=True), default=64.0, help="ingest shard size in MB")
+    g = pr.add_argument_group("with --host (Kubeflow Pipelines)")
+    g.add_argument("--host", default=None,
+                   help="Kubeflow Pipelines endpoint to submit to, e.g. https://kubeflow.example.com/pipeline")
     g.add_argument("--namespace", default=None, help="multi-user Kubeflow: your profile namespace")
     g.add_argument("--token-env", default="KF_PIPELINES_TOKEN", metavar="VAR",
-                   help="environment variable holding a bearer token for the endpoint (default: %(default)s)")
+                   help="environment variable holding a bearer token for the endpoint")
     g.add_argument("--cookies-env", default="KF_PIPELINES_COOKIES", metavar="VAR",
-                   help="environment variable holding the session cookie, e.g. authservice_session=... "
-                        "(default: %(default)s)")
+                   help="environment variable holding the session cookie, e.g. authservice_session=...")
     g.add_argument("--ssl-ca-cert", default=None, help="CA bundle for an endpoint with a private certificate")
-    for k in ("data-uri", "model-uri", "repo-uri", "serving-uri"):
-        g.add_argument(f"--{k}", default=None, help="s3:// URI")
+    for k, what in (("data-uri", "the ingested dataset"), ("model-uri", "the training run"),
+                    ("repo-uri", "the exported Triton repository"), ("serving-uri", "the repository Triton serves")):
+        g.add_argument(f"--{k}", default=None, metavar="S3_URI", help=f"s3:// URI for {what} (required with --host)")
     g.add_argument("--export-device", choices=["gpu", "cpu"], default="gpu",
                    help="Triton instance kind in the exported configs; cpu for a CPU-only cluster (kind overlay)")
     g.add_argument("--triton-url", default="", help="HOST:PORT of Triton's gRPC endpoint for the deploy step's reload")
-    g.add_argument("--nproc", type=int, default=1, help="with --train-in-pod: processes (GPUs) in the train pod")
-    g.add_argument("--workers", type=int, default=None, help="PyTorchJob worker nodes (default 2)")
-    g.add_argument("--gpus-per-worker", type=int, default=None, help="GPUs per worker node (default 8)")
+    g.add_argument("--train-in-pod", action="store_true",
+                   help="train inside the pipeline's own 1-GPU pod instead of launching a PyTorchJob")
+    g.add_argument("--nproc", type=POSITIVE, default=1, help="with --train-in-pod: processes (GPUs) in the train pod")
+    g.add_argument("--workers", type=POSITIVE, default=None, help="PyTorchJob worker nodes (default 2)")
+    g.add_argument("--gpus-per-worker", type=COUNT_OR_ALL, default=None, help="GPUs per worker node (default 8)")
     g.add_argument("--cloud", choices=list(NODE_POOLS), default=None, help="node pool (default gke)")
-    g.add_argument("--image", default=None, help="trainer image for the PyTorchJob")
+    g.add_argument("--image", default=None, help="trainer image for the PyTorchJob (default: $CAPTIONER_IMAGE or "
+                                                 "the released trainer image)")
     g.add_argument("--job-namespace", default=None, help="namespace of the PyTorchJob (default captioner)")
-    g.add_argument("--max-cost", type=float, default=None, help="cost guard limit in $ (default 500)")
-    g.add_argument("--price-per-gpu-hour", type=float, default=None, help="for the cost guard (default 3.0)")
-    s.set_defaults(fn=cmd_pipeline, overrides_ok=True)
+    g.add_argument("--max-cost", type=float_range(0.0), default=None, help="cost guard limit in $ (default 500)")
+    g.add_argument("--price-per-gpu-hour", type=float_range(0.0), default=None,
+                   help="for the cost guard (default 3.0)")
+    pr.set_defaults(fn=cmd_pipeline, pipeline_action="run", overrides_ok=True)
 
-    s = sub.add_parser("job", help="render the training PyTorchJob for kubectl (no Kubeflow Pipelines needed)",
+    s = sub.add_parser("job", **common, help="render the training PyTorchJob for kubectl (no Kubeflow Pipelines needed)",
                        description="job render: print the PyTorchJob (Kubeflow Training Operator v1.9) that the "
                                    "pipeline's train step would create, e.g. `kubectl create -f <(captioner job render "
                                    "--config vit-b16-a100 --nodes 2 --gpus-per-node 8 --data s3://datasets/flickr30k/v1 "
                                    "--model-uri s3://models/runs/r1)`. Extra --section.key=value arguments become "
                                    "training overrides.")
-    s.add_argument("action", choices=["render"])
-    s.add_argument("--config", required=True, help="training preset or YAML inside the image")
-    s.add_argument("--nodes", type=int, required=True, help="worker nodes (pods)")
-    s.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node = processes per node (0 = CPU)")
-    s.add_argument("--data", required=True, help="dataset written by `captioner ingest` (s3:// URI)")
-    s.add_argument("--model-uri", required=True, help="model store for checkpoints (s3:// URI); restarts resume here")
-    s.add_argument("--image", default=TRAINER_IMAGE, help="trainer image (default: %(default)s)")
-    s.add_argument("--name", default=None, help="job name (default: derived from --model-uri)")
-    s.add_argument("--namespace", default=JOB_NAMESPACE, help="default: %(default)s")
-    s.add_argument("--cloud", choices=list(NODE_POOLS), default="gke", help="node pool (default: gke)")
-    s.add_argument("--min-nodes", type=int, default=None, help="elastic: fewest nodes to run with (default: --nodes)")
-    s.add_argument("--max-nodes", type=int, default=None, help="elastic: most nodes (default: --nodes)")
-    s.set_defaults(fn=cmd_job, overrides_ok=True)
+    jsub = s.add_subparsers(dest="job_cmd", required=True, metavar="{render}")
+    jr = jsub.add_parser("render", help="print the PyTorchJob YAML", **common)
+    jr.add_argument("--config", required=True, help="training preset or YAML inside the image")
+    jr.add_argument("--nodes", type=POSITIVE, required=True, help="worker nodes (pods)")
+    jr.add_argument("--gpus-per-node", type=COUNT_OR_ALL, required=True,
+                    help="GPUs per node = processes per node (0 = CPU)")
+    jr.add_argument("--data", required=True, help="dataset written by `captioner ingest` (s3:// URI)")
+    jr.add_argument("--model-uri", required=True, help="model store for checkpoints (s3:// URI); restarts resume here")
+    jr.add_argument("--image", default=TRAINER_IMAGE, help="trainer image")
+    jr.add_argument("--name", default=None, help="job name (default: derived from --model-uri)")
+    jr.add_argument("--namespace", default=JOB_NAMESPACE, help="namespace of the job")
+    jr.add_argument("--cloud", choices=list(NODE_POOLS), default="gke", help="node pool")
+    jr.add_argument("--min-nodes", type=POSITIVE, default=None, help="elastic: fewest nodes to run with (default: --nodes)")
+    jr.add_argument("--max-nodes", type=POSITIVE, default=None, help="elastic: most nodes (default: --nodes)")
+    jr.set_defaults(fn=cmd_job, overrides_ok=True)
 
-    s = sub.add_parser("demo", help="the main job end to end on generated data (what `make demo` runs)")
-    s.add_argument("--workdir", default="demo_out")
-    s.add_argument("--images", type=int, default=1500)
-    s.add_argument("--epochs", type=int, default=8)
-    s.add_argument("--min-cider", type=float, default=1.0, help="quality gate for the deploy step")
+    s = sub.add_parser("demo", **common, help="the main job end to end on generated data (what `make demo` runs)")
+    s.add_argument("--workdir", default="demo_out", help="where the generated data, run and repository go")
+    s.add_argument("--images", type=int_range(50), default=1500, help="generated images")
+    s.add_argument("--epochs", type=POSITIVE, default=8, help="training epochs")
+    s.add_argument("--min-cider", type=float_range(0.0), default=1.0, help="quality gate for the deploy step")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("bench", help="benchmarks (print side-by-side measurements)")
-    s.add_argument("what", choices=["train", "latency", "ingest"],
+    s = sub.add_parser("bench", **common, help="benchmarks (print side-by-side measurements)")
+    s.add_argument("what", choices=["train", "latency", "ingest", "serve", "int8"],
+                   metavar="{train,latency,ingest,serve,int8}",
                    help="train: encode-once vs per-pair throughput; latency: caption latency/throughput of the "
-                        "no-cache baseline, PyTorch+KV cache, onnxruntime, int8; ingest: S3 ingest and loader speed")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
+                        "no-cache baseline, PyTorch+KV cache, onnxruntime fp32/int8 (served path), HF generate; "
+                        "ingest: S3 ingest and loader speed; serve: images/s and p50/p99 at concurrency 1, 8, 32 "
+                        "through tritonclient against `captioner serve`; int8: fp32 vs int8 CIDEr-D and caption "
+                        "agreement on a run's held-out test split")
+    s.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="passed to the benchmark (try `captioner bench latency --help`)")
     s.set_defaults(fn=cmd_bench)
     return p
 
@@ -421,16 +634,31 @@ def main(argv: list[str] | None = None) -> None:
     if extra and not getattr(a, "overrides_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(a.verbose)
+    from captioner.errors import UserError
     from captioner.storage import StoreError  # (config.ConfigError is a ValueError: importing config loads torch)
 
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:
         parser.error(f"overrides must look like --section.key=value, got: {' '.join(bad)}")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        a.fn(a, extra)
-    except (FileNotFoundError, ValueError, StoreError) as e:
+        with logging_redirect_tqdm():  # log lines go above the progress bar, not through it
+            a.fn(a, extra)
+    except (UserError, FileNotFoundError, ValueError, StoreError) as e:
+        _fail(e, a.verbose)
+
+
+def _fail(e: BaseException, verbose: bool) -> None:
+    """One line (and a hint) for a mistake the user can fix; the traceback only with -v."""
+    if verbose:
+        log.error("%s", e, exc_info=e)
+    else:
         log.error("%s", e)
-        raise SystemExit(2) from None
+    hint = getattr(e, "hint", "")
+    if hint:
+        log.error("hint: %s", hint)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

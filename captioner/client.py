@@ -68,14 +68,16 @@ def caption_bytes(url: str, images: list[bytes], beam: int = 1, max_tokens: int 
 
 
 def caption_files(url: str, paths: list[str], beam: int = 1, concurrency: int = 4,
-                  model: str = ENSEMBLE, tls: TLS | None = None) -> Iterator[tuple[str, str]]:
+                  model: str = ENSEMBLE, tls: TLS | None = None,
+                  max_tokens: int | None = None) -> Iterator[tuple[str, str]]:
     """Caption files with `concurrency` requests in flight; yields (path, caption) in input
     order, or (path, 'ERROR: ...') for an image the server refused."""
     from tritonclient.utils import InferenceServerException
 
     def one(p: str) -> str:
         try:
-            return caption_bytes(url, [Path(p).read_bytes()], beam=beam, model=model, tls=tls)[0]
+            return caption_bytes(url, [Path(p).read_bytes()], beam=beam, max_tokens=max_tokens, model=model,
+                                 tls=tls)[0]
         except InferenceServerException as e:
             return f"ERROR: {e.message()}"
         except OSError as e:

@@ -34,10 +34,11 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     import torch
 
     from captioner.checkpoint import load_checkpoint
-    from captioner.deployment import CONTROL_HEADER, CONTROL_KEY_ENV
+    from captioner.deployment import CKPT_BEST, CONTROL_HEADER, CONTROL_KEY_ENV
     from captioner.client import caption_bytes, wait_ready
     from captioner.inference import caption_tensor
-    from captioner.kfp_pipeline import local_arguments, run_local
+    from captioner.kfp_pipeline import local_arguments
+    from captioner.local_run import run_pipeline_here
     from captioner.serving_core import image_bytes_to_pixels
     from captioner.shards import materialize, open_shard_source
     from captioner.synthetic import attribute_accuracy, generate
@@ -71,7 +72,8 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
         args = local_arguments(run_dir, src, "tiny-cpu", [f"--train.epochs={epochs}"], min_cider=min_cider,
                                val_fraction=0.1, test_fraction=0.1, shard_mb=16.0, triton_url=url)
         print(f"running the captioner pipeline locally (kfp.local.SubprocessRunner) under {run_dir} ...", flush=True)
-        run_local(args, run_dir / "pipeline_root")
+        run_pipeline_here(args, run_dir / "pipeline_root", run_dir / "pipeline.log",
+                          verbose=logging.getLogger("captioner").isEnabledFor(logging.DEBUG))
     except BaseException:
         server.terminate()
         server.wait(timeout=30)
@@ -104,7 +106,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
         server.terminate()
         server.wait(timeout=30)
 
-    ck = load_checkpoint(Path(args["model_uri"]) / "ckpt_best.pt")
+    ck = load_checkpoint(Path(args["model_uri"]) / CKPT_BEST)
     pixels = image_bytes_to_pixels(np.array([Path(r.path).read_bytes() for r in held_out[:5]], dtype=object),
                                    ck.preprocess)
     torch_caps = caption_tensor(ck.model, ck.tokenizer, torch.from_numpy(pixels))
@@ -126,5 +128,6 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     gate = _task_output(root, "gate")["parameterValues"]["Output"]
     print(f"quality gate (CIDEr-D >= {min_cider} and >= champion): {'passed: deployed to ' + str(run_dir / 'serving') if gate else 'not passed: deploy skipped'}")
     print(f"\nartefacts under {wd}: run/data (shards + manifest), run/model (checkpoints), run/model_repository, "
-          f"run/pipeline_root (KFP outputs incl. samples.html); {time.time() - t0:.0f}s")
+          f"run/pipeline_root (KFP outputs incl. samples.html), run/pipeline.log (every step's output); "
+          f"{time.time() - t0:.0f}s")
     return {"metrics": metrics, "deployed": deployed, "captions": served}

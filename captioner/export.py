@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import shutil
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,12 +22,14 @@ import torch
 from captioner.checkpoint import LoadedCheckpoint, load_checkpoint
 from captioner.config import save_config
 from captioner.decoding import DecodeParams
+from captioner.errors import UnsafeOutputError
 from captioner.inference import caption_tensor
 from captioner.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER,
                              ENCODER_HIDDEN, INPUT_IDS, LOGITS, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE,
                              PRESENT_KV, ROWS, SELECT_ROWS_FILE, SELECTED, STATE, TOKENIZER_FILE)
 from captioner.serving_core import DecodeLoop, image_bytes_to_pixels
-from captioner.triton_repo import MAX_BATCH, build_configs, check_repository, write_configs, write_marker
+from captioner.triton_repo import (ALL_MODELS, MAX_BATCH, REPOSITORY_MARKER, build_configs, check_repository,
+                                   write_configs, write_marker)
 
 log = logging.getLogger(__name__)
 SOURCES = Path(__file__).resolve().parent / "triton"  # the Python-backend models, copied in as model.py
@@ -264,12 +268,78 @@ def onnx_versions(repo: Path) -> dict:
 
 # ------------------------------------------------------------------ entry point
 def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None = None, verify: bool = True,
-           parity_images: int = 8, max_batch: int = MAX_BATCH, optimize: bool = True) -> dict:
+           parity_images: int = 8, max_batch: int = MAX_BATCH, optimize: bool = True, force: bool = False) -> dict:
+    """Write the repository beside `out` and rename it into place. `out` must be new, empty or a
+    repository written by export (it holds REPOSITORY_MARKER), unless `force`."""
+    final = Path(out).absolute()
+    check_output_folder(final, force)
     ck = load_checkpoint(checkpoint)
-    repo = Path(out)
-    if repo.exists():
-        shutil.rmtree(repo)
-    repo.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    repo = _sibling(final, "new")  # written beside, renamed into place at the end
+    try:
+        report = _write_repository(ck, repo, device, quantize, verify, parity_images, max_batch, optimize)
+        replace_folder(repo, final)
+    except BaseException:
+        shutil.rmtree(repo, ignore_errors=True)
+        raise
+    log.info("wrote Triton model repository %s (models: %s)", final, ", ".join(sorted(ALL_MODELS)))
+    return report
+
+
+def check_output_folder(out: Path, force: bool = False) -> None:
+    """Refuse to replace anything but an empty folder or a repository written by export."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise UnsafeOutputError(f"--out {out} exists and is not a folder; export will not replace it",
+                                hint="give a new folder name")
+    if force or (out / REPOSITORY_MARKER).is_file() or not any(out.iterdir()):
+        return
+    shown = sorted(p.name for p in out.iterdir())
+    raise UnsafeOutputError(
+        f"--out {out} is not empty and is not a model repository written by `captioner export` "
+        f"(no {REPOSITORY_MARKER}; it holds {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''})",
+        hint="give a new or empty folder, or add --force to replace it and everything in it")
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the finished folder `new` at `final`. An existing `final` is swapped with `new` in one
+    step where the kernel can (Linux renameat2 RENAME_EXCHANGE), else renamed aside just before
+    `new` is renamed in; the old one is deleted only after the new one is in place."""
+    if not final.exists():
+        os.rename(new, final)
+        return
+    if _exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old repository
+        return
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _sibling(final: Path, tag: str) -> Path:
+    p = final.with_name(f".{final.name}.{tag}-{uuid.uuid4().hex[:8]}")
+    p.mkdir()  # the process umask applies, as for the repository's other folders
+    return p
+
+
+def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: str | None, verify: bool,
+                      parity_images: int, max_batch: int, optimize: bool) -> dict:
     d = export_onnx(ck, repo)
     cfgs = build_configs(d, "KIND_GPU" if device == "gpu" else "KIND_CPU", max_batch)
     write_configs(repo, cfgs)
@@ -302,5 +372,4 @@ def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None 
     save_config(ck.config, repo / "config.yaml")
     write_marker(repo, {"checkpoint": str(ck.path), "step": ck.step})
     check_repository(repo)  # what Triton would refuse, refused here
-    log.info("wrote Triton model repository %s (models: %s)", repo, ", ".join(sorted(cfgs)))
     return report

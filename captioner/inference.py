@@ -24,7 +24,7 @@ def torch_step(model: Captioner, cross_kv: torch.Tensor) -> CachedStep:
 def caption_tensor(model: Captioner, tok: CaptionTokenizer, images: torch.Tensor,
                    params: DecodeParams | None = None) -> list[str]:
     params = params or DecodeParams(max_new_tokens=model.cfg.max_new_tokens)
-    params.max_new_tokens = min(params.max_new_tokens, model.cfg.max_new_tokens)
+    params.max_new_tokens = min(params.max_new_tokens or model.cfg.max_new_tokens, model.cfg.max_new_tokens)
     _, cross = model.encode_for_decoding(images)
     ids = decode(torch_step(model, cross), images.shape[0], tok.bos_id, tok.eos_id, params)
     return [tok.decode(s) for s in ids]

@@ -2,9 +2,13 @@
 CIDEr-D (pycocoevalcap's `Cider` is the CIDEr-D variant used on the COCO leaderboard)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import shutil
+import sys
+import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -17,17 +21,45 @@ def _simple_tokenize(caps: dict) -> dict:
     return {k: [" ".join(re.findall(r"[a-z0-9]+", c.lower())) for c in v] for k, v in caps.items()}
 
 
+@contextlib.contextmanager
+def _stderr_to_log(what: str):
+    """pycocoevalcap's Java tools write progress chatter ("PTBTokenizer tokenized 8110 tokens at ...")
+    straight to file descriptor 2: catch it and log it at DEBUG (shown with -v)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                log.debug("%s: %s", what, text)
+
+
 def tokenize(caps: dict[str, list[str]]) -> dict[str, list[str]]:
     """The PTB tokenizer (Stanford CoreNLP, via Java) when Java exists, else a plain one."""
     if have_java():
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in caps.items()})
+        with _stderr_to_log("PTBTokenizer"):
+            return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in caps.items()})
     return _simple_tokenize(caps)
 
 
 def caption_metrics(refs: dict[str, list[str]], hyps: dict[str, str], meteor: bool = True) -> dict[str, float]:
     """refs: image id -> reference captions; hyps: image id -> generated caption."""
+    return score_captions(refs, hyps, meteor)[0]
+
+
+def score_captions(refs: dict[str, list[str]], hyps: dict[str, str],
+                   meteor: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+    """-> (corpus metrics, per-image CIDEr-D). The per-image values use the corpus's document
+    frequencies, so their mean is the corpus CIDEr-D."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -46,11 +78,13 @@ def caption_metrics(refs: dict[str, list[str]], hyps: dict[str, str], meteor: bo
         try:
             from pycocoevalcap.meteor.meteor import Meteor
 
-            out["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+            with _stderr_to_log("METEOR"):
+                out["METEOR"] = float(Meteor().compute_score(gts, res)[0])
         except Exception as e:  # noqa: BLE001 - METEOR is optional, never fatal
             log.warning("METEOR skipped: %s", e)
     elif meteor:
         log.info("METEOR skipped: no Java on PATH")
     out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    return out
+    cider, per_image = Cider().compute_score(gts, res)
+    out["CIDEr"] = float(cider)
+    return out, {k: float(v) for k, v in zip(gts.keys(), per_image)}

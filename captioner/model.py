@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from captioner.errors import WeightsUnavailableError
+
 
 @dataclass
 class ModelConfig:
@@ -53,13 +55,15 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------
-class EncoderWeightsError(RuntimeError):
-    pass
+EncoderWeightsError = WeightsUnavailableError  # the older name
 
 
 def build_encoder(cfg: ModelConfig) -> nn.Module:
     import timm
 
+    from captioner.encoders import check_encoder
+
+    check_encoder(cfg.encoder, cfg.pretrained, cfg.encoder_weights)  # a clear error now, not timm's later
     kwargs = dict(cfg.encoder_kwargs)
     kwargs["num_classes"] = 0
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", {}) or {})

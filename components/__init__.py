@@ -60,6 +60,7 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metr
     for k, v in r["metrics"].items():
         metrics.log_metric(k, round(float(v), 5))
     metrics.log_metric("images", r["images"])
+    samples.path += ".html"  # the launcher uploads to the URI set here (launcher_v2.go mergeRuntimeArtifacts)
     with open(os.path.join(r["out_dir"], "samples.html")) as src, open(samples.path, "w") as dst:
         dst.write(src.read())
     return namedtuple("EvalOutputs", ["cider", "bleu4"])(float(r["metrics"]["CIDEr"]), float(r["metrics"]["BLEU-4"]))

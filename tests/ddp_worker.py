@@ -1,15 +1,14 @@
-"""Run under torchrun by tests/test_train.py: train a few steps, save this rank's weights."""
+"""Run under torchrun by tests/test_train.py (`torchrun -m tests.ddp_worker`, from the repository root):
+train a few steps, save this rank's weights."""
 import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, sys.argv[1])
-from helpers import tiny_cfg  # noqa: E402  (tests/helpers.py)
+from captioner.train import train
+from tests.helpers import tiny_cfg
 
-from captioner.train import train  # noqa: E402
-
-data, out = sys.argv[2], sys.argv[3]
+data, out = sys.argv[1], sys.argv[2]
 cfg = tiny_cfg(data, out, "--train.max_steps=4", "--train.val_max_images=0", "--model.dropout=0.1")
 res = train(cfg, progress=False)
 rank = dist.get_rank()

@@ -11,7 +11,7 @@ import torch
 from captioner.checkpoint import CheckpointError, load_checkpoint, load_raw
 from tests.conftest import ROOT
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ}
 
 
 class _Payload:

@@ -24,7 +24,7 @@ from captioner.storage import open_store
 
 from tests.conftest import ROOT
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ}
 
 
 def _jpeg(color=(200, 30, 30), size=(32, 32), **save) -> bytes:

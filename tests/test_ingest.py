@@ -85,7 +85,7 @@ def _ingest_cmd(src, dest):
 
 @pytest.mark.slow
 def test_kill_midway_then_rerun_equals_clean_run(synth_dir, store_uri):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ}
     clean, resumed = store_uri + "-clean", store_uri + "-resumed"
     subprocess.run(_ingest_cmd(synth_dir, clean), check=True, env=env, capture_output=True)
     p = subprocess.Popen(_ingest_cmd(synth_dir, resumed), env=env, stdout=subprocess.PIPE,
@@ -117,7 +117,7 @@ def test_kill_midway_then_rerun_equals_clean_run(synth_dir, store_uri):
 
 @pytest.mark.parametrize("case", ["bad-key", "unreachable"])
 def test_wrong_credentials_or_endpoint_fail_fast_and_clearly(synth_dir, s3_server, case):
-    env = {**os.environ, **s3_server, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **s3_server}
     if case == "bad-key":
         env["AWS_SECRET_ACCESS_KEY"] = "wrong-secret"
         env["AWS_ACCESS_KEY_ID"] = "AKIAWRONGWRONGWRONG"
@@ -142,7 +142,7 @@ def test_ddp_ranks_see_every_training_item_exactly_once(synth_dir, store_uri, tm
     out = tmp_path / "seen.json"
     r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "ddp_shards_worker.py"),
                         store_uri, str(out)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     seen = json.loads(out.read_text())
     train_ids = sorted(it["image_id"] for it in m["items"] if it["split"] == "train")

@@ -45,7 +45,7 @@ def _cmd(data, out, *extra):
 
 @pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(synth_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ}
     full, cut = tmp_path / "full", tmp_path / "cut"
     subprocess.run(_cmd(synth_dir, full), check=True, env=env, capture_output=True)
     p = subprocess.Popen(_cmd(synth_dir, cut), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -81,8 +81,8 @@ def test_ddp_two_ranks_hold_identical_weights(synth_dir, tmp_path, source):
         ingest(str(synth_dir), str(data), IngestOptions(shard_mb=0.03, progress=False, val_fraction=0.15,
                                                         test_fraction=0.15))
     torchrun = Path(sys.executable).with_name("torchrun")
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "ddp_worker.py"),
-                        str(ROOT / "tests"), str(data), str(tmp_path)],
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.ddp_worker",
+                        str(data), str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "world 2 backend gloo steps 4" in r.stdout
@@ -117,7 +117,7 @@ def test_bad_rows_are_skipped_and_training_goes_on(synth_copy, tmp_path):
 
 
 def test_evaluate_and_caption_cli(trained_run, synth_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ}
     r = subprocess.run([sys.executable, "-m", "captioner", "evaluate", str(trained_run.out_dir), "--split", "test",
                         "--out", str(tmp_path / "ev"), "--beam", "2"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
