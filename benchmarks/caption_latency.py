@@ -58,6 +58,23 @@ def baseline_caption(model: Captioner, images: torch.Tensor, bos: int, n_tokens:
     return tokens[:, 1:]
 
 
+def random_model(config: str, vocab: int):
+    """A captioner of a preset's shape with random weights and a `vocab`-word tokenizer."""
+    cfg = load_config(config)
+    words = [f"w{i}" for i in range(vocab - 4)]
+    tok = CaptionTokenizer.train([" ".join(words)], "wordlevel", vocab_size=vocab)
+    cfg.model.vocab_size, cfg.model.pretrained = tok.vocab_size, False
+    model = Captioner(cfg.model).eval()
+    return cfg, model, tok, PreprocessConfig.from_model(model.encoder.backbone)
+
+
+def save_random(work: Path, cfg, model, tok, pre) -> Path:
+    ck = work / "ckpt.pt"
+    atomic_save({"config": cfg.to_dict(), "model": model.state_dict(), "tokenizer": tok.to_str(),
+                 "preprocess": pre.to_dict(), "step": 0}, ck)
+    return ck
+
+
 def hf_peer(cfg, vocab: int, image_size: int):
     """HF VisionEncoderDecoderModel with the same encoder/decoder sizes (random weights)."""
     from transformers import BertConfig, BertLMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
@@ -87,17 +104,10 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true", help="leave out the HF generate peer (no transformers)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    cfg = load_config(a.config)
-    words = [f"w{i}" for i in range(a.vocab - 4)]
-    tok = CaptionTokenizer.train([" ".join(words)], "wordlevel", vocab_size=a.vocab)
-    cfg.model.vocab_size, cfg.model.pretrained = tok.vocab_size, False
-    model = Captioner(cfg.model).eval()
-    pre = PreprocessConfig.from_model(model.encoder.backbone)
+    cfg, model, tok, pre = random_model(a.config, a.vocab)
     n_tok = min(20, cfg.model.max_len - 1)
     work = Path(a.keep or tempfile.mkdtemp(prefix="bench-"))
-    ck = work / "ckpt.pt"
-    atomic_save({"config": cfg.to_dict(), "model": model.state_dict(), "tokenizer": tok.to_str(),
-                 "preprocess": pre.to_dict(), "step": 0}, ck)
+    ck = save_random(work, cfg, model, tok, pre)
     print(f"exporting {a.config} (random weights) to ONNX ...", flush=True)
     export(str(ck), str(work / "fp32"), device="cpu", verify=False)
     export(str(ck), str(work / "int8"), device="cpu", verify=False, quantize="int8")
