@@ -354,6 +354,19 @@ class _Help(argparse.RawDescriptionHelpFormatter):
                          for ln in text.splitlines())
 
 
+def _lazy_epilog(parser: argparse.ArgumentParser, make) -> None:
+    """Compute `parser`'s epilog when its help is printed, not when the CLI starts: the serving
+    commands must not import torch (tests/serving/test_lean_serving.py)."""
+    plain = parser.format_help
+
+    def format_help() -> str:
+        if parser.epilog is None:
+            parser.epilog = make()
+        return plain()
+
+    parser.format_help = format_help
+
+
 def _presets_and_config_keys() -> str:
     """`train --help` epilog: the presets and every config key, generated from the dataclasses."""
     import dataclasses
@@ -424,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", **common, help="train (one process, or under torchrun for DDP)", description=(
         "Train from a config preset or YAML file plus --section.key=value overrides, e.g.\n"
         "  captioner train --config tiny-cpu --data.source=data/synth --train.out_dir=runs/x --train.epochs=5\n"
-        "Several processes: torchrun --nproc_per_node=N -m captioner train ..."),
-        epilog=_presets_and_config_keys())
+        "Several processes: torchrun --nproc_per_node=N -m captioner train ..."))
+    _lazy_epilog(s, _presets_and_config_keys)  # built at `train --help` only: it imports the config (and torch)
     s.add_argument("--config", default="tiny-cpu", help="preset name (configs/*.yaml) or YAML path")
     s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt_latest.pt, else from the model "
                    "store (--train.publish_uri); start fresh when neither has one")
