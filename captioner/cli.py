@@ -216,9 +216,18 @@ def cmd_serve(a, _):
 
     try:
         serve_forever(a.repo, host=a.host, port=a.grpc_port, threads=a.threads, control=a.model_control_mode,
-                      load=a.load_model, restricted=a.grpc_restricted_protocol)
+                      load=a.load_model, restricted=a.grpc_restricted_protocol, http_port=a.http_port,
+                      metrics_port=a.metrics_port)
     except RepositoryError as e:
         raise SystemExit(f"serve: Triton would refuse this repository: {e}") from None
+
+
+def cmd_web(a, _):
+    from captioner.client import TLS
+    from captioner.web import run
+
+    tls = TLS(a.root_certificates, a.private_key, a.certificate_chain) if a.ssl else None
+    run(a.url, host=a.host, port=a.port, model=a.model_name, max_images=a.max_images, max_body=a.max_body, tls=tls)
 
 
 def _store(a, uri, create=False):
@@ -271,7 +280,8 @@ def cmd_pipeline(a, overrides):
                                      price_per_gpu_hour=a.price_per_gpu_hour).items() if v is not None}
     args = kp.host_arguments(a.source, a.data_uri, a.model_uri, a.repo_uri, a.serving_uri, **common,
                              export_device=a.export_device, triton_url=a.triton_url, nproc=a.nproc,
-                             cluster_settings=cluster)
+                             cluster_settings=cluster, deploy_target=a.deploy_target,
+                             kserve_settings={"canary_percent": a.canary_percent})
     print(_submit(kp, a.host, args, namespace=a.namespace, existing_token=os.environ.get(a.token_env),
                   cookies=os.environ.get(a.cookies_env), ssl_ca_cert=a.ssl_ca_cert, train_in_pod=a.train_in_pod))
 
@@ -293,7 +303,7 @@ def _submit(kp, host: str, args: dict, **kw) -> str:
 
 
 def cmd_job(a, overrides):
-    """`captioner job render`: the PyTorchJob the pipeline's train step would create."""
+    """`captioner job render`: the PyTorchJob or TrainJob the pipeline's train step would create."""
     import yaml
 
     from captioner.config import load_config
@@ -303,14 +313,14 @@ def cmd_job(a, overrides):
     job = training_job(a.name or job_name("captioner-train", a.model_uri), a.config,
                        [f"--data.source={a.data}", *overrides], a.model_uri, workers=a.nodes,
                        gpus_per_worker=a.gpus_per_node, image=a.image, namespace=a.namespace, cloud=a.cloud,
-                       min_workers=a.min_nodes, max_workers=a.max_nodes)
+                       min_workers=a.min_nodes, max_workers=a.max_nodes, api=a.api)
     sys.stdout.write(yaml.safe_dump(job, sort_keys=False))
 
 
 def cmd_demo(a, _):
     from captioner.demo import run_demo
 
-    run_demo(a.workdir, images=a.images, epochs=a.epochs, min_cider=a.min_cider)
+    run_demo(a.workdir, images=a.images, epochs=a.epochs, min_cider=a.min_cider, serve=a.serve)
 
 
 def cmd_bench(a, _):
@@ -372,7 +382,10 @@ def _presets_and_config_keys() -> str:
     import dataclasses
     import inspect
 
-    from captioner.config import PRESET_DIR, ExperimentConfig
+    try:
+        from captioner.config import PRESET_DIR, ExperimentConfig
+    except ImportError as e:  # the web gateway's image has no torch; `captioner web` must still start
+        return f"(presets and config keys are listed where the training stack is installed: {e})"
 
     lines = ["presets (--config NAME):"]
     for f in sorted(PRESET_DIR.glob("*.yaml")):
@@ -504,7 +517,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit mode: load NAME at start (repeat; dependencies first, e.g. decoder then captioner)")
     s.add_argument("--grpc-restricted-protocol", default=None, metavar="model-repository:KEY=VALUE",
                    help="as tritonserver: model load/unload/index calls must carry header KEY with VALUE")
+    # issue 11: Triton's other two ports (tritonserver --http-port / --metrics-port), off unless given
+    s.add_argument("--http-port", type=PORT, default=None, metavar="PORT",
+                   help="also serve Triton's HTTP/REST API (KServe v2 + binary data) on PORT (default: off; "
+                        "Triton's is 8000)")
+    s.add_argument("--metrics-port", type=PORT, default=None, metavar="PORT",
+                   help="also serve Prometheus /metrics with Triton's nv_inference_* names on PORT (default: off; "
+                        "Triton's is 8002)")
     s.set_defaults(fn=cmd_serve)
+
+    # issue 11: the web gateway in front of Triton / `captioner serve`
+    s = sub.add_parser("web", **common,
+                       help="web page + JSON API for captioning, in front of Triton or `captioner serve`")
+    s.add_argument("--url", required=True, help="HOST:PORT of the model server's gRPC port (as `caption --url`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    s.add_argument("--port", type=PORT, default=8080, help="port to listen on")
+    s.add_argument("--model-name", default="captioner", help="served model name")
+    s.add_argument("--max-images", type=int_range(1, 256), default=16, help="images per request (more: 400)")
+    s.add_argument("--max-body", type=POSITIVE, default=32 << 20, help="request size limit in bytes (more: 413)")
+    g = s.add_argument_group("TLS to the model server (Triton --grpc-use-ssl / --grpc-use-ssl-mutual)")
+    g.add_argument("--ssl", action="store_true", help="connect over TLS (default: plaintext)")
+    g.add_argument("--root-certificates", metavar="PEM", help="CA to verify the server (default: system roots)")
+    g.add_argument("--private-key", metavar="PEM", help="client key, for servers that require client certificates")
+    g.add_argument("--certificate-chain", metavar="PEM", help="client certificate chain (with --private-key)")
+    s.set_defaults(fn=cmd_web)
 
     def s3_flags(sp):
         g = sp.add_argument_group("object storage (s3:// URIs)")
@@ -595,6 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-cost", type=float_range(0.0), default=None, help="cost guard limit in $ (default 500)")
     g.add_argument("--price-per-gpu-hour", type=float_range(0.0), default=None,
                    help="for the cost guard (default 3.0)")
+    # Kubeflow-native APIs; the training API itself is the override --train.api=pytorchjob|trainjob|auto
+    g.add_argument("--deploy-target", choices=["triton", "kserve"], default="triton",
+                   help="triton: load the new version on the Triton Deployment (k8s/base); kserve: roll it out on the "
+                        "KServe v0.19 InferenceService (k8s/overlays/kserve) as a canary, live-check, promote or roll "
+                        "back")
+    g.add_argument("--canary-percent", type=int_range(1, 99), default=10,
+                   help="with --deploy-target kserve: canaryTrafficPercent of the new version before promotion")
     pr.set_defaults(fn=cmd_pipeline, pipeline_action="run", overrides_ok=True)
 
     s = sub.add_parser("job", **common, help="render the training PyTorchJob for kubectl (no Kubeflow Pipelines needed)",
@@ -604,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--model-uri s3://models/runs/r1)`. Extra --section.key=value arguments become "
                                    "training overrides.")
     jsub = s.add_subparsers(dest="job_cmd", required=True, metavar="{render}")
-    jr = jsub.add_parser("render", help="print the PyTorchJob YAML", **common)
+    jr = jsub.add_parser("render", help="print the PyTorchJob or TrainJob YAML", **common)
     jr.add_argument("--config", required=True, help="training preset or YAML inside the image")
     jr.add_argument("--nodes", type=POSITIVE, required=True, help="worker nodes (pods)")
     jr.add_argument("--gpus-per-node", type=COUNT_OR_ALL, required=True,
@@ -617,6 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     jr.add_argument("--cloud", choices=list(NODE_POOLS), default="gke", help="node pool")
     jr.add_argument("--min-nodes", type=POSITIVE, default=None, help="elastic: fewest nodes to run with (default: --nodes)")
     jr.add_argument("--max-nodes", type=POSITIVE, default=None, help="elastic: most nodes (default: --nodes)")
+    jr.add_argument("--api", choices=["pytorchjob", "trainjob"], default="pytorchjob",
+                    help="pytorchjob: kubeflow.org/v1 PyTorchJob (Training Operator v1.9); trainjob: "
+                         "trainer.kubeflow.org/v1alpha1 TrainJob on the torch-distributed runtime (Trainer v2.3, "
+                         "no elastic range)")
     jr.set_defaults(fn=cmd_job, overrides_ok=True)
 
     s = sub.add_parser("demo", **common, help="the main job end to end on generated data (what `make demo` runs)")
@@ -624,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int_range(50), default=1500, help="generated images")
     s.add_argument("--epochs", type=POSITIVE, default=8, help="training epochs")
     s.add_argument("--min-cider", type=float_range(0.0), default=1.0, help="quality gate for the deploy step")
+    s.add_argument("--serve", action="store_true",
+                   help="then keep `captioner serve` and `captioner web` running on the demo's model until Ctrl-C")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", **common, help="benchmarks (print side-by-side measurements)")

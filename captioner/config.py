@@ -95,6 +95,10 @@ class TrainConfig:
     # Which run the checkpoints belong to (the pipeline sets its KFP job id): --resume
     # refuses a checkpoint of another run instead of silently continuing it.
     run_id: str = ""
+    # The pipeline's cluster mode: which Kubeflow training API runs the job -- pytorchjob
+    # (Training Operator v1.9), trainjob (Trainer v2.3 TrainJob) or auto (the one the
+    # cluster serves, by API discovery; TrainJob when both are).
+    api: str = "auto"
 
 
 @dataclass

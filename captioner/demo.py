@@ -29,7 +29,7 @@ def _task_output(root: Path, task: str) -> dict:
 
 
 def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, seed: int = 0,
-             min_cider: float = 1.0) -> dict:
+             min_cider: float = 1.0, serve: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -130,4 +130,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     print(f"\nartefacts under {wd}: run/data (shards + manifest), run/model (checkpoints), run/model_repository, "
           f"run/pipeline_root (KFP outputs incl. samples.html), run/pipeline.log (every step's output); "
           f"{time.time() - t0:.0f}s")
+    from captioner.stack import front_door  # issue 11: the web page and Triton's HTTP API, with --serve
+
+    front_door(run_dir / "serving" if deployed else args["repo_uri"], serve)
     return {"metrics": metrics, "deployed": deployed, "captions": served}

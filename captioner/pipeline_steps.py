@@ -67,8 +67,12 @@ def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str],
     return {"checkpoint": f"{model_uri.rstrip('/')}/{CKPT_BEST}", "model_uri": model_uri}
 
 
-def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_id: str, c: dict) -> dict:
-    from captioner.pytorchjob import KubeApi, check_cost, estimate_cost, job_name, launch_and_wait, training_job
+def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_id: str, c: dict,
+                   api=None) -> dict:
+    """Launch the run as a PyTorchJob or a TrainJob (--train.api; auto = the kind the cluster
+    serves), after the cost guard, and wait for it. `api`: a KubeApi-like factory (tests)."""
+    from captioner.k8s_jobs import KubeApi, served_kind
+    from captioner.pytorchjob import check_cost, estimate_cost, job_name, launch_and_wait, training_job
     from captioner.shards import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)
@@ -77,15 +81,17 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
     est = estimate_cost(pairs, cfg.train.epochs, float(c.get("pairs_per_s_per_gpu", 900.0)), workers * max(gpus, 1),
                         float(c.get("price_per_gpu_hour", 3.0)))
     check_cost(est, float(c.get("max_cost", 500.0)), bool(c.get("override_cost", False)))
+    make_api = api or KubeApi
+    kind = served_kind(cfg.train.api, make_api().discover)
     name = job_name("captioner-train", run_id)  # the same on every retry: re-attaches on 409
     kw = {k: c[k] for k in ("image", "namespace", "cloud", "nproc_per_node", "min_workers", "max_workers", "cpu",
                             "memory", "shm_size") if c.get(k)}
     job = training_job(name, config, [o for o in overrides if not o.startswith("--train.publish_uri=")], model_uri,
-                       workers=workers, gpus_per_worker=gpus, **kw)
-    launch_and_wait(KubeApi(), job, timeout_s=float(c.get("timeout_s", 48 * 3600)),
+                       workers=workers, gpus_per_worker=gpus, api=kind.api, **kw)
+    launch_and_wait(make_api(kind), job, timeout_s=float(c.get("timeout_s", 48 * 3600)),
                     on_log=lambda t: print(t, end="", flush=True))
     return {"checkpoint": f"{model_uri.rstrip('/')}/{CKPT_BEST}", "model_uri": model_uri, "job": name,
-            "estimate": est.text()}
+            "kind": job["kind"], "estimate": est.text()}
 
 
 def evaluate_step(checkpoint_uri: str, data_uri: str, out_dir: str, split: str = "test", max_images: int = 0) -> dict:
@@ -169,21 +175,89 @@ def load_on_replicas(triton_url: str, version: int, key: str | None) -> list[str
     return done
 
 
-def deploy_step(repo_uri: str, serving_uri: str, cider: float, triton_url: str = "", model: str = "captioner") -> dict:
+def deploy_step(repo_uri: str, serving_uri: str, cider: float, triton_url: str = "", model: str = "captioner",
+                target: str = "triton", kserve: dict | None = None) -> dict:
     """Publish the repository to the serving location as a new numeric version (switched
-    atomically, see triton_repo.publish_version), load it on every Triton replica in explicit
-    model-control mode (decoder, then the ensemble; the control key comes from the
-    CAPTIONER_TRITON_CONTROL_KEY env, i.e. the Secret), and only then record the champion."""
+    atomically, see triton_repo.publish_version), then make it live and only then record the
+    champion:
+    - target "triton": load it on every Triton replica in explicit model-control mode
+      (decoder, then the ensemble; the control key comes from the CAPTIONER_TRITON_CONTROL_KEY
+      env, i.e. the Secret);
+    - target "kserve": roll the InferenceService (storageUri = the serving location) out to
+      it as a canary and promote it after a live check, or roll back (captioner/kserve.py)."""
     from captioner.deployment import CONTROL_KEY_ENV
     from captioner.storage import fetch, open_store
     from captioner.triton_repo import publish_version
 
+    if target not in ("triton", "kserve"):
+        raise ValueError(f"deploy target must be 'triton' or 'kserve', got {target!r}")
     with tempfile.TemporaryDirectory(prefix="captioner-deploy-") as tmp:
         local = fetch(repo_uri, tmp)
         store = open_store(serving_uri, create=True)
+        previous = _champion_version(store)
         version = publish_version(local, store)
         log.info("published %s to %s as version %d", repo_uri, serving_uri, version)
-        loaded = load_on_replicas(triton_url, version, os.environ.get(CONTROL_KEY_ENV)) if triton_url else []
+        extra: dict = {}
+        if target == "kserve":
+            try:
+                extra = _rollout_kserve(local, serving_uri, version, dict(kserve or {}))
+            except Exception:
+                # the previous revision's pods copy storageUri whenever they start: point it back
+                if previous is not None:
+                    from captioner.triton_repo import pin_ensemble
+
+                    pin_ensemble(store, previous)
+                    log.warning("rolled back: %s serves version %d again", serving_uri, previous)
+                raise
+            loaded = []
+        else:
+            loaded = load_on_replicas(triton_url, version, os.environ.get(CONTROL_KEY_ENV)) if triton_url else []
         store.put_bytes(CHAMPION, json.dumps({"CIDEr": cider, "repo": repo_uri, "version": version}).encode())
     return {"serving_uri": serving_uri, "version": version, "triton_loaded": bool(loaded), "replicas": loaded,
-            "model": model, "pid": os.getpid()}
+            "model": model, "pid": os.getpid(), "target": target, **extra}
+
+
+def _champion_version(store) -> int | None:
+    try:
+        return int(json.loads(store.get_bytes(CHAMPION))["version"])
+    except Exception:  # noqa: BLE001 - nothing deployed yet
+        return None
+
+
+def _check_images(where: str) -> list[bytes]:
+    """A few held-out images for the live check: the files in `where` (a folder), else a
+    fixed synthetic set (the same every run)."""
+    if not where:
+        from captioner.synthetic import generate
+
+        with tempfile.TemporaryDirectory(prefix="captioner-check-") as d:
+            generate(d, images=3, seed=20261127, side=96, progress=False)
+            return [p.read_bytes() for p in sorted(Path(d).rglob("*.jpg"))]
+    files = sorted(p for p in Path(where).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:4]
+    if not files:
+        raise ValueError(f"no .jpg/.png images in {where!r} for the live check")
+    return [p.read_bytes() for p in files]
+
+
+def _rollout_kserve(local: Path, serving_uri: str, version: int, k: dict, api=None) -> dict:
+    """Canary rollout of `version` on the InferenceService; raises kserve.RolloutFailed after
+    a rollback (so no champion is recorded). Settings (all optional): name, namespace,
+    canary_percent (10), gpus, min_replicas, max_replicas, timeout_s, live_url (HOST:PORT of
+    the v2 gRPC endpoint; default: the canary's tagged URL on port 80), check_images."""
+    from captioner import kserve as ks
+
+    kw = {f: str(k[f]) for f in ("name", "namespace") if k.get(f)}
+    kw.update({f: int(k[f]) for f in ("gpus", "min_replicas", "max_replicas") if k.get(f) is not None})
+    spec = ks.IsvcSpec(storage_uri=serving_uri, version=version, **kw)
+    images = _check_images(k.get("check_images", ""))
+    want = ks.expected_captions(str(local), images)
+
+    def check(isvc: dict) -> None:
+        t = ks.canary_target(isvc) or {}
+        url = k.get("live_url") or ks.grpc_target(t.get("url") or ks.predictor_status(isvc).get("url", ""))
+        ks.live_check(url, images, want)
+
+    percent = int(k.get("canary_percent", ks.DEFAULT_CANARY_PERCENT))
+    r = ks.rollout(api or ks.KubeIsvcApi(), spec, check, percent=percent,
+                   timeout_s=float(k.get("timeout_s", 900)), poll_s=float(k.get("poll_s", 10)))
+    return {"revision": r["revision"], "previous_revision": r["previous"]}

@@ -11,9 +11,7 @@ import hashlib
 import logging
 
 import re
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
 
 from captioner.deployment import (GPU_NODE_SELECTOR, GPU_TOLERATION, JOB_NAMESPACE, NODE_POOLS, RDZV_PORT,
                                   RDZV_PORT_NAME, S3_ENV, TRAINER_IMAGE, TRAINER_S3_SECRET, TRAINER_SERVICE_ACCOUNT)
@@ -136,9 +134,11 @@ def training_job(name: str, config: str, overrides: list[str], model_uri: str, *
                  gpus_per_worker: int = 8, image: str = TRAINER_IMAGE, namespace: str = JOB_NAMESPACE,
                  cloud: str = "gke", nproc_per_node: str | None = None, min_workers: int | None = None,
                  max_workers: int | None = None, cpu: str = "8", memory: str = "64Gi", shm_size: str = "16Gi",
-                 s3_secret: str = TRAINER_S3_SECRET) -> dict:
-    """The PyTorchJob for one training run, as the pipeline's train step and `captioner job
-    render` both build it. Checkpoints go to model_uri as they are written and every start
+                 s3_secret: str = TRAINER_S3_SECRET, api: str = "pytorchjob") -> dict:
+    """The training job for one run, as the pipeline's train step and `captioner job render`
+    both build it: a PyTorchJob (api="pytorchjob") or a Trainer v2 TrainJob on the
+    torch-distributed runtime (api="trainjob", captioner/trainjob.py), from one JobSpec.
+    Checkpoints go to model_uri as they are written and every start
     passes --resume, so a restarted pod (OnFailure, torchrun restart, KFP retry) continues
     from the latest checkpoint in the store instead of from scratch."""
     if cloud not in CLOUD_POOLS:
@@ -154,10 +154,18 @@ def training_job(name: str, config: str, overrides: list[str], model_uri: str, *
                    workers=workers, min_workers=min_workers or workers, max_workers=max_workers or workers,
                    gpus_per_worker=gpus_per_worker, nproc_per_node=npn, pool=CLOUD_POOLS[cloud], cpu=cpu,
                    memory=memory, shm_size=shm_size, s3_secret=s3_secret)
-    job = build_pytorchjob(spec)
-    errs = webhook_errors(job)
+    if api == "pytorchjob":
+        job = build_pytorchjob(spec)
+        errs = webhook_errors(job)
+    elif api == "trainjob":
+        from captioner import trainjob
+
+        job = trainjob.build_trainjob(spec)
+        errs = trainjob.webhook_errors(job)
+    else:
+        raise ValueError(f"training api {api!r}: one of pytorchjob, trainjob")
     if errs:
-        raise ValueError(f"PyTorchJob {name} would be rejected: {'; '.join(errs)}")
+        raise ValueError(f"{job['kind']} {name} would be rejected: {'; '.join(errs)}")
     return job
 
 
@@ -234,114 +242,6 @@ def check_cost(est: CostEstimate, max_cost: float, override: bool = False) -> No
 
 
 # ------------------------------------------------------------------ launcher
-class JobApi(Protocol):
-    def create(self, namespace: str, body: dict) -> dict: ...
-    def get(self, namespace: str, name: str) -> dict: ...
-    def delete(self, namespace: str, name: str) -> None: ...
-    def master_logs(self, namespace: str, name: str, since_seconds: int | None) -> str: ...
-
-
-class ApiConflict(Exception):
-    """HTTP 409 from create: the object already exists."""
-
-
-class JobFailed(RuntimeError):
-    pass
-
-
-class JobTimeout(RuntimeError):
-    pass
-
-
-def job_state(job: dict) -> tuple[str, str]:
-    """(state, reason) from the job's conditions: Succeeded, Failed, Running, Created, ..."""
-    conds = (job.get("status") or {}).get("conditions") or []
-    for want in ("Succeeded", "Failed"):
-        for c in conds:
-            if c.get("type") == want and c.get("status") == "True":
-                return want, f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
-    live = [c for c in conds if c.get("status") == "True"]
-    return (live[-1]["type"], live[-1].get("reason", "")) if live else ("Pending", "")
-
-
-def launch_and_wait(api: JobApi, job: dict, timeout_s: float = 24 * 3600, poll_s: float = 15.0,
-                    on_log: Callable[[str], None] = print, delete_after: bool = True,
-                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> dict:
-    ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
-    errs = webhook_errors(job)
-    if errs:
-        raise ValueError(f"PyTorchJob {name} would be rejected: {'; '.join(errs)}")
-    try:
-        api.create(ns, job)
-        log.info("created PyTorchJob %s/%s", ns, name)
-    except ApiConflict:
-        log.info("PyTorchJob %s/%s already exists (a retry of this run): re-attaching", ns, name)
-    start, seen_logs = clock(), 0
-    state = "Pending"
-    try:
-        while True:
-            cur = api.get(ns, name)
-            state, reason = job_state(cur)
-            try:
-                text = api.master_logs(ns, name, None)
-                if text and len(text) > seen_logs:
-                    on_log(text[seen_logs:])
-                    seen_logs = len(text)
-            except Exception as e:  # noqa: BLE001 - logs are best effort
-                log.debug("logs not available yet: %s", e)
-            if state == "Succeeded":
-                log.info("PyTorchJob %s succeeded", name)
-                return cur
-            if state == "Failed":
-                raise JobFailed(f"PyTorchJob {ns}/{name} failed: {reason or 'no reason given'}")
-            if clock() - start > timeout_s:
-                raise JobTimeout(f"PyTorchJob {ns}/{name} still {state} after {timeout_s:.0f}s")
-            sleep(poll_s)
-    finally:
-        # a finished job is deleted when asked (else its TTL removes it); one we stop
-        # following (timeout, error) is always deleted so it stops burning GPUs
-        if delete_after or state not in ("Succeeded", "Failed"):
-            try:
-                api.delete(ns, name)
-                log.info("deleted PyTorchJob %s/%s (%s)", ns, name, state)
-            except Exception as e:  # noqa: BLE001 - TTL cleans up if this fails
-                log.warning("could not delete %s/%s (ttlSecondsAfterFinished will): %s", ns, name, e)
-
-
-class KubeApi:
-    """JobApi over the official kubernetes client (in-cluster config, else kubeconfig)."""
-
-    def __init__(self):
-        from kubernetes import client, config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        self.co = client.CustomObjectsApi()
-        self.core = client.CoreV1Api()
-
-    def create(self, namespace, body):
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self.co.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-        except ApiException as e:
-            if e.status == 409:
-                raise ApiConflict(str(e)) from None
-            raise
-
-    def get(self, namespace, name):
-        return self.co.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-    def delete(self, namespace, name):
-        self.co.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-    def master_logs(self, namespace, name, since_seconds=None):
-        pods = self.core.list_namespaced_pod(
-            namespace, label_selector=f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-index=0")
-        if not pods.items:
-            return ""
-        return self.core.read_namespaced_pod_log(pods.items[0].metadata.name, namespace, container="pytorch")
-
-
+# One launcher for PyTorchJob and TrainJob (captioner/k8s_jobs.py); re-exported here.
+from captioner.k8s_jobs import (ApiConflict, JobApi, JobFailed, JobTimeout, KubeApi,  # noqa: E402,F401
+                                job_state, launch_and_wait)

@@ -33,22 +33,23 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
-from captioner import __version__
 from captioner import triton_repo
+from captioner.dataplane import (CANCELLED, DEADLINE, INTERNAL, INVALID_ARG, NOT_FOUND, UNAVAILABLE, BatchTimer,
+                                 DataPlane, DataPlaneError, InputTensor)
 from captioner.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE,
                              INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
 from captioner.onnx_runtime import session
 from captioner.preprocess import SERVING_MAX_PIXELS
-from captioner.serving_core import (DecodeLoop, RequestError, caption_requests, check_pixel_budget,
-                                    image_bytes_to_pixels, load_preprocess, params_for, request_int)
+from captioner.serving_core import (REQUEST_PIXEL_BUDGET, DecodeLoop, RequestError, caption_requests,
+                                    check_pixel_budget, image_bytes_to_pixels, load_preprocess, params_for,
+                                    request_int)
 
 log = logging.getLogger(__name__)
 
-DTYPES = {  # config enum name -> (protocol datatype, numpy dtype)
-    "TYPE_FP32": ("FP32", np.float32), "TYPE_INT64": ("INT64", np.int64), "TYPE_INT32": ("INT32", np.int32),
-    "TYPE_STRING": ("BYTES", np.object_), "TYPE_FP16": ("FP16", np.float16), "TYPE_BOOL": ("BOOL", np.bool_),
-}
-PLATFORM = {"onnxruntime": "onnxruntime_onnx", "python": "python"}
+# gRPC status per data-plane error code (Triton's src/grpc/grpc_utils.cc TritonCodeToGrpcCode)
+GRPC_STATUS = {INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT, NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+               UNAVAILABLE: grpc.StatusCode.UNAVAILABLE, INTERNAL: grpc.StatusCode.INTERNAL,
+               CANCELLED: grpc.StatusCode.CANCELLED, DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class NotFound(Exception):
@@ -56,9 +57,8 @@ class NotFound(Exception):
 
 
 # -- serving limits (issue 10 items 5 and 6) -------------------------------------------------------
-# Per image: preprocess.SERVING_MAX_PIXELS, 16 megapixels (a phone photo; ingest accepts up to 50). Per request: 32 megapixels,
-# two images at the cap, which bounds one request's decoding to ~1 s of one core and ~150 MiB.
-REQUEST_PIXEL_BUDGET = 32_000_000
+# Per image: preprocess.SERVING_MAX_PIXELS (16 MP, a phone photo; ingest accepts up to 50). Per
+# request: serving_core.REQUEST_PIXEL_BUDGET (32 MP), shared with the Triton preprocess model.
 # Requests of at most this many pixels in total decode in the light lane, larger ones in the heavy
 # lane; each lane is a fixed pool, so decoding memory is bounded by the lanes' sizes whatever the
 # number of concurrent requests: at most 2 x 4 MP + 1 x 32 MP decoded at a time.
@@ -197,10 +197,6 @@ def bytes_elements(buf: bytes, n: int, name: str) -> np.ndarray:
     return arr
 
 
-def _dtype(t) -> tuple[str, type]:
-    return DTYPES[mc.DataType.Name(t.data_type)]
-
-
 class Batcher:
     """Collects concurrent requests for up to `delay_s` or until `max_batch` rows, then runs
     `fn(items) -> results` once for all of them (a result may be an Exception). Items whose
@@ -317,6 +313,7 @@ class Repository:
         self.loaded: dict[str, list[int]] = {}
         self._cache: dict[tuple[str, int], object] = {}
         self.batcher: Batcher | None = None
+        self.batch_timer: BatchTimer | None = None  # the ensemble's batches: queue/compute time, executions
         if not self.path.is_dir():
             raise triton_repo.RepositoryError(f"failed to stat file {self.path}: the model repository does not exist")
         if control == "none":
@@ -348,7 +345,8 @@ class Repository:
                 ens = models[ENSEMBLE].config
                 delay = ens.dynamic_batching.max_queue_delay_microseconds / 1e6 \
                     if ens.HasField("dynamic_batching") else 0.002
-                old, self.batcher = self.batcher, Batcher(self._ensemble_batch, ens.max_batch_size, max(delay, 0.002),
+                self.batch_timer = BatchTimer(self._ensemble_batch)
+                old, self.batcher = self.batcher, Batcher(self.batch_timer, ens.max_batch_size, max(delay, 0.002),
                                                           ENSEMBLE)
                 if old is not None:
                     old.stop()
@@ -417,6 +415,8 @@ class Repository:
             batcher = self.batcher
             if batcher is None:
                 raise NotFound(f"Request for unknown model: '{ENSEMBLE}' is not found")
+            if BatchTimer.KEY in inputs:  # the data plane's timing record: queued from here
+                inputs[BatchTimer.KEY]["submit"] = time.monotonic()
             return deadline.wait(batcher.submit({**inputs, PIXEL_VALUES: pixels}, len(pixels), deadline))
         r = self._runner(model, v)
         if model == PREPROCESS:
@@ -453,49 +453,46 @@ class Repository:
 
 
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repo: Repository, restricted: tuple[str, str] | None = None):
+    """gRPC wire decoding only: every inference, health, metadata and config RPC hands off to
+    the DataPlane (the same calls the HTTP/REST front end makes)."""
+
+    def __init__(self, repo: Repository, restricted: tuple[str, str] | None = None, plane: DataPlane | None = None):
         self.repo = repo
+        self.plane = plane or DataPlane(repo)
         self.restricted = restricted  # (header, value) guarding the model-repository protocol
-        self.requests = 0
-        self.errors = 0
+
+    @staticmethod
+    def _abort(context, e: DataPlaneError):
+        context.abort(GRPC_STATUS[e.code], str(e))
 
     # -- health and metadata
     def ServerLive(self, request, context):
-        return service_pb2.ServerLiveResponse(live=True)
+        return service_pb2.ServerLiveResponse(live=self.plane.live())
 
     def ServerReady(self, request, context):
-        return service_pb2.ServerReadyResponse(ready=True)
+        return service_pb2.ServerReadyResponse(ready=self.plane.ready())
 
     def ServerMetadata(self, request, context):
-        return service_pb2.ServerMetadataResponse(name="captioner-local", version=__version__,
-                                                  extensions=["classification", "model_configuration"])
-
-    def _version(self, name: str, version: str, context) -> int:
-        try:
-            return self.repo.version(name, int(version) if version else -1)
-        except (NotFound, ValueError) as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{e} (loaded: {', '.join(sorted(self.repo.loaded)) or 'none'})")
+        return service_pb2.ServerMetadataResponse(**self.plane.server_metadata())
 
     def _config(self, name: str, version: str, context) -> mc.ModelConfig:
-        self._version(name, version, context)
-        return self.repo.models[name].config
+        try:
+            return self.plane.config(name, version)
+        except DataPlaneError as e:
+            self._abort(context, e)
 
     def ModelReady(self, request, context):
-        try:
-            self.repo.version(request.name, int(request.version) if request.version else -1)
-            return service_pb2.ModelReadyResponse(ready=True)
-        except (NotFound, ValueError):
-            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
 
     def ModelMetadata(self, request, context):
-        cfg = self._config(request.name, request.version, context)
-        batch = [-1] if cfg.max_batch_size > 0 else []
+        try:
+            md = self.plane.model_metadata(request.name, request.version)
+        except DataPlaneError as e:
+            self._abort(context, e)
         T = service_pb2.ModelMetadataResponse.TensorMetadata
         return service_pb2.ModelMetadataResponse(
-            name=cfg.name, versions=[str(v) for v in self.repo.loaded[cfg.name]],
-            platform=cfg.platform or PLATFORM.get(cfg.backend, cfg.backend),
-            inputs=[T(name=t.name, datatype=_dtype(t)[0], shape=batch + list(t.dims)) for t in cfg.input],
-            outputs=[T(name=t.name, datatype=_dtype(t)[0], shape=batch + list(t.dims)) for t in cfg.output])
+            name=md["name"], versions=md["versions"], platform=md["platform"],
+            inputs=[T(**t) for t in md["inputs"]], outputs=[T(**t) for t in md["outputs"]])
 
     def ModelConfig(self, request, context):
         return service_pb2.ModelConfigResponse(config=self._config(request.name, request.version, context))
@@ -507,8 +504,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         out = []
         for n in names:
             st = dict(self.repo.stats.get(n, {}))
-            if n == ENSEMBLE and self.repo.batcher is not None:
-                st["execution_count"] = self.repo.batcher.batches  # one batched pass per dynamic batch
+            if n == ENSEMBLE and self.repo.batch_timer is not None:
+                st["execution_count"] = self.repo.batch_timer.executions  # one batched pass per dynamic batch
             out.append(service_pb2.ModelStatistics(name=n, version=str(max(self.repo.loaded[n])), **st))
         return service_pb2.ModelStatisticsResponse(model_stats=out)
 
@@ -564,95 +561,37 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference
     def ModelInfer(self, request, context):
-        self.requests += 1
-        cfg = self._config(request.model_name, request.model_version, context)
-        version = self._version(request.model_name, request.model_version, context)
         try:
-            inputs = self._parse_inputs(cfg, request)
-            outputs = self.repo.run(cfg.name, inputs, version, Deadline.of(context))
-            return self._response(cfg, request, outputs)
-        except Expired as e:  # the client has gone; this answer only reaches a late-listening client
-            self.errors += 1
-            code = grpc.StatusCode.CANCELLED if str(e) == "cancelled" else grpc.StatusCode.DEADLINE_EXCEEDED
-            context.abort(code, f"[{cfg.name}] {e}: request dropped")
-        except ShuttingDown as e:
-            self.errors += 1
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"[{cfg.name}] {e}")
-        except (RequestError, ValueError) as e:
-            self.errors += 1
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"[{cfg.name}] {e}")
-        except Exception as e:  # noqa: BLE001 - a failure is this request's, never the server's
-            self.errors += 1
-            log.exception("model %s failed", cfg.name)
-            context.abort(grpc.StatusCode.INTERNAL, f"[{cfg.name}] {type(e).__name__}: {e}")
+            inputs = self._wire_inputs(request)
+            res = self.plane.infer(request.model_name, request.model_version, inputs,
+                                   [o.name for o in request.outputs], Deadline.of(context), request.id)
+        except DataPlaneError as e:
+            self._abort(context, e)
+        resp = service_pb2.ModelInferResponse(model_name=res.model, model_version=res.version, id=res.id)
+        for n, dt, arr in res.outputs:
+            resp.outputs.add(name=n, datatype=dt, shape=list(arr.shape))
+            resp.raw_output_contents.append(serialize_byte_tensor(arr).item() if dt == "BYTES"
+                                            else np.ascontiguousarray(arr).tobytes())
+        return resp
 
-    def _parse_inputs(self, cfg: mc.ModelConfig, request) -> dict[str, np.ndarray]:
-        spec = {t.name: t for t in cfg.input}
-        batched = cfg.max_batch_size > 0
+    @staticmethod
+    def _wire_inputs(request) -> list[InputTensor]:
+        """gRPC ModelInferRequest -> InputTensors (raw_input_contents, or typed contents)."""
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
-            raise RequestError(f"{len(request.inputs)} inputs but {len(raw)} raw input contents")
-        got: dict[str, np.ndarray] = {}
-        batch_sizes = set()
+            raise DataPlaneError(INVALID_ARG, f"[{request.model_name}] {len(request.inputs)} inputs but {len(raw)} "
+                                              f"raw input contents")
+        out = []
         for i, t in enumerate(request.inputs):
-            s = spec.get(t.name)
-            if s is None:
-                raise RequestError(f"unexpected input '{t.name}' (model inputs: {', '.join(spec)})")
-            want_dt, np_dt = _dtype(s)
-            if t.datatype != want_dt:
-                raise RequestError(f"input '{t.name}' has datatype {t.datatype}, expected {want_dt}")
-            shape = list(t.shape)
-            dims = ([-1] if batched else []) + list(s.dims)
-            if len(shape) != len(dims) or any(d != -1 and g != d for g, d in zip(shape, dims)):
-                raise RequestError(f"input '{t.name}' has shape {shape}, expected {dims} (-1 = any)")
-            if any(g < 0 for g in shape):
-                raise RequestError(f"input '{t.name}' has a negative dimension in {shape}")
-            if batched:
-                if not 1 <= shape[0] <= cfg.max_batch_size:
-                    raise RequestError(f"input '{t.name}' batch size {shape[0]} is outside 1..{cfg.max_batch_size}")
-                batch_sizes.add(shape[0])
-            n = int(np.prod(shape))
-            if want_dt == "BYTES":
-                if raw:
-                    arr = bytes_elements(raw[i], n, t.name)
-                else:
-                    if len(t.contents.bytes_contents) != n:
-                        raise RequestError(f"input '{t.name}' holds {len(t.contents.bytes_contents)} elements, "
-                                           f"shape {shape} needs {n}")
-                    arr = np.array(list(t.contents.bytes_contents), np.object_)
-                arr = arr.reshape(shape)
+            if raw:
+                out.append(InputTensor(t.name, t.datatype, list(t.shape), raw=raw[i]))
+            elif t.datatype == "BYTES":
+                out.append(InputTensor(t.name, t.datatype, list(t.shape), data=list(t.contents.bytes_contents)))
             else:
-                buf = raw[i] if raw else None
-                if buf is None:
-                    raise RequestError(f"input '{t.name}' has no raw contents")
-                if len(buf) != n * np.dtype(np_dt).itemsize:
-                    raise RequestError(f"input '{t.name}' has {len(buf)} bytes, shape {shape} of {want_dt} needs "
-                                       f"{n * np.dtype(np_dt).itemsize}")
-                arr = np.frombuffer(buf, dtype=np_dt).reshape(shape)
-            got[t.name] = arr
-        missing = [n for n, s in spec.items() if not s.optional and n not in got]
-        if missing:
-            raise RequestError(f"missing required input(s): {', '.join(missing)}")
-        if len(batch_sizes) > 1:
-            raise RequestError(f"inputs disagree on batch size: {sorted(batch_sizes)}")
-        return got
-
-    def _response(self, cfg, request, outputs: dict[str, np.ndarray]):
-        names = [o.name for o in request.outputs] or [o.name for o in cfg.output]
-        known = {o.name: o for o in cfg.output}
-        resp = service_pb2.ModelInferResponse(model_name=cfg.name, model_version=request.model_version or "",
-                                              id=request.id)
-        for n in names:
-            if n not in known:
-                raise RequestError(f"unknown output '{n}' requested (model outputs: {', '.join(known)})")
-            arr = outputs[n]
-            dt = _dtype(known[n])[0]
-            resp.outputs.add(name=n, datatype=dt, shape=list(arr.shape))
-            if dt == "BYTES":
-                resp.raw_output_contents.append(serialize_byte_tensor(arr).item())
-            else:
-                resp.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
-        return resp
+                c = t.contents
+                data = list(c.fp32_contents or c.int64_contents or c.int_contents or c.bool_contents or [])
+                out.append(InputTensor(t.name, t.datatype, list(t.shape), data=data if data else None))
+        return out
 
 
 def _bind_error(host: str, port: int) -> str:
@@ -679,7 +618,8 @@ def parse_restricted(spec: str | None) -> tuple[str, str] | None:
 
 def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, workers: int = MAX_CONCURRENT_RPCS,
                  threads: int = 0, control: str = "none", load: Iterable[str] = (), restricted: str | None = None,
-                 max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> tuple[grpc.Server, Repository, int]:
+                 max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS, http_port: int | None = None,
+                 metrics_port: int | None = None) -> tuple[grpc.Server, Repository, int]:
     guard = parse_restricted(restricted)
     r = Repository(repo, threads, control, load)
     # so_reuseport 0: bind exclusively. gRPC sets SO_REUSEPORT by default on Linux, so a second
@@ -689,7 +629,8 @@ def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, wo
                                   ("grpc.max_send_message_length", MAX_SEND_MESSAGE),
                                   ("grpc.so_reuseport", 0)],
                          maximum_concurrent_rpcs=max_concurrent_rpcs)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(r, guard), server)
+    r.plane = DataPlane(r)  # the one data plane behind every front end (gRPC here, HTTP and metrics below)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(r, guard, r.plane), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
@@ -698,15 +639,46 @@ def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, wo
         r.close()
         raise BindError(f"cannot listen on {host}:{port}: {_bind_error(host, port)} (port {port}; is another "
                       f"server running there? choose another with --grpc-port)")
+    try:  # HTTP and metrics listen before gRPC answers, so a client that saw gRPC ready finds them up
+        r.fronts = start_fronts(r, host, http_port, metrics_port)
+    except BindError:
+        r.close()
+        raise
     server.start()
     return server, r, bound
 
 
+def start_fronts(r: Repository, host: str, http_port: int | None, metrics_port: int | None) -> list:
+    """Triton's other two ports over the same data plane: HTTP/REST (captioner.http_server) and
+    Prometheus /metrics (captioner.server_metrics). Returns the started servers (each has stop())."""
+    started = []
+    try:
+        if http_port is not None:
+            from captioner.http_server import start_http_server
+
+            h = start_http_server(r.plane, host, http_port, MAX_RECEIVE_MESSAGE, MAX_CONCURRENT_RPCS)
+            log.info("HTTP/REST on %s:%d", host, h.port)
+            started.append(h)
+        if metrics_port is not None:
+            from captioner.server_metrics import start_metrics_server
+
+            m, mport = start_metrics_server(r.plane, host, metrics_port)
+            log.info("metrics on http://%s:%d/metrics", host, mport)
+            m.stop = m.shutdown
+            started.append(m)
+    except OSError as e:
+        for x in started:
+            x.stop()
+        raise BindError(str(e)) from None
+    return started
+
+
 def serve_forever(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, threads: int = 0,
-                  control: str = "none", load: Iterable[str] = (), restricted: str | None = None) -> None:
+                  control: str = "none", load: Iterable[str] = (), restricted: str | None = None,
+                  http_port: int | None = None, metrics_port: int | None = None) -> None:
     try:
         server, r, bound = start_server(repo, host, port, threads=threads, control=control, load=load,
-                                        restricted=restricted)
+                                        restricted=restricted, http_port=http_port, metrics_port=metrics_port)
     except BindError as e:
         raise SystemExit(f"captioner serve: {e}") from None
     log.info("serving %s on %s:%d (model control %s; loaded: %s)", repo, host, bound, control,
@@ -720,6 +692,8 @@ def serve_forever(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, t
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     stop.wait()
+    for f in r.fronts:
+        f.stop()
     server.stop(grace=5).wait()
     r.close()
     log.info("server stopped cleanly")

@@ -17,10 +17,13 @@ import numpy as np
 from captioner.decoding import CachedStep, DecodeParams, decode
 from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODER_GRAPH_FILE, MAX_TOKENS,
                              PREPROCESS_FILE, SELECT_ROWS_FILE, TOKENIZER_FILE)
-from captioner.preprocess import SERVING_MAX_PIXELS, ImageError, PreprocessConfig, preprocess_bytes
+from captioner.preprocess import ACCEPTED_FORMATS, SERVING_MAX_PIXELS, ImageError, PreprocessConfig, preprocess_bytes
 from captioner.tokenizer import CaptionTokenizer
 
 MAX_BEAM = 8
+# One request's images together: two images at the per-image cap (preprocess.SERVING_MAX_PIXELS),
+# which bounds one request's decoding to ~1 s of one core and ~150 MiB (issue 10 item 5).
+REQUEST_PIXEL_BUDGET = 32_000_000
 
 
 class RequestError(ValueError):
@@ -54,8 +57,8 @@ def header_size(data: bytes) -> tuple[int, int]:
     (the decoder then names the problem)."""
     from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
+    try:  # header parsers of the accepted formats only, as preprocess.open_image
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
             w, h = img.size
             return int(w), int(h)
     except Exception:  # noqa: BLE001 - any header we cannot read is refused by the decoder

@@ -341,3 +341,27 @@ def publish_version(local: str | Path, store, keep: int = 2) -> int:
                 for rel in rels:
                     store.delete(f"{name}/{v}/{rel}")
     return n
+
+
+def pin_ensemble(store, version: int) -> None:
+    """Point the served repository back at `version` (a rollback): one PUT of the ensemble
+    config with its version and every step pinned to `version`, as publish_version's switch
+    does. Refused (RepositoryError) unless every step model still loads that version, so the
+    repository never pins something Triton would refuse."""
+    keys, read = listing_from_store(store)
+    models = load_listing(keys, read)
+    if ENSEMBLE not in models or models[ENSEMBLE].error:
+        raise RepositoryError(f"cannot pin {ENSEMBLE} to version {version}: no loadable {ENSEMBLE} in the repository")
+    ens = mc.ModelConfig()
+    ens.CopyFrom(models[ENSEMBLE].config)
+    if version not in models[ENSEMBLE].versions:
+        raise RepositoryError(f"cannot pin {ENSEMBLE} to version {version}: versions present "
+                              f"{sorted(models[ENSEMBLE].versions)}")
+    for step in ens.ensemble_scheduling.step:
+        dep = models.get(step.model_name)
+        if dep is None or dep.error or version not in dep.selected:
+            raise RepositoryError(f"cannot pin {ENSEMBLE} to version {version}: step model '{step.model_name}' "
+                                  f"does not load it (loaded versions: {dep.selected if dep else []})")
+        step.model_version = version
+    ens.version_policy.specific.versions[:] = [version]
+    store.put_bytes(f"{ENSEMBLE}/{CONFIG}", config_text(ens).encode())

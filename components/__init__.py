@@ -94,9 +94,11 @@ def gate(cider: float, min_cider: float, champion_cider: float) -> bool:
 
 
 @component
-def deploy(repository: Input[Artifact], serving_uri: str, cider: float, triton_url: str) -> str:
+def deploy(repository: Input[Artifact], serving_uri: str, cider: float, triton_url: str, target: str,
+           kserve: dict) -> str:
     import json
 
     from captioner.pipeline_steps import deploy_step
 
-    return json.dumps(deploy_step(repository.metadata["repo_uri"], serving_uri, cider, triton_url))
+    return json.dumps(deploy_step(repository.metadata["repo_uri"], serving_uri, cider, triton_url, target=target,
+                                  kserve=dict(kserve)))

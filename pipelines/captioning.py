@@ -47,6 +47,8 @@ def build_pipeline(cluster: bool = True, train_in_pod: bool = False):
         export_device: str = "gpu",
         min_cider: float = 0.5,
         triton_url: str = "",
+        deploy_target: str = "triton",  # triton: the Deployment's explicit loads; kserve: InferenceService canary
+        kserve_settings: dict = {},  # noqa: B006 - canary_percent, name, namespace, live_url, ...
     ):
         ing = c.ingest(source=source, dest=data_uri, shard_mb=shard_mb, val_fraction=val_fraction,
                        test_fraction=test_fraction)
@@ -84,7 +86,7 @@ def build_pipeline(cluster: bool = True, train_in_pod: bool = False):
         g.set_caching_options(False)
         with dsl.If(g.output == True, name="quality-gate"):  # noqa: E712 - KFP condition syntax
             dep = c.deploy(repository=ex.outputs["repository"], serving_uri=serving_uri, cider=ev.outputs["cider"],
-                           triton_url=triton_url)
+                           triton_url=triton_url, target=deploy_target, kserve=kserve_settings)
             dep.set_caching_options(False)
             _s3(dep, cluster)
             if cluster:  # the key for Triton's restricted model-repository protocol (a local run passes it as env)

@@ -7,6 +7,7 @@ from captioner.deployment import (JOB_NAMESPACE, KFP_STEP_NAMESPACE, KFP_STEP_SE
 from captioner.pytorchjob import JobSpec, build_pytorchjob
 from tests.rbac_eval import Rbac, Request, sa_user
 from tests.test_k8s import OVERLAYS, render
+from tests.test_kserve import kserve_docs  # noqa: F401 - fixture
 
 # where each overlay's pipeline steps run, and as whom (single-user KFP: kubeflow/pipeline-runner;
 # multi-user: default-editor in the profile namespace)
@@ -170,3 +171,23 @@ def test_minio_policies_scope_each_component(s3_server, who, allowed, denied):
     for req in denied:
         with pytest.raises(ClientError, match="AccessDenied"):
             do(*req)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_step_identity_may_launch_trainjobs_in_the_job_namespace(overlay):
+    """--train.api=trainjob: the same identity launches Kubeflow Trainer v2 TrainJobs."""
+    rbac = Rbac(render(overlay))
+    runner = sa_user(*STEP_IDENTITY[overlay])
+    for v in ("create", "get", "delete"):
+        assert rbac.allowed(Request(runner, v, "trainer.kubeflow.org", "trainjobs", JOB_NAMESPACE)), v
+    assert not rbac.allowed(Request(runner, "create", "trainer.kubeflow.org", "trainjobs", "default"))
+
+
+def test_kserve_overlay_lets_the_deploy_step_patch_only_the_inferenceservice(kserve_docs):
+    docs, _ = kserve_docs
+    rbac = Rbac(docs)
+    runner = sa_user(KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOUNT)
+    for v in ("get", "create", "patch"):
+        assert rbac.allowed(Request(runner, v, "serving.kserve.io", "inferenceservices", JOB_NAMESPACE)), v
+    assert not rbac.allowed(Request(runner, "delete", "serving.kserve.io", "inferenceservices", JOB_NAMESPACE))
+    assert not rbac.grants(sa_user(JOB_NAMESPACE, "captioner-kserve")), "the predictor's account may do nothing"

@@ -57,7 +57,7 @@ def test_pipeline_deploy_step_gets_the_control_key():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_hpa_metric_is_produced_by_the_shipped_adapter_rule(overlay):
     """Defect 6: nothing provided custom.metrics.k8s.io for the HPA's metric."""
-    hpa = next(d for d in render(overlay) if d["kind"] == "HorizontalPodAutoscaler")
+    hpa = next(d for d in render(overlay) if d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"] == "triton")
     rules = yaml.safe_load((ROOT / "k8s" / "prometheus-adapter" / "values.yaml").read_text())["rules"]["custom"]
     produced = {r["name"]["as"]: r for r in rules}
     for m in hpa["spec"]["metrics"]:
@@ -72,7 +72,7 @@ def test_hpa_metric_is_produced_by_the_shipped_adapter_rule(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pdb_allows_a_drain_at_any_replica_count(overlay):
     """Defect 7: minAvailable: 1 with one replica allows zero evictions."""
-    pdb = next(d for d in render(overlay) if d["kind"] == "PodDisruptionBudget")
+    pdb = next(d for d in render(overlay) if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "triton")
     assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
 
 

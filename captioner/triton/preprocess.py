@@ -10,7 +10,7 @@ import os
 import triton_python_backend_utils as pb_utils
 
 from captioner.names import IMAGE, PIXEL_VALUES
-from captioner.serving_core import image_bytes_to_pixels, load_preprocess
+from captioner.serving_core import REQUEST_PIXEL_BUDGET, check_pixel_budget, image_bytes_to_pixels, load_preprocess
 
 
 class TritonPythonModel:
@@ -22,6 +22,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 images = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy()
+                check_pixel_budget(images, REQUEST_PIXEL_BUDGET)  # from the headers, before decoding anything
                 pixels = image_bytes_to_pixels(images, self.pre)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(PIXEL_VALUES, pixels)]))
             except Exception as e:  # noqa: BLE001 - the error goes back to this request only

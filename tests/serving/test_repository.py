@@ -149,6 +149,25 @@ def test_preprocess_model_py(exported_repo, trained_run, monkeypatch):
     assert px.shape == (2, *ck.preprocess.input_size)
 
 
+def test_preprocess_model_py_refuses_a_request_over_the_pixel_budget(exported_repo, monkeypatch):
+    """Issue 10.5 in the Triton model too: three 12-megapixel PNGs (each under the per-image cap)
+    are refused together from their headers, before any of them is decoded."""
+    import io
+
+    from PIL import Image
+
+    from captioner.serving_core import REQUEST_PIXEL_BUDGET
+
+    repo, _ = exported_repo
+    m = _load_model_py(repo, names.PREPROCESS, monkeypatch)
+    buf = io.BytesIO()
+    Image.new("L", (4000, 3000)).save(buf, format="PNG")  # 12 MP, a few KB compressed
+    big = buf.getvalue()
+    assert 3 * 4000 * 3000 > REQUEST_PIXEL_BUDGET
+    out = m.execute([pb_utils_double.FakeRequest(IMAGE=np.array([[big]] * 3, dtype=object))])
+    assert out[0].has_error() and "per-request pixel budget" in out[0].error().message()
+
+
 def test_decode_loop_model_py_matches_pytorch(exported_repo, trained_run, monkeypatch):
     repo, _ = exported_repo
     m = _load_model_py(repo, names.DECODE_LOOP, monkeypatch)

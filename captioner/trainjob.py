@@ -1,0 +1,107 @@
+"""Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1, Trainer v2.3.0): a pure
+builder for a run on the `torch-distributed` ClusterTrainingRuntime and the admission rules
+that apply to it. It is built from the same `JobSpec` as the PyTorchJob, so both APIs run the
+same container command, arguments, Secret-backed env, volumes and node pool.
+
+What the Trainer does with it (github.com/kubeflow/trainer, tag v2.3.0):
+- manifests torch-distributed runtime: one replicatedJob `node` (ancestor label `trainer`)
+  with one container `node`; mlPolicy.torch.
+- pkg/runtime/framework/plugins/jobset/builder.go Trainer(): trainer.image/command/args
+  replace the `node` container's; trainer.env is upserted into it.
+- pkg/runtime/framework/plugins/torch/torch.go EnforceMLPolicy: numNodes -> the pod count;
+  PET_NNODES, PET_NPROC_PER_NODE (numProcPerNode, else "auto" with GPUs, else the CPU count),
+  PET_NODE_RANK (the Job completion index), PET_MASTER_ADDR=<job>-node-0-0.<job>,
+  PET_MASTER_PORT=29500 -- a static rendezvous, no PET_RDZV_*, no elastic range
+  ("TODO: Add support for PyTorch elastic"); Validate() rejects those names in trainer.env.
+- TrainJob.spec.runtimePatches (v2.3.0; there is no podTemplateOverrides): per-manager
+  patches of the JobSet template; the Pod spec part admits nodeSelector, tolerations,
+  volumes, serviceAccountName, securityContext and per-container env/volumeMounts/
+  securityContext -- that is where the node pool, /dev/shm and the hardening go.
+"""
+from __future__ import annotations
+
+from captioner.deployment import S3_ENV
+
+GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Trainer v2.3.0 ships
+CONTAINER, REPLICATED_JOB = "node", "node"  # constants.Node in pkg/constants/constants.go
+MASTER_PORT = 29500  # constants.ContainerTrainerPort
+RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+PATCH_MANAGER = "captioner"  # runtimePatches are keyed by manager
+
+
+def build_trainjob(s) -> dict:
+    """The TrainJob for `s` (a pytorchjob.JobSpec). TrainJob v2.3.0 has no elastic range:
+    min_workers/max_workers must equal workers."""
+    from captioner.pytorchjob import WORKDIR
+
+    if (s.min_workers, s.max_workers) != (s.workers, s.workers):
+        raise ValueError(f"TrainJob (Trainer v2.3.0) has no elastic training: min/max nodes "
+                         f"{s.min_workers}/{s.max_workers} must equal --nodes {s.workers}")
+    if s.gpus_per_worker > 0:
+        limits = {"nvidia.com/gpu": str(s.gpus_per_worker), "cpu": s.cpu, "memory": s.memory}
+    else:
+        limits = {"cpu": s.cpu, "memory": s.memory}
+    env = [{"name": n, "valueFrom": {"secretKeyRef": {"name": s.s3_secret, "key": k}}} for k, n in S3_ENV.items()]
+    env += [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "OMP_NUM_THREADS", "value": "4"},
+            {"name": "HOME", "value": "/tmp"}]
+    trainer = {"image": s.image, "command": list(s.command), "args": list(s.args), "env": env,
+               "numNodes": s.workers, "resourcesPerNode": {"limits": limits, "requests": dict(limits)}}
+    if str(s.nproc_per_node).isdigit():
+        trainer["numProcPerNode"] = int(s.nproc_per_node)  # else the plugin's "auto"
+    pod = {
+        "serviceAccountName": s.service_account,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": CONTAINER,
+            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]}},
+            # the image's WORKDIR is /workspace (docker/trainer.Dockerfile): the run folder is an emptyDir there
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
+                             {"name": "workspace", "mountPath": WORKDIR}],
+        }],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
+                    {"name": "tmp", "emptyDir": {}}, {"name": "workspace", "emptyDir": {}}],
+    }
+    if s.pool.node_selector:
+        pod["nodeSelector"] = dict(s.pool.node_selector)
+    if s.pool.tolerations:
+        pod["tolerations"] = [dict(t) for t in s.pool.tolerations]
+    patch = {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
+        "name": REPLICATED_JOB,
+        "template": {"spec": {"template": {
+            "metadata": {"labels": {"app.kubernetes.io/name": "captioner-trainer", "captioner/job": s.name}},
+            "spec": pod}}}}]}}}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": s.name, "namespace": s.namespace, "labels": {"app.kubernetes.io/part-of": "captioner"}},
+        "spec": {
+            "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": RUNTIME},
+            "activeDeadlineSeconds": s.active_deadline_seconds,
+            "trainer": trainer,
+            "runtimePatches": [patch],
+        },
+    }
+
+
+def webhook_errors(job: dict) -> list[str]:
+    """The TrainJob admission rules our jobs could break: the CRD's CEL rules on the name
+    (RFC 1035, <= 63) and the torch plugin's Validate (no reserved PET_* in trainer.env)."""
+    import re
+
+    errs = []
+    name = job.get("metadata", {}).get("name", "")
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+        errs.append(f"metadata.name {name!r} is not an RFC 1035 DNS label of at most 63 characters")
+    spec = job.get("spec", {})
+    if spec.get("runtimeRef", {}).get("name") != RUNTIME:
+        errs.append(f"runtimeRef.name must be {RUNTIME!r}, got {spec.get('runtimeRef', {}).get('name')!r}")
+    tr = spec.get("trainer") or {}
+    bad = sorted({e.get("name") for e in tr.get("env", [])} & set(RESERVED_ENV))
+    if bad:
+        errs.append(f"spec.trainer.env must not have reserved envs, invalid envs configured: {bad}")
+    if tr.get("numNodes", 1) < 1:
+        errs.append(f"spec.trainer.numNodes {tr.get('numNodes')} must be >= 1")
+    return errs
