@@ -327,7 +327,8 @@ def cmd_bench(a, _):
     import importlib
 
     mod = {"train": "benchmarks.train_throughput", "latency": "benchmarks.caption_latency",
-           "ingest": "benchmarks.ingest_throughput"}[a.what]
+           "ingest": "benchmarks.ingest_throughput", "serve": "benchmarks.serve_throughput",
+           "int8": "benchmarks.int8_quality"}[a.what]
     importlib.import_module(mod).main(a.rest)
 
 
@@ -361,6 +362,19 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return "\n".join(ln if ln.startswith(" ") else
                          textwrap.fill(ln, width, initial_indent=indent, subsequent_indent=indent)
                          for ln in text.splitlines())
+
+
+def _lazy_epilog(parser: argparse.ArgumentParser, make) -> None:
+    """Compute `parser`'s epilog when its help is printed, not when the CLI starts: the serving
+    commands must not import torch (tests/serving/test_lean_serving.py)."""
+    plain = parser.format_help
+
+    def format_help() -> str:
+        if parser.epilog is None:
+            parser.epilog = make()
+        return plain()
+
+    parser.format_help = format_help
 
 
 def _presets_and_config_keys() -> str:
@@ -436,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", **common, help="train (one process, or under torchrun for DDP)", description=(
         "Train from a config preset or YAML file plus --section.key=value overrides, e.g.\n"
         "  captioner train --config tiny-cpu --data.source=data/synth --train.out_dir=runs/x --train.epochs=5\n"
-        "Several processes: torchrun --nproc_per_node=N -m captioner train ..."),
-        epilog=_presets_and_config_keys())
+        "Several processes: torchrun --nproc_per_node=N -m captioner train ..."))
+    _lazy_epilog(s, _presets_and_config_keys)  # built at `train --help` only: it imports the config (and torch)
     s.add_argument("--config", default="tiny-cpu", help="preset name (configs/*.yaml) or YAML path")
     s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt_latest.pt, else from the model "
                    "store (--train.publish_uri); start fresh when neither has one")
@@ -662,9 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", **common, help="benchmarks (print side-by-side measurements)")
-    s.add_argument("what", choices=["train", "latency", "ingest"], metavar="{train,latency,ingest}",
+    s.add_argument("what", choices=["train", "latency", "ingest", "serve", "int8"],
+                   metavar="{train,latency,ingest,serve,int8}",
                    help="train: encode-once vs per-pair throughput; latency: caption latency/throughput of the "
-                        "no-cache baseline, PyTorch+KV cache, onnxruntime, int8; ingest: S3 ingest and loader speed")
+                        "no-cache baseline, PyTorch+KV cache, onnxruntime fp32/int8 (served path), HF generate; "
+                        "ingest: S3 ingest and loader speed; serve: images/s and p50/p99 at concurrency 1, 8, 32 "
+                        "through tritonclient against `captioner serve`; int8: fp32 vs int8 CIDEr-D and caption "
+                        "agreement on a run's held-out test split")
     s.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="passed to the benchmark (try `captioner bench latency --help`)")
     s.set_defaults(fn=cmd_bench)
@@ -678,9 +696,8 @@ def main(argv: list[str] | None = None) -> None:
     if extra and not getattr(a, "overrides_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(a.verbose)
-    from captioner.config import ConfigError
     from captioner.errors import UserError
-    from captioner.storage import StoreError
+    from captioner.storage import StoreError  # (config.ConfigError is a ValueError: importing config loads torch)
 
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:
@@ -690,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with logging_redirect_tqdm():  # log lines go above the progress bar, not through it
             a.fn(a, extra)
-    except (UserError, ConfigError, FileNotFoundError, ValueError, StoreError) as e:
+    except (UserError, FileNotFoundError, ValueError, StoreError) as e:
         _fail(e, a.verbose)
 
 

@@ -3,7 +3,7 @@
 A step function owns the decoding state (KV cache) of a batch of rows and has two methods:
   step(tokens [R] int64) -> log-probs [R, V] float32 for the next token of every row
   step.select(rows [R'] int64)  keep / reorder / duplicate rows of its state
-The same functions drive PyTorch, onnxruntime and the Triton BLS model; only the step
+The same functions drive PyTorch, onnxruntime and Triton's decode_loop model; only the step
 function differs (see `CachedStep`). Results are token-id lists without BOS/EOS.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`captioner export`: checkpoint -> complete Triton model repository (ONNX encoder and
-decoder, Python-backend preprocess and BLS decode loop, ensemble), with a parity check of
-onnxruntime against PyTorch that fails loudly."""
+decoder, Python-backend preprocess and decode loop, ensemble), with a parity check of
+onnxruntime against PyTorch that fails loudly. The decode loop's version folder also gets the
+decoder graph it runs in process (decoder.onnx) and select_rows.onnx."""
 from __future__ import annotations
 
 import io
@@ -23,11 +24,12 @@ from captioner.config import save_config
 from captioner.decoding import DecodeParams
 from captioner.errors import UnsafeOutputError
 from captioner.inference import caption_tensor
-from captioner.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
-                             LOGITS, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV, TOKENIZER_FILE)
+from captioner.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER,
+                             ENCODER_HIDDEN, INPUT_IDS, LOGITS, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE,
+                             PRESENT_KV, ROWS, SELECT_ROWS_FILE, SELECTED, STATE, TOKENIZER_FILE)
 from captioner.serving_core import DecodeLoop, image_bytes_to_pixels
-from captioner.triton_repo import (ALL_MODELS, BLS_VERSION_KEY, MAX_BATCH, REPOSITORY_MARKER, build_configs,
-                                   check_repository, write_configs, write_marker)
+from captioner.triton_repo import (ALL_MODELS, MAX_BATCH, REPOSITORY_MARKER, build_configs, check_repository,
+                                   write_configs, write_marker)
 
 log = logging.getLogger(__name__)
 SOURCES = Path(__file__).resolve().parent / "triton"  # the Python-backend models, copied in as model.py
@@ -103,17 +105,57 @@ def export_onnx(ck: LoadedCheckpoint, repo: Path, opset: int = 17) -> Dims:
     return d
 
 
-# ------------------------------------------------------------------ parity
-def sample_images(ck: LoadedCheckpoint, n: int = 8) -> list[tuple[str, bytes]]:
-    """Held-out images from the checkpoint's data when reachable, else generated scenes."""
-    from captioner.data import assign_splits, by_split, read_records
+def write_select_rows(path: Path, opset: int = 17) -> None:
+    """select_rows.onnx: selected = Gather(state, rows, axis=0) over a rank-5 float cache
+    tensor, so the decode loop keeps / reorders / duplicates rows on the session's device."""
+    from onnx import TensorProto, helper
 
+    dims = ["rows_in", "a", "b", "c", "d"]
+    g = helper.make_graph(
+        [helper.make_node("Gather", [STATE, ROWS], [SELECTED], axis=0)], "select_rows",
+        [helper.make_tensor_value_info(STATE, TensorProto.FLOAT, dims),
+         helper.make_tensor_value_info(ROWS, TensorProto.INT64, ["rows_out"])],
+        [helper.make_tensor_value_info(SELECTED, TensorProto.FLOAT, ["rows_out"] + dims[1:])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def ship_decoder_graph(repo: Path) -> None:
+    """The decoder graph (as optimised / quantised) into decode_loop's version folder, where
+    its in-process session loads it (see captioner/triton/decode_loop.py for why there)."""
+    shutil.copyfile(repo / DECODER / "1" / "model.onnx", repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE)
+
+
+# ------------------------------------------------------------------ parity
+def held_out_records(ck: LoadedCheckpoint, n: int = 0, cache_dir: str | Path | None = None) -> list:
+    """The checkpoint's held-out images (test split, then val when too few; n=0: the whole test
+    split) as ImageRecords: for a dataset written by `captioner ingest` the split is the one its
+    manifest fixes (images extracted to `cache_dir`), else the split `assign_splits` gives."""
+    from captioner.data import assign_splits, by_split, read_records
+    from captioner.shards import is_shard_source, materialize, open_shard_source
+
+    c = ck.config.data
+    if is_shard_source(c.source):
+        import tempfile
+
+        store, manifest = open_shard_source(c.source)
+        cache = Path(cache_dir or tempfile.mkdtemp(prefix="captioner-heldout-"))
+        recs = materialize(store, manifest, "test", cache / "test", n)
+        if n and len(recs) < n:
+            recs += materialize(store, manifest, "val", cache / "val", n - len(recs))
+        return recs
+    recs, _ = read_records(c.source, c.format, c.image_root)
+    assign_splits(recs, c.val_fraction, c.test_fraction, c.split_seed)
+    return (by_split(recs, "test") + by_split(recs, "val"))[:n] if n else by_split(recs, "test")
+
+
+def sample_images(ck: LoadedCheckpoint, n: int = 8) -> list[tuple[str, bytes]]:
+    """Held-out images from the checkpoint's data (its manifest's test split for a shard
+    dataset) when reachable, else generated scenes."""
     try:
-        c = ck.config.data
-        recs, _ = read_records(c.source, c.format, c.image_root)
-        assign_splits(recs, c.val_fraction, c.test_fraction, c.split_seed)
-        recs = (by_split(recs, "test") + by_split(recs, "val") + recs)[:n]
-        out = [(r.image_id, Path(r.path).read_bytes()) for r in recs]
+        out = [(r.image_id, Path(r.path).read_bytes()) for r in held_out_records(ck, n)]
         if out:
             return out
     except Exception as e:  # noqa: BLE001 - fall back to generated images
@@ -155,7 +197,7 @@ def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: floa
     rep.encoder_max_abs_diff = float(max(np.abs(mem_o - mem_t.numpy()).max(), np.abs(cross_o - cross_t.numpy()).max()))
     params = DecodeParams(max_new_tokens=m.cfg.max_new_tokens)
     caps_t = caption_tensor(m, ck.tokenizer, x, DecodeParams(**vars(params)))
-    loop = DecodeLoop.from_dir(repo / DECODE_LOOP / "1", ort_m.run_decoder)
+    loop = DecodeLoop.in_process(repo / DECODE_LOOP / "1")  # the served path: in-process bound decoder
     caps_o = loop.caption(cross_o, DecodeParams(**vars(params)))
     # per-step logits, teacher-forced on PyTorch's captions, through the cache in both
     ids = [[ck.tokenizer.bos_id] + ck.tokenizer.encode(c, m.cfg.max_len)[1:-1] for c in caps_t]
@@ -200,6 +242,9 @@ def optimize_graphs(repo: Path, ck: LoadedCheckpoint) -> dict:
 
 
 def quantize_int8(repo: Path) -> None:
+    """Dynamic int8: weights quantised per output channel (one scale per row of each weight
+    matrix, which keeps small-norm rows from being flattened by one large row), activations
+    quantised per tensor at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for name in (ENCODER, DECODER):
@@ -207,7 +252,7 @@ def quantize_int8(repo: Path) -> None:
         fp32 = repo / name / "model.fp32.onnx"  # outside the version folder: Triton ignores it
         shutil.move(f, fp32)
         # fused contrib ops defeat ONNX shape inference; their tensors are float
-        quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8, per_channel=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
@@ -304,15 +349,18 @@ def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: s
     ck.tokenizer.save(repo / DECODE_LOOP / "1" / TOKENIZER_FILE)
     (repo / DECODE_LOOP / "1" / DECODE_FILE).write_text(json.dumps({
         "bos_id": ck.tokenizer.bos_id, "eos_id": ck.tokenizer.eos_id, "max_new_tokens": ck.model.cfg.max_new_tokens,
-        "n_layers": d.L, "n_heads": d.heads, "head_dim": d.Dh, BLS_VERSION_KEY: -1}, indent=2))
+        "n_layers": d.L, "n_heads": d.heads, "head_dim": d.Dh}, indent=2))
+    write_select_rows(repo / DECODE_LOOP / "1" / SELECT_ROWS_FILE)
     report = {"checkpoint": str(ck.path), "step": ck.step, "dims": asdict(d), "device": device,
               "onnx": onnx_versions(repo)}
     if optimize:
         report["fusions"] = optimize_graphs(repo, ck)
+    ship_decoder_graph(repo)
     if verify:
         report["parity"] = asdict(check_parity(ck, repo, parity_images))
     if quantize == "int8":
         quantize_int8(repo)
+        ship_decoder_graph(repo)
         q = check_parity(ck, repo, parity_images, fail=False)
         report["parity_int8"] = asdict(q)
         log.info("int8 parity: greedy captions equal %d/%d, logits max|diff| %.3f (report only)",

@@ -219,7 +219,7 @@ def expected_captions(repo: str, images: list[bytes]) -> list[str]:
 
     ort = OrtCaptioner(repo)
     pre = load_preprocess(Path(repo) / PREPROCESS / "1")
-    loop = DecodeLoop.from_dir(Path(repo) / DECODE_LOOP / "1", ort.run_decoder)
+    loop = DecodeLoop.in_process(Path(repo) / DECODE_LOOP / "1")  # the served path: decode_loop's own decoder
     arr = np.empty(len(images), dtype=object)
     arr[:] = images
     _, cross = ort.run_encoder(image_bytes_to_pixels(arr, pre))

@@ -154,7 +154,7 @@ def triton_endpoints(triton_url: str) -> list[str]:
 
 
 def load_on_replicas(triton_url: str, version: int, key: str | None) -> list[str]:
-    """Load, on every replica, the BLS target and then the ensemble (triton_repo.LOAD_ORDER)
+    """Load, on every replica, what serves a caption (triton_repo.LOAD_ORDER: the ensemble)
     through the restricted model-repository protocol, and check the new version is ready."""
     import tritonclient.grpc as grpcclient
 

@@ -299,8 +299,8 @@ class Repository:
     Loading follows `captioner.triton_repo` (Triton's rules, from the object listing):
     model-control mode "none" loads every model and refuses to start if Triton would refuse
     one (Triton's default --exit-on-error); "explicit" loads only what `load()` names plus
-    ensemble steps. The decode loop reaches the decoder like Triton's BLS does: it fails with
-    Triton's "unknown model" error when the decoder (version) it pins is not loaded."""
+    ensemble steps. The decode loop runs its own in-process decoder session (the graph in
+    its version folder), as Triton's decode_loop model does: no call to the `decoder` model."""
 
     def __init__(self, repo: str | Path, threads: int = 0, control: str = "none", load: Iterable[str] = ()):
         self.path = Path(repo)
@@ -382,21 +382,11 @@ class Repository:
         elif model == PREPROCESS:
             r = load_preprocess(d)
         elif model == DECODE_LOOP:
-            r = DecodeLoop.from_dir(d, None)
-            pin = r.s.decoder_version
-            r.run = lambda ids, cross, past, _pin=pin: self._bls_decoder(_pin, ids, cross, past)
+            r = DecodeLoop.in_process(d, self.threads)  # its own decoder session, as in Triton
         else:
             r = None
         self._cache[key] = r
         return r
-
-    def _bls_decoder(self, pin: int, ids, cross, past):
-        try:
-            v = self.version(DECODER, pin)
-        except NotFound as e:
-            raise RuntimeError(f"{DECODER}: {e}") from None
-        return tuple(self._runner(DECODER, v).run([LOGITS, PRESENT_KV], {INPUT_IDS: ids.astype(np.int64),
-                                                                         CROSS_KV: cross, PAST_KV: past}))
 
     def _steps(self) -> dict[str, int]:
         """The versions the loaded ensemble runs (its pinned step versions, else the latest)."""

@@ -1,8 +1,9 @@
 """Request-level logic shared by the Triton Python-backend models and the local server:
 turning IMAGE bytes into pixel values, and `caption_requests`, the one request path from
 decode-loop request tensors (cross K/V, optional BEAM_SIZE / MAX_TOKENS) to CAPTION tensors,
-run over any decoder runner (Triton BLS, onnxruntime). Every request either succeeds or
-gets its own error."""
+run over the decode loop's in-process onnxruntime decoder (`DecodeLoop.in_process`, what
+Triton's decode_loop model and `captioner serve` run) or any decoder runner function.
+Every request either succeeds or gets its own error. Imports neither torch nor onnx."""
 from __future__ import annotations
 
 import io
@@ -14,7 +15,8 @@ from typing import Callable
 import numpy as np
 
 from captioner.decoding import CachedStep, DecodeParams, decode
-from captioner.names import BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, MAX_TOKENS, PREPROCESS_FILE, TOKENIZER_FILE
+from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODER_GRAPH_FILE, MAX_TOKENS,
+                             PREPROCESS_FILE, SELECT_ROWS_FILE, TOKENIZER_FILE)
 from captioner.preprocess import ACCEPTED_FORMATS, SERVING_MAX_PIXELS, ImageError, PreprocessConfig, preprocess_bytes
 from captioner.tokenizer import CaptionTokenizer
 
@@ -90,7 +92,7 @@ class DecodeSettings:
     head_dim: int
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
-    decoder_version: int = -1  # the decoder version the BLS calls pin (-1 = latest); set by the deploy
+    decoder_version: int = -1  # unused since the loop owns its decoder; kept so older decode.json files load
 
     @classmethod
     def load(cls, d: str | Path) -> "DecodeSettings":
@@ -109,21 +111,41 @@ def params_for(beam: int | None, max_tokens: int | None, s: DecodeSettings) -> D
 
 
 class DecodeLoop:
-    """Captions batches of cross-attention K/V with a decoder runner
+    """Captions batches of cross-attention K/V with either `make_step(cross_kv) -> StepFn`
+    (the in-process bound decoder: the whole loop in one model execution) or a decoder runner
     `run(input_ids [R,1] int64, cross_kv [R,2L,H,P,Dh], past_kv [R,2L,H,T',Dh]) -> (logits, present_kv)`."""
 
-    def __init__(self, tokenizer: CaptionTokenizer, settings: DecodeSettings, run: Callable):
-        self.tok, self.s, self.run = tokenizer, settings, run
+    def __init__(self, tokenizer: CaptionTokenizer, settings: DecodeSettings, run: Callable | None = None,
+                 make_step: Callable | None = None):
+        self.tok, self.s, self.run, self.make_step = tokenizer, settings, run, make_step
+        self.patches: int | None = None  # P the decoder graph takes, when known
 
     @classmethod
-    def from_dir(cls, d: str | Path, run: Callable) -> "DecodeLoop":
-        return cls(CaptionTokenizer.from_file(Path(d) / TOKENIZER_FILE), DecodeSettings.load(d), run)
+    def from_dir(cls, d: str | Path, run: Callable | None = None, make_step: Callable | None = None) -> "DecodeLoop":
+        return cls(CaptionTokenizer.from_file(Path(d) / TOKENIZER_FILE), DecodeSettings.load(d), run, make_step)
+
+    @classmethod
+    def in_process(cls, d: str | Path, threads: int = 0, device_id: int = 0) -> "DecodeLoop":
+        """The decode loop of a decode_loop version folder, over the decoder graph shipped in
+        that folder (decoder.onnx, select_rows.onnx), in this process."""
+        from captioner.onnx_runtime import BoundDecoder
+
+        d = Path(d)
+        for f in (DECODER_GRAPH_FILE, SELECT_ROWS_FILE):
+            if not (d / f).is_file():
+                raise FileNotFoundError(f"{d / f} not found: the decode loop runs the decoder graph shipped in its own "
+                                        f"version folder (re-export the repository with this `captioner export`)")
+        bound = BoundDecoder(d / DECODER_GRAPH_FILE, d / SELECT_ROWS_FILE, threads, device_id)
+        loop = cls.from_dir(d, make_step=bound.step)
+        loop.patches = bound.patches
+        return loop
 
     def check_cross_kv(self, cross: np.ndarray, name: str = "cross_kv") -> None:
         s = self.s
-        want = (2 * s.n_layers, s.n_heads, None, s.head_dim)
+        want = (2 * s.n_layers, s.n_heads, self.patches, s.head_dim)
         if cross.ndim != 5 or any(w is not None and g != w for g, w in zip(cross.shape[1:], want)):
-            raise RequestError(f"{name} must have shape [B, {want[0]}, {want[1]}, P, {want[3]}], got {list(cross.shape)}")
+            raise RequestError(f"{name} must have shape [B, {want[0]}, {want[1]}, {want[2] or 'P'}, {want[3]}], "
+                               f"got {list(cross.shape)}")
         if cross.dtype != np.float32:
             raise RequestError(f"{name} must be FP32, got {cross.dtype}")
 
@@ -131,8 +153,10 @@ class DecodeLoop:
         """cross [B,2L,H,P,Dh] -> B captions (rows may finish at different steps)."""
         B = cross.shape[0]
         s = self.s
-        past = np.zeros((B, 2 * s.n_layers, s.n_heads, 0, s.head_dim), np.float32)
-        step = CachedStep(self.run, cross, past)
+        if self.make_step is not None:
+            step = self.make_step(cross)
+        else:
+            step = CachedStep(self.run, cross, np.zeros((B, 2 * s.n_layers, s.n_heads, 0, s.head_dim), np.float32))
         ids = decode(step, B, self.tok.bos_id, self.tok.eos_id, params)
         return [self.tok.decode(x) for x in ids]
 

@@ -12,7 +12,10 @@ Triton's rules applied here, followed from triton-inference-server/core (r25.01)
   the root are ignored; an ensemble's `ensemble_scheduling.step[*].model_name` are its
   dependencies and are loaded with it; a model's own config name must equal its folder.
   Models reached through BLS are *not* dependencies: in explicit mode they are loaded only
-  when named (`--load-model` / RepositoryModelLoad).
+  when named (`--load-model` / RepositoryModelLoad). Our decode_loop makes no BLS call (it
+  runs the decoder graph shipped in its own version folder in process), so loading the
+  ensemble loads everything that serves a caption; the `decoder` model stays in the
+  repository for direct use and is loaded only when named.
 - src/model_config_utils.cc (`GetModelVersionFromPath`) and src/model_lifecycle.cc
   (`VersionsToLoad`, `AsyncLoad`): versions are the sub-folders whose names parse as
   integers; the version policy (default `latest { num_versions: 1 }`) selects among them;
@@ -32,9 +35,9 @@ from typing import Callable, Iterable
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN,
-                             ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS,
-                             PRESENT_KV)
+from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE,
+                             ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV,
+                             PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV, SELECT_ROWS_FILE)
 
 CONFIG = "config.pbtxt"
 REPOSITORY_MARKER = "captioner-repository.json"  # at the root of every repository `captioner export` writes
@@ -43,12 +46,15 @@ MAX_BATCH = 8  # images per batch for the encoder, preprocess, decode loop and t
 MAX_BEAM = 8
 ALL_MODELS = (ENSEMBLE, PREPROCESS, ENCODER, DECODER, DECODE_LOOP)
 # Models a Python-backend model calls through BLS (`pb_utils.InferenceRequest(model_name=...)`).
-# Triton does not know about these edges, so they must be loaded explicitly, before the caller.
-BLS_TARGETS = {DECODE_LOOP: (DECODER,)}
-# What a deploy loads in explicit mode, in this order: the BLS target first, then the ensemble
-# (which brings preprocess, encoder and decode_loop as its dependencies).
-LOAD_ORDER = (DECODER, ENSEMBLE)
-BLS_VERSION_KEY = "decoder_version"  # in decode_loop's decode.json: the decoder version it calls (-1 = latest)
+# Triton does not know about these edges, so they would have to be loaded explicitly, before
+# the caller. None since issue 13: decode_loop runs its decoder in process (no per-token BLS).
+BLS_TARGETS: dict[str, tuple[str, ...]] = {}
+# Files a Python-backend model's `initialize` opens from its own version folder; without them
+# Triton's load of that model fails (python_backend: an exception in initialize fails the load).
+VERSION_FILES = {DECODE_LOOP: (DECODER_GRAPH_FILE, SELECT_ROWS_FILE, DECODE_FILE), PREPROCESS: (PREPROCESS_FILE,)}
+# What a deploy loads in explicit mode: the ensemble, which brings preprocess, encoder and
+# decode_loop as its dependencies.
+LOAD_ORDER = (ENSEMBLE,)
 
 
 class RepositoryError(ValueError):
@@ -91,8 +97,8 @@ def build_configs(d, kind: str = "KIND_GPU", max_batch: int = MAX_BATCH) -> dict
             name=DECODE_LOOP, backend="python", max_batch_size=max_batch,
             input=[_io(I, CROSS_KV, "TYPE_FP32", kv), _io(I, BEAM_SIZE, "TYPE_INT32", [1], optional=True),
                    _io(I, MAX_TOKENS, "TYPE_INT32", [1], optional=True)],
-            output=[_io(O, CAPTION, "TYPE_STRING", [1])],
-            instance_group=[mc.ModelInstanceGroup(kind=cpu, count=1)], dynamic_batching=batching),
+            output=[_io(O, CAPTION, "TYPE_STRING", [1])],  # runs the decoder graph in process: on the GPU
+            instance_group=[mc.ModelInstanceGroup(kind=gpu, count=1)], dynamic_batching=batching),
     }
     S = mc.ModelEnsembling.Step
     cfgs[ENSEMBLE] = mc.ModelConfig(
@@ -209,6 +215,13 @@ def load_listing(keys: Iterable[str], read: Callable[[str], bytes]) -> dict[str,
         if not m.selected:
             m.error = (f"failed to load '{name}': at least one version must be available under the version policy "
                        f"of model '{name}' (numeric version folders holding objects: {sorted(versions) or 'none'})")
+            continue
+        for v in m.selected:
+            missing = [f for f in VERSION_FILES.get(name, ()) if f not in versions[v]]
+            if missing:
+                m.error = (f"failed to load '{name}': version {v} lacks {', '.join(missing)}, which its initialize() "
+                           f"opens from its own version folder")
+                break
     return models
 
 
@@ -224,19 +237,12 @@ def listing_from_store(store) -> tuple[list[str], Callable[[str], bytes]]:
     return store.list(""), store.get_bytes
 
 
-def bls_pin(models: dict[str, Model], caller: str, version: int, read: Callable[[str], bytes]) -> int:
-    """The version of its BLS target that `caller`'s version folder asks for (-1 = latest)."""
-    if caller != DECODE_LOOP or DECODE_FILE not in models[caller].versions.get(version, []):
-        return -1
-    return int(json.loads(read(f"{caller}/{version}/{DECODE_FILE}")).get(BLS_VERSION_KEY, -1))
-
-
 def plan_load(models: dict[str, Model], requested: Iterable[str], read: Callable[[str], bytes] | None = None,
               already: Iterable[str] = (), bls: bool = True) -> list[str]:
     """Models Triton loads for `requested` (explicit mode: the named models plus ensemble
     steps, dependencies first), or RepositoryError with Triton's reason. Also checks what
-    Triton checks only at the first request: every BLS target of a loaded model is loaded
-    (with the version the caller pins), since Triton does not load BLS targets itself.
+    Triton checks only at the first request: every BLS target of a loaded model is loaded,
+    since Triton does not load BLS targets itself.
     bls=False: exactly what Triton itself does (loads, and fails at the first BLS call)."""
     order: list[str] = []
 
@@ -271,12 +277,6 @@ def plan_load(models: dict[str, Model], requested: Iterable[str], read: Callable
                     f"'{caller}' calls '{target}' through BLS, but '{target}' is not loaded: in explicit model-control "
                     f"mode Triton loads an ensemble's steps, not BLS targets; load '{target}' too "
                     f"(--load-model={target}, before '{caller}')")
-            if read is not None:
-                for v in models[caller].selected:
-                    pin = bls_pin(models, caller, v, read)
-                    if pin != -1 and pin not in models[target].selected:
-                        raise RepositoryError(f"'{caller}' version {v} calls '{target}' version {pin}, which is not "
-                                              f"loaded (loaded versions: {models[target].selected})")
     return order
 
 
@@ -303,7 +303,7 @@ def publish_version(local: str | Path, store, keep: int = 2) -> int:
        (`version_policy: specific`), so no loader looks at N yet;
     2. the component configs are rewritten to load [previous, N] (both complete);
     3. the ensemble config, pinning every step to N, is written last: one object PUT is the
-       switch. decode_loop N pins its BLS decoder to N (decode.json). Versions older than the
+       switch. decode_loop N carries its own decoder graph. Versions older than the
        last `keep` are deleted afterwards (Triton copies a model from S3 when loading it)."""
     local = Path(local)
     lkeys, lread = listing_from_dir(local)
@@ -316,12 +316,7 @@ def publish_version(local: str | Path, store, keep: int = 2) -> int:
     # 1. the new version's files (configs untouched)
     for name, m in new.items():
         for rel in m.versions[1]:
-            data = lread(f"{name}/1/{rel}")
-            if name == DECODE_LOOP and rel == DECODE_FILE:
-                d = json.loads(data)
-                d[BLS_VERSION_KEY] = n
-                data = json.dumps(d, indent=2).encode()
-            store.put_bytes(f"{name}/{n}/{rel}", data)
+            store.put_bytes(f"{name}/{n}/{rel}", lread(f"{name}/1/{rel}"))
     # 2. component configs: previous and new versions loadable
     for name in [x for x in new if x != ENSEMBLE]:
         cfg = mc.ModelConfig()

@@ -1,8 +1,11 @@
-# Triton image: tritonserver plus the captioner package, which the Python-backend models
-# (preprocess, decode_loop; sources in captioner/triton/) import. CPU-only dependencies: the ONNX models run in
-# Triton's onnxruntime backend, not in Python.
+# Triton image: tritonserver plus the captioner package with its serving extra only
+# (`captioner[serve-gpu]`: numpy, pillow, tokenizers, onnxruntime-gpu, tritonclient; no torch,
+# no ONNX export code). The Python-backend models (preprocess, decode_loop; sources in
+# captioner/triton/) import it: decode_loop runs the decoder graph in process with
+# onnxruntime-gpu, pinned to the onnxruntime Triton's own onnxruntime backend ships.
 # Build from the repository root: docker build -f docker/triton.Dockerfile -t ghcr.io/captioner/triton:0.1.0 .
-# The release is pinned in captioner/deployment.py (TRITON_IMAGE); tests/test_triton_k8s.py checks they agree.
+# The release is pinned in captioner/deployment.py (TRITON_IMAGE); tests/test_triton_k8s.py checks they agree,
+# tests/serving/test_lean_serving.py that this installs the serving extra and nothing else.
 FROM nvcr.io/nvidia/tritonserver:25.01-py3
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -12,8 +15,7 @@ WORKDIR /opt/captioner
 COPY pyproject.toml README.md ./
 COPY captioner ./captioner
 
-RUN pip install --no-deps . \
-    && pip install "numpy>=1.24" "pillow>=10" "tokenizers>=0.20" "pyyaml>=6"
+RUN pip install --no-cache-dir "./[serve-gpu]"
 
 RUN groupadd --gid 1000 triton-user || true \
     && useradd --uid 1000 --gid 1000 --no-create-home triton-user || true

@@ -50,13 +50,15 @@ def wait_server(url: str, model: str | None, timeout: float = 60.0) -> None:
     raise TimeoutError(f"server at {url} not ready after {timeout:.0f}s ({last})")
 
 
-def start_serve(repo, log_path, *extra: str, ready_model: str | None = "captioner"):
+def start_serve(repo, log_path, *extra: str, ready_model: str | None = "captioner", python: str | None = None):
     """`captioner serve REPO [extra...]` as a real process on 127.0.0.1 and a free port, ready
     (server ready and, unless ready_model is None, that model ready); output goes to log_path.
-    The environment is inherited (the package must be importable, as after `pip install -e .`)."""
+    The environment is inherited (the package must be importable, as after `pip install -e .`);
+    `python` runs it with another interpreter (a venv with only the serving extra)."""
     port = free_port()
     log = open(log_path, "w")
-    p = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--grpc-port", str(port), *extra],
+    p = subprocess.Popen([python or sys.executable, "-m", "captioner", "serve", str(repo), "--grpc-port", str(port),
+                          *extra],
                          env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{port}"
     try:

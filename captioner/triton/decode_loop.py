@@ -1,44 +1,42 @@
-"""Triton Python backend (BLS): cross_kv [2L,H,P,Dh] -> CAPTION (TYPE_STRING [1]).
+"""Triton Python backend: cross_kv [2L,H,P,Dh] -> CAPTION (TYPE_STRING [1]).
 
-`captioner export` copies this file to `decode_loop/<version>/model.py`. It runs the
-KV-cached decode loop by calling the `decoder` ONNX model one step at a time with
-`pb_utils.InferenceRequest(...).exec()`. The request-level step (checks, BEAM_SIZE /
-MAX_TOKENS, batching, captions, per-request errors) is `captioner.serving_core.caption_requests`,
-the same function `captioner serve` runs.
+`captioner export` copies this file to `decode_loop/<version>/model.py`. The whole generation
+loop runs inside one `execute()`: `initialize` loads, once, an onnxruntime session over the
+decoder graph shipped in this model's own version folder (`decoder.onnx`, with
+`select_rows.onnx`), and every step runs in process through I/O binding (captioner.onnx_runtime
+.BoundDecoder): no BLS `exec()` per token (Triton users measure 2-13 ms each: server issues
+#5174, #7413), the cross K/V copied to the device once per caption, the KV cache kept there.
 
-The decoder runs as KIND_GPU on the cluster, and Triton hands a BLS caller the callee's
-outputs in the callee's memory: `as_numpy()` on a GPU tensor raises. The request therefore
-asks for CPU memory (`preferred_memory`, python_backend README "Business Logic Scripting",
-src/infer_request.h `PreferredMemory`). The decoder is not an ensemble step, so Triton does
-not load it for us: the deploy loads it explicitly (captioner.triton_repo.LOAD_ORDER).
+Why the graph lives in this version folder: python_backend passes `args["model_repository"]`
+= the *model's* folder (src/stub_launcher.cc: `model_repository_path_ = model_state->
+RepositoryPath()`, handed to the stub's `initialize`), and for a cloud repository (S3) Triton
+copies only that model's folder to local disk, so a sibling `decoder/` folder is not there to
+read. Shipping the graph with the loop also keeps loop and graph of one version together.
+`args["model_instance_device_id"]` picks the GPU of a KIND_GPU instance.
+
+Why not onnxruntime's BeamSearch/GreedySearch contrib op (the whole loop in one graph): its
+encoder-decoder mode validates the encoder subgraph's first input as `encoder_input_ids`
+int32 [B, S] (onnxruntime contrib_ops/cpu/transformers/subgraph_t5_encoder.cc `Validate`), so
+it cannot take pixel values or the cross K/V our `encoder` step produces; its Whisper mode
+takes audio features with Whisper's own decoder conventions. It would also move the encoder
+out of the ensemble and replace decoding.py's beam search (GNMT length penalty, n-gram
+blocking), so captions would no longer equal the reference.
+
+The request-level step (checks, BEAM_SIZE / MAX_TOKENS, batching, captions, per-request
+errors) is `captioner.serving_core.caption_requests`, the same function `captioner serve` runs.
 """
 import os
 
 import triton_python_backend_utils as pb_utils
 
-from captioner.names import BEAM_SIZE, CAPTION, CROSS_KV, DECODER, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PRESENT_KV
+from captioner.names import BEAM_SIZE, CAPTION, CROSS_KV, MAX_TOKENS
 from captioner.serving_core import DecodeLoop, caption_requests
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.loop = DecodeLoop.from_dir(os.path.join(args["model_repository"], args["model_version"]), self._decoder)
-        self.cpu = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
-
-    def _decoder(self, input_ids, cross_kv, past_kv):
-        request = pb_utils.InferenceRequest(
-            model_name=DECODER,
-            model_version=self.loop.s.decoder_version,
-            requested_output_names=[LOGITS, PRESENT_KV],
-            inputs=[pb_utils.Tensor(INPUT_IDS, input_ids), pb_utils.Tensor(CROSS_KV, cross_kv),
-                    pb_utils.Tensor(PAST_KV, past_kv)],
-            preferred_memory=self.cpu,
-        )
-        response = request.exec()
-        if response.has_error():
-            raise RuntimeError(f"{DECODER}: {response.error().message()}")
-        return (pb_utils.get_output_tensor_by_name(response, LOGITS).as_numpy(),
-                pb_utils.get_output_tensor_by_name(response, PRESENT_KV).as_numpy())
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        self.loop = DecodeLoop.in_process(folder, device_id=int(args.get("model_instance_device_id", 0) or 0))
 
     def execute(self, requests):
         tensors = []

@@ -107,6 +107,10 @@ class _Backend:
         self.models = load_listing(keys, read)
         self.loaded = {n: self.models[n].selected for n in plan_load(self.models, load, bls=False)}
         self.sessions, self.calls = {}, []
+        self.bls_bytes = 0  # bytes crossing a BLS exec() (inputs and outputs), since the last reset
+
+    def reset_counts(self):
+        self.calls, self.bls_bytes = [], 0
 
     def run(self, model, version, inputs, outputs, preferred):
         versions = self.loaded.get(model)
@@ -139,6 +143,7 @@ class _Backend:
             self.sessions[model, version] = session(self.repo / model / str(version) / "model.onnx")
         self.calls.append((model, {k: v.shape for k, v in feed.items()}))
         res = self.sessions[model, version].run(list(outputs), feed)
+        self.bls_bytes += sum(a.nbytes for a in feed.values()) + sum(np.asarray(a).nbytes for a in res)
         on_gpu = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group) or not cfg.instance_group
         if preferred is not None and preferred.preferred_memory_type in (TRITONSERVER_MEMORY_CPU,
                                                                         TRITONSERVER_MEMORY_CPU_PINNED):
@@ -174,3 +179,56 @@ def model_args(repo: Path, model: str, version: int = 1) -> dict:
     """The `args` Triton passes to initialize() (python_backend src/pb_stub.cc)."""
     return {"model_repository": str(Path(repo) / model), "model_version": str(version), "model_name": model,
             "model_config": json.dumps({"name": model})}
+
+
+class TransferMeter:
+    """Counts the bytes an in-process onnxruntime caller moves between host memory and the
+    session's device, at the onnxruntime Python API where such copies happen
+    (onnxruntime/python/onnxruntime_inference_collection.py): `OrtValue.ortvalue_from_numpy`
+    and `IOBinding.bind_cpu_input` (host -> device), `OrtValue.numpy` and
+    `IOBinding.copy_outputs_to_cpu` (device -> host), and `InferenceSession.run`, which feeds
+    and returns host arrays. On the CPU execution provider the copies are cheap, on CUDA they
+    are PCIe transfers; the count is the same."""
+
+    def __init__(self, monkeypatch):
+        import onnxruntime as ort
+
+        self.to_device: list[int] = []
+        self.to_host: list[int] = []
+        meter = self
+        OrtValue, IOBinding, Session = ort.OrtValue, ort.IOBinding, ort.InferenceSession
+        from_numpy, bind_cpu, to_np, copy_out, run = (OrtValue.ortvalue_from_numpy, IOBinding.bind_cpu_input,
+                                                      OrtValue.numpy, IOBinding.copy_outputs_to_cpu, Session.run)
+
+        def _from_numpy(cls, a, *args, **kw):
+            meter.to_device.append(np.asarray(a).nbytes)
+            return from_numpy(a, *args, **kw)
+
+        def _bind_cpu(self, name, a):
+            meter.to_device.append(np.asarray(a).nbytes)
+            return bind_cpu(self, name, a)
+
+        def _numpy(self):
+            a = to_np(self)
+            meter.to_host.append(a.nbytes)
+            return a
+
+        def _copy_out(self):
+            out = copy_out(self)
+            meter.to_host.extend(np.asarray(a).nbytes for a in out)
+            return out
+
+        def _run(self, output_names, input_feed, *args, **kw):
+            meter.to_device.extend(np.asarray(a).nbytes for a in input_feed.values())
+            out = run(self, output_names, input_feed, *args, **kw)
+            meter.to_host.extend(np.asarray(a).nbytes for a in out)
+            return out
+
+        monkeypatch.setattr(OrtValue, "ortvalue_from_numpy", classmethod(_from_numpy))
+        monkeypatch.setattr(IOBinding, "bind_cpu_input", _bind_cpu)
+        monkeypatch.setattr(OrtValue, "numpy", _numpy)
+        monkeypatch.setattr(IOBinding, "copy_outputs_to_cpu", _copy_out)
+        monkeypatch.setattr(Session, "run", _run)
+
+    def reset(self):
+        self.to_device, self.to_host = [], []

@@ -46,8 +46,7 @@ def test_s3_listing_of_the_exported_repository_loads_every_model(exported_repo, 
     keys, read = listing_from_store(open_store(uri))
     models = load_listing(keys, read)
     assert {n: m.error for n, m in models.items()} == {n: None for n in ALL_MODELS}
-    assert plan_load(models, LOAD_ORDER, read) == [names.DECODER, names.PREPROCESS, names.ENCODER,
-                                                   names.DECODE_LOOP, names.ENSEMBLE]
+    assert plan_load(models, LOAD_ORDER, read) == [names.PREPROCESS, names.ENCODER, names.DECODE_LOOP, names.ENSEMBLE]
     assert all(models[n].selected == [1] for n in ALL_MODELS)
 
 
@@ -93,22 +92,35 @@ def test_serve_refuses_a_repository_triton_would_refuse(exported_repo, tmp_path)
 
 
 # ------------------------------------------------------------------ defect 2: BLS target not loaded
-def test_explicit_load_of_the_ensemble_alone_does_not_load_the_bls_decoder(exported_repo):
+def test_a_bls_target_left_unloaded_is_refused(exported_repo, monkeypatch):
+    """The check stays for any model that calls another through BLS (Triton does not load BLS
+    targets as dependencies)."""
     keys, read = listing_from_dir(exported_repo[0])
     models = load_listing(keys, read)
+    monkeypatch.setitem(triton_repo.BLS_TARGETS, names.DECODE_LOOP, (names.DECODER,))
     with pytest.raises(RepositoryError, match="'decode_loop' calls 'decoder' through BLS, but 'decoder' is not loaded"):
         plan_load(models, [names.ENSEMBLE], read)
-    assert plan_load(models, LOAD_ORDER, read)[0] == names.DECODER
 
 
-def test_decode_loop_fails_like_triton_when_the_decoder_is_not_loaded(exported_repo, monkeypatch):
+def test_decode_loop_captions_with_only_the_ensemble_loaded(exported_repo, monkeypatch):
+    """Issue 13: decode_loop runs its own decoder graph, so `decoder` need not be loaded."""
     repo, _ = exported_repo
+    assert LOAD_ORDER == (names.ENSEMBLE,)
     m = _load_model_py(repo, names.DECODE_LOOP, monkeypatch, load=[names.ENSEMBLE])
+    assert names.DECODER not in pb_utils_double._backend.loaded
     s = DecodeSettings.load(repo / names.DECODE_LOOP / "1")
     cross = np.zeros((1, 2 * s.n_layers, s.n_heads, 16, s.head_dim), np.float32)
     out = m.execute([pb_utils_double.FakeRequest(cross_kv=cross)])
-    assert out[0].has_error()
-    assert "Request for unknown model: 'decoder' is not found" in out[0].error().message()
+    assert not out[0].has_error(), out[0].error().message()
+
+
+@pytest.mark.parametrize("missing", [names.DECODER_GRAPH_FILE, names.SELECT_ROWS_FILE])
+def test_decode_loop_without_its_decoder_graph_is_refused(exported_repo, missing):
+    """Its initialize() opens the graph from its own version folder; Triton's load would fail."""
+    keys, read = listing_from_dir(exported_repo[0])
+    keys = [k for k in keys if k != f"{names.DECODE_LOOP}/1/{missing}"]
+    with pytest.raises(RepositoryError, match=f"'decode_loop': version 1 lacks {missing}"):
+        plan_load(load_listing(keys, read), LOAD_ORDER, read)
 
 
 # ------------------------------------------------------------------ defect 3: GPU-resident BLS outputs
@@ -125,7 +137,7 @@ def gpu_repo(exported_repo, tmp_path):
 
 
 def test_pb_utils_double_returns_gpu_tensors_for_a_kind_gpu_callee(gpu_repo, monkeypatch):
-    pb = pb_utils_double.make_module(gpu_repo, LOAD_ORDER)
+    pb = pb_utils_double.make_module(gpu_repo, (names.DECODER,) + LOAD_ORDER)
     s = DecodeSettings.load(gpu_repo / names.DECODE_LOOP / "1")
     inputs = [pb.Tensor(names.INPUT_IDS, np.ones((1, 1), np.int64)),
               pb.Tensor(names.CROSS_KV, np.zeros((1, 2 * s.n_layers, s.n_heads, 16, s.head_dim), np.float32)),
@@ -136,25 +148,6 @@ def test_pb_utils_double_returns_gpu_tensors_for_a_kind_gpu_callee(gpu_repo, mon
     r = pb.InferenceRequest(model_name=names.DECODER, requested_output_names=[names.LOGITS], inputs=inputs,
                             preferred_memory=pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0)).exec()
     assert pb.get_output_tensor_by_name(r, names.LOGITS).as_numpy().shape[:2] == (1, 1)
-
-
-def test_decode_loop_captions_with_a_gpu_decoder(gpu_repo, trained_run, monkeypatch):
-    import torch
-
-    from captioner.checkpoint import load_checkpoint
-    from captioner.export import sample_images
-    from captioner.inference import caption_tensor
-    from captioner.serving_core import image_bytes_to_pixels
-
-    m = _load_model_py(gpu_repo, names.DECODE_LOOP, monkeypatch)
-    ck = load_checkpoint(trained_run.out_dir)
-    pixels = image_bytes_to_pixels(np.array([b for _, b in sample_images(ck, 2)], dtype=object), ck.preprocess)
-    with torch.no_grad():
-        _, cross = ck.model.encode_for_decoding(torch.from_numpy(pixels))
-    out = m.execute([pb_utils_double.FakeRequest(cross_kv=cross.numpy())])
-    assert not out[0].has_error(), out[0].error().message()
-    got = [c.decode() for c in pb_utils_double.get_output_tensor_by_name(out[0], names.CAPTION).as_numpy().ravel()]
-    assert got == caption_tensor(ck.model, ck.tokenizer, torch.from_numpy(pixels))
 
 
 # ------------------------------------------------------------------ defect 5: a new version, switched atomically
@@ -189,7 +182,7 @@ def test_publish_adds_a_version_and_switches_with_the_ensemble_config(exported_r
     mid = load_listing(keys, read)
     plan_load(mid, LOAD_ORDER, read)
     assert [s.model_version for s in mid[names.ENSEMBLE].config.ensemble_scheduling.step] == [1, 1, 1]
-    assert json.loads(read("decode_loop/1/decode.json"))[triton_repo.BLS_VERSION_KEY] == 1
+    assert f"decode_loop/1/{names.DECODER_GRAPH_FILE}" in keys
     assert mid[names.DECODER].selected == [1, 2]  # version 2 is complete before anything points at it
     # the next deploy completes: every step and the BLS decoder pinned to the new version
     n = triton_repo.publish_version(repo, store)
@@ -197,12 +190,12 @@ def test_publish_adds_a_version_and_switches_with_the_ensemble_config(exported_r
     new = load_listing(keys, read)
     plan_load(new, LOAD_ORDER, read)
     assert [s.model_version for s in new[names.ENSEMBLE].config.ensemble_scheduling.step] == [n] * 3
-    assert json.loads(read(f"decode_loop/{n}/decode.json"))[triton_repo.BLS_VERSION_KEY] == n
+    assert read(f"decode_loop/{n}/{names.DECODER_GRAPH_FILE}") == read(f"decoder/{n}/model.onnx")
     assert new[names.ENSEMBLE].selected == [n] and max(new[names.DECODER].selected) == n
 
 
 # ------------------------------------------------------------------ defect 4 + deploy: protected control API
-def test_deploy_loads_decoder_then_ensemble_through_the_protected_control_api(exported_repo, tmp_path, monkeypatch):
+def test_deploy_loads_the_ensemble_through_the_protected_control_api(exported_repo, tmp_path, monkeypatch):
     from captioner.pipeline_steps import deploy_step
     from captioner.storage import open_store
 
@@ -217,28 +210,23 @@ def test_deploy_loads_decoder_then_ensemble_through_the_protected_control_api(ex
         for bad in (None, {CONTROL_HEADER: "wrong"}):
             with pytest.raises(InferenceServerException, match=f"This protocol is restricted, expecting header "
                                                                f"'{CONTROL_HEADER}'") as e:
-                c.load_model(names.DECODER, headers=bad)
+                c.load_model(names.ENSEMBLE, headers=bad)
             assert e.value.status() == str(grpc.StatusCode.UNAVAILABLE)
-        assert not c.is_model_ready(names.DECODER)
-        # the ensemble alone loads (Triton does not know about BLS) but cannot caption
-        c.load_model(names.ENSEMBLE, headers={CONTROL_HEADER: key})
+        assert not c.is_model_ready(names.ENSEMBLE)
         img = (tmp_path / "x.png")
         from PIL import Image
 
         Image.new("RGB", (40, 40), (200, 30, 30)).save(img)
         from captioner.client import caption_bytes
 
-        with pytest.raises(InferenceServerException, match="Request for unknown model: 'decoder'"):
-            caption_bytes(url, [img.read_bytes()])
-        # the deploy step: new version, decoder then ensemble, with the key from the env (the Secret)
+        # the deploy step: new version, the ensemble loaded with the key from the env (the Secret)
         monkeypatch.setenv(CONTROL_KEY_ENV, key)
         r = deploy_step(str(exported_repo[0]), str(serving), 1.5, triton_url=url)
         assert r["version"] == 2 and r["replicas"] == [url]
         assert json.loads((serving / "champion.json").read_text())["version"] == 2
-        assert c.is_model_ready(names.ENSEMBLE, "2") and c.is_model_ready(names.DECODER, "2")
+        assert c.is_model_ready(names.ENSEMBLE, "2")
+        assert not c.is_model_ready(names.DECODER)  # no BLS target: the decoder is not needed
         assert caption_bytes(url, [img.read_bytes()])[0]
-        log = (tmp_path / "serve.log").read_text()
-        assert log.index("loaded decoder") < log.rindex("captioner (versions")
     finally:
         p.terminate()
         p.wait(timeout=30)
@@ -283,7 +271,7 @@ def test_deploy_loads_every_replica_and_records_the_champion_only_after(exported
     triton_repo.publish_version(exported_repo[0], open_store(str(serving)))
     key = uuid.uuid4().hex
     monkeypatch.setenv(CONTROL_KEY_ENV, key)
-    flags = ("--model-control-mode", "explicit", "--load-model", names.DECODER, "--load-model", names.ENSEMBLE,
+    flags = ("--model-control-mode", "explicit", "--load-model", names.ENSEMBLE,
              "--grpc-restricted-protocol", f"model-repository:{CONTROL_HEADER}={key}")
     procs = [start_serve(serving, tmp_path / f"replica{i}.log", *flags) for i in range(2)]
     try:

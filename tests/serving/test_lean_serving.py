@@ -1,0 +1,142 @@
+"""Lean serving (issue 13): what the Triton Python models and `captioner serve` import needs
+neither torch nor the ONNX export code, the `serve` extra installs no such thing, and the
+Triton image installs the serving extra only."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captioner import names
+from captioner.deployment import TRITON_ONNXRUNTIME
+
+from tests.helpers import ROOT, start_serve
+
+HEAVY = ("torch", "torchvision", "timm", "onnx", "onnxscript", "transformers", "captioner.export",
+         "captioner.model", "captioner.train", "captioner.checkpoint", "captioner.inference")
+
+IMPORTS = textwrap.dedent("""
+    import importlib.util, json, sys, types
+    sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+    what = sys.argv[1]
+    if what.endswith(".py"):  # a Python-backend model file, loaded the way python_backend does
+        spec = importlib.util.spec_from_file_location("model", what)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    elif what == "cli-serve":  # `captioner serve` through the whole CLI path, on a missing repository
+        from captioner import cli
+        try:
+            cli.main(["serve", sys.argv[2]])
+        except SystemExit as e:  # refused with a message: it ran the whole command
+            assert e.code not in (0, None), e.code
+    else:
+        importlib.import_module(what)
+    print(json.dumps(sorted(sys.modules)))
+""")
+
+
+@pytest.mark.parametrize("what", ["captioner.serve", "captioner.serving_core", "captioner.onnx_runtime",
+                                  "captioner.triton_repo", "captioner.client", "cli-serve",
+                                  "captioner/triton/decode_loop.py", "captioner/triton/preprocess.py"])
+def test_serving_path_imports_no_torch_or_export_code(what, tmp_path):
+    arg = str(ROOT / what) if what.endswith(".py") else what
+    r = subprocess.run([sys.executable, "-c", IMPORTS, arg, str(tmp_path / "missing")], capture_output=True,
+                       text=True, timeout=120,
+                       env=os.environ.copy(), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded = json.loads(r.stdout.strip().splitlines()[-1])
+    heavy = sorted(m for m in loaded if m in HEAVY or m.split(".")[0] in HEAVY)
+    assert not heavy, f"importing {what} loads {heavy[:10]}"
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _req_name(req: str) -> str:
+    return re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower()
+
+
+@pytest.mark.parametrize("extra", ["serve", "serve-gpu"])
+def test_serving_extras_pull_no_training_stack(extra):
+    p = _pyproject()
+    reqs = {_req_name(r) for r in p["dependencies"] + p["optional-dependencies"][extra]}
+    assert not reqs & {"torch", "torchvision", "timm", "onnx", "onnxscript", "transformers", "kfp"}, reqs
+    assert "onnxruntime" in reqs or "onnxruntime-gpu" in reqs
+
+
+def test_triton_image_installs_only_the_serving_extra():
+    """decode_loop runs the decoder in process on the GPU: the image needs onnxruntime-gpu,
+    pinned to the onnxruntime of Triton's own onnxruntime backend (the graphs are checked
+    against that version in test_triton_onnxruntime.py)."""
+    docker = (ROOT / "docker" / "triton.Dockerfile").read_text()
+    installs = re.findall(r"pip install ([^\n\\]+)", docker)
+    assert installs == ['--no-cache-dir "./[serve-gpu]"'], installs
+    assert f"onnxruntime-gpu=={TRITON_ONNXRUNTIME}" in _pyproject()["optional-dependencies"]["serve-gpu"]
+    assert set(_pyproject()["optional-dependencies"]["test"][0].split("[")[1].rstrip("]").split(",")) >= {"serve",
+                                                                                                         "train"}
+
+
+@pytest.fixture(scope="session")
+def lean_python():
+    """A venv (no --system-site-packages) with the base dependencies and the `serve` extra
+    only, read from pyproject.toml; kept in the user cache keyed by that list, so later runs
+    reuse it. Skips, saying why, only when pip cannot install them."""
+    p = _pyproject()
+    reqs = sorted(p["dependencies"] + p["optional-dependencies"]["serve"])
+    key = hashlib.sha256(json.dumps([reqs, sys.version_info[:2]]).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "captioner-tests" / f"lean-{key}"
+    py = cache / "bin" / "python"
+    if not (cache / ".ok").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(cache)], check=True, capture_output=True)
+        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *reqs],
+                           capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            pytest.skip(f"pip cannot install the serve extra {reqs}: {r.stderr.strip().splitlines()[-1:]}")
+        (cache / ".ok").write_text("\n".join(reqs))
+    return str(py)
+
+
+def test_lean_venv_has_no_torch(lean_python):
+    for mod in ("torch", "onnx", "timm"):
+        r = subprocess.run([lean_python, "-c", f"import {mod}"], capture_output=True, text=True)
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, f"{mod} is importable in the lean venv"
+
+
+def test_serve_captions_from_a_venv_without_torch(lean_python, exported_repo, trained_run, tmp_path):
+    """`captioner serve` run by the lean venv's Python (the package from this checkout via
+    PYTHONPATH), queried with tritonclient: the same captions as the in-process decode loop here."""
+    from captioner.checkpoint import load_checkpoint
+    from captioner.client import caption_bytes
+    from captioner.export import sample_images
+    from captioner.onnx_runtime import OrtCaptioner
+    from captioner.serving_core import DecodeLoop, image_bytes_to_pixels, params_for
+
+    repo, _ = exported_repo
+    ck = load_checkpoint(trained_run.out_dir)
+    imgs = [b for _, b in sample_images(ck, 3)]
+    env_pp = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + env_pp if env_pp else "")
+    try:
+        p, url = start_serve(repo, tmp_path / "lean.log", python=lean_python)
+    finally:
+        if env_pp is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = env_pp
+    try:
+        got = caption_bytes(url, imgs)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    _, cross = OrtCaptioner(repo).run_encoder(image_bytes_to_pixels(np.array(imgs, dtype=object), ck.preprocess))
+    loop = DecodeLoop.in_process(repo / names.DECODE_LOOP / "1")
+    assert got == loop.caption(cross, params_for(None, None, loop.s))
