@@ -326,9 +326,9 @@ def materialize(store: Store, manifest: Manifest, split: str, cache_dir: str | P
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     root = cache.resolve()
-    want = manifest.items_in(split)
-    if max_items:
-        want = want[:max_items]
+    listed = manifest.items_in(split)
+    want = listed[:max_items] if max_items else listed
+    listed_keys = {it.key for it in listed}  # members beyond max_items are skipped without a warning
     by_shard: dict[str, dict[str, ItemEntry]] = {}
     for it in want:
         by_shard.setdefault(it.shard, {})[it.key] = it
@@ -339,7 +339,7 @@ def materialize(store: Store, manifest: Manifest, split: str, cache_dir: str | P
                 ke = member_key(m.name)
                 it = items.get(ke[0]) if ke else None
                 if it is None or ke[1] != it.ext:
-                    if not (ke and ke[1] == "json"):
+                    if not (ke and (ke[1] == "json" or (it is None and ke[0] in listed_keys))):
                         log.warning("%s: ignoring tar member %r (not KEY.EXT of a listed item)", shard, m.name)
                     continue
                 p = (root / f"{it.key}.{it.ext}").resolve()
