@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as tritonserver: 'none' loads every model (and refuses a repository Triton would refuse); "
                         "'explicit' loads only --load-model names and what RepositoryModelLoad asks for")
     s.add_argument("--load-model", action="append", default=[], metavar="NAME",
-                   help="explicit mode: load NAME at start (repeat; dependencies first, e.g. decoder then captioner)")
+                   help="explicit mode: load NAME at start (repeat; dependencies first)")
     s.add_argument("--grpc-restricted-protocol", default=None, metavar="model-repository:KEY=VALUE",
                    help="as tritonserver: model load/unload/index calls must carry header KEY with VALUE")
     # issue 11: Triton's other two ports (tritonserver --http-port / --metrics-port), off unless given
