@@ -100,14 +100,19 @@ def trainer_pod_spec(s: "JobSpec") -> dict:
     return spec
 
 
-def build_pytorchjob(s: JobSpec) -> dict:
+def trainer_limits_and_env(s: "JobSpec") -> tuple[dict, list[dict]]:
+    """Per-node resource limits and the trainer container's env (S3 settings from the Secret)."""
+    limits = {"cpu": s.cpu, "memory": s.memory}
     if s.gpus_per_worker > 0:
-        limits = {"nvidia.com/gpu": str(s.gpus_per_worker), "cpu": s.cpu, "memory": s.memory}
-    else:
-        limits = {"cpu": s.cpu, "memory": s.memory}
+        limits = {"nvidia.com/gpu": str(s.gpus_per_worker), **limits}
     env = [{"name": n, "valueFrom": {"secretKeyRef": {"name": s.s3_secret, "key": k}}} for k, n in S3_ENV.items()]
     env += [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "OMP_NUM_THREADS", "value": "4"},
             {"name": "HOME", "value": "/tmp"}]
+    return limits, env
+
+
+def build_pytorchjob(s: JobSpec) -> dict:
+    limits, env = trainer_limits_and_env(s)
     pod = {
         "metadata": {"labels": {"app.kubernetes.io/name": "captioner-trainer", "captioner/job": s.name}},
         "spec": {

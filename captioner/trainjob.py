@@ -20,7 +20,6 @@ What the Trainer does with it (github.com/kubeflow/trainer, tag v2.3.0):
 """
 from __future__ import annotations
 
-from captioner.deployment import S3_ENV
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Trainer v2.3.0 ships
@@ -33,18 +32,12 @@ PATCH_MANAGER = "captioner"  # runtimePatches are keyed by manager
 def build_trainjob(s) -> dict:
     """The TrainJob for `s` (a pytorchjob.JobSpec). TrainJob v2.3.0 has no elastic range:
     min_workers/max_workers must equal workers."""
-    from captioner.pytorchjob import TRAINER_CONTAINER_SECURITY, trainer_pod_spec
+    from captioner.pytorchjob import TRAINER_CONTAINER_SECURITY, trainer_limits_and_env, trainer_pod_spec
 
     if (s.min_workers, s.max_workers) != (s.workers, s.workers):
         raise ValueError(f"TrainJob (Trainer v2.3.0) has no elastic training: min/max nodes "
                          f"{s.min_workers}/{s.max_workers} must equal --nodes {s.workers}")
-    if s.gpus_per_worker > 0:
-        limits = {"nvidia.com/gpu": str(s.gpus_per_worker), "cpu": s.cpu, "memory": s.memory}
-    else:
-        limits = {"cpu": s.cpu, "memory": s.memory}
-    env = [{"name": n, "valueFrom": {"secretKeyRef": {"name": s.s3_secret, "key": k}}} for k, n in S3_ENV.items()]
-    env += [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "OMP_NUM_THREADS", "value": "4"},
-            {"name": "HOME", "value": "/tmp"}]
+    limits, env = trainer_limits_and_env(s)
     trainer = {"image": s.image, "command": list(s.command), "args": list(s.args), "env": env,
                "numNodes": s.workers, "resourcesPerNode": {"limits": limits, "requests": dict(limits)}}
     if str(s.nproc_per_node).isdigit():

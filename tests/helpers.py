@@ -68,3 +68,16 @@ def start_serve(repo, log_path, *extra: str, ready_model: str | None = "captione
         p.wait()
         raise AssertionError(Path(log_path).read_text()) from None
     return p, url
+
+
+class Clock:
+    """A fake clock for launcher/rollout tests: `clock()` is now, `clock.sleep(s)` moves it."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s

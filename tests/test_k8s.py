@@ -14,6 +14,7 @@ from captioner.pytorchjob import (CLOUD_POOLS, ApiConflict, CostLimitExceeded, J
                                   webhook_errors)
 
 from tests.conftest import ROOT
+from tests.helpers import Clock
 
 CRD_NAME = "kubeflow.org_pytorchjobs.v1.9.0.yaml"
 SHARED_CRD = ROOT.parent / "shared" / "schemas" / CRD_NAME
@@ -221,17 +222,6 @@ class FakeApi:
 
     def master_logs(self, ns, name, since):
         return self.logs.pop(0) if len(self.logs) > 1 else (self.logs[0] if self.logs else "")
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, s):
-        self.t += s
 
 
 JOB = build_pytorchjob(JobSpec(name="captioner-train-x"))

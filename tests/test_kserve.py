@@ -9,6 +9,7 @@ import pytest
 
 from captioner import kserve as ks
 from tests.crd_schemas import TRITON_RUNTIME, isvc_errors, load
+from tests.helpers import Clock
 
 PREV_URL = "http://prev-captioner-predictor.captioner.example.com"
 LATEST_URL = "http://latest-captioner-predictor.captioner.example.com"
@@ -125,17 +126,6 @@ class FakeKServe:
         for t in self.status.get("traffic", []):
             out[t["revisionName"]] = out.get(t["revisionName"], 0) + t["percent"]
         return {k: v for k, v in out.items() if v}
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, s):
-        self.t += s
 
 
 def _rollout(api, version, check=lambda isvc: None, timeout_s=60):

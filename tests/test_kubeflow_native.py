@@ -11,6 +11,7 @@ from captioner.pytorchjob import training_job
 from tests.test_cluster import _render
 from tests.crd_schemas import (RUNTIME_CRD, SERVINGRUNTIME_CRD, TORCH_RUNTIME, TRITON_RUNTIME, VENDORED_FILES,
                                SHARED, VENDORED, errors, load, trainjob_errors)
+from tests.helpers import Clock
 
 
 @pytest.mark.parametrize("name", VENDORED_FILES)
@@ -105,17 +106,6 @@ class FakeCluster:
 
     def master_logs(self, ns, name, since):
         return ""
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, s):
-        self.t += s
 
 
 PTJ = training_job("captioner-train-x", "tiny-cpu", [], "s3://models/runs/x", workers=2, gpus_per_worker=1)
