@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from captioner.checkpoint import CheckpointError, load_checkpoint, load_raw
-from tests.conftest import ROOT
 
 ENV = {**os.environ}
 

@@ -22,7 +22,6 @@ from captioner.ingest import IngestOptions, ingest
 from captioner.preprocess import ImageError, PreprocessConfig, preprocess_bytes
 from captioner.storage import open_store
 
-from tests.conftest import ROOT
 
 ENV = {**os.environ}
 

@@ -14,7 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import numpy as np
 import pytest
 from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -24,7 +23,7 @@ from captioner.checkpoint import load_checkpoint
 from captioner.client import caption_bytes
 from captioner.export import sample_images
 
-from tests.conftest import ROOT, free_port, start_serve
+from tests.helpers import free_port, start_serve
 
 # An image just under the serving cap of 16 megapixels; two of them fill a request's pixel budget.
 HEAVY_SIDE = 3900
