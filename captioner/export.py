@@ -106,11 +106,12 @@ def export_onnx(ck: LoadedCheckpoint, repo: Path, opset: int = 17) -> Dims:
 
 
 def write_select_rows(path: Path, opset: int = 17) -> None:
-    """select_rows.onnx: selected = Gather(state, rows, axis=0) over a rank-5 float cache
-    tensor, so the decode loop keeps / reorders / duplicates rows on the session's device."""
+    """select_rows.onnx: selected = Gather(state, rows, axis=0) over one layer's [R, H, S, Dh]
+    cache or cross K/V tensor, so the decode loop keeps / reorders / duplicates rows on the
+    session's device."""
     from onnx import TensorProto, helper
 
-    dims = ["rows_in", "a", "b", "c", "d"]
+    dims = ["rows_in", "heads", "positions", "head_dim"]
     g = helper.make_graph(
         [helper.make_node("Gather", [STATE, ROWS], [SELECTED], axis=0)], "select_rows",
         [helper.make_tensor_value_info(STATE, TensorProto.FLOAT, dims),
@@ -122,10 +123,16 @@ def write_select_rows(path: Path, opset: int = 17) -> None:
     onnx.save(m, str(path))
 
 
-def ship_decoder_graph(repo: Path) -> None:
-    """The decoder graph (as optimised / quantised) into decode_loop's version folder, where
-    its in-process session loads it (see captioner/triton/decode_loop.py for why there)."""
-    shutil.copyfile(repo / DECODER / "1" / "model.onnx", repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE)
+def write_decoder_step(ck: LoadedCheckpoint, repo: Path, device: str) -> str:
+    """decode_loop/1/decoder.onnx: the step graph its in-process session runs (see
+    captioner/triton/decode_loop.py for why it lives there), written from the weights with fused
+    attention and a KV cache kept in place on CPU / appended on a GPU (captioner.onnx_graphs).
+    Returns the cache mode."""
+    from captioner.onnx_graphs import build_decoder_step, cache_mode_for
+
+    mode = cache_mode_for(device)
+    onnx.save(build_decoder_step(ck.model.decoder.eval(), _dims(ck).P, mode), str(repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE))
+    return mode
 
 
 # ------------------------------------------------------------------ parity
@@ -176,6 +183,7 @@ class ParityReport:
     images: int = 0
     encoder_max_abs_diff: float = 0.0
     logits_max_abs_diff: float = 0.0
+    loop_logprobs_max_abs_diff: float = 0.0  # the decode loop's step graph, teacher-forced
     captions_equal: int = 0
     mismatches: list = field(default_factory=list)
     quantized: dict | None = None
@@ -211,13 +219,30 @@ def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: floa
             lt, past_t = m.decode_step(torch.from_numpy(tok[:, t:t + 1]), cross_t, past_t)
         worst = max(worst, float(np.abs(lo - lt.numpy()).max()))
     rep.logits_max_abs_diff = worst
+    rep.loop_logprobs_max_abs_diff = _loop_logprobs_diff(loop, cross_o, tok, m, cross_t)
     rep.captions_equal = sum(a == b for a, b in zip(caps_t, caps_o))
     rep.mismatches = [{"image": n, "pytorch": a, "onnxruntime": b} for (n, _), a, b in zip(imgs, caps_t, caps_o) if a != b]
-    log.info("parity on %d images: encoder max|diff| %.2e, logits max|diff| %.2e, greedy captions equal %d/%d",
-             rep.images, rep.encoder_max_abs_diff, rep.logits_max_abs_diff, rep.captions_equal, rep.images)
-    if fail and (rep.encoder_max_abs_diff > atol or rep.logits_max_abs_diff > atol * 10 or rep.mismatches):
+    log.info("parity on %d images: encoder max|diff| %.2e, logits max|diff| %.2e (decode loop's step graph: "
+             "log-probs %.2e), greedy captions equal %d/%d", rep.images, rep.encoder_max_abs_diff,
+             rep.logits_max_abs_diff, rep.loop_logprobs_max_abs_diff, rep.captions_equal, rep.images)
+    if fail and (rep.encoder_max_abs_diff > atol or rep.logits_max_abs_diff > atol * 10
+                 or rep.loop_logprobs_max_abs_diff > atol * 10 or rep.mismatches):
         raise ParityError(f"onnxruntime disagrees with PyTorch: {json.dumps(asdict(rep), indent=1)}")
     return rep
+
+
+def _loop_logprobs_diff(loop, cross_o: np.ndarray, tok: np.ndarray, m, cross_t) -> float:
+    """Largest |log-prob difference| between the decode loop's step graph (fed onnxruntime's
+    cross K/V, as served) and PyTorch, teacher-forced on the same tokens."""
+    from captioner.decoding import log_softmax
+
+    step, past, worst = loop.make_step(cross_o), None, 0.0
+    for t in range(tok.shape[1]):
+        lo = step(tok[:, t])
+        with torch.no_grad():
+            lt, past = m.decode_step(torch.from_numpy(tok[:, t:t + 1]), cross_t, past)
+        worst = max(worst, float(np.abs(lo - log_softmax(lt[:, -1].numpy())).max()))
+    return worst
 
 
 def optimize_graphs(repo: Path, ck: LoadedCheckpoint) -> dict:
@@ -241,15 +266,30 @@ def optimize_graphs(repo: Path, ck: LoadedCheckpoint) -> dict:
     return stats
 
 
+def optimize_decoder_step(repo: Path, ck: LoadedCheckpoint) -> dict:
+    """onnxruntime's LayerNorm/SkipLayerNorm and BiasGelu fusions on the decode loop's step graph
+    (its attention is fused already); returns the graph's fused operators."""
+    from onnxruntime.transformers import optimizer
+
+    from captioner.onnx_graphs import fused_operator_counts
+
+    f = repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE
+    c = ck.model.cfg
+    logging.getLogger("onnxruntime.transformers.optimizer").setLevel(logging.ERROR)  # "producer not pytorch"
+    m = optimizer.optimize_model(str(f), model_type="bert", num_heads=c.n_heads, hidden_size=c.d_model, opt_level=1)
+    m.save_model_to_file(str(f))
+    return fused_operator_counts(onnx.load(str(f)))
+
+
 def quantize_int8(repo: Path) -> None:
     """Dynamic int8: weights quantised per output channel (one scale per row of each weight
     matrix, which keeps small-norm rows from being flattened by one large row), activations
     quantised per tensor at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for name in (ENCODER, DECODER):
-        f = repo / name / "1" / "model.onnx"
-        fp32 = repo / name / "model.fp32.onnx"  # outside the version folder: Triton ignores it
+    for f, fp32 in [(repo / name / "1" / "model.onnx", repo / name / "model.fp32.onnx") for name in (ENCODER, DECODER)] \
+            + [(repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE, repo / DECODE_LOOP / "decoder.fp32.onnx")]:
+        # the fp32 graph is kept outside the version folder: Triton ignores it
         shutil.move(f, fp32)
         # fused contrib ops defeat ONNX shape inference; their tensors are float
         quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8, per_channel=True,
@@ -355,12 +395,13 @@ def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: s
               "onnx": onnx_versions(repo)}
     if optimize:
         report["fusions"] = optimize_graphs(repo, ck)
-    ship_decoder_graph(repo)
+    report["kv_cache"] = write_decoder_step(ck, repo, device)
+    if optimize:
+        report.setdefault("fusions", {})[DECODE_LOOP] = optimize_decoder_step(repo, ck)
     if verify:
         report["parity"] = asdict(check_parity(ck, repo, parity_images))
     if quantize == "int8":
         quantize_int8(repo)
-        ship_decoder_graph(repo)
         q = check_parity(ck, repo, parity_images, fail=False)
         report["parity_int8"] = asdict(q)
         log.info("int8 parity: greedy captions equal %d/%d, logits max|diff| %.3f (report only)",

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner.names import (CROSS_KV, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS, LOGITS, PAST_KV, PIXEL_VALUES,
-                             PRESENT_KV, ROWS, SELECTED, STATE)
+from captioner.names import (CROSS_KEY, CROSS_KV, CROSS_VALUE, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
+                             KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH, PAST_VALUE,
+                             PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED, STATE)
 
 
 def session(path: str | Path, threads: int = 0, device_id: int = 0):
@@ -44,20 +45,32 @@ class OrtCaptioner:
 
 
 class BoundDecoder:
-    """The generation loop's decoder, in-process: one onnxruntime session over the decoder
-    graph (CUDA EP on a GPU, CPU here) driven through I/O binding, so a caption's state stays
-    on the session's device. Per caption the cross K/V is copied to the device once; per step
-    only the token ids go in and only the last position's logits come out; the KV cache is
-    handed from one step's output to the next step's input as a device OrtValue, and rows are
-    selected (beam reorder, finished rows dropped) on the device by `select_rows.onnx`.
-    Built once (Triton's `initialize`, the local server's runner); `step(cross)` per caption."""
+    """The generation loop's decoder, in-process: one onnxruntime session over the decode
+    loop's step graph (captioner.onnx_graphs; CUDA EP on a GPU, CPU here) driven through I/O
+    binding, so a caption's state stays on the session's device. Per caption the cross K/V is
+    copied to the device once, one tensor per layer, and bound once; per step only the token
+    ids and the position go in and only the last position's logits come out. The KV cache is
+    either one preallocated [R, H, max_len, Dh] buffer per layer bound as both past and present
+    (the attention kernel appends in place: nothing of the past is copied per step) or, in a
+    graph written for a GPU, handed from one step's present to the next step's past on the
+    device. Rows are selected (beam reorder, finished rows dropped) on the device by
+    `select_rows.onnx`. Built once (Triton's `initialize`, the local server's runner);
+    `step(cross)` per caption."""
 
     def __init__(self, decoder_path: str | Path, select_path: str | Path, threads: int = 0, device_id: int = 0):
         self.decoder = session(decoder_path, threads, device_id)
         self.select = session(select_path, threads, device_id)
         self.device = "cuda" if self.decoder.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.device_id = device_id if self.device == "cuda" else 0
-        p = next(i.shape[3] for i in self.decoder.get_inputs() if i.name == CROSS_KV)
+        meta = self.decoder.get_modelmeta().custom_metadata_map
+        if meta.get(KV_CACHE_META) not in ("in_place", "append"):
+            raise ValueError(f"{decoder_path} is not a decode-loop step graph (no {KV_CACHE_META} metadata): it was "
+                             f"written by an older `captioner export`; re-export the repository")
+        self.in_place = meta[KV_CACHE_META] == "in_place"
+        self.max_len = int(meta[MAX_LEN_META])
+        shapes = {i.name: i.shape for i in self.decoder.get_inputs()}
+        self.layers = sum(1 for n in shapes if n.startswith(CROSS_KEY.format("")))
+        _, self.heads, p, self.head_dim = shapes[CROSS_KEY.format(0)]
         self.patches = p if isinstance(p, int) else None
 
     def step(self, cross_kv: np.ndarray) -> "BoundStep":
@@ -70,23 +83,55 @@ class BoundStep:
     def __init__(self, d: BoundDecoder, cross_kv: np.ndarray):
         import onnxruntime as ort
 
-        self.d = d
-        self.cross = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cross_kv, np.float32), d.device, d.device_id)
-        B, L2, H, _, Dh = cross_kv.shape
-        self.past = ort.OrtValue.ortvalue_from_shape_and_type([B, L2, H, 0, Dh], np.float32, d.device, d.device_id)
+        self.d, self.pos = d, 0
+        dev = (d.device, d.device_id)
+        cross_kv = np.asarray(cross_kv, np.float32)
+        B = cross_kv.shape[0]
+        self.cross = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cross_kv[:, j]), *dev)
+                      for j in range(2 * d.layers)]
+        length = d.max_len if d.in_place else 0  # in place: written by the kernel before it is read
+        self.past = [ort.OrtValue.ortvalue_from_shape_and_type([B, d.heads, length, d.head_dim], np.float32, *dev)
+                     for _ in range(2 * d.layers)]
+        self._bind()
+
+    def _bind(self) -> None:
+        """Bind the cross K/V and the cache (the present too when it stays in place): once per
+        caption and after rows are selected, not per step."""
+        d = self.d
+        b = self.binding = d.decoder.io_binding()
+        b.bind_output(LOGITS, "cpu")
+        for i in range(d.layers):
+            b.bind_ortvalue_input(CROSS_KEY.format(i), self.cross[2 * i])
+            b.bind_ortvalue_input(CROSS_VALUE.format(i), self.cross[2 * i + 1])
+            self._bind_cache(i)
+
+    def _bind_cache(self, i: int) -> None:
+        b, d = self.binding, self.d
+        b.bind_ortvalue_input(PAST_KEY.format(i), self.past[2 * i])
+        b.bind_ortvalue_input(PAST_VALUE.format(i), self.past[2 * i + 1])
+        if d.in_place:
+            b.bind_ortvalue_output(PRESENT_KEY.format(i), self.past[2 * i])
+            b.bind_ortvalue_output(PRESENT_VALUE.format(i), self.past[2 * i + 1])
+        else:
+            b.bind_output(PRESENT_KEY.format(i), d.device, d.device_id)
+            b.bind_output(PRESENT_VALUE.format(i), d.device, d.device_id)
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         from captioner.decoding import log_softmax
 
-        b = self.d.decoder.io_binding()
+        d, b = self.d, self.binding
+        if self.pos >= d.max_len:
+            raise ValueError(f"the decoder has {d.max_len} positions; step {self.pos + 1} is past its end")
         b.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(tokens.reshape(-1, 1), np.int64))
-        b.bind_ortvalue_input(CROSS_KV, self.cross)
-        b.bind_ortvalue_input(PAST_KV, self.past)
-        b.bind_output(LOGITS, "cpu")
-        b.bind_output(PRESENT_KV, self.d.device, self.d.device_id)
-        self.d.decoder.run_with_iobinding(b)
-        logits, self.past = b.get_outputs()
-        return log_softmax(logits.numpy()[:, -1, :])
+        b.bind_cpu_input(PAST_LENGTH, np.array([self.pos], np.int32))
+        d.decoder.run_with_iobinding(b)
+        out = b.get_outputs()
+        self.pos += 1
+        if not d.in_place:  # this step's present is the next step's past, on the device
+            self.past = list(out[1:])
+            for i in range(d.layers):
+                self._bind_cache(i)
+        return log_softmax(out[0].numpy()[:, -1, :])
 
     def _gather(self, value, rows):
         b = self.d.select.io_binding()
@@ -98,5 +143,6 @@ class BoundStep:
 
     def select(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, np.int64)
-        self.cross = self._gather(self.cross, rows)
-        self.past = self._gather(self.past, rows)
+        self.cross = [self._gather(v, rows) for v in self.cross]
+        self.past = [self._gather(v, rows) for v in self.past]
+        self._bind()

@@ -15,7 +15,7 @@ from captioner import names
 from captioner.checkpoint import load_checkpoint
 from captioner.export import sample_images
 from captioner.inference import caption_tensor
-from captioner.serving_core import image_bytes_to_pixels
+from captioner.serving_core import DecodeSettings, image_bytes_to_pixels
 from captioner.triton_repo import LOAD_ORDER, VERSION_README, read_config
 
 from tests.serving import pb_utils_double
@@ -112,10 +112,13 @@ def test_bls_tensor_names_exist_in_called_configs(exported_repo):
         assert used <= own | other, f"{model}/model.py uses {sorted(used - own - other)} that no config declares"
     dec = {t.name for t in cfgs[names.DECODER].input}
     assert {names.INPUT_IDS, names.CROSS_KV, names.PAST_KV} <= dec
-    import onnxruntime as ort  # the graph decode_loop runs in process has the decoder model's inputs
+    import onnxruntime as ort  # the graph decode_loop runs in process has the step graph's inputs
 
     shipped = ort.InferenceSession(str(repo / names.DECODE_LOOP / "1" / names.DECODER_GRAPH_FILE))
-    assert {i.name for i in shipped.get_inputs()} == dec
+    L = DecodeSettings.load(repo / names.DECODE_LOOP / "1").n_layers
+    per_layer = [n.format(i) for i in range(L) for n in (names.CROSS_KEY, names.CROSS_VALUE, names.PAST_KEY,
+                                                          names.PAST_VALUE)]
+    assert {i.name for i in shipped.get_inputs()} == {names.INPUT_IDS, names.PAST_LENGTH, *per_layer}
 
 
 def _load_model_py(repo, model, monkeypatch, load=LOAD_ORDER, version=1):

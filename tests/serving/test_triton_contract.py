@@ -190,7 +190,8 @@ def test_publish_adds_a_version_and_switches_with_the_ensemble_config(exported_r
     new = load_listing(keys, read)
     plan_load(new, LOAD_ORDER, read)
     assert [s.model_version for s in new[names.ENSEMBLE].config.ensemble_scheduling.step] == [n] * 3
-    assert read(f"decode_loop/{n}/{names.DECODER_GRAPH_FILE}") == read(f"decoder/{n}/model.onnx")
+    assert read(f"decode_loop/{n}/{names.DECODER_GRAPH_FILE}") == (repo / names.DECODE_LOOP / "1" /
+                                                                   names.DECODER_GRAPH_FILE).read_bytes()
     assert new[names.ENSEMBLE].selected == [n] and max(new[names.DECODER].selected) == n
 
 

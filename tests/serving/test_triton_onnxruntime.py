@@ -1,7 +1,8 @@
 """Defect 8: the exported graphs must run in the onnxruntime that the pinned Triton release
 ships (captioner.deployment.TRITON_ONNXRUNTIME), not only in whatever this environment has.
-A throwaway venv gets exactly that onnxruntime wheel; the encoder and decoder are run there
-and compared with PyTorch."""
+A throwaway venv gets exactly that onnxruntime wheel; the encoder, the decoder and the decode
+loop's step graph (both cache modes, driven through I/O binding as captioner.onnx_runtime.BoundStep
+drives it) are run there and compared with PyTorch."""
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from captioner.checkpoint import load_checkpoint
 from captioner.deployment import TRITON_ONNXRUNTIME, TRITON_RELEASE
 from captioner.export import sample_images
-from captioner.names import DECODER, ENCODER
+from captioner.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER
 from captioner.serving_core import image_bytes_to_pixels
 
 RUN = textwrap.dedent("""
@@ -29,6 +30,49 @@ RUN = textwrap.dedent("""
     hidden, cross = enc.run(None, {"pixel_values": x["pixel_values"]})
     logits, present = dec.run(None, {"input_ids": x["input_ids"], "cross_kv": cross, "past_kv": x["past_kv"]})
     np.savez(io + "/outputs.npz", hidden=hidden, cross=cross, logits=logits, present=present)
+    print(ort.__version__)
+""")
+
+# the decode loop's step graph, bound as captioner.onnx_runtime.BoundStep binds it (no captioner import:
+# this venv has onnxruntime and numpy only)
+RUN_STEPS = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import onnxruntime as ort
+    graph, io = sys.argv[1], sys.argv[2]
+    x = dict(np.load(io + "/steps_in.npz"))
+    s = ort.InferenceSession(graph, ort.SessionOptions(), providers=["CPUExecutionProvider"])
+    meta = s.get_modelmeta().custom_metadata_map
+    in_place, max_len = meta["captioner.kv_cache"] == "in_place", int(meta["captioner.max_len"])
+    cross, toks = x["cross"], x["tokens"]
+    B, L2, H, P, Dh = cross.shape
+    cv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cross[:, j])) for j in range(L2)]
+    past = [ort.OrtValue.ortvalue_from_shape_and_type([B, H, max_len if in_place else 0, Dh], np.float32, "cpu", 0)
+            for _ in range(L2)]
+    ptrs, logits = [p.data_ptr() for p in past], []
+    for t in range(toks.shape[1]):
+        b = s.io_binding()
+        b.bind_output("logits", "cpu")
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(toks[:, t:t + 1]))
+        b.bind_cpu_input("past_sequence_length", np.array([t], np.int32))
+        for i in range(L2 // 2):
+            b.bind_ortvalue_input(f"cross_key.{i}", cv[2 * i])
+            b.bind_ortvalue_input(f"cross_value.{i}", cv[2 * i + 1])
+            b.bind_ortvalue_input(f"past_key.{i}", past[2 * i])
+            b.bind_ortvalue_input(f"past_value.{i}", past[2 * i + 1])
+            for name, j in ((f"present_key.{i}", 2 * i), (f"present_value.{i}", 2 * i + 1)):
+                if in_place:
+                    b.bind_ortvalue_output(name, past[j])
+                else:
+                    b.bind_output(name, "cpu")
+        s.run_with_iobinding(b)
+        out = b.get_outputs()
+        logits.append(out[0].numpy()[:, -1])
+        if in_place:
+            assert [o.data_ptr() for o in out[1:]] == ptrs, "the in-place cache moved"
+        else:
+            past = list(out[1:])
+    np.save(io + "/steps_out.npy", np.stack(logits, 1))
     print(ort.__version__)
 """)
 
@@ -74,3 +118,36 @@ def test_export_report_records_ir_version_and_opsets(exported_repo):
     for name in (ENCODER, DECODER):
         info = on_disk["onnx"][name]
         assert info["ir_version"] >= 7 and info["opsets"]["ai.onnx"] >= 13
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_decode_loop_step_graph_runs_in_the_onnxruntime_triton_ships(device, exported_repo, trained_run,
+                                                                     triton_ort_python, tmp_path):
+    """GroupQueryAttention with a shared past/present buffer (cpu) and MultiHeadAttention with
+    past/present (gpu) in onnxruntime 1.20.1: logits equal PyTorch's at every position."""
+    import onnx
+
+    from captioner.export import _dims
+    from captioner.onnx_graphs import build_decoder_step, cache_mode_for
+
+    repo, _ = exported_repo
+    ck = load_checkpoint(trained_run.out_dir)
+    m = ck.model.eval()
+    if device == "cpu":  # what export shipped (the session fixture exports for cpu)
+        graph = repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE
+    else:
+        graph = tmp_path / "step.onnx"
+        onnx.save(build_decoder_step(m.decoder, _dims(ck).P, cache_mode_for(device)), str(graph))
+    pixels = image_bytes_to_pixels(np.array([b for _, b in sample_images(ck, 2)], dtype=object), ck.preprocess)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, m.cfg.vocab_size, (2, m.cfg.max_len - 2), generator=g)
+    tokens[:, 0] = ck.tokenizer.bos_id
+    with torch.no_grad():
+        _, cross = m.encode_for_decoding(torch.from_numpy(pixels))
+        want, _ = m.decode_step(tokens, cross, None)
+    np.savez(tmp_path / "steps_in.npz", cross=cross.numpy(), tokens=tokens.numpy())
+    r = subprocess.run([str(triton_ort_python), "-c", RUN_STEPS, str(graph), str(tmp_path)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == TRITON_ONNXRUNTIME
+    np.testing.assert_allclose(np.load(tmp_path / "steps_out.npy"), want.numpy(), atol=1e-3)

@@ -1,0 +1,158 @@
+"""The decode loop's step graph (decode_loop/<version>/decoder.onnx), written node by node from
+the trained decoder's weights, as onnxruntime-genai's model builder writes LLM graphs: one
+token per row per run, attention as onnxruntime's fused contrib ops, the KV cache per layer.
+
+Why written rather than traced: the traced decoder (decoder/<version>/model.onnx, Triton's
+`decoder` model) stacks the cache of every layer in one tensor, so each step slices the
+cross K/V and the past out of it and concatenates a new present; onnxruntime's optimizer
+does not fuse its attention. Here:
+  - self-attention is `com.microsoft.GroupQueryAttention` with kv_num_heads = num_heads (plain
+    multi-head attention) over a preallocated [B, H, max_len, Dh] buffer per layer: when the
+    caller binds the same OrtValue as past_key.i and present_key.i the kernel appends the new
+    position in place (contrib_ops/cpu/bert/gqa_attention_base.h: `past_present_share_buffer`
+    is `past_key == present_key`), so no step copies the past. CUDA registers that op for
+    fp16/bf16 only (contrib_ops/cuda/bert/group_query_attention.cc `REGISTER_KERNEL_TYPED`),
+    so a graph for a GPU (fp32) uses
+  - `com.microsoft.MultiHeadAttention` with past_key/past_value -> present (the kernel appends;
+    registered for fp32 on CPU and CUDA) - `cache="append"`;
+  - cross-attention is `com.microsoft.MultiHeadAttention` with key/value given per layer in
+    [B, H, P, Dh] (BNSH), bound once per caption, never sliced per step;
+  - only the last position exists, so the vocabulary projection is [B, 1, V].
+Model file stays free of export code; `captioner.export` checks this graph against PyTorch
+(teacher-forced log-probs and captions) before anything is published.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from captioner.names import (CROSS_KEY, CROSS_VALUE, INPUT_IDS, KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY,
+                             PAST_LENGTH, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)
+
+MS = "com.microsoft"
+CACHE_MODES = ("in_place", "append")
+ATTENTION_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "DecoderMaskedMultiHeadAttention")
+
+
+def cache_mode_for(device: str) -> str:
+    """The cache a graph for `device` keeps: in place on CPU (GroupQueryAttention), appended on
+    a GPU, where the in-place op has no fp32 kernel (see the module docstring)."""
+    return "in_place" if device == "cpu" else "append"
+
+
+class _Graph:
+    def __init__(self):
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def w(self, name: str, a) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
+        return name
+
+    def op(self, op_type: str, inputs: list, n_out: int = 1, domain: str = "", **attrs):
+        self.n += 1
+        outs = [f"{op_type.lower()}_{self.n}_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self.n}", domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def linear(self, x: str, lin, name: str) -> str:
+        """PyTorch Linear: x @ W^T + b, as MatMul + Add (what int8 dynamic quantization rewrites)."""
+        y = self.op("MatMul", [x, self.w(f"{name}.weight_t", _np(lin.weight).T)])
+        return self.op("Add", [y, self.w(f"{name}.bias", _np(lin.bias))]) if lin.bias is not None else y
+
+    def layer_norm(self, x: str, ln, name: str) -> str:
+        return self.op("LayerNormalization", [x, self.w(f"{name}.weight", _np(ln.weight)),
+                                              self.w(f"{name}.bias", _np(ln.bias))], axis=-1, epsilon=float(ln.eps))
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def build_decoder_step(decoder, patches: int, cache: str = "in_place", opset: int = 17) -> onnx.ModelProto:
+    """The step graph of a `captioner.model.CaptionDecoder` (eval mode: no dropout) over an
+    encoder with `patches` tokens. Inputs: input_ids [B,1] int64, past_sequence_length [1] int32, per layer i cross_key.i /
+    cross_value.i [B,H,P,Dh] and past_key.i / past_value.i; outputs logits [B,1,V] and per
+    layer present_key.i / present_value.i."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    cfg = decoder.cfg
+    L, H, D, V = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.vocab_size
+    Dh = D // H
+    g = _Graph()
+    vi = helper.make_tensor_value_info
+    past_dim = "max_len" if cache == "in_place" else "past_len"
+    present_dim = "max_len" if cache == "in_place" else "total_len"
+    inputs = [vi(INPUT_IDS, TensorProto.INT64, ["batch", 1]), vi(PAST_LENGTH, TensorProto.INT32, [1])]
+    outputs = [vi(LOGITS, TensorProto.FLOAT, ["batch", 1, V])]
+    for i in range(L):
+        inputs += [vi(CROSS_KEY.format(i), TensorProto.FLOAT, ["batch", H, patches, Dh]),
+                   vi(CROSS_VALUE.format(i), TensorProto.FLOAT, ["batch", H, patches, Dh]),
+                   vi(PAST_KEY.format(i), TensorProto.FLOAT, ["batch", H, past_dim, Dh]),
+                   vi(PAST_VALUE.format(i), TensorProto.FLOAT, ["batch", H, past_dim, Dh])]
+        outputs += [vi(PRESENT_KEY.format(i), TensorProto.FLOAT, ["batch", H, present_dim, Dh]),
+                    vi(PRESENT_VALUE.format(i), TensorProto.FLOAT, ["batch", H, present_dim, Dh])]
+
+    # token + position embedding; the position of this token is the cache length
+    pos = g.op("Gather", [g.w("pos_emb", _np(decoder.pos_emb.weight)), g.op("Cast", [PAST_LENGTH], to=TensorProto.INT64)])
+    x = g.op("Add", [g.op("Gather", [g.w("tok_emb", _np(decoder.tok_emb.weight)), INPUT_IDS]), pos])  # [B,1,D]
+    if cache == "in_place":  # GroupQueryAttention's lengths: seqlens_k = total - 1 per row, total as a scalar
+        batch = g.op("Slice", [g.op("Shape", [INPUT_IDS]), g.w("c_0", np.array([0], np.int64)),
+                               g.w("c_1", np.array([1], np.int64))])
+        seqlens_k = g.op("Expand", [PAST_LENGTH, batch])
+        total = g.op("Squeeze", [g.op("Add", [PAST_LENGTH, g.w("c_1i", np.array([1], np.int32))]),
+                                 g.w("c_0a", np.array([0], np.int64))])
+    split = g.w("qkv_split", np.array([D, D, D], np.int64))
+    for i, blk in enumerate(decoder.blocks):
+        p = f"blocks.{i}"
+        q, k, v = g.op("Split", [g.linear(g.layer_norm(x, blk.ln1, f"{p}.ln1"), blk.qkv, f"{p}.qkv"), split],
+                       n_out=3, axis=-1)
+        past = [PAST_KEY.format(i), PAST_VALUE.format(i)]
+        if cache == "in_place":
+            a, pk, pv = g.op("GroupQueryAttention", [q, k, v, *past, seqlens_k, total], n_out=3, domain=MS,
+                             num_heads=H, kv_num_heads=H)
+        else:
+            a, pk, pv = g.op("MultiHeadAttention", [q, k, v, "", "", "", *past], n_out=3, domain=MS, num_heads=H)
+        _rename(g, pk, PRESENT_KEY.format(i))
+        _rename(g, pv, PRESENT_VALUE.format(i))
+        x = g.op("Add", [x, g.linear(a, blk.self_proj, f"{p}.self_proj")])
+        qc = g.linear(g.layer_norm(x, blk.ln2, f"{p}.ln2"), blk.q_cross, f"{p}.q_cross")
+        c = g.op("MultiHeadAttention", [qc, CROSS_KEY.format(i), CROSS_VALUE.format(i)], domain=MS, num_heads=H)
+        x = g.op("Add", [x, g.linear(c, blk.cross_proj, f"{p}.cross_proj")])
+        h = g.linear(g.layer_norm(x, blk.ln3, f"{p}.ln3"), blk.mlp.fc, f"{p}.mlp.fc")
+        x = g.op("Add", [x, g.linear(g.op("Gelu", [h], domain=MS), blk.mlp.proj, f"{p}.mlp.proj")])
+    logits = g.op("MatMul", [g.layer_norm(x, decoder.ln_f, "ln_f"), g.w("head.weight_t", _np(decoder.head.weight).T)])
+    _rename(g, logits, LOGITS)
+    graph = helper.make_graph(g.nodes, "captioner_decoder_step", inputs, outputs, g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                          producer_name="captioner")
+    m.ir_version = 8  # onnxruntime 1.20 (Triton 25.01) reads up to IR 10
+    helper.set_model_props(m, {KV_CACHE_META: cache, MAX_LEN_META: str(cfg.max_len)})
+    onnx.checker.check_model(m)
+    return m
+
+
+def _rename(g: _Graph, old: str, new: str) -> None:
+    for n in g.nodes:
+        n.output[:] = [new if o == old else o for o in n.output]
+        n.input[:] = [new if i == old else i for i in n.input]
+
+
+FUSED_OPS = ATTENTION_OPS + ("SkipLayerNormalization", "LayerNormalization", "BiasGelu", "Gelu", "FastGelu",
+                             "SkipSimplifiedLayerNormalization", "BiasSplitGelu", "QAttention", "MatMulIntegerToFloat",
+                             "DynamicQuantizeMatMul")
+
+
+def fused_operator_counts(model: onnx.ModelProto) -> dict:
+    """Node counts of the fused / contrib operators in a graph (the export report's "fusions"),
+    plus Softmax, which only an attention left unfused has."""
+    out: dict = {}
+    for n in model.graph.node:
+        if n.op_type in FUSED_OPS or n.op_type == "Softmax":
+            out[n.op_type] = out.get(n.op_type, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def attention_op_counts(model: onnx.ModelProto) -> dict:
+    """How many fused attention nodes, and how many Softmax nodes (an unfused attention), a graph has."""
+    return {k: v for k, v in fused_operator_counts(model).items() if k in ATTENTION_OPS or k == "Softmax"}

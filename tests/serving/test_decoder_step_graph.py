@@ -1,0 +1,111 @@
+"""Issue 13 items 3 and 4: the decode loop's step graph (captioner.onnx_graphs) has fused
+attention, keeps its KV cache in place (no copy of the past per step) and gives PyTorch's
+log-probs, through the same BoundDecoder that Triton's decode_loop model and `captioner serve` run."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from captioner import names
+from captioner.decoding import log_softmax
+from captioner.export import write_select_rows
+from captioner.model import CaptionDecoder, ModelConfig
+from captioner.onnx_graphs import attention_op_counts, build_decoder_step, cache_mode_for
+from captioner.onnx_runtime import BoundDecoder
+
+L, HEADS, D, V, MAX_LEN, P = 2, 4, 32, 40, 10, 6
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    torch.manual_seed(0)
+    dec = CaptionDecoder(ModelConfig(d_model=D, n_layers=L, n_heads=HEADS, vocab_size=V, max_len=MAX_LEN,
+                                     dropout=0.0)).eval()
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.normal_(0, 0.3)
+    return dec
+
+
+def _bound(decoder, tmp_path, cache) -> BoundDecoder:
+    onnx.save(build_decoder_step(decoder, P, cache), str(tmp_path / "step.onnx"))
+    write_select_rows(tmp_path / "select.onnx")
+    return BoundDecoder(tmp_path / "step.onnx", tmp_path / "select.onnx", threads=1)
+
+
+def _reference(decoder, tokens, cross):
+    with torch.no_grad():
+        logits, _ = decoder(torch.from_numpy(tokens), torch.from_numpy(cross))
+    return log_softmax(logits.numpy())
+
+
+@pytest.mark.parametrize("cache", ["in_place", "append"])
+def test_step_graph_gives_pytorch_log_probs_through_a_row_reorder(decoder, tmp_path, cache):
+    """Teacher-forced steps, with the rows reordered and duplicated half way (what beam search
+    and finished rows do): every step's log-probs equal PyTorch's full-sequence forward."""
+    rng = np.random.default_rng(0)
+    cross = rng.standard_normal((3, 2 * L, HEADS, P, D // HEADS)).astype(np.float32)
+    tokens = rng.integers(0, V, (3, MAX_LEN - 2))
+    step = _bound(decoder, tmp_path, cache).step(cross)
+    rows, worst = np.arange(3), 0.0
+    for t in range(tokens.shape[1]):
+        if t == 4:
+            rows = np.array([2, 0, 0, 1])
+            step.select(np.array([2, 0, 0, 1]))
+        got = step(tokens[rows, t])
+        want = _reference(decoder, tokens[rows, :t + 1], cross[rows])[:, -1]
+        worst = max(worst, float(np.abs(got - want).max()))
+    assert worst < 1e-4
+
+
+def test_in_place_cache_is_bound_once_and_never_moves(decoder, tmp_path):
+    """Each layer's cache is one preallocated [R, H, max_len, Dh] buffer bound as past and
+    present: the kernel appends in place, so no step allocates or copies the past."""
+    d = _bound(decoder, tmp_path, "in_place")
+    cross = np.random.default_rng(1).standard_normal((2, 2 * L, HEADS, P, D // HEADS)).astype(np.float32)
+    step = d.step(cross)
+    buffers = [p.data_ptr() for p in step.past]
+    assert all(p.shape() == [2, HEADS, MAX_LEN, D // HEADS] for p in step.past)
+    for t in range(5):
+        step(np.full(2, 5 + t, np.int64))
+        assert [p.data_ptr() for p in step.past] == buffers
+        presents = step.binding.get_outputs()[1:]
+        assert [o.data_ptr() for o in presents] == buffers, "present is a new tensor: the past was copied"
+
+
+def test_a_step_past_the_models_positions_is_refused(decoder, tmp_path):
+    step = _bound(decoder, tmp_path, "in_place").step(np.zeros((1, 2 * L, HEADS, P, D // HEADS), np.float32))
+    for t in range(MAX_LEN):
+        step(np.array([5]))
+    with pytest.raises(ValueError, match=f"has {MAX_LEN} positions"):
+        step(np.array([5]))
+
+
+@pytest.mark.parametrize("cache", ["in_place", "append"])
+def test_step_graph_attention_is_fused_and_nothing_concatenates_the_past(decoder, cache):
+    m = build_decoder_step(decoder, P, cache)
+    ops = attention_op_counts(m)
+    assert "Softmax" not in ops, f"unfused attention: {ops}"
+    assert sum(ops.values()) == 2 * L  # self- and cross-attention per layer
+    assert not [n for n in m.graph.node if n.op_type == "Concat"], "the graph concatenates the past itself"
+
+
+def test_a_gpu_graph_uses_only_attention_ops_with_fp32_cuda_kernels(decoder):
+    """onnxruntime registers GroupQueryAttention on CUDA for fp16/bf16 only
+    (contrib_ops/cuda/bert/group_query_attention.cc, REGISTER_KERNEL_TYPED(MLFloat16, ...) and
+    (BFloat16, ...)); in an fp32 graph it would fall back to the CPU with a device copy per layer
+    per step. MultiHeadAttention is registered for float on CUDA
+    (contrib_ops/cuda/bert/multihead_attention.cc, REGISTER_KERNEL_TYPED(float))."""
+    ops = attention_op_counts(build_decoder_step(decoder, P, cache_mode_for("gpu")))
+    assert set(ops) == {"MultiHeadAttention"}, ops
+
+
+def test_exported_decode_loop_graph_is_fused_and_listed_in_the_report(exported_repo):
+    repo, report = exported_repo
+    m = onnx.load(str(repo / names.DECODE_LOOP / "1" / names.DECODER_GRAPH_FILE))
+    ops = attention_op_counts(m)
+    n_layers = int(report["dims"]["L"])
+    assert ops == {"GroupQueryAttention": n_layers, "MultiHeadAttention": n_layers}, ops  # a cpu export
+    assert report["kv_cache"] == "in_place"
+    assert report["fusions"][names.DECODE_LOOP]["GroupQueryAttention"] == n_layers
+    assert report["fusions"][names.DECODE_LOOP].get("SkipLayerNormalization", 0) >= 2 * n_layers
