@@ -1,13 +1,15 @@
 """Defect 8: the exported graphs must run in the onnxruntime that the pinned Triton release
 ships (captioner.deployment.TRITON_ONNXRUNTIME), not only in whatever this environment has.
 A throwaway venv gets exactly that onnxruntime wheel; the encoder and decoder are run there
-and compared with PyTorch."""
+and compared with PyTorch. The encoder's attention is a com.microsoft.MultiHeadAttention
+contrib op (captioner/onnx_attention.py), so this also checks that release has its kernel."""
 import json
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -49,6 +51,8 @@ def triton_ort_python(tmp_path_factory):
 
 def test_exported_graphs_run_in_the_onnxruntime_triton_ships(exported_repo, trained_run, triton_ort_python, tmp_path):
     repo, report = exported_repo
+    # the contrib op must be in the graph Triton's release runs, or this checks nothing about it
+    assert "MultiHeadAttention" in {n.op_type for n in onnx.load(str(repo / ENCODER / "1" / "model.onnx")).graph.node}
     ck = load_checkpoint(trained_run.out_dir)
     pixels = image_bytes_to_pixels(np.array([b for _, b in sample_images(ck, 3)], dtype=object), ck.preprocess)
     m, c = ck.model.eval(), ck.model.cfg
