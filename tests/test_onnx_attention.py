@@ -134,6 +134,18 @@ def test_only_plain_timm_attention_is_fused(kind):
         assert fused == (["0"] if fusable else [])
 
 
+@pytest.mark.parametrize("kind", sorted(k for k, (_, fusable) in ATTENTION_KINDS.items() if not fusable))
+def test_attention_left_unfused_is_named_in_the_log(kind, caplog):
+    from timm.layers import Attention
+
+    from captioner.onnx_attention import fused_vit_attention
+
+    block = torch.nn.Sequential(Attention(16, num_heads=2, **ATTENTION_KINDS[kind][0])).eval()
+    with caplog.at_level("INFO", logger="captioner.onnx_attention"), fused_vit_attention(block):
+        pass
+    assert any("attention 0 left unfused" in r.getMessage() for r in caplog.records), caplog.text
+
+
 @pytest.mark.parametrize("heads", [1, 2, 4])
 def test_fused_forward_equals_timm_forward(heads):
     from timm.layers import Attention
