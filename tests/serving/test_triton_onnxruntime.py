@@ -2,13 +2,17 @@
 ships (captioner.deployment.TRITON_ONNXRUNTIME), not only in whatever this environment has.
 A throwaway venv gets exactly that onnxruntime wheel; the encoder, the decoder and the decode
 loop's step graph (both cache modes, driven through I/O binding as captioner.onnx_runtime.BoundStep
-drives it) are run there and compared with PyTorch."""
+drives it) are run there and compared with PyTorch. Attention is onnxruntime contrib ops
+(MultiHeadAttention in the encoder, captioner/onnx_attention.py; GroupQueryAttention /
+MultiHeadAttention in the step graph, captioner/onnx_graphs.py), so this also checks that
+release has their kernels."""
 import json
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -93,6 +97,8 @@ def triton_ort_python(tmp_path_factory):
 
 def test_exported_graphs_run_in_the_onnxruntime_triton_ships(exported_repo, trained_run, triton_ort_python, tmp_path):
     repo, report = exported_repo
+    # the contrib op must be in the graph Triton's release runs, or this checks nothing about it
+    assert "MultiHeadAttention" in {n.op_type for n in onnx.load(str(repo / ENCODER / "1" / "model.onnx")).graph.node}
     ck = load_checkpoint(trained_run.out_dir)
     pixels = image_bytes_to_pixels(np.array([b for _, b in sample_images(ck, 3)], dtype=object), ck.preprocess)
     m, c = ck.model.eval(), ck.model.cfg
