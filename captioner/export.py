@@ -73,7 +73,7 @@ class Dims:
 
 
 def _dims(ck: LoadedCheckpoint) -> Dims:
-    m = ck.model
+    m = ck.model.eval()  # a BatchNorm in training mode would move its running statistics here
     c = m.cfg
     C, H, W = ck.preprocess.input_size
     with torch.no_grad():
@@ -94,7 +94,7 @@ def export_onnx(ck: LoadedCheckpoint, repo: Path, opset: int = 17) -> Dims:
         ids = torch.randint(4, d.V, (2, 2))
         cross = torch.randn(2, 2 * d.L, d.heads, d.P, d.Dh)
         past = torch.randn(2, 2 * d.L, d.heads, 3, d.Dh)
-        torch.onnx.export(_DecoderGraph(m), (ids, cross, past), str(repo / DECODER / "1" / "model.onnx"),
+        torch.onnx.export(_DecoderGraph(m).eval(), (ids, cross, past), str(repo / DECODER / "1" / "model.onnx"),
                           dynamo=False, opset_version=opset, input_names=[INPUT_IDS, CROSS_KV, PAST_KV],
                           output_names=[LOGITS, PRESENT_KV],
                           dynamic_axes={INPUT_IDS: {0: "batch", 1: "new_tokens"}, CROSS_KV: {0: "batch"},
@@ -109,7 +109,7 @@ def export_encoder_graph(m, input_size: tuple[int, int, int], path: Path, opset:
     (captioner.onnx_attention). Returns the names of the fused attention modules."""
     with fused_vit_attention(m.encoder) as fused, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_EncoderGraph(m), (torch.randn(2, *input_size),), str(path),
+        torch.onnx.export(_EncoderGraph(m).eval(), (torch.randn(2, *input_size),), str(path),
                           dynamo=False, opset_version=opset, input_names=[PIXEL_VALUES],
                           output_names=[ENCODER_HIDDEN, CROSS_KV],
                           dynamic_axes={PIXEL_VALUES: {0: "batch"}, ENCODER_HIDDEN: {0: "batch"},
@@ -136,7 +136,7 @@ def write_select_rows(path: Path, opset: int = 17) -> None:
     onnx.save(m, str(path))
 
 
-def write_decoder_step(ck: LoadedCheckpoint, repo: Path, device: str) -> str:
+def write_decoder_step(ck: LoadedCheckpoint, repo: Path, device: str, patches: int) -> str:
     """decode_loop/1/decoder.onnx: the step graph its in-process session runs (see
     captioner/triton/decode_loop.py for why it lives there), written from the weights with fused
     attention and a KV cache kept in place on CPU / appended on a GPU (captioner.onnx_graphs).
@@ -144,7 +144,7 @@ def write_decoder_step(ck: LoadedCheckpoint, repo: Path, device: str) -> str:
     from captioner.onnx_graphs import build_decoder_step, cache_mode_for
 
     mode = cache_mode_for(device)
-    onnx.save(build_decoder_step(ck.model.decoder.eval(), _dims(ck).P, mode), str(repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE))
+    onnx.save(build_decoder_step(ck.model.decoder.eval(), patches, mode), str(repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE))
     return mode
 
 
@@ -409,7 +409,7 @@ def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: s
               "onnx": onnx_versions(repo)}
     if optimize:
         report["fusions"] = optimize_graphs(repo, ck)
-    report["kv_cache"] = write_decoder_step(ck, repo, device)
+    report["kv_cache"] = write_decoder_step(ck, repo, device, d.P)
     if optimize:
         report.setdefault("fusions", {})[DECODE_LOOP] = optimize_decoder_step(repo, ck)
     if verify:
