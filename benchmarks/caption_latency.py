@@ -5,8 +5,10 @@
       K/V included) recomputed over the padded sequence at every step, no cache
   (b) our PyTorch path: K/V cross-attention computed once per image, self-attention KV cache
   (c) our served onnxruntime path: the exported encoder, then decode_loop's in-process
-      decoder (captioner.onnx_runtime.BoundDecoder: I/O binding, cache kept on the device)
+      step graph (captioner.onnx_runtime.BoundDecoder: I/O binding, cache kept in place)
   (d) the same, onnxruntime dynamic int8 (per-channel weights)
+  (c') part: the traced `decoder` model (stacked past_kv, concatenated per step) driven
+      through a host round trip per step, for comparison
   (e) peer: Hugging Face `VisionEncoderDecoderModel.generate` (ViT encoder + BERT decoder with
       cross-attention, KV cache) at the same sizes, random weights, configs built locally
       (nothing downloaded; needs the `bench` extra: transformers)
@@ -140,7 +142,7 @@ def main(argv=None):
     paths = {"(a) inspiration: no cache, eager": base, "(b) PyTorch + KV cache": ours_torch,
              "(c) onnxruntime fp32, served path": ours_ort(ort32, loop32),
              "(d) onnxruntime int8, served path": ours_ort(ort8, loop8),
-             "(c') fp32, host round trip per step": bare_ort_steps(ort32)}
+             "(c') fp32, traced decoder, host round trip per step": bare_ort_steps(ort32)}
     HF = "(e) peer: HF VisionEncoderDecoder.generate"
     if not a.no_hf:
         hf = hf_peer(cfg, tok.vocab_size, pre.input_size[1])

@@ -306,8 +306,12 @@ def quantize_int8(repo: Path) -> None:
         # the fp32 graph is kept outside the version folder: Triton ignores it
         shutil.move(f, fp32)
         # fused contrib ops defeat ONNX shape inference; their tensors are float
-        quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8, per_channel=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        logging.disable(logging.INFO)  # the quantizer logs every tensor to the root logger at INFO
+        try:
+            quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8, per_channel=True,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def onnx_versions(repo: Path) -> dict:
