@@ -109,3 +109,12 @@ def test_exported_decode_loop_graph_is_fused_and_listed_in_the_report(exported_r
     assert report["kv_cache"] == "in_place"
     assert report["fusions"][names.DECODE_LOOP]["GroupQueryAttention"] == n_layers
     assert report["fusions"][names.DECODE_LOOP].get("SkipLayerNormalization", 0) >= 2 * n_layers
+
+
+def test_a_repository_from_an_older_export_is_refused_with_the_fix(tmp_path):
+    """decode_loop/<v>/decoder.onnx of an earlier export is the traced stacked-cache graph, with
+    none of the step graph's metadata: the loop refuses it by name instead of binding it wrongly."""
+    write_select_rows(tmp_path / "select.onnx")
+    write_select_rows(tmp_path / "old-decoder.onnx")  # any graph without the metadata
+    with pytest.raises(ValueError, match=r"old-decoder\.onnx is not a decode-loop step graph.*re-export"):
+        BoundDecoder(tmp_path / "old-decoder.onnx", tmp_path / "select.onnx")
