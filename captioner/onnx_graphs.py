@@ -14,7 +14,11 @@ does not fuse its attention. Here:
     fp16/bf16 only (contrib_ops/cuda/bert/group_query_attention.cc `REGISTER_KERNEL_TYPED`),
     so a graph for a GPU (fp32) uses
   - `com.microsoft.MultiHeadAttention` with past_key/past_value -> present (the kernel appends;
-    registered for fp32 on CPU and CUDA) - `cache="append"`;
+    registered for fp32 on CPU and CUDA) - `cache="append"`. Newer onnxruntime runs that op in
+    place on CUDA when `past_sequence_length` and `cache_indirection` are given
+    (contrib_ops/cuda/bert/multihead_attention.cc: `past_present_share_buffer`), but the 1.20.1
+    that Triton 25.01 ships refuses a MultiHeadAttention node with those inputs (INVALID_GRAPH);
+    `DecoderMaskedMultiHeadAttention` (in place, fp32) aborts in 1.20.1's CPU kernel;
   - cross-attention is `com.microsoft.MultiHeadAttention` with key/value given per layer in
     [B, H, P, Dh] (BNSH), bound once per caption, never sliced per step;
   - only the last position exists, so the vocabulary projection is [B, 1, V].
