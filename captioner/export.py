@@ -301,9 +301,11 @@ def quantize_int8(repo: Path) -> None:
     quantised per tensor at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for f, fp32 in [(repo / name / "1" / "model.onnx", repo / name / "model.fp32.onnx") for name in (ENCODER, DECODER)] \
-            + [(repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE, repo / DECODE_LOOP / "decoder.fp32.onnx")]:
-        # the fp32 graph is kept outside the version folder: Triton ignores it
+    for f in [repo / name / "1" / "model.onnx" for name in (ENCODER, DECODER)] \
+            + [repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE]:
+        # no fp32 copy is kept: Triton copies a model's whole folder from S3 (the decode loop's
+        # fp32 step graph alone is 229 MB at the seed-vit768 shape); re-export for fp32
+        fp32 = f.with_name(f"{f.name}.fp32-tmp")
         shutil.move(f, fp32)
         # fused contrib ops defeat ONNX shape inference; their tensors are float
         logging.disable(logging.INFO)  # the quantizer logs every tensor to the root logger at INFO
@@ -312,6 +314,7 @@ def quantize_int8(repo: Path) -> None:
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         finally:
             logging.disable(logging.NOTSET)
+            fp32.unlink(missing_ok=True)
 
 
 def onnx_versions(repo: Path) -> dict:
