@@ -100,6 +100,13 @@ def int8_repo(exported_repo, tmp_path_factory):
     return repo
 
 
+def test_int8_repository_keeps_no_fp32_graph(int8_repo, exported_repo):
+    """Triton copies a model's whole folder from S3: an fp32 copy beside the int8 graph would be
+    downloaded for nothing (the decode loop's step graph is 229 MB at the seed shape)."""
+    onnx_files = sorted(str(p.relative_to(int8_repo)) for p in int8_repo.rglob("*.onnx*"))
+    assert onnx_files == sorted(str(p.relative_to(exported_repo[0])) for p in exported_repo[0].rglob("*.onnx*"))
+
+
 @pytest.mark.parametrize("op,present", [("MultiHeadAttention", True), ("MatMul", False)])
 def test_int8_encoder_keeps_attention_and_quantizes_matmuls(int8_repo, op, present):
     assert (op_counts(int8_repo / ENCODER / "1" / "model.onnx")[op] > 0) == present
