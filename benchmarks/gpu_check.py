@@ -9,8 +9,9 @@ without one it says so and exits 2 (it has not been run in development: no GPU w
    forward+backward) / step time / peak bf16 FLOP/s (`--peak-tflops`: H100 SXM dense 989,
    A100 312). Goal: >= 40%.
 2. onnxruntime CUDA caption latency at batch 1 and 32 through the generation path Triton
-   serves: the exported encoder, then decode_loop's in-process decoder
-   (`DecodeLoop.in_process`: I/O binding, KV cache on the GPU), greedy, EOS disabled.
+   serves: the exported encoder, then decode_loop's in-process step graph
+   (`DecodeLoop.in_process`: I/O binding, KV cache on the GPU), greedy, EOS disabled, for an
+   fp32 step graph (cache appended) and an fp16 one (`--decoder-dtype float16`: cache in place).
    Goal on an A100/H100: <= 10 ms per caption at batch 1. Needs onnxruntime-gpu
    (`captioner[serve-gpu]`) in place of onnxruntime.
 """
@@ -75,7 +76,7 @@ def training_mfu(config: str, peak_tflops: float, images: int, captions: int, st
     return out
 
 
-def ort_latency(config: str, vocab: int, batches=(1, 32), runs: int = 20) -> dict:
+def ort_latency(config: str, vocab: int, batches=(1, 32), runs: int = 20, decoder_dtype: str = "float32") -> dict:
     import onnxruntime as ort
 
     from benchmarks.caption_latency import NO_EOS, random_model, save_random
@@ -91,7 +92,8 @@ def ort_latency(config: str, vocab: int, batches=(1, 32), runs: int = 20) -> dic
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     try:
         ck = save_random(work, cfg, model, tok, pre)
-        export(str(ck), str(work / "repo"), device="gpu", verify=False, max_batch=max(batches))
+        export(str(ck), str(work / "repo"), device="gpu", verify=False, max_batch=max(batches),
+               decoder_dtype=decoder_dtype)
         enc = OrtCaptioner(work / "repo")
         loop = DecodeLoop.in_process(work / "repo" / DECODE_LOOP / "1")
         assert enc.encoder.get_providers()[0] == "CUDAExecutionProvider"
@@ -139,7 +141,9 @@ def main(argv=None):
         for config in ("seed-vit768", "vit-b16-a100"):
             res[f"train {config}"] = training_mfu(config, a.peak_tflops, a.images, a.captions, a.steps, a.vocab)
     if not a.skip_ort:
-        res["onnxruntime CUDA seed-vit768"] = ort_latency("seed-vit768", a.vocab)
+        for dtype in ("float32", "float16"):  # fp32: cache appended; fp16: half the bytes, cache in place
+            res[f"onnxruntime CUDA seed-vit768, decoder {dtype}"] = ort_latency("seed-vit768", a.vocab,
+                                                                                decoder_dtype=dtype)
     if a.json:
         print(json.dumps(res))
     else:

@@ -197,11 +197,14 @@ def cmd_export(a, _):
     from captioner.export import export
 
     r = export(a.checkpoint, a.out, device=a.device, quantize=a.quantize, verify=not a.no_verify,
-               parity_images=a.parity_images, optimize=not a.no_optimize, force=a.force)
+               parity_images=a.parity_images, optimize=not a.no_optimize, force=a.force,
+               decoder_dtype=a.decoder_dtype)
     if "parity" in r:
         p = r["parity"]
         print(f"parity: encoder max|diff| {p['encoder_max_abs_diff']:.2e}, per-step logits max|diff| "
-              f"{p['logits_max_abs_diff']:.2e}, greedy captions equal {p['captions_equal']}/{p['images']}")
+              f"{p['logits_max_abs_diff']:.2e}, decode loop ({r['decoder_dtype']}, cache {r['kv_cache']}) log-probs "
+              f"max|diff| {p['loop_logprobs_max_abs_diff']:.2e}, greedy captions equal "
+              f"{p['captions_equal']}/{p['images']}")
     if "parity_int8" in r:
         q = r["parity_int8"]
         print(f"int8 parity: logits max|diff| {q['logits_max_abs_diff']:.3f}, greedy captions equal "
@@ -499,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="instance kind in the ONNX models' configs (KIND_GPU for the cluster, KIND_CPU locally)")
     s.add_argument("--quantize", choices=["int8"], default=None, help="onnxruntime dynamic int8 quantization")
+    s.add_argument("--decoder-dtype", choices=["float32", "float16"], default="float32",
+                   help="the decode loop's step graph: float16 (for GPUs) halves its bytes per step and keeps "
+                        "the KV cache in place on the GPU too (GroupQueryAttention has CUDA kernels for fp16 "
+                        "only); its captions may differ from PyTorch's at near-ties (reported)")
     s.add_argument("--no-verify", action="store_true", help="skip the onnxruntime/PyTorch parity check")
     s.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's transformer graph fusions")
     s.add_argument("--parity-images", type=POSITIVE, default=8, help="images in the parity check")

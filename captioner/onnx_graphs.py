@@ -12,7 +12,8 @@ does not fuse its attention. Here:
     position in place (contrib_ops/cpu/bert/gqa_attention_base.h: `past_present_share_buffer`
     is `past_key == present_key`), so no step copies the past. CUDA registers that op for
     fp16/bf16 only (contrib_ops/cuda/bert/group_query_attention.cc `REGISTER_KERNEL_TYPED`),
-    so a graph for a GPU (fp32) uses
+    so an fp32 graph for a GPU uses the op below; an fp16 graph (`--decoder-dtype float16`, half
+    the weight bytes per step) keeps GroupQueryAttention on the GPU too;
   - `com.microsoft.MultiHeadAttention` with past_key/past_value -> present (the kernel appends;
     registered for fp32 on CPU and CUDA) - `cache="append"`. Newer onnxruntime runs that op in
     place on CUDA when `past_sequence_length` and `cache_indirection` are given
@@ -34,25 +35,29 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from captioner.names import (CROSS_KEY, CROSS_VALUE, INPUT_IDS, KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY,
-                             PAST_LENGTH, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)
+from captioner.names import (CROSS_KEY, CROSS_VALUE, INPUT_IDS, KV_CACHE_META, KV_DTYPE_META, LOGITS, MAX_LEN_META,
+                             PAST_KEY, PAST_LENGTH, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)
 
 MS = "com.microsoft"
 CACHE_MODES = ("in_place", "append")
 ATTENTION_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "DecoderMaskedMultiHeadAttention")
 
 
-def cache_mode_for(device: str) -> str:
-    """The cache a graph for `device` keeps: in place on CPU (GroupQueryAttention), appended on
-    a GPU, where the in-place op has no fp32 kernel (see the module docstring)."""
-    return "in_place" if device == "cpu" else "append"
+def cache_mode_for(device: str, dtype: str = "float32") -> str:
+    """The cache a graph for `device` keeps: in place (GroupQueryAttention) on CPU, and on a GPU
+    for an fp16 graph; appended (MultiHeadAttention) for an fp32 graph on a GPU, where the
+    in-place op has no fp32 kernel (see the module docstring)."""
+    return "in_place" if device == "cpu" or dtype == "float16" else "append"
 
 
 class _Graph:
-    def __init__(self):
-        self.nodes, self.inits, self.n = [], [], 0
+    def __init__(self, float_type=np.float32):
+        self.nodes, self.inits, self.n, self.float_type = [], [], 0, float_type
 
     def w(self, name: str, a) -> str:
+        a = np.asarray(a)
+        if a.dtype.kind == "f":
+            a = a.astype(self.float_type)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
         return name
 
@@ -76,32 +81,42 @@ def _np(t) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def build_decoder_step(decoder, patches: int, cache: str = "in_place", opset: int = 17) -> onnx.ModelProto:
+DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
+
+
+def build_decoder_step(decoder, patches: int, cache: str = "in_place", dtype: str = "float32",
+                       opset: int = 17) -> onnx.ModelProto:
     """The step graph of a `captioner.model.CaptionDecoder` (eval mode: no dropout) over an
-    encoder with `patches` tokens. Inputs: input_ids [B,1] int64, past_sequence_length [1] int32, per layer i cross_key.i /
-    cross_value.i [B,H,P,Dh] and past_key.i / past_value.i; outputs logits [B,1,V] and per
-    layer present_key.i / present_value.i."""
+    encoder with `patches` tokens. Inputs: input_ids [B,1] int64, past_sequence_length [1]
+    int32, per layer i cross_key.i / cross_value.i [B,H,P,Dh] and past_key.i / past_value.i;
+    outputs logits [B,1,V] and per layer present_key.i / present_value.i. `dtype` float16
+    stores the weights and computes in fp16 (the cross K/V and the cache are fp16 too; logits
+    come out as fp32)."""
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    np_type, T = DTYPES[dtype]
     cfg = decoder.cfg
     L, H, D, V = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.vocab_size
     Dh = D // H
-    g = _Graph()
+    g = _Graph(np_type)
     vi = helper.make_tensor_value_info
     past_dim = "max_len" if cache == "in_place" else "past_len"
     present_dim = "max_len" if cache == "in_place" else "total_len"
     inputs = [vi(INPUT_IDS, TensorProto.INT64, ["batch", 1]), vi(PAST_LENGTH, TensorProto.INT32, [1])]
     outputs = [vi(LOGITS, TensorProto.FLOAT, ["batch", 1, V])]
     for i in range(L):
-        inputs += [vi(CROSS_KEY.format(i), TensorProto.FLOAT, ["batch", H, patches, Dh]),
-                   vi(CROSS_VALUE.format(i), TensorProto.FLOAT, ["batch", H, patches, Dh]),
-                   vi(PAST_KEY.format(i), TensorProto.FLOAT, ["batch", H, past_dim, Dh]),
-                   vi(PAST_VALUE.format(i), TensorProto.FLOAT, ["batch", H, past_dim, Dh])]
-        outputs += [vi(PRESENT_KEY.format(i), TensorProto.FLOAT, ["batch", H, present_dim, Dh]),
-                    vi(PRESENT_VALUE.format(i), TensorProto.FLOAT, ["batch", H, present_dim, Dh])]
+        inputs += [vi(CROSS_KEY.format(i), T, ["batch", H, patches, Dh]),
+                   vi(CROSS_VALUE.format(i), T, ["batch", H, patches, Dh]),
+                   vi(PAST_KEY.format(i), T, ["batch", H, past_dim, Dh]),
+                   vi(PAST_VALUE.format(i), T, ["batch", H, past_dim, Dh])]
+        outputs += [vi(PRESENT_KEY.format(i), T, ["batch", H, present_dim, Dh]),
+                    vi(PRESENT_VALUE.format(i), T, ["batch", H, present_dim, Dh])]
 
     # token + position embedding; the position of this token is the cache length
-    pos = g.op("Gather", [g.w("pos_emb", _np(decoder.pos_emb.weight)), g.op("Cast", [PAST_LENGTH], to=TensorProto.INT64)])
+    position = g.op("Cast", [PAST_LENGTH], to=TensorProto.INT64)
+    pos = g.op("Gather", [g.w("pos_emb", _np(decoder.pos_emb.weight)), position])
     x = g.op("Add", [g.op("Gather", [g.w("tok_emb", _np(decoder.tok_emb.weight)), INPUT_IDS]), pos])  # [B,1,D]
     if cache == "in_place":  # GroupQueryAttention's lengths: seqlens_k = total - 1 per row, total as a scalar
         batch = g.op("Slice", [g.op("Shape", [INPUT_IDS]), g.w("c_0", np.array([0], np.int64)),
@@ -129,12 +144,14 @@ def build_decoder_step(decoder, patches: int, cache: str = "in_place", opset: in
         h = g.linear(g.layer_norm(x, blk.ln3, f"{p}.ln3"), blk.mlp.fc, f"{p}.mlp.fc")
         x = g.op("Add", [x, g.linear(g.op("Gelu", [h], domain=MS), blk.mlp.proj, f"{p}.mlp.proj")])
     logits = g.op("MatMul", [g.layer_norm(x, decoder.ln_f, "ln_f"), g.w("head.weight_t", _np(decoder.head.weight).T)])
+    if T != TensorProto.FLOAT:
+        logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
     _rename(g, logits, LOGITS)
     graph = helper.make_graph(g.nodes, "captioner_decoder_step", inputs, outputs, g.inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                           producer_name="captioner")
     m.ir_version = 8  # onnxruntime 1.20 (Triton 25.01) reads up to IR 10
-    helper.set_model_props(m, {KV_CACHE_META: cache, MAX_LEN_META: str(cfg.max_len)})
+    helper.set_model_props(m, {KV_CACHE_META: cache, MAX_LEN_META: str(cfg.max_len), KV_DTYPE_META: dtype})
     onnx.checker.check_model(m)
     return m
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from captioner.names import (CROSS_KEY, CROSS_KV, CROSS_VALUE, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
-                             KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH, PAST_VALUE,
-                             PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED, STATE)
+                             KV_CACHE_META, KV_DTYPE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH,
+                             PAST_VALUE, PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED, STATE)
 
 
 def session(path: str | Path, threads: int = 0, device_id: int = 0):
@@ -73,6 +73,7 @@ class BoundDecoder:
                              f"written by an older `captioner export`; re-export the repository")
         self.in_place = meta[KV_CACHE_META] == "in_place"
         self.max_len = int(meta[MAX_LEN_META])
+        self.dtype = np.dtype(meta.get(KV_DTYPE_META, "float32"))  # of the cross K/V and the cache
         shapes = {i.name: i.shape for i in self.decoder.get_inputs()}
         self.layers = sum(1 for n in shapes if n.startswith(CROSS_KEY.format("")))
         _, self.heads, p, self.head_dim = shapes[CROSS_KEY.format(0)]
@@ -90,12 +91,12 @@ class BoundStep:
 
         self.d, self.pos = d, 0
         dev = (d.device, d.device_id)
-        cross_kv = np.asarray(cross_kv, np.float32)
+        cross_kv = np.asarray(cross_kv, d.dtype)  # an fp16 graph: converted once per caption
         B = cross_kv.shape[0]
         self.cross = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cross_kv[:, j]), *dev)
                       for j in range(2 * d.layers)]
         length = d.max_len if d.in_place else 0  # in place: written by the kernel before it is read
-        self.past = [ort.OrtValue.ortvalue_from_shape_and_type([B, d.heads, length, d.head_dim], np.float32, *dev)
+        self.past = [ort.OrtValue.ortvalue_from_shape_and_type([B, d.heads, length, d.head_dim], d.dtype, *dev)
                      for _ in range(2 * d.layers)]
         self._bind()
 

@@ -119,6 +119,7 @@ class DecodeLoop:
                  make_step: Callable | None = None):
         self.tok, self.s, self.run, self.make_step = tokenizer, settings, run, make_step
         self.patches: int | None = None  # P the decoder graph takes, when known
+        self.kv_dtype = np.dtype(np.float32)  # what the step graph keeps the cross K/V and cache in
 
     @classmethod
     def from_dir(cls, d: str | Path, run: Callable | None = None, make_step: Callable | None = None) -> "DecodeLoop":
@@ -137,7 +138,7 @@ class DecodeLoop:
                                         f"version folder (re-export the repository with this `captioner export`)")
         bound = BoundDecoder(d / DECODER_GRAPH_FILE, d / SELECT_ROWS_FILE, threads, device_id)
         loop = cls.from_dir(d, make_step=bound.step)
-        loop.patches = bound.patches
+        loop.patches, loop.kv_dtype = bound.patches, bound.dtype
         return loop
 
     def check_cross_kv(self, cross: np.ndarray, name: str = "cross_kv") -> None:

@@ -27,10 +27,14 @@ def decoder():
     return dec
 
 
-def _bound(decoder, tmp_path, cache) -> BoundDecoder:
-    onnx.save(build_decoder_step(decoder, P, cache), str(tmp_path / "step.onnx"))
-    write_select_rows(tmp_path / "select.onnx")
+def _bound(decoder, tmp_path, cache, dtype="float32") -> BoundDecoder:
+    onnx.save(build_decoder_step(decoder, P, cache, dtype), str(tmp_path / "step.onnx"))
+    write_select_rows(tmp_path / "select.onnx", dtype)
     return BoundDecoder(tmp_path / "step.onnx", tmp_path / "select.onnx", threads=1)
+
+
+# fp16 rounds each op to ~1e-3 relative: log-probs of this random decoder move by up to ~1e-2
+TOLERANCE = {"float32": 1e-4, "float16": 3e-2}
 
 
 def _reference(decoder, tokens, cross):
@@ -39,14 +43,14 @@ def _reference(decoder, tokens, cross):
     return log_softmax(logits.numpy())
 
 
-@pytest.mark.parametrize("cache", ["in_place", "append"])
-def test_step_graph_gives_pytorch_log_probs_through_a_row_reorder(decoder, tmp_path, cache):
+@pytest.mark.parametrize("cache,dtype", [("in_place", "float32"), ("append", "float32"), ("in_place", "float16")])
+def test_step_graph_gives_pytorch_log_probs_through_a_row_reorder(decoder, tmp_path, cache, dtype):
     """Teacher-forced steps, with the rows reordered and duplicated half way (what beam search
     and finished rows do): every step's log-probs equal PyTorch's full-sequence forward."""
     rng = np.random.default_rng(0)
     cross = rng.standard_normal((3, 2 * L, HEADS, P, D // HEADS)).astype(np.float32)
     tokens = rng.integers(0, V, (3, MAX_LEN - 2))
-    step = _bound(decoder, tmp_path, cache).step(cross)
+    step = _bound(decoder, tmp_path, cache, dtype).step(cross)
     rows, worst = np.arange(3), 0.0
     for t in range(tokens.shape[1]):
         if t == 4:
@@ -55,13 +59,14 @@ def test_step_graph_gives_pytorch_log_probs_through_a_row_reorder(decoder, tmp_p
         got = step(tokens[rows, t])
         want = _reference(decoder, tokens[rows, :t + 1], cross[rows])[:, -1]
         worst = max(worst, float(np.abs(got - want).max()))
-    assert worst < 1e-4
+    assert worst < TOLERANCE[dtype]
 
 
-def test_in_place_cache_is_bound_once_and_never_moves(decoder, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_in_place_cache_is_bound_once_and_never_moves(decoder, tmp_path, dtype):
     """Each layer's cache is one preallocated [R, H, max_len, Dh] buffer bound as past and
     present: the kernel appends in place, so no step allocates or copies the past."""
-    d = _bound(decoder, tmp_path, "in_place")
+    d = _bound(decoder, tmp_path, "in_place", dtype)
     cross = np.random.default_rng(1).standard_normal((2, 2 * L, HEADS, P, D // HEADS)).astype(np.float32)
     step = d.step(cross)
     buffers = [p.data_ptr() for p in step.past]
@@ -90,14 +95,17 @@ def test_step_graph_attention_is_fused_and_nothing_concatenates_the_past(decoder
     assert not [n for n in m.graph.node if n.op_type == "Concat"], "the graph concatenates the past itself"
 
 
-def test_a_gpu_graph_uses_only_attention_ops_with_fp32_cuda_kernels(decoder):
+@pytest.mark.parametrize("dtype,cache,ops", [("float32", "append", {"MultiHeadAttention"}),
+                                             ("float16", "in_place", {"GroupQueryAttention", "MultiHeadAttention"})])
+def test_a_gpu_graph_uses_only_attention_ops_with_cuda_kernels_for_its_dtype(decoder, dtype, cache, ops):
     """onnxruntime registers GroupQueryAttention on CUDA for fp16/bf16 only
     (contrib_ops/cuda/bert/group_query_attention.cc, REGISTER_KERNEL_TYPED(MLFloat16, ...) and
     (BFloat16, ...)); in an fp32 graph it would fall back to the CPU with a device copy per layer
-    per step. MultiHeadAttention is registered for float on CUDA
-    (contrib_ops/cuda/bert/multihead_attention.cc, REGISTER_KERNEL_TYPED(float))."""
-    ops = attention_op_counts(build_decoder_step(decoder, P, cache_mode_for("gpu")))
-    assert set(ops) == {"MultiHeadAttention"}, ops
+    per step. MultiHeadAttention is registered for float and float16 on CUDA
+    (contrib_ops/cuda/bert/multihead_attention.cc, REGISTER_KERNEL_TYPED(float, float) ...)."""
+    assert cache_mode_for("gpu", dtype) == cache
+    got = attention_op_counts(build_decoder_step(decoder, P, cache_mode_for("gpu", dtype), dtype))
+    assert set(got) == ops, got
 
 
 def test_exported_decode_loop_graph_is_fused_and_listed_in_the_report(exported_repo):
@@ -118,3 +126,11 @@ def test_a_repository_from_an_older_export_is_refused_with_the_fix(tmp_path):
     write_select_rows(tmp_path / "old-decoder.onnx")  # any graph without the metadata
     with pytest.raises(ValueError, match=r"old-decoder\.onnx is not a decode-loop step graph.*re-export"):
         BoundDecoder(tmp_path / "old-decoder.onnx", tmp_path / "select.onnx")
+
+
+def test_int8_and_an_fp16_decoder_are_refused_together_before_anything_is_written(tmp_path):
+    from captioner.export import export
+
+    with pytest.raises(ValueError, match="--quantize int8 .* --decoder-dtype float16"):
+        export(str(tmp_path / "missing.pt"), str(tmp_path / "repo"), quantize="int8", decoder_dtype="float16")
+    assert not (tmp_path / "repo").exists()
