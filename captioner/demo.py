@@ -118,7 +118,9 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     report = json.loads((Path(args["repo_uri"]) / "export_report.json").read_text())
     p = report["parity"]
     print(f"\nONNX parity: encoder max|diff| {p['encoder_max_abs_diff']:.1e}, logits max|diff| "
-          f"{p['logits_max_abs_diff']:.1e}, greedy captions equal {p['captions_equal']}/{p['images']}")
+          f"{p['logits_max_abs_diff']:.1e}, decode loop's step graph (cache {report.get('kv_cache', '?')}) "
+          f"log-probs max|diff| {p.get('loop_logprobs_max_abs_diff', 0):.1e}, greedy captions equal "
+          f"{p['captions_equal']}/{p['images']}")
     print(f"\n=== test metrics ({int(metrics.get('images', len(held_out)))} held-out images, greedy, pycocoevalcap) ===")
     print(json.dumps({k: v for k, v in metrics.items() if k != "images"}, indent=2))
     acc = attribute_accuracy({r.image_id: r.captions for r in held_out},
