@@ -73,3 +73,24 @@ def load_checkpoint_vocab(repo):
 
     cfg = read_config(repo / names.DECODER / "config.pbtxt")
     return next(o.dims[-1] for o in cfg.output if o.name == names.LOGITS)
+
+
+@pytest.fixture(scope="module")
+def fp16_repo(trained_run, tmp_path_factory):
+    from captioner.export import export
+
+    repo = tmp_path_factory.mktemp("fp16") / "models"
+    export(str(trained_run.out_dir / "ckpt_best.pt"), str(repo), device="gpu", decoder_dtype="float16")
+    return repo
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_decode_loop_model_runs_an_fp16_step_graph(fp16_repo, cross_and_want, monkeypatch, beam):
+    """Triton's decode_loop model over an `--decoder-dtype float16` export: the fp32 cross K/V of
+    the request is converted once, the fp16 cache stays in place, and the captions are the
+    reference's (this model's log-probs are 4e-4 from PyTorch's, far from any near-tie)."""
+    cross, greedy, want_beam = cross_and_want
+    m = _load_model_py(fp16_repo, names.DECODE_LOOP, monkeypatch)
+    out = m.execute([pb_utils_double.FakeRequest(cross_kv=cross, BEAM_SIZE=np.full((len(cross), 1), beam, np.int32))])
+    assert not out[0].has_error(), out[0].error().message()
+    assert _captions(out[0]) == (greedy if beam == 1 else want_beam)
