@@ -28,7 +28,7 @@ from captioner.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODE
                              ENCODER_HIDDEN, INPUT_IDS, LOGITS, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE,
                              PRESENT_KV, ROWS, SELECT_ROWS_FILE, SELECTED, STATE, TOKENIZER_FILE)
 from captioner.onnx_attention import fused_vit_attention
-from captioner.onnx_graphs import fused_operator_counts
+from captioner.onnx_graphs import DTYPES, build_decoder_step, cache_mode_for, fused_operator_counts
 from captioner.serving_core import DecodeLoop, image_bytes_to_pixels
 from captioner.triton_repo import (ALL_MODELS, MAX_BATCH, REPOSITORY_MARKER, build_configs, check_repository,
                                    write_configs, write_marker)
@@ -129,8 +129,6 @@ def write_select_rows(path: Path, dtype: str = "float32", opset: int = 17) -> No
     reorders / duplicates rows on the session's device."""
     from onnx import TensorProto, helper
 
-    from captioner.onnx_graphs import DTYPES
-
     T = DTYPES[dtype][1]
     dims = ["rows_in", "heads", "positions", "head_dim"]
     g = helper.make_graph(
@@ -149,8 +147,6 @@ def write_decoder_step(ck: LoadedCheckpoint, repo: Path, device: str, patches: i
     captioner/triton/decode_loop.py for why it lives there), written from the weights with fused
     attention and a KV cache kept in place (CPU, or fp16 on a GPU) or appended (fp32 on a GPU)
     (captioner.onnx_graphs), and select_rows.onnx for the same dtype. Returns the cache mode."""
-    from captioner.onnx_graphs import build_decoder_step, cache_mode_for
-
     mode = cache_mode_for(device, dtype)
     onnx.save(build_decoder_step(ck.model.decoder.eval(), patches, mode, dtype),
               str(repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE))
@@ -347,8 +343,6 @@ def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None 
     repository written by export (it holds REPOSITORY_MARKER), unless `force`. `decoder_dtype`
     float16 writes the decode loop's step graph in fp16 (for GPUs: half the bytes per step and
     the cache kept in place)."""
-    from captioner.onnx_graphs import DTYPES
-
     if decoder_dtype not in DTYPES:
         raise ValueError(f"decoder_dtype must be one of {sorted(DTYPES)}, got {decoder_dtype!r}")
     if quantize and decoder_dtype != "float32":

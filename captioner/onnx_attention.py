@@ -1,4 +1,4 @@
-"""Fused attention in exported ONNX graphs, and what the written graphs fuse.
+"""Fused attention in the exported encoder graph (timm ViT attention as MultiHeadAttention).
 
 onnxruntime's transformer optimizer does not recognise the attention subgraph that the
 TorchScript exporter writes for a timm ViT (it fuses LayerNorm, SkipLayerNorm and Gelu only),
@@ -25,7 +25,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MHA_OP = "MultiHeadAttention"
+
 class _MultiHeadAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(head_dim)) v over `num_heads` heads; q, k, v [B, S, hidden].
     Exported as one com.microsoft.MultiHeadAttention node."""

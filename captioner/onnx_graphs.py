@@ -61,11 +61,12 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
         return name
 
-    def op(self, op_type: str, inputs: list, n_out: int = 1, domain: str = "", **attrs):
+    def op(self, op_type: str, inputs: list, n_out: int = 1, domain: str = "", names: tuple = (), **attrs):
+        """Add a node; its outputs get `names` (graph outputs) or generated names."""
         self.n += 1
-        outs = [f"{op_type.lower()}_{self.n}_{k}" for k in range(n_out)]
+        outs = list(names) or [f"{op_type.lower()}_{self.n}_{k}" for k in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self.n}", domain=domain, **attrs))
-        return outs[0] if n_out == 1 else outs
+        return outs[0] if len(outs) == 1 else outs
 
     def linear(self, x: str, lin, name: str) -> str:
         """PyTorch Linear: x @ W^T + b, as MatMul + Add (what int8 dynamic quantization rewrites)."""
@@ -130,23 +131,23 @@ def build_decoder_step(decoder, patches: int, cache: str = "in_place", dtype: st
         q, k, v = g.op("Split", [g.linear(g.layer_norm(x, blk.ln1, f"{p}.ln1"), blk.qkv, f"{p}.qkv"), split],
                        n_out=3, axis=-1)
         past = [PAST_KEY.format(i), PAST_VALUE.format(i)]
+        outs = (f"self_attention_{i}", PRESENT_KEY.format(i), PRESENT_VALUE.format(i))
         if cache == "in_place":
-            a, pk, pv = g.op("GroupQueryAttention", [q, k, v, *past, seqlens_k, total], n_out=3, domain=MS,
-                             num_heads=H, kv_num_heads=H)
+            a, _, _ = g.op("GroupQueryAttention", [q, k, v, *past, seqlens_k, total], domain=MS, names=outs,
+                           num_heads=H, kv_num_heads=H)
         else:
-            a, pk, pv = g.op("MultiHeadAttention", [q, k, v, "", "", "", *past], n_out=3, domain=MS, num_heads=H)
-        _rename(g, pk, PRESENT_KEY.format(i))
-        _rename(g, pv, PRESENT_VALUE.format(i))
+            a, _, _ = g.op("MultiHeadAttention", [q, k, v, "", "", "", *past], domain=MS, names=outs, num_heads=H)
         x = g.op("Add", [x, g.linear(a, blk.self_proj, f"{p}.self_proj")])
         qc = g.linear(g.layer_norm(x, blk.ln2, f"{p}.ln2"), blk.q_cross, f"{p}.q_cross")
         c = g.op("MultiHeadAttention", [qc, CROSS_KEY.format(i), CROSS_VALUE.format(i)], domain=MS, num_heads=H)
         x = g.op("Add", [x, g.linear(c, blk.cross_proj, f"{p}.cross_proj")])
         h = g.linear(g.layer_norm(x, blk.ln3, f"{p}.ln3"), blk.mlp.fc, f"{p}.mlp.fc")
         x = g.op("Add", [x, g.linear(g.op("Gelu", [h], domain=MS), blk.mlp.proj, f"{p}.mlp.proj")])
-    logits = g.op("MatMul", [g.layer_norm(x, decoder.ln_f, "ln_f"), g.w("head.weight_t", _np(decoder.head.weight).T)])
-    if T != TensorProto.FLOAT:
-        logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
-    _rename(g, logits, LOGITS)
+    head = [g.layer_norm(x, decoder.ln_f, "ln_f"), g.w("head.weight_t", _np(decoder.head.weight).T)]
+    if T == TensorProto.FLOAT:
+        g.op("MatMul", head, names=(LOGITS,))
+    else:
+        g.op("Cast", [g.op("MatMul", head)], names=(LOGITS,), to=TensorProto.FLOAT)
     graph = helper.make_graph(g.nodes, "captioner_decoder_step", inputs, outputs, g.inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                           producer_name="captioner")
@@ -154,12 +155,6 @@ def build_decoder_step(decoder, patches: int, cache: str = "in_place", dtype: st
     helper.set_model_props(m, {KV_CACHE_META: cache, MAX_LEN_META: str(cfg.max_len), KV_DTYPE_META: dtype})
     onnx.checker.check_model(m)
     return m
-
-
-def _rename(g: _Graph, old: str, new: str) -> None:
-    for n in g.nodes:
-        n.output[:] = [new if o == old else o for o in n.output]
-        n.input[:] = [new if i == old else i for i in n.input]
 
 
 # op types that stand for fused work (onnxruntime contrib ops, or the ONNX ops its optimizer
