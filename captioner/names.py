@@ -44,4 +44,3 @@ PRESENT_KEY = "present_key.{}"  # the same buffer as past_key.{} when the cache 
 PRESENT_VALUE = "present_value.{}"
 KV_CACHE_META = "captioner.kv_cache"  # the step graph's metadata: "in_place" or "append" (how the cache is bound)
 MAX_LEN_META = "captioner.max_len"  # the step graph's metadata: positions the model has (in-place buffer length)
-KV_DTYPE_META = "captioner.kv_dtype"  # the step graph's metadata: "float32" or "float16" (cross K/V, cache)

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from captioner.names import (CROSS_KEY, CROSS_VALUE, INPUT_IDS, KV_CACHE_META, KV_DTYPE_META, LOGITS, MAX_LEN_META,
+from captioner.names import (CROSS_KEY, CROSS_VALUE, INPUT_IDS, KV_CACHE_META, LOGITS, MAX_LEN_META,
                              PAST_KEY, PAST_LENGTH, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)
 
 MS = "com.microsoft"
@@ -152,7 +152,7 @@ def build_decoder_step(decoder, patches: int, cache: str = "in_place", dtype: st
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                           producer_name="captioner")
     m.ir_version = 8  # onnxruntime 1.20 (Triton 25.01) reads up to IR 10
-    helper.set_model_props(m, {KV_CACHE_META: cache, MAX_LEN_META: str(cfg.max_len), KV_DTYPE_META: dtype})
+    helper.set_model_props(m, {KV_CACHE_META: cache, MAX_LEN_META: str(cfg.max_len)})
     onnx.checker.check_model(m)
     return m
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from captioner.names import (CROSS_KEY, CROSS_KV, CROSS_VALUE, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
-                             KV_CACHE_META, KV_DTYPE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH,
+                             KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH,
                              PAST_VALUE, PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED, STATE)
+
+ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # onnxruntime's NodeArg.type
 
 
 def session(path: str | Path, threads: int = 0, device_id: int = 0):
@@ -73,10 +75,11 @@ class BoundDecoder:
                              f"written by an older `captioner export`; re-export the repository")
         self.in_place = meta[KV_CACHE_META] == "in_place"
         self.max_len = int(meta[MAX_LEN_META])
-        self.dtype = np.dtype(meta.get(KV_DTYPE_META, "float32"))  # of the cross K/V and the cache
-        shapes = {i.name: i.shape for i in self.decoder.get_inputs()}
-        self.layers = sum(1 for n in shapes if n.startswith(CROSS_KEY.format("")))
-        _, self.heads, p, self.head_dim = shapes[CROSS_KEY.format(0)]
+        inputs = {i.name: i for i in self.decoder.get_inputs()}
+        self.layers = sum(1 for n in inputs if n.startswith(CROSS_KEY.format("")))
+        cross = inputs[CROSS_KEY.format(0)]
+        _, self.heads, p, self.head_dim = cross.shape
+        self.dtype = np.dtype(ORT_FLOAT_TYPES[cross.type])  # of the cross K/V and the cache
         self.patches = p if isinstance(p, int) else None
 
     def step(self, cross_kv: np.ndarray) -> "BoundStep":

@@ -48,7 +48,8 @@ RUN_STEPS = textwrap.dedent("""
     s = ort.InferenceSession(graph, ort.SessionOptions(), providers=["CPUExecutionProvider"])
     meta = s.get_modelmeta().custom_metadata_map
     in_place, max_len = meta["captioner.kv_cache"] == "in_place", int(meta["captioner.max_len"])
-    dtype = np.dtype(meta["captioner.kv_dtype"])
+    cross_type = next(i.type for i in s.get_inputs() if i.name == "cross_key.0")
+    dtype = np.dtype({"tensor(float)": np.float32, "tensor(float16)": np.float16}[cross_type])
     cross, toks = x["cross"].astype(dtype), x["tokens"]
     B, L2, H, P, Dh = cross.shape
     cv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cross[:, j])) for j in range(L2)]
