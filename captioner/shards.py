@@ -180,10 +180,6 @@ class _Validator:
         return x
 
 
-def load_manifest(store: Store) -> Manifest:
-    return Manifest.load(store)
-
-
 def member_key(name: str) -> tuple[str, str] | None:
     """(key, ext) for a tar member named exactly KEY.EXT with an allowed extension, else None."""
     key, dot, ext = name.partition(".")
