@@ -13,7 +13,7 @@ ROOF = ("step_weight_bytes", "step_state_bytes", "encoder_ms", "step_ms", "floor
 def test_bench_latency_json_has_a_roofline_per_served_path(capsys):
     from benchmarks.caption_latency import main
 
-    main(["--config", "tiny-cpu", "--vocab", "40", "--runs", "1", "--batch", "2", "--no-hf", "--json"])
+    main(["--config", "tiny-cpu", "--vocab", "40", "--runs", "1", "--batch", "2", "--served-only", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["copy_bandwidth_gb_s"] > 0 and isinstance(out["cpu_flags"], list)
     roofs = {name: r["roofline"] for name, r in out["rows"].items() if "roofline" in r}

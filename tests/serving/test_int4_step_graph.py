@@ -15,14 +15,15 @@ from captioner.onnx_graphs import op_type_counts, step_weight_bytes
 from captioner.serving_core import DecodeLoop, image_bytes_to_pixels
 
 # Teacher-forced log-probs of the 4-bit step graph vs PyTorch fp32, max over every position,
-# row and vocabulary entry. Round-to-nearest symmetric 4-bit with a block of 32 input rows per
-# scale leaves each weight off by up to scale/2 = max|w| of its block / 14, about 10% of a
-# weight's spread (RMS) for bell-shaped weights; the errors of a row's products add up
-# incoherently, so each MatMul output is off by roughly that share of its own spread, and the
-# logits (a few nats apart) move by tenths of a nat: measured 0.31 on the demo's checkpoint
-# after its first epoch, 8 images. A graph that is wrong rather than rounded (a weight
-# transposed, blocks packed along the wrong axis, a block size that does not match the
-# packing) scrambles the products and moves log-probs by several nats.
+# row and vocabulary entry. Round-to-nearest 4-bit with a block of 32 input rows per scale
+# leaves each weight off by up to scale/2 = (max - min of its block) / 30 (symmetric blocks:
+# max|w| / 14), about 5-10% of a weight's spread (RMS) for bell-shaped weights; the errors of a
+# row's products add up incoherently, so each MatMul output is off by roughly that share of its
+# own spread, and the logits (a few nats apart) move by tenths of a nat: measured 0.31 and 0.32
+# (symmetric blocks) on the demo's checkpoint after one and three epochs (8 and 4 images). The
+# same quantizer at 2 bits moved them by 1.75 (top-1 still 45/48); a graph that is wrong rather
+# than rounded (a weight transposed, blocks packed along the wrong axis) scrambles the products
+# further.
 INT4_LOGPROB_ATOL = 1.0
 
 
