@@ -170,9 +170,12 @@ def test_decode_loop_step_graph_runs_in_the_onnxruntime_triton_ships(device, dty
 
     # the graph's closeness to PyTorch is tests/serving/test_int4_step_graph.py's (on real captions;
     # these random tokens put unlikely words far out in the tail); here: the pinned release runs
-    # MatMulNBits as this environment's onnxruntime does (measured 1.4e-6 apart, 1.19.2 and 1.32)
+    # MatMulNBits as this environment's onnxruntime does. Log-probs measured apart: 1.20.1 vs 1.32
+    # under 1e-3; 1.19.2 vs 1.32 9.6e-3 with asymmetric blocks (its int8-activation kernel applies
+    # the zero points in another order), 1.4e-6 with symmetric ones; 4-bit rounding itself moves
+    # them by tenths of a nat
     assert op_type_counts(graph)["MatMulNBits"] > 0
     step = DecodeLoop.in_process(graph.parent).make_step(cross.numpy())
     here = np.stack([step(tokens[:, t].numpy()) for t in range(tokens.shape[1])], 1)
-    np.testing.assert_allclose(log_softmax(got), here, atol=1e-3)
+    np.testing.assert_allclose(log_softmax(got), here, atol=3e-2)
     assert (got.argmax(-1) == want.numpy().argmax(-1)).mean() >= 0.5  # still this model's decoder
