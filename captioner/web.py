@@ -42,6 +42,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from captioner.client import TLS
@@ -174,7 +175,9 @@ class Model:
 
     async def caption(self, images: list[memoryview], beam: int) -> list[str]:
         """Captions, or grpc.aio.AioRpcError as the model server answered."""
-        res = await self._open()["infer"](self.message(images, beam), timeout=CAPTION_TIMEOUT_S)
+        msg = await asyncio.to_thread(self.message, images, beam)  # a copy of up to 16 MiB: off the loop
+        res = await self._open()["infer"](msg, timeout=CAPTION_TIMEOUT_S)
+        del msg
         raw, out, off = res.raw_output_contents[0], [], 0
         while off < len(raw):
             (k,) = struct.unpack_from("<I", raw, off)
@@ -426,13 +429,13 @@ def create_app(url: str, model: str = ENSEMBLE, max_images: int = MAX_IMAGES, ma
                     chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 return up
+            except ClientDisconnect:  # nobody to answer: the status is for the access log only
+                raise BadUpload(400, "the client disconnected during the upload") from None
             except TimeoutError:
                 raise BadUpload(408, "the upload was not received in time") from None
             up.feed(chunk)
 
     async def _caption(request: Request, length: int):
-        from captioner.preprocess import SERVING_MAX_PIXELS, ImageError, open_image
-
         up = await _read(request, length)
         images = up.images()
         if not images:
@@ -441,34 +444,27 @@ def create_app(url: str, model: str = ENSEMBLE, max_images: int = MAX_IMAGES, ma
         if not (raw_beam.isascii() and raw_beam.isdigit()) or not 1 <= int(raw_beam) <= MAX_BEAM:
             return JSONResponse({"detail": f"beam must be between 1 and {MAX_BEAM}, got {raw_beam[:20]!r}"}, 400)
         beam = int(raw_beam)
-        results: list[dict | None] = [None] * len(images)
-        todo, pixels = [], 0
-        for i, (name, data) in enumerate(images):  # headers only, in upload order, against the budget
-            if not len(data):
-                results[i] = {"filename": name, "error": f"{name}: empty file"}
-                continue
-            if len(data) > MAX_IMAGE_BYTES:
-                results[i] = {"filename": name, "error": f"{name}: {len(data)} bytes, over the limit of "
-                                                         f"{MAX_IMAGE_BYTES} bytes per image"}
-                continue
-            try:
-                with open_image(bytes(data), SERVING_MAX_PIXELS, name=name) as img:
-                    w, h = img.size
-            except ImageError as e:
-                results[i] = {"filename": name, "error": str(e)}
-                continue
-            if pixels + w * h > REQUEST_PIXEL_BUDGET:
-                results[i] = {"filename": name, "error": f"{name}: over this request's pixel budget of "
-                                                         f"{REQUEST_PIXEL_BUDGET / 1e6:.0f} megapixels (the images "
-                                                         f"before it used {pixels / 1e6:.1f}): send it in another request"}
-                continue
-            pixels += w * h
-            todo.append(i)
-        for group in _groups(todo, [len(images[i][1]) for i in range(len(images))]):
-            await _caption_group(group, images, beam, results)
+        # a client that leaves cancels its upstream calls (the model server then drops the work)
+        watcher = asyncio.create_task(_disconnected(request.receive))
+        work = asyncio.create_task(_caption_images(images, beam))
+        await asyncio.wait({watcher, work}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            log.info("client left: its request's model-server work was cancelled")
+            return JSONResponse({"detail": "the client disconnected"}, 400)
+        watcher.cancel()
+        results = work.result()
         for r in results:
             metrics.images.labels("captioned" if "caption" in r else "rejected").inc()
         return {"beam": beam, "results": results}
+
+    async def _caption_images(images, beam: int) -> list[dict]:
+        # header checks copy each image once (PIL reads from bytes): off the event loop, which
+        # keeps answering /healthz and other users meanwhile
+        results, todo = await asyncio.to_thread(_check_images, images)
+        for group in _groups(todo, [len(images[i][1]) for i in range(len(images))]):
+            await _caption_group(group, images, beam, results)
+        return results
 
     async def _caption_group(group: list[int], images, beam: int, results: list) -> None:
         """One upstream request for `group`; when the server refuses an image, that image gets
@@ -496,6 +492,44 @@ def create_app(url: str, model: str = ENSEMBLE, max_images: int = MAX_IMAGES, ma
     return app
 
 
+async def _disconnected(receive) -> None:
+    """Returns when the client has gone (after the body, the next ASGI message is http.disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _check_images(images: list[tuple[str, memoryview]]) -> tuple[list, list[int]]:
+    """Per image from its header, in upload order: (results with an error for each image refused
+    here, indices of those to caption). Refused: empty, over MAX_IMAGE_BYTES, not an accepted
+    format, over the per-image pixel cap or aspect ratio, beyond the request's pixel budget."""
+    from captioner.preprocess import SERVING_MAX_PIXELS, ImageError, open_image
+
+    results: list[dict | None] = [None] * len(images)
+    todo, pixels = [], 0
+    for i, (name, data) in enumerate(images):
+        if not len(data):
+            results[i] = {"filename": name, "error": f"{name}: empty file"}
+            continue
+        if len(data) > MAX_IMAGE_BYTES:
+            results[i] = {"filename": name, "error": f"{name}: {len(data)} bytes, over the limit of "
+                                                     f"{MAX_IMAGE_BYTES} bytes per image"}
+            continue
+        try:
+            with open_image(bytes(data), SERVING_MAX_PIXELS, name=name) as img:
+                w, h = img.size
+        except ImageError as e:
+            results[i] = {"filename": name, "error": str(e)}
+            continue
+        if pixels + w * h > REQUEST_PIXEL_BUDGET:
+            results[i] = {"filename": name, "error": f"{name}: over this request's pixel budget of "
+                                                     f"{REQUEST_PIXEL_BUDGET / 1e6:.0f} megapixels (the images "
+                                                     f"before it used {pixels / 1e6:.1f}): send it in another request"}
+            continue
+        pixels += w * h
+        todo.append(i)
+    return results, todo
+
+
 def _groups(order: list[int], sizes: list[int]) -> list[list[int]]:
     """Consecutive images packed into upstream messages of at most UPSTREAM_MAX_BYTES."""
     out, cur, total = [], [], 0
@@ -512,7 +546,9 @@ def run(url: str, host: str = "127.0.0.1", port: int = 8080, model: str = ENSEMB
         max_body: int = MAX_BODY, tls: TLS | None = None) -> None:
     import uvicorn
 
-    from captioner.http_server import HEADER_TIMEOUT_S, _protocol, bind
+    from captioner.http_server import HEADER_TIMEOUT_S, _protocol, bind, return_large_buffers_to_the_os
+
+    return_large_buffers_to_the_os()  # request buffers go back to the OS when freed (see there)
 
     try:
         sock = bind(host, port)

@@ -23,8 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,9 +84,8 @@ def stack(exported_repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def light(trained_run):
-    """(name, bytes, caption) of held-out images."""
-    imgs = sample_images(load_checkpoint(trained_run.out_dir), 4)
-    return imgs
+    """(name, bytes) of held-out images."""
+    return sample_images(load_checkpoint(trained_run.out_dir), 4)
 
 
 @pytest.fixture(scope="module")
@@ -256,13 +253,13 @@ def test_soak_http_fronts(stack, light, heavy_gif, big_pngs):
     counts = {k: 0 for k in ("rest", "web", "healthz", "malformed", "dropped", "large", "heavy")}
     lock = threading.Lock()
 
-    def note(kind, problem=None, seconds=None, key=None):
+    def note(kind, problem=None, seconds=None):
         with lock:
             counts[kind] += 1
             if problem:
                 problems.append((kind, problem))
             if seconds is not None:
-                lat[key or kind].append(seconds)
+                lat[kind].append(seconds)
 
     # attackers that hold connections: 200 idle sockets and a 50-connection slowloris on each HTTP port
     held, stop = [], threading.Event()
