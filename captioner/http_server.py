@@ -289,7 +289,8 @@ def create_app(plane: DataPlane, max_body: int, max_in_flight: int = 32,
     @app.exception_handler(StarletteHTTPException)  # unknown route, wrong method: Triton's {"error"} body
     async def _http_error(request, e: StarletteHTTPException):
         what = {404: f"no such endpoint: {request.url.path}",
-                405: f"method {request.method[:16]!r} is not allowed on {request.url.path}"}.get(e.status_code, e.detail)
+                405: f"method {request.method[:16]!r} is not allowed on {request.url.path}"}
+        what = what.get(e.status_code, e.detail)
         return _error(e.status_code, what, getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -407,12 +407,15 @@ def create_app(url: str, model: str = ENSEMBLE, max_images: int = MAX_IMAGES, ma
                                 413, headers={"Connection": "close"})
         cost = COPIES * int(length)
         if not admission.take(cost):
+            # the connection stays open: uvicorn reads and drops the unread body, so the client
+            # (still sending) gets this answer rather than a reset
             return JSONResponse({"detail": "the gateway is busy: retry shortly"}, 503,
-                                headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
         try:
             return await _caption(request, int(length))
-        except BadUpload as e:
-            return JSONResponse({"detail": str(e)}, e.status, headers={"Connection": "close"})
+        except BadUpload as e:  # a stalled upload's connection is closed; others drain as above
+            close = {"Connection": "close"} if e.status == 408 else None
+            return JSONResponse({"detail": str(e)}, e.status, headers=close)
         except Upstream as e:
             return JSONResponse({"detail": str(e)}, e.status,
                                 headers={"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None)

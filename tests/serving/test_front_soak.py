@@ -45,6 +45,34 @@ MAX_BODY = 32 << 20
 
 pytestmark = pytest.mark.slow
 
+# /healthz probed from its own process (the test process's GIL is busy with the other clients):
+# prints [(status, seconds), ...] after `dur` seconds or once the file `stop` exists
+PROBE = """
+import http.client, json, os, sys, time
+port, dur, stop = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else ""
+end, out = time.monotonic() + dur, []
+while time.monotonic() < end and len(out) < 10000 and not (stop and os.path.exists(stop)):
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", "/healthz")
+    st = c.getresponse().status
+    c.close()
+    out.append((st, time.monotonic() - t0))
+    time.sleep(0.05)
+print(json.dumps(out))
+"""
+
+
+def probe_health(port: int, stop_file: Path, max_s: float = 600) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PROBE, str(port), str(max_s), str(stop_file)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def probe_results(p: subprocess.Popen, stop_file: Path) -> list:
+    stop_file.touch()
+    out, _ = p.communicate(timeout=120)
+    return json.loads(out or "[]")
+
 
 def _hwm_mib(pid) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
@@ -150,7 +178,7 @@ def test_gateway_metric_labels_are_bounded(stack):
     assert 'method="X0' not in text and len(text) < before + 2000, (before, len(text))
 
 
-def test_gateway_pixel_budget_and_fairness(stack, light, heavy_gif):
+def test_gateway_pixel_budget_and_fairness(stack, light, heavy_gif, tmp_path):
     """8 users each send 16 heavy (16-megapixel) GIFs while another user sends one small image:
     the small one is answered before most heavy requests (the old gateway queued it behind all
     128 heavy images in one shared thread pool: 22 s); each heavy request captions what the
@@ -165,18 +193,8 @@ def test_gateway_pixel_budget_and_fairness(stack, light, heavy_gif):
             done.append(("heavy", time.monotonic()))
             heavy_results.append((r.status_code, r.json()))
 
-    health = []
-
-    def poll_health(stop):
-        while not stop.is_set():
-            t0 = time.monotonic()
-            st = requests.get(stack["web"] + "/healthz", timeout=30).status_code
-            health.append((st, time.monotonic() - t0))
-            time.sleep(0.05)
-
-    stop = threading.Event()
-    hp = threading.Thread(target=poll_health, args=(stop,), daemon=True)
-    hp.start()
+    stop_file = tmp_path / "stop-probe"
+    prober = probe_health(stack["web_port"], stop_file)
     with ThreadPoolExecutor(8) as ex:
         futs = [ex.submit(heavy_user, k) for k in range(8)]
         time.sleep(0.5)  # the heavy requests are in
@@ -187,8 +205,7 @@ def test_gateway_pixel_budget_and_fairness(stack, light, heavy_gif):
             heavy_done_before = len(done)
         for f in futs:
             f.result()
-    stop.set()
-    hp.join()
+    health = probe_results(prober, stop_file)
     assert r.status_code == 200 and r.json()["results"][0]["caption"] == caption_bytes(stack["grpc"], [light[0][1]])[0]
     last_heavy = max(t for _, t in done)
     print(f"one image during 8 x 16 heavy images: {t_light - t0:.2f} s (heavy requests done before it: "
@@ -203,26 +220,17 @@ def test_gateway_pixel_budget_and_fairness(stack, light, heavy_gif):
         assert all("pixel budget" in x["error"] for x in res[2:]), res[2]
 
 
-def test_gateway_memory_under_concurrent_max_size_uploads(stack, big_pngs, light):
+def test_gateway_memory_under_concurrent_max_size_uploads(stack, big_pngs, light, tmp_path):
     """16 concurrent 32 MiB uploads: admitted by memory (the others 503 + Retry-After at once),
     peak RSS under 75% of the pod's limit, nothing left open on disk, /healthz answered throughout."""
     req = multipart([("a.png", big_pngs[0]), ("b.png", big_pngs[1])])
     assert len(req[0]) <= MAX_BODY
     pid = stack["webp"].pid
-    health, stop = [], threading.Event()
-
-    def poll_health():
-        while not stop.is_set():
-            t0 = time.monotonic()
-            health.append((requests.get(stack["web"] + "/healthz", timeout=30).status_code, time.monotonic() - t0))
-            time.sleep(0.05)
-
-    hp = threading.Thread(target=poll_health, daemon=True)
-    hp.start()
+    stop_file = tmp_path / "stop-probe"
+    prober = probe_health(stack["web_port"], stop_file)
     with ThreadPoolExecutor(16) as ex:
         res = list(ex.map(lambda _: gw_post(stack, req), range(16)))
-    stop.set()
-    hp.join()
+    health = probe_results(prober, stop_file)
     codes = [r.status_code for r in res]
     peak = _hwm_mib(pid)
     print(f"16 concurrent max-size uploads: statuses {sorted(codes)}, gateway peak RSS {peak:.0f} MiB "
@@ -240,6 +248,8 @@ def test_gateway_memory_under_concurrent_max_size_uploads(stack, big_pngs, light
 
 
 # -- the soak ----------------------------------------------------------------------------------
+
+
 def _pct(xs, q):
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -344,11 +354,10 @@ def test_soak_http_fronts(stack, light, heavy_gif, big_pngs):
             time.sleep(0.1)
 
     def health_user(seed):
-        while time.monotonic() < end:
-            t0 = time.monotonic()
-            st = requests.get(stack["web"] + "/healthz", timeout=30).status_code
-            note("healthz", None if st == 200 else f"{st}", time.monotonic() - t0)
-            time.sleep(0.1)
+        out = subprocess.run([sys.executable, "-c", PROBE, str(stack["web_port"]), str(end - time.monotonic())],
+                             capture_output=True, text=True, timeout=SOAK_S + 120)  # see PROBE
+        for st, dt in json.loads(out.stdout or "[]"):
+            note("healthz", None if st == 200 else f"{st}", dt)
 
     sl = threading.Thread(target=slowloris, daemon=True)
     sl.start()
