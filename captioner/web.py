@@ -268,6 +268,12 @@ class Upload:
         except Exception as e:  # noqa: BLE001 - python-multipart's parse errors
             raise BadUpload(400, f"could not read the upload: {e}") from None
 
+    def close(self) -> None:
+        """Drop the parser: its callbacks are this object's methods, a reference cycle that
+        would keep the buffer (up to max_body bytes) until the cyclic garbage collector ran
+        (measured: +96 MiB of RSS per round of 8 large uploads, returned only now and then)."""
+        self.parser = None
+
     def images(self) -> list[tuple[str, memoryview]]:
         mv = memoryview(self.buf)
         return [(name or f"image {i + 1}", mv[a:b]) for i, (name, a, b) in enumerate(self.files)]
@@ -426,17 +432,20 @@ def create_app(url: str, model: str = ENSEMBLE, max_images: int = MAX_IMAGES, ma
         up = Upload(request.headers.get("content-type", ""), length, max_images)
         chunks = request.stream().__aiter__()
         end = time.monotonic() + BODY_TIMEOUT_S
-        while True:
-            try:
-                async with asyncio.timeout(min(BODY_IDLE_TIMEOUT_S, max(0.0, end - time.monotonic()))):
-                    chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                return up
-            except ClientDisconnect:  # nobody to answer: the status is for the access log only
-                raise BadUpload(400, "the client disconnected during the upload") from None
-            except TimeoutError:
-                raise BadUpload(408, "the upload was not received in time") from None
-            up.feed(chunk)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(min(BODY_IDLE_TIMEOUT_S, max(0.0, end - time.monotonic()))):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return up
+                except ClientDisconnect:  # nobody to answer: the status is for the access log only
+                    raise BadUpload(400, "the client disconnected during the upload") from None
+                except TimeoutError:
+                    raise BadUpload(408, "the upload was not received in time") from None
+                up.feed(chunk)
+        finally:
+            up.close()
 
     async def _caption(request: Request, length: int):
         up = await _read(request, length)

@@ -74,6 +74,10 @@ def probe_results(p: subprocess.Popen, stop_file: Path) -> list:
     return json.loads(out or "[]")
 
 
+def _rss_mib(pid) -> float:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
+
+
 def _hwm_mib(pid) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
 
@@ -226,21 +230,24 @@ def test_gateway_memory_under_concurrent_max_size_uploads(stack, big_pngs, light
     req = multipart([("a.png", big_pngs[0]), ("b.png", big_pngs[1])])
     assert len(req[0]) <= MAX_BODY
     pid = stack["webp"].pid
+    rest_before = _rss_mib(pid)
     stop_file = tmp_path / "stop-probe"
     prober = probe_health(stack["web_port"], stop_file)
     with ThreadPoolExecutor(16) as ex:
         res = list(ex.map(lambda _: gw_post(stack, req), range(16)))
     health = probe_results(prober, stop_file)
+    kept = _rss_mib(pid) - rest_before  # once answered, the uploads' buffers are freed (no reference cycle)
     codes = [r.status_code for r in res]
     peak = _hwm_mib(pid)
     print(f"16 concurrent max-size uploads: statuses {sorted(codes)}, gateway peak RSS {peak:.0f} MiB "
-          f"(limit {WEB_LIMIT_MIB} MiB), /healthz max {max(x for _, x in health) * 1000:.0f} ms (shared machine)")
+          f"(limit {WEB_LIMIT_MIB} MiB), kept after {kept:.0f} MiB, /healthz max {max(x for _, x in health) * 1000:.0f} ms (shared machine)")
     assert set(codes) <= {200, 503} and 200 in codes, codes
     assert all(r.headers.get("Retry-After") for r in res if r.status_code == 503)
     for r in res:
         if r.status_code == 200:
             assert [("caption" in x) for x in r.json()["results"]] == [True, True], r.json()
     assert peak < 0.75 * WEB_LIMIT_MIB, f"gateway peak RSS {peak:.0f} MiB over 75% of {WEB_LIMIT_MIB} MiB"
+    assert kept < 48, f"the gateway kept {kept:.0f} MiB after answering"
     deleted = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     assert not [x for x in deleted if "(deleted)" in x], deleted
     assert all(st == 200 for st, _ in health)
