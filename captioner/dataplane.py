@@ -315,7 +315,8 @@ def decode_inputs(cfg: mc.ModelConfig, inputs: list[InputTensor]) -> dict[str, n
                 if len(t.raw) != n * np.dtype(np_dt).itemsize:
                     raise RequestError(f"input '{t.name}' has {len(t.raw)} bytes, shape {shape} of {want_dt} "
                                        f"needs {n * np.dtype(np_dt).itemsize}")
-                arr = np.frombuffer(t.raw, dtype=np_dt)
+                # bytes(): a view into an HTTP body would keep the whole body alive (no copy for gRPC bytes)
+                arr = np.frombuffer(bytes(t.raw), dtype=np_dt)
         elif t.data is not None:
             if len(t.data) != n:
                 raise RequestError(f"input '{t.name}' holds {len(t.data)} elements, shape {shape} needs {n}")
