@@ -229,11 +229,16 @@ def _torchrun(tmp_path, data, out, *extra, nproc=2, timeout=150, flags=""):
            *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "tests.ddp_worker", str(data), str(out), *extra]
+    # its own session, so that on a timeout the ranks (children of torchrun) are stopped with it
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_WORKER_FLAGS": flags})
     try:
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_WORKER_FLAGS": flags})
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun did not finish in {timeout}s (ranks out of step?): {str(e.stdout)[-1500:]}")
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout}s (ranks out of step?): {(out + err)[-1500:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def _batches(out, rank) -> list:
@@ -280,10 +285,11 @@ def _epoch0_ids(*outs_ranks) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["shards", "folder"])
+@pytest.mark.parametrize("source", ["shards"])  # the folder sampler's resume arithmetic: the property test above
 def test_mid_epoch_resume_with_another_world_size_or_worker_count_continues_exactly(synth_dir, tmp_path, source):
-    """Cut a 2-rank run (2 loader workers) mid-epoch, then resume it with 1 rank (and, on shards, with 2 ranks and
-    0 workers): the epoch's batches before and after the cut hold every training image exactly once."""
+    """Cut a 2-rank run (2 loader workers) mid-epoch, then resume it with 1 rank and 0 workers, and with 2 ranks and
+    0 workers: the epoch's batches before and after the cut hold every training image exactly once. (Passes with
+    source "folder" too; left out for time.)"""
     import shutil
 
     from captioner.shards import open_shard_source
