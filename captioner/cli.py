@@ -48,7 +48,12 @@ def int_range(lo: int, hi: int | None = None):
 
 def _shard_mb(s: str):
     """argparse type of ingest --shard-mb: 'auto' or a number > 0."""
-    return "auto" if s.strip().lower() == "auto" else float_range(0.0, lo_open=True)(s)
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float_range(0.0, lo_open=True)(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {s!r}") from None
 
 
 def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):

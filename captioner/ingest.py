@@ -10,6 +10,7 @@ the right sha256 and ends with exactly the store a clean run writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -175,19 +176,25 @@ def auto_shard_items(n_train: int, readers: int) -> int:
     return max(1, n_train // (AUTO_SHARDS_PER_READER * max(1, readers)))
 
 
-def _resolve_shard_size(records: list[ImageRecord], o: IngestOptions) -> None:
-    if o.shard_mb != "auto":
-        return
-    if o.target_workers < 1:
+def _check_auto(o: IngestOptions) -> None:
+    if o.shard_mb == "auto" and o.target_workers < 1:
         raise ValueError("--shard-mb auto needs --target-workers N: the readers of the cluster that trains on this "
                          "data (ranks x DataLoader workers per rank, e.g. 8 GPUs x 4 workers = 32)")
+
+
+def _resolve_shard_size(records: list[ImageRecord], o: IngestOptions) -> IngestOptions:
+    """The options with "auto" turned into an item count per shard (and the 64 MB cap)."""
+    if o.shard_mb != "auto":
+        return o
+    _check_auto(o)
     n_train = sum(1 for r in records if r.split == "train")
-    o.shard_items, o.shard_mb = auto_shard_items(n_train, o.target_workers), AUTO_MAX_MB
+    o = dataclasses.replace(o, shard_items=auto_shard_items(n_train, o.target_workers), shard_mb=AUTO_MAX_MB)
     if n_train < o.target_workers:
         log.warning("%d training images for %d readers: some readers will have no shard of their own", n_train,
                     o.target_workers)
     log.info("--shard-mb auto: %d items per shard (at most %.0f MB) for %d readers: about %d training shards", o.shard_items,
              AUTO_MAX_MB, o.target_workers, -(-n_train // o.shard_items))
+    return o
 
 
 def build_shards(records: list[ImageRecord], summary: DataSummary, o: IngestOptions, stage: Path) -> list[Shard]:
@@ -280,6 +287,7 @@ def upload_shards(store: Store, shards: list[Shard], workers: int, progress: boo
 
 def ingest(source: str, dest: str, o: IngestOptions | None = None, store: Store | None = None) -> dict:
     o = o or IngestOptions()
+    _check_auto(o)  # before any work
     t0 = time.time()
     store = store or open_store(dest, create=True)
     stale = store.cleanup_partials()
@@ -289,7 +297,7 @@ def ingest(source: str, dest: str, o: IngestOptions | None = None, store: Store 
         src = _source_dir(source, Path(tmp))
         records, summary = read_records(src, o.format, o.image_root)
         assign_splits(records, o.val_fraction, o.test_fraction, o.split_seed)
-        _resolve_shard_size(records, o)
+        o = _resolve_shard_size(records, o)
         stage = Path(tmp) / "shards"
         stage.mkdir()
         shards = build_shards(records, summary, o, stage)

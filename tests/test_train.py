@@ -229,14 +229,17 @@ def _torchrun(tmp_path, data, out, *extra, nproc=2, timeout=150, flags=""):
            *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "tests.ddp_worker", str(data), str(out), *extra]
-    # its own session, so that on a timeout the ranks (children of torchrun) are stopped with it
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_WORKER_FLAGS": flags})
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
+        p.terminate()  # torchrun stops its ranks on SIGTERM (they run in sessions of their own)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
         pytest.fail(f"torchrun did not finish in {timeout}s (ranks out of step?): {(out + err)[-1500:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
