@@ -179,3 +179,18 @@ def test_deploy_urls_name_every_triton_replica():
         assert svc is not None and port in [p["port"] for p in svc["spec"]["ports"]], url
         assert svc["spec"].get("clusterIP") == "None", f"{url}: Service {name} has one ClusterIP: one replica loads"
         assert _selects({"matchLabels": svc["spec"]["selector"]}, pods["triton"])
+
+
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_steps_identity_may_do_its_work_in_the_job_namespace(overlay):
+    """Whoever runs the steps in this install (single-user: kubeflow/pipeline-runner;
+    multi-user: default-editor in the profile) may launch training jobs in `captioner` and,
+    with KServe, patch the InferenceService (tests/rbac_eval.py follows the RBAC authorizer)."""
+    from tests.rbac_eval import Rbac, Request, sa_user
+
+    rbac, who = Rbac(render(overlay)), sa_user(*steps_identity(overlay))
+    need = [("kubeflow.org", "pytorchjobs", "create"), ("trainer.kubeflow.org", "trainjobs", "create")]
+    if "kserve" in overlay:
+        need += [("serving.kserve.io", "inferenceservices", v) for v in ("get", "create", "patch")]
+    for group, resource, verb in need:
+        assert rbac.allowed(Request(who, verb, group, resource, "captioner")), (who, verb, resource)
