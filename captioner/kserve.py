@@ -1,4 +1,4 @@
-"""KServe v0.19.0 InferenceService on the `kserve-tritonserver` runtime: a pure builder and a
+"""KServe v0.19.0 InferenceService on our `captioner-triton` ServingRuntime (Serverless mode): a pure builder and a
 canary rollout (new model version at `canaryTrafficPercent`, wait for its revision, live check
 through the v2 endpoint, promote to 100% or roll back). The champion is recorded by the caller
 only after promotion.
