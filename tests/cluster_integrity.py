@@ -89,7 +89,8 @@ def controller_pods(docs, training_job: dict) -> tuple[list, dict]:
     else:
         rj = training_job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
         t = rj["template"]["spec"]["template"]
-        spec = {**t["spec"], "containers": [{**t["spec"]["containers"][0], "env": training_job["spec"]["trainer"]["env"]}]}
+        node = {**t["spec"]["containers"][0], "env": training_job["spec"]["trainer"]["env"]}
+        spec = {**t["spec"], "containers": [node]}
         labels = t["metadata"]["labels"]
     pods.append(Pod(f"{training_job['kind']} {training_job['metadata']['name']}",
                     training_job["metadata"]["namespace"], labels, spec.get("serviceAccountName", "default"), spec,
@@ -171,7 +172,8 @@ def refs(inst: Install, external: dict) -> list[str]:
                     errs.append(f"RoleBinding {ns}/{d['metadata']['name']} binds ServiceAccount "
                                 f"{s.get('namespace', ns)}/{s['name']}, which nothing creates")
             if d["roleRef"]["kind"] == "Role" and not exists("Role", ns, d["roleRef"]["name"]):
-                errs.append(f"RoleBinding {ns}/{d['metadata']['name']} names Role {d['roleRef']['name']!r}, not in {ns}")
+                errs.append(f"RoleBinding {ns}/{d['metadata']['name']} names Role {d['roleRef']['name']!r}, "
+                            f"not in {ns}")
         if d["kind"] == "Ingress":
             for t in d["spec"].get("tls", []):
                 if not exists("Secret", ns, t["secretName"]):
@@ -318,7 +320,7 @@ def _side_allows(pols, direction: str, local: End, remote: End, port) -> bool:
 
 def applies(flow: Flow, inst: Install) -> bool:
     need = NEEDS.get(flow.name)
-    return bool(resolve(flow.src, inst)) and bool(resolve(flow.dst, inst)) and (need is None or bool(resolve(need, inst)))
+    return all(resolve(side, inst) for side in (flow.src, flow.dst, *([need] if need else [])))
 
 
 def flow_allowed(flow: Flow, inst: Install) -> list[str]:

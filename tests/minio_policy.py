@@ -57,7 +57,8 @@ def _split(path: str) -> tuple[str, str]:
 def route(req: dict) -> list[Check]:
     """The checks MinIO's router + handler make for a path-style request
     {"method", "path", "query", "headers"?}."""
-    m, q, h = req["method"].upper(), req.get("query") or {}, {k.lower(): v for k, v in (req.get("headers") or {}).items()}
+    m, q = req["method"].upper(), req.get("query") or {}
+    h = {k.lower(): v for k, v in (req.get("headers") or {}).items()}
     bucket, obj = _split(req["path"])
     if not bucket:
         if m == "GET":

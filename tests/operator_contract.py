@@ -149,7 +149,8 @@ def webhook_errors(job: dict) -> list[str]:
     ep = spec.get("elasticPolicy")
     if ep is not None:
         if "Worker" not in (rs or {}):
-            errs.append("spec.pytorchReplicaSpecs[Worker]: Required value: must be configured if elastic policy is used")
+            errs.append("spec.pytorchReplicaSpecs[Worker]: Required value: must be configured if elastic policy "
+                        "is used")
         if ep.get("nProcPerNode") is not None and spec.get("nprocPerNode") is not None:
             errs.append("spec.elasticPolicy.nProcPerNode: Forbidden: must not be used with spec.nprocPerNode")
     if rs is None:

@@ -227,7 +227,8 @@ def record(which: set[str]) -> None:
         if "pipeline-steps" in which:
             _save("pipeline-steps", "recorded from captioner.pipeline_steps evaluate_step, export_step, "
                   "champion_score and deploy_step (three versions) against moto_server, "
-                  "and one multipart upload of an ONNX graph over storage.PART_SIZE (one part refused, then a retry)", reqs)
+                  "and one multipart upload of an ONNX graph over storage.PART_SIZE (one part refused, then a "
+                  "retry)", reqs)
 
         if "kserve-storage-initializer" in which:
             moto.start()
@@ -254,7 +255,10 @@ def kserve_download(endpoint: str, uri: str, dest: Path) -> list[str]:
     for obj in bucket.objects.filter(Prefix=bucket_path):
         if obj.key.endswith("/") or obj.size == 0:
             continue
-        target_key = obj.key.rsplit("/", 1)[-1] if bucket_path == obj.key else obj.key.removeprefix(bucket_path).lstrip("/")
+        if bucket_path == obj.key:
+            target_key = obj.key.rsplit("/", 1)[-1]
+        else:
+            target_key = obj.key.removeprefix(bucket_path).lstrip("/")
         target = dest / target_key
         target.parent.mkdir(parents=True, exist_ok=True)
         bucket.download_file(obj.key, str(target))

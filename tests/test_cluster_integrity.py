@@ -167,12 +167,15 @@ def test_deploy_urls_name_every_triton_replica():
     (one address per ready pod); a ClusterIP Service reaches one. Every --triton-url the docs
     show resolves to a headless Service over the Triton pods in the render."""
     docs = render("kind")
-    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"}
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs
+            if d["kind"] == "Deployment"}
     urls = re.findall(r"--triton-url[ =]([^\s`'\"]+)", (ROOT / "README.md").read_text())
     assert urls, "the README shows no --triton-url"
     for url in urls:
-        found = host_ports(url, "captioner") or [(m.group(2), m.group(1), int(m.group(3)))
-                                                  for m in [re.fullmatch(r"([a-z0-9-]+)\.([a-z0-9-]+):(\d+)", url)] if m]
+        short = re.fullmatch(r"([a-z0-9-]+)\.([a-z0-9-]+):(\d+)", url)  # name.namespace:port
+        found = host_ports(url, "captioner")
+        if short and not found:
+            found = [(short.group(2), short.group(1), int(short.group(3)))]
         assert found, url
         ns, name, port = found[0]
         svc = next((d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == name), None)

@@ -27,7 +27,8 @@ DENIED = {
                           ("GET", "/models/serving/champion.json", {}), ("DELETE", "/models/runs/r1/ckpt_best.pt", {}),
                           ("GET", "/models", {"list-type": "2", "prefix": "serving/"}),
                           ("GET", "/datasets", {"list-type": "2", "prefix": ""})],
-    "captioner-triton": [("PUT", "/models/serving/captioner/config.pbtxt", {}), ("GET", "/models/runs/r1/ckpt_best.pt", {}),
+    "captioner-triton": [("PUT", "/models/serving/captioner/config.pbtxt", {}),
+                         ("GET", "/models/runs/r1/ckpt_best.pt", {}),
                          ("GET", "/models", {"list-type": "2", "prefix": "runs/"}),
                          ("GET", "/models", {"prefix": "serving"}),  # no slash: would list serving-old/ too
                          ("GET", "/datasets/synth/v1/manifest.json", {}), ("HEAD", "/datasets", {}),
@@ -82,7 +83,8 @@ def test_evaluator_follows_minio():
     like = {"Statement": [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::models",
                            "Condition": {"StringLike": {"s3:prefix": ["serving", "serving/*"]}}}]}
     assert request_allowed(like, lst) and not request_allowed(like, head)  # no prefix: StringLike is false
-    forall = {"Statement": [{**like["Statement"][0], "Condition": {"ForAllValues:StringLike": {"s3:prefix": "serving/*"}}}]}
+    forall = {"Statement": [{**like["Statement"][0],
+                             "Condition": {"ForAllValues:StringLike": {"s3:prefix": "serving/*"}}}]}
     assert request_allowed(forall, head) and request_allowed(forall, lst)
     assert not request_allowed(forall, {**lst, "query": {"prefix": "runs/"}})
     null = {"Statement": [{**like["Statement"][0], "Condition": {"Null": {"s3:prefix": "true"}}}]}
