@@ -89,3 +89,10 @@ def test_pytorchjob_webhook_refuses_what_v190_refuses(capsys):
         bad = copy.deepcopy(job)
         spoil(bad)
         assert operator_contract.webhook_errors(bad), f"{what}: the port accepts what v1.9.0 refuses"
+
+
+def test_shipped_template_passes_the_webhook():
+    from tests.conftest import ROOT
+
+    job = yaml.safe_load((ROOT / "k8s" / "pytorchjob-template.yaml").read_text())
+    assert operator_contract.webhook_errors(job) == []
