@@ -95,3 +95,34 @@ def test_evaluator_follows_minio():
     deny = {"Statement": [*obj["Statement"], {"Effect": "Deny", "Action": "s3:GetObject",
                                               "Resource": "arn:aws:s3:::models/serving/secret*"}]}
     assert not is_allowed(deny, Check("s3:GetObject", "models", "serving/secret.txt"), {})
+
+
+@pytest.mark.slow
+def test_live_ingest_makes_only_recorded_kinds_of_request(policies, tmp_path, monkeypatch):
+    """The fixtures stay true to the clients: ingest runs again now, through the recording
+    proxy in front of moto_server, and every request it makes is allowed by its user's policy
+    and of an action the fixture already holds (else re-record: python -m tests.record_s3_requests)."""
+    from captioner.pipeline_steps import ingest_step
+    from captioner.storage import publish
+    from captioner.synthetic import generate
+    from tests.record_s3_requests import Moto
+
+    moto = Moto(tmp_path)
+    try:
+        for k, v in moto.env.items():
+            monkeypatch.setenv(k, v)
+        import boto3
+
+        boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket="datasets")
+        generate(tmp_path / "raw", images=12, seed=5, side=32, progress=False)
+        publish(tmp_path / "raw", "s3://datasets/raw/t")
+        moto.start()
+        ingest_step("s3://datasets/raw/t", "s3://datasets/t/v1", shard_mb=0.05)
+        live = moto.stop()
+    finally:
+        moto.close()
+    assert live
+    refused = [describe(r) for r in live if not request_allowed(policies["captioner-pipeline"], r)]
+    assert not refused, refused
+    known = {c.action for r in _fixture("ingest") for c in route(r)}
+    assert {c.action for r in live for c in route(r)} <= known
