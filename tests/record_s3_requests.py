@@ -123,6 +123,7 @@ class Moto:
 
     def close(self) -> None:
         self.server.shutdown()
+        self.server.server_close()
         self.p.kill()
         self.p.wait()
 
@@ -178,7 +179,7 @@ def record(which: set[str]) -> None:
         _in_env(moto.env)
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1")
+        s3 = boto3.session.Session().client("s3", endpoint_url=moto.url, region_name="us-east-1")
         for b in ("datasets", "models"):  # the minio-users Job makes them (root user)
             s3.create_bucket(Bucket=b)
         synth = tmp / "synth"
@@ -249,7 +250,8 @@ def kserve_download(endpoint: str, uri: str, dest: Path) -> list[str]:
 
     parsed = urllib.parse.urlparse(uri)
     bucket_name, bucket_path = parsed.netloc, parsed.path.lstrip("/")
-    s3 = boto3.resource("s3", endpoint_url=endpoint, region_name="us-east-1")
+    # a fresh session, as in the initializer's own process (boto3's default session caches credentials)
+    s3 = boto3.session.Session().resource("s3", endpoint_url=endpoint, region_name="us-east-1")
     s3.meta.client.head_bucket(Bucket=bucket_name)
     bucket, got = s3.Bucket(bucket_name), []
     for obj in bucket.objects.filter(Prefix=bucket_path):

@@ -153,7 +153,7 @@ def test_storage_initializer_copies_only_the_serving_prefix(s3_server, monkeypat
     url = "http://" + s3_server["CAPTIONER_S3_ENDPOINT"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["AWS_ACCESS_KEY_ID"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["AWS_SECRET_ACCESS_KEY"])
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    s3 = boto3.session.Session().client("s3", endpoint_url=url, region_name="us-east-1")
     s3.create_bucket(Bucket="models-kserve")
     for k in ("serving/captioner/config.pbtxt", "serving-old/captioner/config.pbtxt"):
         s3.put_object(Bucket="models-kserve", Key=k, Body=b"x")

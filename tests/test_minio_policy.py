@@ -113,7 +113,8 @@ def test_live_ingest_makes_only_recorded_kinds_of_request(policies, tmp_path, mo
             monkeypatch.setenv(k, v)
         import boto3
 
-        boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket="datasets")
+        boto3.session.Session().client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(
+            Bucket="datasets")
         generate(tmp_path / "raw", images=12, seed=5, side=32, progress=False)
         publish(tmp_path / "raw", "s3://datasets/raw/t")
         moto.start()
