@@ -100,8 +100,8 @@ def read_amplification(images: int = 400, layouts=((2, 2), (8, 4)), keep: str = 
     with tempfile.TemporaryDirectory(prefix="captioner-readamp-") as tmp:
         src = Path(tmp) / "src"
         generate(src, images=images, seed=0, side=256, progress=False)  # ~20 KB JPEGs
-        print(f"\nread amplification: {images} generated 256 px images; bytes read by all readers in one epoch / train data "
-              "bytes")
+        print(f"\nread amplification: {images} generated 256 px images; bytes read by all readers in one epoch / "
+              "train data bytes")
         print(f"{'layout':<22} {'shards':<26} {'n':>4} {'local (seek)':>13} {'stream (S3)':>12}")
         for world, workers in layouts:
             readers = world * max(1, workers)
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--read-only", action="store_true", help="only the shard read-amplification table")
     ap.add_argument("--read-images", type=int, default=400, help="generated images for the read-amplification table")
-    ap.add_argument("--keep-data", default="", metavar="DIR", help="keep the ingested sets in DIR (default: a temp dir)")
+    ap.add_argument("--keep-data", default="", metavar="DIR",
+                    help="keep the ingested sets in DIR (default: a temp dir)")
     a = ap.parse_args(argv)
     amp = read_amplification(a.read_images, keep=a.keep_data)
     if a.read_only:

@@ -252,7 +252,8 @@ def _store(a, uri, create=False):
 def cmd_ingest(a, _):
     from captioner.ingest import IngestOptions, ingest
 
-    o = IngestOptions(shard_mb=a.shard_mb, target_workers=a.target_workers, max_side=a.max_side, workers=a.workers, val_fraction=a.val_fraction,
+    o = IngestOptions(shard_mb=a.shard_mb, target_workers=a.target_workers, max_side=a.max_side, workers=a.workers,
+                      val_fraction=a.val_fraction,
                       test_fraction=a.test_fraction, split_seed=a.split_seed, format=a.format, image_root=a.image_root,
                       strip_metadata=a.strip_metadata, progress=not a.no_progress)
     r = ingest(a.source, a.dest, o, store=_store(a, a.dest, create=True))

@@ -192,8 +192,8 @@ def _resolve_shard_size(records: list[ImageRecord], o: IngestOptions) -> IngestO
     if n_train < o.target_workers:
         log.warning("%d training images for %d readers: some readers will have no shard of their own", n_train,
                     o.target_workers)
-    log.info("--shard-mb auto: %d items per shard (at most %.0f MB) for %d readers: about %d training shards", o.shard_items,
-             AUTO_MAX_MB, o.target_workers, -(-n_train // o.shard_items))
+    log.info("--shard-mb auto: %d items per shard (at most %.0f MB) for %d readers: about %d training shards",
+             o.shard_items, AUTO_MAX_MB, o.target_workers, -(-n_train // o.shard_items))
     return o
 
 

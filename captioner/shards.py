@@ -379,7 +379,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def repack_hint(self, data_bytes: int) -> str:
         readers = self.layout.readers
         mb = data_bytes / 1e6 / (2 * readers)
-        return (f"{len(self._epoch_shards())} {self.split} shard(s) for {self.world} rank(s) x {max(1, self.num_workers)} "
+        nw = max(1, self.num_workers)
+        return (f"{len(self._epoch_shards())} {self.split} shard(s) for {self.world} rank(s) x {nw} "
                 f"loader worker(s) = {readers} readers: shards are split between readers and read several times per "
                 f"epoch; re-ingest with --shard-mb {max(mb, 0.01):.2f} (or --shard-mb auto --target-workers {readers}) "
                 "to give every reader whole shards")

@@ -297,9 +297,9 @@ class EpochLoader:
                 self.pending = {"epoch": epoch, "skip": sorted(consumed), "seed": self.seed}
                 first = 0
         if changed and self.di.main:
-            log.warning("resuming epoch %d with another layout (%s): %d of %d items were consumed; the rest of the epoch "
-                        "is planned again from the items left (same items, other batches)", epoch, ", ".join(changed),
-                        self.n - self._left(), self.n)
+            log.warning("resuming epoch %d with another layout (%s): %d of %d items were consumed; the rest of "
+                        "the epoch is planned again from the items left (same items, other batches)", epoch,
+                        ", ".join(changed), self.n - self._left(), self.n)
         return first
 
     def _left(self) -> int:

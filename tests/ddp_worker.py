@@ -19,7 +19,8 @@ real_step = train_mod._micro_step
 def recording_step(r, batch, sync_now):
     """The trainer's own _micro_step, with a record of what it was given."""
     with open(f"{out}/rank{rank}_batches.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": getattr(r.loader, "epoch", 0), "ids": None if batch is None else list(batch[3])}) + "\n")
+        ids = None if batch is None else list(batch[3])
+        f.write(json.dumps({"epoch": getattr(r.loader, "epoch", 0), "ids": ids}) + "\n")
     return real_step(r, batch, sync_now)
 
 

@@ -260,8 +260,8 @@ def uneven_sets(tmp_path_factory):
     sets = {}
     for name, images, mb, held_out in (("crash", 199, 0.05, 0.05), ("hang", 27, 64.0, 0.15)):
         generate(root / f"{name}_src", images=images, seed=0, side=64, progress=False)
-        ingest(str(root / f"{name}_src"), str(root / name), IngestOptions(shard_mb=mb, progress=False,
-                                                                          val_fraction=held_out, test_fraction=held_out))
+        ingest(str(root / f"{name}_src"), str(root / name),
+               IngestOptions(shard_mb=mb, progress=False, val_fraction=held_out, test_fraction=held_out))
         sets[name] = root / name
     return sets
 
