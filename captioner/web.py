@@ -126,8 +126,12 @@ class Model:
             if self.tls is None:
                 ch = grpc.aio.insecure_channel(self.url, options=opts)
             else:
+                def pem(path):  # TLS holds PEM file paths (as tritonclient takes them)
+                    return Path(path).read_bytes() if path else None
+
+                t = self.tls
                 ch = grpc.aio.secure_channel(self.url, grpc.ssl_channel_credentials(
-                    self.tls.root_certificates, self.tls.private_key, self.tls.certificate_chain), options=opts)
+                    pem(t.root_certificates), pem(t.private_key), pem(t.certificate_chain)), options=opts)
             svc = "/inference.GRPCInferenceService/"
             self._stubs = {
                 "infer": ch.unary_unary(svc + "ModelInfer", request_serializer=None,

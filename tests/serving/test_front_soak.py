@@ -405,3 +405,42 @@ def _caption_of(raw: bytes) -> str:
     blob = raw[n:]
     (k,) = struct.unpack_from("<I", blob, 0)
     return blob[4:4 + k].decode()
+
+
+def test_gateway_reaches_a_tls_model_server(tmp_path):
+    """`captioner web --root-certificates` (TLS holds PEM paths): a real TLS handshake with a gRPC
+    server on 127.0.0.1 whose certificate is made here; it answers readiness only (no model)."""
+    import asyncio
+    import shutil
+    from concurrent import futures
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from captioner.client import TLS
+    from captioner.web import Model
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days",
+                    "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"], check=True,
+                   capture_output=True)
+
+    class Ready(service_pb2_grpc.GRPCInferenceServiceServicer):
+        def ServerReady(self, request, context):
+            return service_pb2.ServerReadyResponse(ready=True)
+
+        def ModelReady(self, request, context):
+            return service_pb2.ModelReadyResponse(ready=request.name == names.ENSEMBLE)
+
+    srv = grpc.server(futures.ThreadPoolExecutor(2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Ready(), srv)
+    port = srv.add_secure_port("localhost:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    srv.start()
+    try:
+        assert asyncio.run(Model(f"localhost:{port}", names.ENSEMBLE, TLS(root_certificates=str(cert))).ready()) is None
+        assert asyncio.run(Model(f"localhost:{port}", "nope", TLS(root_certificates=str(cert))).ready()) == \
+            "model 'nope' is not ready"
+    finally:
+        srv.stop(0)
