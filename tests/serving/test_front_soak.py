@@ -240,7 +240,8 @@ def test_gateway_memory_under_concurrent_max_size_uploads(stack, big_pngs, light
     codes = [r.status_code for r in res]
     peak = _hwm_mib(pid)
     print(f"16 concurrent max-size uploads: statuses {sorted(codes)}, gateway peak RSS {peak:.0f} MiB "
-          f"(limit {WEB_LIMIT_MIB} MiB), kept after {kept:.0f} MiB, /healthz max {max(x for _, x in health) * 1000:.0f} ms (shared machine)")
+          f"(limit {WEB_LIMIT_MIB} MiB), kept after {kept:.0f} MiB, /healthz max "
+          f"{max(x for _, x in health) * 1000:.0f} ms (shared machine)")
     assert set(codes) <= {200, 503} and 200 in codes, codes
     assert all(r.headers.get("Retry-After") for r in res if r.status_code == 503)
     for r in res:
