@@ -148,7 +148,8 @@ def main(argv=None):
           f"CPU ({', '.join(cpu_flags()) or 'flags unknown'})")
     print(f"ceiling: encoder alone at batch {ceiling['batch']}: {ceiling['encoder_ms']:.0f} ms = "
           f"{ceiling['images_per_s']:.2f} images/s (measured in this run)")
-    print("| concurrency | requests | images/s | vs c=1 | of ceiling | p50 (ms) | p99 (ms) |\n|---|---|---|---|---|---|---|")
+    print("| concurrency | requests | images/s | vs c=1 | of ceiling | p50 (ms) | p99 (ms) |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['images_per_s']:.2f} | {r['vs_first_level']:.2f}x | "
               f"{100 * r['of_ceiling']:.0f}% | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")

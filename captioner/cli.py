@@ -707,8 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["train", "latency", "ingest", "serve", "quality", "int8"],
                    metavar="{train,latency,ingest,serve,quality}",
                    help="train: encode-once vs per-pair throughput; latency: caption latency/throughput of the "
-                        "no-cache baseline, PyTorch+KV cache, onnxruntime fp32/int8/int4 (served path), HF generate, and each "
-                        "served path's memory roofline; "
+                        "no-cache baseline, PyTorch+KV cache, onnxruntime fp32/int8/int4 (served path), HF generate, "
+                        "and each served path's memory roofline; "
                         "ingest: S3 ingest and loader speed; serve: images/s and p50/p99 at concurrency 1, 8, 32 "
                         "through tritonclient against `captioner serve`, as a share of the encoder-bound ceiling; "
                         "quality (alias int8): int8 and int4 vs fp32 CIDEr-D and caption agreement on a run's "
