@@ -283,7 +283,7 @@ def main(argv=None):
             print(f"| {name} | {lat * 1e3:.1f} | {vs_a} | {vs_hf} | {thr:.2f} | {thr_a} |")
         print(f"\nroofline, batch 1 (copy bandwidth {bandwidth / 1e9:.1f} GB/s, numpy, measured in this run)")
         print("| path | weights/step (MB) | state/step (MB) | step (ms) | floor/step (ms) | step / floor "
-              "| encoder (ms) | floor/caption (ms) | caption (ms) | of floor |\n|---|---|---|---|---|---|---|---|---|---|")
+              "| encoder (ms) | floor/caption (ms) | caption (ms) | of floor |\n" + "|---" * 10 + "|")
         for name, r in roof.items():
             print(f"| {name} | {r['step_weight_bytes'] / 1e6:.1f} | {r['step_state_bytes'] / 1e6:.1f} | "
                   f"{r['step_ms']:.2f} | {r['floor_step_ms']:.2f} | {r['step_vs_floor']:.2f}x | "
