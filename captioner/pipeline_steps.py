@@ -158,11 +158,11 @@ def load_on_replicas(triton_url: str, version: int, key: str | None) -> list[str
     through the restricted model-repository protocol, and check the new version is ready."""
     import tritonclient.grpc as grpcclient
 
-    from captioner.deployment import CONTROL_HEADER
+    from captioner.deployment import control_headers
     from captioner.names import ENSEMBLE
     from captioner.triton_repo import LOAD_ORDER
 
-    headers = {CONTROL_HEADER: key} if key else None
+    headers = control_headers(key, "grpc") if key else None  # gRPC: "triton-grpc-protocol-" + KEY
     done = []
     for ep in triton_endpoints(triton_url):
         c = grpcclient.InferenceServerClient(ep)
