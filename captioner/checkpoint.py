@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 LATEST, BEST = CKPT_LATEST, CKPT_BEST
 FORMAT = 2  # 2: no pickled objects (RNG states as tensors/lists)
 RUN_LOGS = ("metrics.jsonl", "val_metrics.jsonl")  # travel with the checkpoint to the store
+RUN_LOG_DIRS = ("tb",)  # so do these folders' files (TensorBoard events, captioner/train_board.py)
 
 
 class CheckpointError(NotACheckpointError):
@@ -159,6 +160,8 @@ class CheckpointSaver:
                     for name in (LATEST, BEST, *RUN_LOGS):
                         if store.exists(name):
                             _download(store, name, self.out / name)
+                    for key in self._stored_log_dir_files(store):
+                        _download(store, key, self.out / key)
                     log.info("fetched %s from the model store %s", LATEST, self.store_uri)
                 else:  # other ranks read their own copy (no shared filesystem between nodes)
                     _download(store, LATEST, p)
@@ -170,11 +173,19 @@ class CheckpointSaver:
             return
         for name in (LATEST, BEST, *RUN_LOGS):
             (self.out / name).unlink(missing_ok=True)
+        for d in RUN_LOG_DIRS:
+            shutil.rmtree(self.out / d, ignore_errors=True)
         if self.store_uri:
             store = self._store()
             for name in (LATEST, BEST, *RUN_LOGS):
                 if store.exists(name):
                     store.delete(name)
+            for key in self._stored_log_dir_files(store):
+                store.delete(key)
+
+    @staticmethod
+    def _stored_log_dir_files(store) -> list[str]:
+        return [k for d in RUN_LOG_DIRS for k in store.list(d + "/")]
 
     def save(self, ckpt: dict, is_best: bool = False) -> None:
         if not self.main:
@@ -188,6 +199,10 @@ class CheckpointSaver:
             for name in (LATEST, *((BEST,) if is_best else ()), *RUN_LOGS):
                 if (self.out / name).exists():
                     store.put_file(name, self.out / name)
+            for d in RUN_LOG_DIRS:
+                for f in sorted((self.out / d).rglob("*")) if (self.out / d).is_dir() else ():
+                    if f.is_file():
+                        store.put_file(f.relative_to(self.out).as_posix(), f)
 
     def finish(self) -> None:
         """No validation ran: the last checkpoint is also the best; publish the whole run."""
