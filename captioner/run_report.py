@@ -202,7 +202,12 @@ _LABELS = {"steps": "optimizer steps", "train_loss": "train loss (last)", "val_l
 
 def render(d: RunData, metrics: dict) -> str:
     e = html.escape
-    rows = "".join(f"<tr><th>{e(_LABELS.get(k, k))}</th><td>{v:,.4g}</td></tr>" for k, v in metrics.items())
+    def label(k: str) -> str:
+        if k.startswith("val_") and k.endswith(("_last", "_best")):
+            return f"validation {k[4:-5]} ({k[-4:]})"
+        return _LABELS.get(k, k)
+
+    rows = "".join(f"<tr><th>{e(label(k))}</th><td>{v:,.4g}</td></tr>" for k, v in metrics.items())
     imgs = "".join(f"<figure><img class='curve' alt='{e(t)}' src='data:image/png;base64,{b}'>"
                    f"<figcaption>{e(t)}</figcaption></figure>" for t, b in curves(d.scalars))
     data = d.data or {}

@@ -125,7 +125,7 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
 def test_report_of_a_run_in_the_store(trained_run, s3_server, monkeypatch, tmp_path, capsys):
     """`captioner report s3://...`: the same numbers as for the local folder."""
     from captioner.cli import main
-    from captioner.run_report import build_report
+    from captioner.run_report import _fetch_run, run_metrics
     from captioner.storage import publish
 
     for k, v in s3_server.items():
@@ -136,7 +136,8 @@ def test_report_of_a_run_in_the_store(trained_run, s3_server, monkeypatch, tmp_p
     assert main(["report", uri]) in (0, None)
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert out == str(tmp_path / "tiny-report.html")
-    assert build_report(uri).metrics == build_report(str(trained_run.out_dir)).metrics
+    local = run_metrics(_fetch_run(str(trained_run.out_dir), tmp_path / "local", None))
+    assert run_metrics(_fetch_run(uri, tmp_path / "s3", None)) == local
 
 
 def test_cluster_tensorboard_reads_the_runs_with_its_read_only_user(trained_run, s3_server, monkeypatch):
