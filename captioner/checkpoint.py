@@ -9,6 +9,7 @@ tokenizer, preprocessing and config.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -32,6 +33,9 @@ LATEST, BEST = CKPT_LATEST, CKPT_BEST
 FORMAT = 2  # 2: no pickled objects (RNG states as tensors/lists)
 RUN_LOGS = ("metrics.jsonl", "val_metrics.jsonl")  # travel with the checkpoint to the store
 RUN_LOG_DIRS = ("tb",)  # so do these folders' files (TensorBoard events, captioner/train_board.py)
+# The store's list of those files: the trainer's MinIO user may read and write objects under
+# models/runs/ but not list them (k8s/base/minio.yaml), so a restarted pod finds them here.
+LOG_INDEX = "run_log_files.json"
 
 
 class CheckpointError(NotACheckpointError):
@@ -184,10 +188,12 @@ class CheckpointSaver:
                     store.delete(name)
             for key in self._stored_log_dir_files(store):
                 store.delete(key)
+            if store.exists(LOG_INDEX):
+                store.delete(LOG_INDEX)
 
     @staticmethod
     def _stored_log_dir_files(store) -> list[str]:
-        return [k for d in RUN_LOG_DIRS for k in store.list(d + "/")]
+        return json.loads(store.get_bytes(LOG_INDEX)) if store.exists(LOG_INDEX) else []
 
     def save(self, ckpt: dict, is_best: bool = False) -> None:
         if not self.main:
@@ -201,10 +207,13 @@ class CheckpointSaver:
             for name in (LATEST, *((BEST,) if is_best else ()), *RUN_LOGS):
                 if (self.out / name).exists():
                     store.put_file(name, self.out / name)
+            keys = set(self._stored_log_dir_files(store))  # a resumed run's earlier files stay listed
             for d in RUN_LOG_DIRS:
                 for f in sorted((self.out / d).rglob("*")) if (self.out / d).is_dir() else ():
                     if f.is_file():
                         store.put_file(f.relative_to(self.out).as_posix(), f)
+                        keys.add(f.relative_to(self.out).as_posix())
+            store.put_bytes(LOG_INDEX, json.dumps(sorted(keys)).encode())
 
     def finish(self) -> None:
         """No validation ran: the last checkpoint is also the best; publish the whole run."""
