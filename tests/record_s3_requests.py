@@ -12,7 +12,7 @@ Each component runs exactly as in the cluster, with the S3 settings its Secret g
   (the PyTorchJob/TrainJob container's arguments, tiny model), started twice: a first run
   and a restart that resumes from the store;
 - tensorboard: TensorBoard's loader reading the trainer's events under s3://models/runs;
-- pipeline-steps: evaluate, export, champion and deploy (twice: a first version and a second
+- pipeline-steps: evaluate (with the run report), export, champion and deploy (twice: a first version and a second
   one) as the KFP components call them;
 - kserve-storage-initializer: boto3 making the calls of kserve v0.19.0
   python/storage/kserve_storage/kserve_storage.py Storage._download_s3 (head_bucket, then
@@ -231,6 +231,7 @@ def record(which: set[str]) -> None:
         moto.start()
         ck = f"{RUN_URI}/ckpt_best.pt"
         r = steps.evaluate_step(ck, DATA_URI, str(tmp / "eval"), max_images=8)
+        steps.report_step(ck, str(Path(r["out_dir"]) / "samples.html"), str(tmp / "report.html"))
         steps.export_step(ck, REPO_URI, device="cpu")
         champion = steps.champion_score(SERVING_URI)
         steps.deploy_step(REPO_URI, SERVING_URI, max(r["metrics"].get("CIDEr", 0.0), champion), triton_url="")
@@ -240,7 +241,7 @@ def record(which: set[str]) -> None:
         large_upload(moto, REPO_URI, "encoder/1/model.onnx", tmp)
         reqs = moto.stop()
         if "pipeline-steps" in which:
-            _save("pipeline-steps", "recorded from captioner.pipeline_steps evaluate_step, export_step, "
+            _save("pipeline-steps", "recorded from captioner.pipeline_steps evaluate_step, report_step, export_step, "
                   "champion_score and deploy_step (three versions) against moto_server, "
                   "and one multipart upload of an ONNX graph over storage.PART_SIZE (one part refused, then a "
                   "retry)", reqs)
