@@ -156,6 +156,10 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     print(f"\nartefacts under {wd}: run/data (shards + manifest), run/model (checkpoints), run/model_repository, "
           f"run/pipeline_root (KFP outputs incl. samples.html), run/pipeline.log (every step's output); "
           f"{time.time() - t0:.0f}s")
+    report = next(root.glob("*/evaluate/**/report*.html"), None)  # the evaluate step's `report` HTML artifact
+    if report is not None:
+        print(f"run report (curves, throughput, cost, worst samples): {report}\n"
+              f"TensorBoard: tensorboard --logdir {Path(args['model_uri']) / 'tb'}")
     from captioner.stack import front_door  # issue 11: the web page and Triton's HTTP API, with --serve
 
     front_door(run_dir / "serving" if deployed else args["repo_uri"], serve)

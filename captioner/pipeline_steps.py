@@ -104,6 +104,17 @@ def evaluate_step(checkpoint_uri: str, data_uri: str, out_dir: str, split: str =
     return {"metrics": r["metrics"], "out_dir": r["out_dir"], "images": len(r["records"])}
 
 
+def report_step(checkpoint_uri: str, samples_html: str, dest: str) -> dict:
+    """The training run's HTML report (curves, numbers, config, worst samples) for the Kubeflow
+    UI, written to dest; returns the numbers for the run comparison (KFP Metrics). The run is
+    the checkpoint's folder in the model store, where training published its TensorBoard events."""
+    from captioner.run_report import write_report
+
+    run = checkpoint_uri.rsplit("/", 1)[0] if checkpoint_uri.rstrip("/").endswith(".pt") else checkpoint_uri
+    _, metrics = write_report(run, dest, samples_html or None)
+    return metrics
+
+
 def export_step(checkpoint_uri: str, repo_uri: str, device: str = "gpu") -> dict:
     from captioner.export import export
     from captioner.storage import fetch, publish
