@@ -133,9 +133,9 @@ def test_decode_loop_step_graph_runs_in_the_onnxruntime_triton_ships(device, dty
                                                                      triton_ort_python, tmp_path, request):
     """What export ships for each device and decoder dtype - GroupQueryAttention with a shared
     past/present buffer (cpu; fp16 on a gpu), MultiHeadAttention with past/present (fp32 on a
-    gpu), MatMulNBits 4-bit weights (--quantize int4) - in the onnxruntime the pinned Triton
-    release ships: logits equal PyTorch's at every position (4-bit: equal to this environment's
-    onnxruntime running the same graph)."""
+    gpu), MatMulNBits 4-bit weights (--quantize int4) - in the onnxruntime Triton ships
+    (TRITON_ONNXRUNTIME): logits equal PyTorch's at every position (4-bit: equal to this
+    environment's onnxruntime running the same graph)."""
     from captioner.export import export
 
     repo, _ = exported_repo
