@@ -8,52 +8,10 @@ import json
 import logging
 import os
 import secrets
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Served:
-    """The model server the demo runs: the real tritonserver (captioner.triton_server: the
-    nvidia-pytriton wheel's, with the cluster's flags) where it runs, else `captioner serve`."""
-
-    def __init__(self, repo: Path, key: str | None, run_dir: Path):
-        from captioner import triton_server
-        from captioner.deployment import CONTROL_HEADER, TRITON_SERVER_VERSION
-
-        self.triton = None
-        try:
-            print("starting tritonserver (first run: fetches the nvidia-pytriton wheel and builds its Python "
-                  "environment under ~/.cache/captioner/triton) ...", flush=True)
-            self.triton = triton_server.start(repo, run_dir / "tritonserver", key or secrets.token_hex(16))
-            self.url, self.name = self.triton.url, f"tritonserver {TRITON_SERVER_VERSION} (nvidia-pytriton wheel)"
-            return
-        except (triton_server.TritonUnavailable, RuntimeError) as e:
-            print(f"the real Triton server cannot run here ({e}); serving with `captioner serve` instead", flush=True)
-        port = _free_port()
-        self.url, self.name = f"127.0.0.1:{port}", "`captioner serve`"
-        extra = ["--model-control-mode", "explicit", "--grpc-restricted-protocol",
-                 f"model-repository:{CONTROL_HEADER}={key}"] if key else []
-        self.proc = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--grpc-port", str(port),
-                                      *extra], env=os.environ.copy())
-
-    def stop(self) -> None:
-        if self.triton is not None:
-            self.triton.stop()
-        else:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
 
 
 def _task_output(root: Path, task: str) -> dict:
@@ -73,6 +31,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     from captioner.local_run import run_pipeline_here
     from captioner.serving_core import image_bytes_to_pixels
     from captioner.shards import materialize, open_shard_source
+    from captioner.stack import ModelServer
     from captioner.synthetic import attribute_accuracy, generate
     from captioner.triton_repo import LOAD_ORDER
 
@@ -94,7 +53,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     (run_dir / "serving").mkdir(parents=True)
     key = secrets.token_hex(16)
     os.environ[CONTROL_KEY_ENV] = key
-    server = _Served(run_dir / "serving", key, run_dir)
+    server = ModelServer(run_dir / "serving", key, run_dir)
     url = server.url
     try:
         wait_ready(url, timeout=120, model="")
@@ -116,7 +75,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
               f"{' then '.join(LOAD_ORDER)} on {', '.join(dep['replicas'])} through the restricted control API")
     else:  # nothing deployed: serve the exported repository instead
         server.stop()
-        server = _Served(Path(args["repo_uri"]), None, run_dir)
+        server = ModelServer(Path(args["repo_uri"]), None, run_dir)
         url = server.url
 
     store, manifest = open_shard_source(args["data_uri"])

@@ -1,13 +1,17 @@
-"""The front door after `make demo`: `captioner serve` (gRPC + Triton HTTP/REST + metrics) and
+"""The front door after `make demo`: a model server (gRPC + Triton HTTP/REST + metrics) and
 `captioner web` over a model repository, kept running until Ctrl-C (`captioner demo --serve`).
-Both run as child processes on 127.0.0.1 and are stopped by their PIDs."""
+The model server is the real tritonserver where it runs (captioner.triton_server), else
+`captioner serve` (ModelServer, also the demo's server for captions). Both run as child
+processes on 127.0.0.1 and are stopped by their PIDs."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -53,12 +57,73 @@ def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 120.0) -
     raise TimeoutError(f"{what} not ready at {url} after {timeout:.0f}s")
 
 
-def serve_until_interrupted(repo: str | Path, host: str = "127.0.0.1", ports: dict | None = None) -> int:
-    """Start serve + web over `repo`, print their URLs, wait for Ctrl-C / SIGTERM, stop both."""
+class ModelServer:
+    """The model server the demo runs over `repo`: the real tritonserver (captioner.triton_server:
+    the nvidia-pytriton wheel's, with the cluster's flags: explicit control loading the ensemble,
+    model-repository protocol restricted to `key`, a fresh one when None) where it runs, else
+    `captioner serve` (restricted to `key` when given), saying why. `name` says which;
+    `ports` are its gRPC/HTTP/metrics ports on `host` (free ones where not given)."""
+
+    def __init__(self, repo: str | Path, key: str | None, run_dir: str | Path, host: str = "127.0.0.1",
+                 ports: dict | None = None):
+        from captioner import triton_server
+        from captioner.deployment import CONTROL_HEADER, TRITON_SERVER_VERSION
+
+        self.triton = None
+        self.host = host
+        self.ports = {k: (ports or {}).get(k) or _port(0, host) for k in ("grpc", "http", "metrics")}
+        try:
+            why = triton_server.why_not_here()
+            if why:
+                raise triton_server.TritonUnavailable(why)
+            print("starting tritonserver (first run: fetches the nvidia-pytriton wheel and builds its Python "
+                  "environment under ~/.cache/captioner/triton) ...", flush=True)
+            self.triton = triton_server.start(repo, Path(run_dir) / "tritonserver", key or secrets.token_hex(16),
+                                              ports=self.ports, host=host)
+            self.name = f"tritonserver {TRITON_SERVER_VERSION} (nvidia-pytriton wheel)"
+            self.process = self.triton.process
+            return
+        except (triton_server.TritonUnavailable, RuntimeError) as e:
+            print(f"the real Triton server cannot run here ({e}); serving with `captioner serve` instead", flush=True)
+        self.name = "`captioner serve`"
+        extra = ["--model-control-mode", "explicit", "--grpc-restricted-protocol",
+                 f"model-repository:{CONTROL_HEADER}={key}"] if key else []
+        self.process = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--host", host,
+                                         *(a for k, v in self.ports.items() for a in (f"--{k}-port", str(v))),
+                                         *extra], env=os.environ.copy())
+        try:
+            _wait(f"http://{host}:{self.ports['http']}/v2/health/live", self.process, "captioner serve")
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:  # gRPC HOST:PORT
+        return f"{self.host}:{self.ports['grpc']}"
+
+    def stop(self) -> None:
+        if self.triton is not None:
+            self.triton.stop()
+        elif self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def serve_until_interrupted(repo: str | Path, host: str = "127.0.0.1", ports: dict | None = None,
+                            run_dir: str | Path | None = None) -> int:
+    """Start the model server (ModelServer) + web over `repo`, print their URLs and which model
+    server runs, wait for Ctrl-C / SIGTERM, stop both. The real server's log and backend folder
+    go under `run_dir` (default: `front-door` next to a local `repo`)."""
     want = {**DEFAULT_PORTS, **(ports or {})}
     got = {k: _port(v, host) for k, v in want.items()}
-    env = os.environ.copy()
-    procs: list[subprocess.Popen] = []
+    if run_dir is None:
+        run_dir = Path(repo).resolve().parent / "front-door" if "://" not in str(repo) else \
+            Path(tempfile.mkdtemp(prefix="captioner-front-door-"))
+    server, web = None, None
     stop = {"now": False}
 
     def _term(signum, _frame):
@@ -66,32 +131,32 @@ def serve_until_interrupted(repo: str | Path, host: str = "127.0.0.1", ports: di
 
     old = {s: signal.signal(s, _term) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--host", host,
-                                       "--grpc-port", str(got["grpc"]), "--http-port", str(got["http"]),
-                                       "--metrics-port", str(got["metrics"])], env=env))
-        _wait(f"http://{host}:{got['http']}/v2/health/ready", procs[0], "captioner serve")
-        procs.append(subprocess.Popen([sys.executable, "-m", "captioner", "web", "--url", f"{host}:{got['grpc']}",
-                                       "--host", host, "--port", str(got["web"])], env=env))
-        _wait(f"http://{host}:{got['web']}/readyz", procs[1], "captioner web")
-        print(f"\nserving {repo}; press Ctrl-C to stop", flush=True)
+        server = ModelServer(repo, None, run_dir, host, got)
+        _wait(f"http://{host}:{got['http']}/v2/health/ready", server.process, server.name)
+        web = subprocess.Popen([sys.executable, "-m", "captioner", "web", "--url", server.url,
+                                "--host", host, "--port", str(got["web"])], env=os.environ.copy())
+        _wait(f"http://{host}:{got['web']}/readyz", web, "captioner web")
+        print(f"\nserving {repo} with {server.name}; press Ctrl-C to stop", flush=True)
         print_urls(host, got, live=True)
+        procs = [server.process, web]
         while not stop["now"] and all(p.poll() is None for p in procs):
             time.sleep(0.2)
         dead = [p for p in procs if p.poll() is not None]
         return 1 if dead and not stop["now"] else 0
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
+        if web is not None:
+            if web.poll() is None:
+                web.terminate()
             try:
-                p.wait(timeout=30)
+                web.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                web.kill()
+                web.wait()
+        if server is not None:
+            server.stop()
         for s, h in old.items():
             signal.signal(s, h)
-        print("stopped captioner web and captioner serve", flush=True)
+        print(f"stopped captioner web and {server.name if server else 'the model server'}", flush=True)
 
 
 def front_door(repo: str | Path, serve: bool) -> None:

@@ -57,7 +57,10 @@ def cache_dir() -> Path:
 
 
 def why_not_here() -> str | None:
-    """One line saying why the wheel's tritonserver cannot run on this machine, or None."""
+    """One line saying why the wheel's tritonserver cannot run on this machine, or None.
+    CAPTIONER_TRITON=off switches it off (no download; `captioner serve` is used instead)."""
+    if os.environ.get("CAPTIONER_TRITON", "").lower() in ("off", "0", "no", "false"):
+        return f"CAPTIONER_TRITON={os.environ['CAPTIONER_TRITON']} switches the real server off"
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"the nvidia-pytriton wheel's tritonserver is built for Linux x86_64, this is " \
                f"{platform.system()} {platform.machine()}"
@@ -215,18 +218,19 @@ class TritonServer:
     grpc_port: int
     metrics_port: int
     args: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:  # gRPC HOST:PORT, as `captioner caption --url` takes
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.host}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -303,8 +307,9 @@ def server_flags(repository: str, key: str, mode: str = "explicit") -> list[str]
 
 def start(repository: str | Path, run_dir: str | Path, key: str, mode: str = "explicit", env: dict | None = None,
           site_packages: list[str | Path] | None = None, prepared: dict | None = None, wait: bool = True,
-          timeout: float = 180.0) -> TritonServer:
-    """Start tritonserver on 127.0.0.1 (free HTTP, gRPC and metrics ports) over `repository`
+          timeout: float = 180.0, ports: dict | None = None, host: str = "127.0.0.1") -> TritonServer:
+    """Start tritonserver on `host` (127.0.0.1; `ports` names its "http", "grpc" and "metrics"
+    ports, free ones where not given) over `repository`
     (a folder or s3://HOST:PORT/bucket/prefix) with the cluster's flags and control `key`.
     `env` adds variables (the AWS_* a Secret gives); `site_packages` replaces the cached
     environment on the models' path (tests use it to show the NumPy-2 failure)."""
@@ -324,10 +329,10 @@ def start(repository: str | Path, run_dir: str | Path, key: str, mode: str = "ex
         subprocess.run([str(p["python"]), "-m", "venv", "--without-pip", str(overlay)], check=True, capture_output=True)
     paths = [SOURCE_ROOT, *(site_packages if site_packages is not None else [_site_packages(p["env"], p["version"])])]
     (_site_packages(overlay, p["version"]) / "captioner-triton.pth").write_text("".join(f"{x}\n" for x in paths))
-    ports = {k: _free_port() for k in ("http", "grpc", "metrics")}
+    ports = {k: (ports or {}).get(k) or _free_port() for k in ("http", "grpc", "metrics")}
     args = server_flags(str(repository), key, mode)
     local = [f"--backend-directory={backends}", "--exit-timeout-secs=10",
-             *(f"--{k}-address=127.0.0.1" for k in ports), *(f"--{k}-port={v}" for k, v in ports.items())]
+             *(f"--{k}-address={host}" for k in ports), *(f"--{k}-port={v}" for k, v in ports.items())]
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     environ.update(env or {})
     environ["PYTHONDONTWRITEBYTECODE"] = "1"  # the stubs import model.py from the repository: leave it unchanged
@@ -339,9 +344,9 @@ def start(repository: str | Path, run_dir: str | Path, key: str, mode: str = "ex
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, cwd=run, env=environ, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    log.info("tritonserver %s (pid %d) on 127.0.0.1: gRPC %d, HTTP %d, metrics %d; log %s", TRITON_SERVER_VERSION,
-             proc.pid, ports["grpc"], ports["http"], ports["metrics"], log_path)
-    s = TritonServer(proc, run, log_path, ports["http"], ports["grpc"], ports["metrics"], cmd)
+    log.info("tritonserver %s (pid %d) on %s: gRPC %d, HTTP %d, metrics %d; log %s", TRITON_SERVER_VERSION,
+             proc.pid, host, ports["grpc"], ports["http"], ports["metrics"], log_path)
+    s = TritonServer(proc, run, log_path, ports["http"], ports["grpc"], ports["metrics"], cmd, host)
     if wait:
         try:
             s.wait_ready(timeout)

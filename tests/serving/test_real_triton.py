@@ -36,7 +36,7 @@ from captioner import names, triton_repo
 from captioner.checkpoint import load_checkpoint
 from captioner.client import caption_bytes
 from captioner.decoding import DecodeParams
-from captioner.deployment import CONTROL_HEADER, CONTROL_KEY_ENV, control_headers
+from captioner.deployment import CONTROL_HEADER, CONTROL_KEY_ENV, TRITON_SERVER_VERSION, control_headers
 from captioner.export import sample_images
 from captioner.inference import caption_tensor
 from captioner.serving_core import image_bytes_to_pixels
@@ -263,6 +263,52 @@ def test_web_gateway_behind_the_real_server_reports_a_bad_image_per_image(triton
     finally:
         p.terminate()
         p.wait(timeout=30)
+
+
+def test_demo_front_door_serves_page_and_metrics_from_the_real_server(triton_prepared, exported_repo, images,
+                                                                     tmp_path):
+    """`captioner demo --serve`'s front door (captioner.stack) picks the real server where it runs:
+    the page captions through it and the printed metrics URL is tritonserver's own, which counts
+    each model of the ensemble (`captioner serve`'s /metrics has no rows for `encoder`)."""
+    import signal
+
+    import requests
+
+    repo, _ = exported_repo
+    ports = dict(zip(("grpc", "http", "metrics", "web"), (free_port() for _ in range(4))))
+    log = tmp_path / "stack.log"
+    p = subprocess.Popen([sys.executable, "-m", "captioner.stack", str(repo), *map(str, ports.values())],
+                         env=os.environ.copy(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        for _ in range(900):
+            if "web page:" in log.read_text() or p.poll() is not None:
+                break
+            time.sleep(0.2)
+        out = log.read_text()
+        metrics = f"http://127.0.0.1:{ports['metrics']}/metrics"
+        assert metrics in out, out
+        page = f"http://127.0.0.1:{ports['web']}/"
+        r = requests.post(page + "api/caption", files=[("files", ("a.jpg", images[0], "image/jpeg"))], timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["caption"] == caption_bytes(f"127.0.0.1:{ports['grpc']}", images[:1])[0]
+        want = r'nv_inference_request_success\{model="encoder",version="1"\} [1-9]'
+        for _ in range(50):  # the counters reach /metrics a moment after the answer
+            text = requests.get(metrics, timeout=10).text
+            if re.search(want, text):
+                break
+            time.sleep(0.2)
+        assert re.search(want, text), text[-3000:]
+        assert f"with tritonserver {TRITON_SERVER_VERSION} (nvidia-pytriton wheel)" in out, out
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 0, log.read_text()
+        assert f"stopped captioner web and tritonserver {TRITON_SERVER_VERSION}" in log.read_text()
+        for port in ports.values():
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def _counts(url):

@@ -191,14 +191,16 @@ def test_page_in_headless_chromium(stack, images, tmp_path):
 
 
 def test_demo_serve_keeps_both_running_until_ctrl_c(exported_repo, tmp_path, images):
-    """`captioner demo --serve`'s last step (captioner.stack): serve + web up, URLs printed, Ctrl-C stops both."""
+    """`captioner demo --serve`'s last step (captioner.stack) where the real Triton server cannot
+    run (switched off here; tests/serving/test_real_triton.py has the real one): the reason, then
+    `captioner serve` + web up, URLs printed, Ctrl-C stops both."""
     import signal
 
     repo, _ = exported_repo
     ports = [str(free_port()) for _ in range(4)]
     log = tmp_path / "stack.log"
-    p = subprocess.Popen([sys.executable, "-m", "captioner.stack", str(repo), *ports], env=os.environ.copy(),
-                         stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    p = subprocess.Popen([sys.executable, "-m", "captioner.stack", str(repo), *ports],
+                         env={**os.environ, "CAPTIONER_TRITON": "off"}, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         for _ in range(600):
             if "web page:" in log.read_text() or p.poll() is not None:
@@ -212,7 +214,9 @@ def test_demo_serve_keeps_both_running_until_ctrl_c(exported_repo, tmp_path, ima
         assert r.status_code == 200 and r.json()["results"][0]["caption"]
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=60) == 0, log.read_text()
-        assert "stopped captioner web and captioner serve" in log.read_text()
+        out = log.read_text()
+        assert "CAPTIONER_TRITON=off switches the real server off); serving with `captioner serve`" in out, out
+        assert f"serving {repo} with `captioner serve`" in out and "stopped captioner web and `captioner serve`" in out
         for port in ports:
             with pytest.raises(requests.ConnectionError):
                 requests.get(f"http://127.0.0.1:{port}/", timeout=5)
