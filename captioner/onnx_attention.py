@@ -10,8 +10,8 @@ scaled-dot-product attention, scale head_dim**-0.5, which is also MultiHeadAtten
 
 MultiHeadAttention (onnxruntime/core/graph/contrib_ops/bert_defs.cc: query/key/value
 [B, S, hidden], attribute num_heads, optional bias/mask/past inputs left out here) has CPU and
-CUDA fp32/fp16 kernels in onnxruntime 1.20 (Triton 25.01's) and later; the exported graph is
-run in that release by tests/serving/test_triton_onnxruntime.py.
+CUDA fp32/fp16 kernels in onnxruntime 1.19.2 (Triton 24.10's, deployment.TRITON_ONNXRUNTIME) and
+later; the exported graph is run in that release by tests/serving/test_triton_onnxruntime.py.
 """
 from __future__ import annotations
 

@@ -17,9 +17,11 @@ does not fuse its attention. Here:
   - `com.microsoft.MultiHeadAttention` with past_key/past_value -> present (the kernel appends;
     registered for fp32 on CPU and CUDA) - `cache="append"`. Newer onnxruntime runs that op in
     place on CUDA when `past_sequence_length` and `cache_indirection` are given
-    (contrib_ops/cuda/bert/multihead_attention.cc: `past_present_share_buffer`), but the 1.20.1
-    that Triton 25.01 ships refuses a MultiHeadAttention node with those inputs (INVALID_GRAPH);
-    `DecoderMaskedMultiHeadAttention` (in place, fp32) aborts in 1.20.1's CPU kernel;
+    (contrib_ops/cuda/bert/multihead_attention.cc: `past_present_share_buffer`), but the 1.19.2
+    that Triton 24.10 ships (deployment.TRITON_ONNXRUNTIME) has no such inputs in that op's
+    schema (query, key, value, bias, key_padding_mask, relative_position_bias, past_key,
+    past_value), so a node with them is refused; `DecoderMaskedMultiHeadAttention` (in place,
+    fp32) has no CPU kernel in 1.19.2 (`get_all_opkernel_def()` lists none);
   - cross-attention is `com.microsoft.MultiHeadAttention` with key/value given per layer in
     [B, H, P, Dh] (BNSH), bound once per caption, never sliced per step;
   - only the last position exists, so the vocabulary projection is [B, 1, V].
@@ -151,7 +153,7 @@ def build_decoder_step(decoder, patches: int, cache: str = "in_place", dtype: st
     graph = helper.make_graph(g.nodes, "captioner_decoder_step", inputs, outputs, g.inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                           producer_name="captioner")
-    m.ir_version = 8  # onnxruntime 1.20 (Triton 25.01) reads up to IR 10
+    m.ir_version = 8  # onnxruntime 1.19.2 (Triton 24.10) reads up to IR 10 (11 refused)
     helper.set_model_props(m, {KV_CACHE_META: cache, MAX_LEN_META: str(cfg.max_len)})
     onnx.checker.check_model(m)
     return m

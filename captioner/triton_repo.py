@@ -6,9 +6,10 @@ Used by `captioner export` (writes), `captioner serve` (refuses what Triton refu
 deploy step (publishes a new numeric version and loads in dependency order) and the tests.
 It imports no torch/onnx export code.
 
-Triton's rules applied here, followed from triton-inference-server/core (r25.01):
+Triton's rules applied here, followed from triton-inference-server/core (r24.10, the release
+deployment.TRITON_RELEASE pins; unchanged in r25.01 for what is cited):
 - src/model_repository_manager/model_repository_manager.cc (`Poll`, `LoadModelByDependency`,
-  `UpdateDependencyGraph`): every sub-folder of the repository root is a model; files at
+  `DependencyGraph::UpdateGraph`): every sub-folder of the repository root is a model; files at
   the root are ignored; an ensemble's `ensemble_scheduling.step[*].model_name` are its
   dependencies and are loaded with it; a model's own config name must equal its folder.
   Models reached through BLS are *not* dependencies: in explicit mode they are loaded only
@@ -16,8 +17,8 @@ Triton's rules applied here, followed from triton-inference-server/core (r25.01)
   runs the decoder graph shipped in its own version folder in process), so loading the
   ensemble loads everything that serves a caption; the `decoder` model stays in the
   repository for direct use and is loaded only when named.
-- src/model_config_utils.cc (`GetModelVersionFromPath`) and src/model_lifecycle.cc
-  (`VersionsToLoad`, `AsyncLoad`): versions are the sub-folders whose names parse as
+- src/model_config_utils.cc (`GetModelVersionFromPath`) and
+  src/model_repository_manager/model_lifecycle.cc (`VersionsToLoad`, `AsyncLoad`): versions are the sub-folders whose names parse as
   integers; the version policy (default `latest { num_versions: 1 }`) selects among them;
   "at least one version must be available under the version policy of model '<name>'".
   An S3 "folder" exists only if an object lies under it, so an empty `1/` is no version.

@@ -1,6 +1,7 @@
 """A test double of Triton's `triton_python_backend_utils`, installed through sys.modules.
 
-It follows python_backend's behaviour (triton-inference-server/python_backend r25.01), not ours:
+It follows python_backend's behaviour (triton-inference-server/python_backend r24.10, the release
+deployment.TRITON_RELEASE pins; the cited parts are the same in r25.01), not ours:
 - src/pb_tensor.cc `PbTensor::AsNumpy`: a tensor not in CPU memory raises
   "Tensor is stored in GPU and cannot be converted to NumPy." (TritonModelException).
 - BLS (README "Business Logic Scripting", src/infer_request.h `PreferredMemory`,
@@ -8,7 +9,8 @@ It follows python_backend's behaviour (triton-inference-server/python_backend r2
   them in (an onnxruntime model with a KIND_GPU instance group produces GPU tensors) unless
   the request's `preferred_memory` asks for CPU (TRITONSERVER_MEMORY_CPU).
 - A BLS request to a model (or version) that is not loaded fails with core's message
-  (core src/model_lifecycle.cc `GetModel`): "Request for unknown model: '<name>' is not found".
+  (core src/model_repository_manager/model_repository_manager.cc `GetModel`): "Request for
+  unknown model: '<name>' is not found".
   What is loaded is decided by `captioner.triton_repo.plan_load` (explicit mode: the named
   models plus ensemble steps; BLS targets are not loaded for you).
 Requests are also checked against the callee's config.pbtxt (names, dtypes, shapes, batch).
