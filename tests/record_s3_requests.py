@@ -18,8 +18,9 @@ Each component runs exactly as in the cluster, with the S3 settings its Secret g
   python/storage/kserve_storage/kserve_storage.py Storage._download_s3 (head_bucket, then
   Bucket.objects.filter(Prefix=<path>), then Bucket.download_file per object) on the
   InferenceService's storageUri.
-Triton's file is not recorded here (no tritonserver with S3 on this machine): see
-tests/fixtures/s3_requests/triton.json.
+Triton's file, tests/fixtures/s3_requests/triton.json, is recorded elsewhere: from the real
+tritonserver (captioner.triton_server) loading the serving folder from moto_server, by
+tests/serving/test_real_triton.py (CAPTIONER_REGENERATE_FIXTURES=1 rewrites it).
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Each component's MinIO user may do exactly what the component does: the policies of the
 rendered minio-policies ConfigMap, evaluated with MinIO's own semantics (tests/minio_policy.py,
 from minio/minio cmd/ and minio/pkg policy/), against the S3 requests each component makes
-(tests/fixtures/s3_requests/: recorded from our clients against moto_server by
-tests/record_s3_requests.py, KServe's storage initializer from its v0.19.0 source, Triton's
-from triton core's s3.h until the real server's recording replaces it)."""
+(tests/fixtures/s3_requests/: recorded against moto_server: our clients, and KServe's storage
+initializer as boto3 making the calls of its v0.19.0 source, by tests/record_s3_requests.py;
+Triton's from the real tritonserver loading the serving folder from S3, by
+tests/serving/test_real_triton.py)."""
 import json
 
 import pytest
