@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from captioner.model import ModelConfig
+from captioner.pytorchjob import DEFAULT_PRICE_PER_GPU_HOUR
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -102,7 +103,7 @@ class TrainConfig:
     # TensorBoard events under out_dir/tb/ (rank 0): curves, held-out samples, config.
     tensorboard: bool = True
     # For the "cost so far" curve and the run report: one GPU per rank.
-    price_per_gpu_hour: float = 3.0
+    price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR
 
 
 @dataclass

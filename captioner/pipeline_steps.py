@@ -72,14 +72,15 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
     """Launch the run as a PyTorchJob or a TrainJob (--train.api; auto = the kind the cluster
     serves), after the cost guard, and wait for it. `api`: a KubeApi-like factory (tests)."""
     from captioner.k8s_jobs import KubeApi, served_kind
-    from captioner.pytorchjob import check_cost, estimate_cost, job_name, launch_and_wait, training_job
+    from captioner.pytorchjob import (DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, check_cost,
+                                      estimate_cost, job_name, launch_and_wait, training_job)
     from captioner.shards import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)
     pairs = sum(len(it.captions) for it in manifest.items_in("train"))
     workers, gpus = int(c.get("workers", 2)), int(c.get("gpus_per_worker", 8))
-    est = estimate_cost(pairs, cfg.train.epochs, float(c.get("pairs_per_s_per_gpu", 900.0)), workers * max(gpus, 1),
-                        float(c.get("price_per_gpu_hour", 3.0)))
+    est = estimate_cost(pairs, cfg.train.epochs, float(c.get("pairs_per_s_per_gpu", DEFAULT_PAIRS_PER_S_PER_GPU)),
+                        workers * max(gpus, 1), float(c.get("price_per_gpu_hour", DEFAULT_PRICE_PER_GPU_HOUR)))
     check_cost(est, float(c.get("max_cost", 500.0)), bool(c.get("override_cost", False)))
     make_api = api or KubeApi
     kind = served_kind(cfg.train.api, make_api().discover)
