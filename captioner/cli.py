@@ -186,12 +186,12 @@ class _CaptionOutput:
         else:
             self.f.write(json.dumps(row) + "\n")
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
         if self.f is not None:
             self.f.close()
             log.info("wrote %d captions%s to %s", self.ok, f" and {self.failed} errors" if self.failed else "",
                      self.path)
-        if self.failed:
+        if self.failed and not interrupted:  # an exception on its way out says more than the exit status
             raise SystemExit(1)
 
 
@@ -234,8 +234,10 @@ def cmd_caption(a, _):
                     out.add(path, None, cap[len("ERROR:"):].strip())
                 else:
                     out.add(path, cap)
-        finally:
-            out.close()
+        except BaseException:
+            out.close(interrupted=True)
+            raise
+        out.close()
         return
     import numpy as np
 
@@ -259,8 +261,10 @@ def cmd_caption(a, _):
             if arrays:
                 for p, c in zip(good, caption_arrays(ck.model, ck.tokenizer, np.stack(arrays), params)):
                     out.add(p, c)
-    finally:
-        out.close()
+    except BaseException:
+        out.close(interrupted=True)
+        raise
+    out.close()
 
 
 def cmd_export(a, _):

@@ -139,9 +139,9 @@ def test_web_extra_is_the_gateway_s_dependencies():
 def test_job_render_refuses_what_exists_only_on_this_machine(case, tmp_path):
     cfg = tmp_path / "my.yaml"
     cfg.write_text("train:\n  epochs: 2\n")
-    args = {"local_data": ["--config", "tiny-cpu", "--data", "shards/synth", "--model-uri", "s3://m/r"],
-            "local_model_uri": ["--config", "tiny-cpu", "--data", "s3://d/v1", "--model-uri", "runs/x"],
-            "local_yaml": ["--config", str(cfg), "--data", "s3://d/v1", "--model-uri", "s3://m/r"]}[case]
+    args = {"local_data": ["--config", "tiny-cpu", "--data", "shards/synth", "--model-uri", "s3://models/r"],
+            "local_model_uri": ["--config", "tiny-cpu", "--data", "s3://datasets/v1", "--model-uri", "runs/x"],
+            "local_yaml": ["--config", str(cfg), "--data", "s3://datasets/v1", "--model-uri", "s3://models/r"]}[case]
     r = run_cli("job", "render", "--nodes", "1", "--gpus-per-node", "0", *args)
     needle = {"local_data": "--data 'shards/synth'", "local_model_uri": "--model-uri 'runs/x'",
               "local_yaml": "not a preset packaged in the trainer image"}[case]
@@ -167,14 +167,18 @@ def test_demo_closing_hint_serves_the_finished_model(exported_repo, tmp_path):
 
 
 # ----------------------------------------------------------------- 7. a run trained on a relative path, evaluated elsewhere
-def test_a_run_trained_on_a_relative_path_evaluates_from_another_folder(synth_dir, tmp_path):
+def test_a_run_trained_on_a_relative_path_evaluates_from_another_folder(synth_dir, tmp_path, monkeypatch):
+    from captioner.train import train
+    from tests.helpers import tiny_cfg
+
     here, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     (here / "data").mkdir(parents=True)
     elsewhere.mkdir()
     shutil.copytree(synth_dir, here / "data" / "synth")
-    r = run_cli("train", *QUICK, "--data.source=data/synth", "--train.out_dir=runs/r", "--train.max_steps=1",
-                "--no-progress", cwd=here)
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.chdir(here)  # `captioner train --data.source=data/synth` typed in the project folder
+    train(tiny_cfg(Path("data/synth"), Path("runs/r"), "--train.max_steps=1", "--train.val_max_images=0"),
+          progress=False)
+    monkeypatch.chdir(tmp_path)
     r = run_cli("evaluate", here / "runs" / "r", "--max-images", "3", "--no-meteor", cwd=elsewhere)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((here / "runs/r/eval_test_first3/metrics.json").read_text())["images"] == 3
@@ -253,14 +257,17 @@ def test_evaluate_a_csv_gives_no_pickle_advice(synth_dir):
 
 
 def test_evaluate_with_other_decoding_keeps_the_first_result(trained_run, tmp_path):
+    from captioner.evaluate import evaluate
+
     run = tmp_path / "run"
     shutil.copytree(trained_run.out_dir, run)
-    for extra in ([], ["--beam", "2"]):
-        r = run_cli("evaluate", run, "--max-images", "4", "--no-meteor", *extra)
-        assert r.returncode == 0, r.stderr[-2000:]
-    greedy = json.loads((run / "eval_test_first4" / "metrics.json").read_text())
+    evaluate(str(run), max_images=4, meteor=False)  # what `captioner evaluate RUN --max-images 4` writes
+    first = (run / "eval_test_first4" / "metrics.json").read_text()
+    r = run_cli("evaluate", run, "--max-images", "4", "--no-meteor", "--beam", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "eval_test_first4" / "metrics.json").read_text() == first
     beam = json.loads((run / "eval_test_beam2_first4" / "metrics.json").read_text())
-    assert (greedy["decode"]["strategy"], beam["decode"]["strategy"]) == ("greedy", "beam")
+    assert (json.loads(first)["decode"]["strategy"], beam["decode"]["strategy"]) == ("greedy", "beam")
 
 
 # ----------------------------------------------------------------- 13. pipeline compile names the image it wrote
@@ -352,21 +359,26 @@ def test_simple_forms_count_bad_rows_and_refuse_a_headerless_csv(tmp_path):
 
 
 # ----------------------------------------------------------------- batch output, metrics with time and throughput, export report
-@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
-def test_caption_output_file(fmt, trained_run, synth_dir, tmp_path):
-    out = tmp_path / f"caps.{fmt}"
+def test_caption_output_file(trained_run, synth_dir, tmp_path):
+    """--output FILE.jsonl through the command; .csv through the same entry point in process."""
+    from captioner.cli import main
+
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    r = run_cli("caption", *_images(synth_dir, 3), bad, "-c", trained_run.out_dir, "--beam", "2", "--output", out)
+    args = [*map(str, _images(synth_dir, 3)), str(bad), "-c", str(trained_run.out_dir), "--beam", "2", "--output"]
+    r = run_cli("caption", *args, tmp_path / "caps.jsonl")
     assert r.returncode == 1 and r.stdout == "", r.stderr  # one image failed
-    if fmt == "jsonl":
-        rows = [json.loads(ln) for ln in out.read_text().splitlines()]
-    else:
-        rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 4 and {Path(x["image"]).name for x in rows} >= {"broken.jpg"}
-    ok = [x for x in rows if not x["error"]]
-    assert len(ok) == 3 and all(str(x["beam"]) == "2" and x["strategy"] == "beam" for x in ok)
-    assert str(ok[0]["max_new_tokens"]) == str(trained_run.model.cfg.max_new_tokens)
+    with pytest.raises(SystemExit) as e:
+        main(["caption", *args, str(tmp_path / "caps.csv")])
+    assert e.value.code == 1
+    jsonl = [json.loads(ln) for ln in (tmp_path / "caps.jsonl").read_text().splitlines()]
+    for rows in (jsonl, list(csv.DictReader((tmp_path / "caps.csv").open()))):
+        assert len(rows) == 4 and {Path(x["image"]).name for x in rows} >= {"broken.jpg"}
+        ok = [x for x in rows if not x["error"]]
+        assert len(ok) == 3 and all(str(x["beam"]) == "2" and x["strategy"] == "beam" for x in ok)
+        assert str(ok[0]["max_new_tokens"]) == str(trained_run.model.cfg.max_new_tokens)
+    assert [x["caption"] for x in jsonl if not x["error"]] == \
+        [x["caption"] for x in csv.DictReader((tmp_path / "caps.csv").open()) if not x["error"]]
 
 
 def test_metrics_jsonl_has_time_and_throughput(trained_run):
