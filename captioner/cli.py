@@ -812,7 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{k}", default=None, metavar="S3_URI", help=f"s3:// URI for {what} (required with --host)")
     g.add_argument("--export-device", choices=["gpu", "cpu"], default="gpu",
                    help="Triton instance kind in the exported configs; cpu for a CPU-only cluster (kind overlay)")
-    g.add_argument("--triton-url", default="", help="HOST:PORT of Triton's gRPC endpoint for the deploy step's reload")
+    g.add_argument("--triton-url", default="", help="HOST:PORT of Triton's gRPC endpoint for the deploy step's reload "
+                   "(on the cluster the headless triton-replicas.captioner.svc.cluster.local:8001: "
+                   "every replica loads)")
     g.add_argument("--train-in-pod", action="store_true",
                    help="train inside the pipeline's own 1-GPU pod instead of launching a PyTorchJob")
     g.add_argument("--nproc", type=POSITIVE, default=1, help="with --train-in-pod: processes (GPUs) in the train pod")

@@ -1,4 +1,4 @@
-"""KServe v0.19.0 InferenceService on the `kserve-tritonserver` runtime: a pure builder and a
+"""KServe v0.19.0 InferenceService on our `captioner-triton` ServingRuntime (Serverless mode): a pure builder and a
 canary rollout (new model version at `canaryTrafficPercent`, wait for its revision, live check
 through the v2 endpoint, promote to 100% or roll back). The champion is recorded by the caller
 only after promotion.
@@ -17,11 +17,21 @@ tests/test_kserve.py's fake follows:
 - KServe docs "Canary Rollout" (docs/modelserving/v1beta1/rollout/canary.md): promote by
   removing canaryTrafficPercent; roll back by setting canaryTrafficPercent to 0, which sends
   all traffic back to the previously rolled-out revision.
-- The runtime (config/runtimes/kserve-tritonserver.yaml) starts
+- The runtime: KServe's kserve-tritonserver (config/runtimes/kserve-tritonserver.yaml) starts
   `tritonserver --model-store=/mnt/models --grpc-port=9000 --http-port=8080` (model control
-  mode none: every model in the folder is loaded); the storage initializer copies
+  mode none: every model in the folder is loaded) on nvcr.io/nvidia/tritonserver:23.05-py3
+  (config/runtimes/kustomization.yaml), an image without our Python models' dependencies; we
+  name our own ServingRuntime `captioner-triton` instead (k8s/overlays/kserve/servingruntime.yaml:
+  the same arguments on the captioner Triton image). The storage initializer copies
   `storageUri` to /mnt/models using the service account's S3 Secret (annotations
-  serving.kserve.io/s3-endpoint, s3-usehttps, s3-region; keys AWS_ACCESS_KEY_ID/SECRET).
+  serving.kserve.io/s3-endpoint, s3-usehttps, s3-region; keys AWS_ACCESS_KEY_ID/SECRET); it
+  lists with `Prefix=<path>` (python/storage/kserve_storage/kserve_storage.py _download_s3),
+  so the URI ends in "/" or sibling prefixes (serving-old/) would be copied too.
+- Canary traffic splits and latestRolledoutRevision exist only in Serverless mode (Knative;
+  ksvc_reconciler.go); a cluster whose default is RawDeployment would ignore
+  canaryTrafficPercent, so the mode is pinned with the serving.kserve.io/deploymentMode
+  annotation. With the gRPC port named h2c, Knative sends activator/gateway traffic to the
+  queue-proxy's HTTP/2 port 8013 (knative serving pkg/reconciler/revision/resources/queue.go).
 """
 from __future__ import annotations
 
@@ -33,7 +43,9 @@ from typing import Callable, Protocol
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
-RUNTIME = "kserve-tritonserver"  # the ClusterServingRuntime KServe v0.19.0 ships
+RUNTIME = "captioner-triton"  # our ServingRuntime (namespace of the InferenceService), k8s/overlays/kserve
+KSERVE_TRITON_RUNTIME = "kserve-tritonserver"  # KServe's own, on Triton 23.05: not used
+DEPLOYMENT_MODE = ("serving.kserve.io/deploymentMode", "Serverless")  # canary rollouts need Knative
 MODEL_FORMAT = {"name": "triton", "version": "2"}  # a format the runtime lists (supportedModelFormats)
 ISVC_NAME, SERVICE_ACCOUNT = "captioner", "captioner-kserve"
 S3_SECRET = "captioner-kserve-s3"  # Triton's read-only MinIO user, in KServe's key names (k8s/overlays/kserve)
@@ -61,6 +73,7 @@ class IsvcSpec:
 def build_inferenceservice(s: IsvcSpec) -> dict:
     if not s.storage_uri.startswith(("s3://", "gs://", "pvc://", "https://")):
         raise ValueError(f"storageUri {s.storage_uri!r} must be a URI the storage initializer can copy (s3://...)")
+    storage_uri = s.storage_uri.rstrip("/") + "/"  # the storage initializer lists with Prefix=<path>
     if not 1 <= s.min_replicas <= s.max_replicas:
         raise ValueError(f"replicas: need 1 <= min {s.min_replicas} <= max {s.max_replicas}")
     limits = {"cpu": s.cpu, "memory": s.memory}
@@ -78,7 +91,7 @@ def build_inferenceservice(s: IsvcSpec) -> dict:
             "modelFormat": dict(MODEL_FORMAT),
             "runtime": RUNTIME,
             "protocolVersion": "v2",
-            "storageUri": s.storage_uri,
+            "storageUri": storage_uri,
             "env": [{"name": MODEL_VERSION_ENV, "value": str(s.version)}],
             "resources": {"limits": limits, "requests": dict(limits)},
             "ports": [{"name": "h2c", "containerPort": 9000, "protocol": "TCP"}],  # the v2 gRPC endpoint
@@ -93,7 +106,7 @@ def build_inferenceservice(s: IsvcSpec) -> dict:
         "kind": KIND,
         "metadata": {"name": s.name, "namespace": s.namespace,
                      "labels": {"app.kubernetes.io/part-of": "captioner"},
-                     "annotations": {TAG_ROUTING: "true"}},
+                     "annotations": {TAG_ROUTING: "true", DEPLOYMENT_MODE[0]: DEPLOYMENT_MODE[1]}},
         "spec": {"predictor": predictor},
     }
 

@@ -26,7 +26,10 @@ RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Trainer v2.3.0 ships
 CONTAINER, REPLICATED_JOB = "node", "node"  # constants.Node in pkg/constants/constants.go
 MASTER_PORT = 29500  # constants.ContainerTrainerPort
 RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
-PATCH_MANAGER = "captioner"  # runtimePatches are keyed by manager
+# runtimePatches are keyed by manager, which v2.3.0's webhook checks with
+# IsDomainPrefixedPath (pkg/runtime/framework/plugins/jobset/jobset.go JobSet.Validate):
+# "<dns-subdomain>/<path>"; a bare name is refused.
+PATCH_MANAGER = "captioner.dev/launcher"
 
 
 def build_trainjob(s) -> dict:
@@ -64,7 +67,10 @@ def build_trainjob(s) -> dict:
 
 def webhook_errors(job: dict) -> list[str]:
     """The TrainJob admission rules our jobs could break: the CRD's CEL rules on the name
-    (RFC 1035, <= 63) and the torch plugin's Validate (no reserved PET_* in trainer.env)."""
+    (RFC 1035, <= 63), the jobset plugin's Validate (runtimePatches[].manager a
+    domain-prefixed path; no env on the patched `node` container) and the torch plugin's
+    Validate (no reserved PET_* in trainer.env). tests/trainer_contract.py ports the whole
+    webhook and runs it on what `captioner job render` prints."""
     import re
 
     errs = []
@@ -78,6 +84,15 @@ def webhook_errors(job: dict) -> list[str]:
     bad = sorted({e.get("name") for e in tr.get("env", [])} & set(RESERVED_ENV))
     if bad:
         errs.append(f"spec.trainer.env must not have reserved envs, invalid envs configured: {bad}")
+    for p in spec.get("runtimePatches") or []:
+        host, _, path = str(p.get("manager", "")).partition("/")
+        if not path or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", host):
+            errs.append(f"spec.runtimePatches.manager {p.get('manager')!r} must be a domain-prefixed path "
+                        "(such as \"acme.io/foo\")")
+        for rj in p.get("trainingRuntimeSpec", {}).get("template", {}).get("spec", {}).get("replicatedJobs", []):
+            for c in rj.get("template", {}).get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if c.get("name") == CONTAINER and c.get("env"):
+                    errs.append("spec.runtimePatches: must not have envs for the node container (use spec.trainer.env)")
     if tr.get("numNodes", 1) < 1:
         errs.append(f"spec.trainer.numNodes {tr.get('numNodes')} must be >= 1")
     return errs

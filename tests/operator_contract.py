@@ -120,3 +120,57 @@ def resolve_env(entries: list[dict], secrets: dict) -> dict:
                 raise KeyError(f"CreateContainerConfigError: secret {ref['name']!r} key {ref['key']!r} not found")
             env[e["name"]] = secrets.get(ref["name"], {}).get(ref["key"], "")
     return env
+
+
+# ------------------------------------------------------------------ the PyTorchJob webhook
+# Training Operator v1.9.0 pkg/webhooks/pytorch/pytorchjob_webhook.go validatePyTorchJob
+# (ValidateCreate): metadata.name apimachineryvalidation.NameIsDNS1035Label;
+# pkg/common/util/webhooks.go ValidateRunPolicy (runPolicy.managedBy one of
+# kubeflow.org/training-operator, kueue.x-k8s.io/multikueue); validateSpec (elasticPolicy needs
+# a Worker replica spec; elasticPolicy.nProcPerNode is forbidden together with nprocPerNode);
+# validatePyTorchReplicaSpecs (specs required; only Master/Worker; containers required, each
+# with an image, one named `pytorch`; Master replicas exactly 1; other replicas >= 1 when set).
+import re  # noqa: E402
+
+_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+MANAGERS = ("kubeflow.org/training-operator", "kueue.x-k8s.io/multikueue")
+
+
+def webhook_errors(job: dict) -> list[str]:
+    errs: list[str] = []
+    name = (job.get("metadata") or {}).get("name", "")
+    if len(name) > 63 or not _DNS1035.fullmatch(name):
+        errs.append(f"metadata.name: Invalid value: {name!r}: should match: a DNS-1035 label")
+    spec = job.get("spec") or {}
+    mb = (spec.get("runPolicy") or {}).get("managedBy")
+    if mb is not None and mb not in MANAGERS:
+        errs.append(f"spec.runPolicy.managedBy: Unsupported value: {mb!r}")
+    rs = spec.get("pytorchReplicaSpecs")
+    ep = spec.get("elasticPolicy")
+    if ep is not None:
+        if "Worker" not in (rs or {}):
+            errs.append("spec.pytorchReplicaSpecs[Worker]: Required value: must be configured if elastic policy "
+                        "is used")
+        if ep.get("nProcPerNode") is not None and spec.get("nprocPerNode") is not None:
+            errs.append("spec.elasticPolicy.nProcPerNode: Forbidden: must not be used with spec.nprocPerNode")
+    if rs is None:
+        errs.append("spec.pytorchReplicaSpecs: Required value: must be required")
+    for rtype, r in (rs or {}).items():
+        path = f"spec.pytorchReplicaSpecs[{rtype}]"
+        if rtype not in ("Master", "Worker"):
+            errs.append(f"{path}: Unsupported value: {rtype!r}")
+        containers = ((((r or {}).get("template") or {}).get("spec") or {}).get("containers")) or []
+        if not containers:
+            errs.append(f"{path}.template.spec.containers: Required value: must be specified")
+        for i, c in enumerate(containers):
+            if not c.get("image"):
+                errs.append(f"{path}.template.spec.containers[{i}].image: Required value: must be required")
+        if not any(c.get("name") == CONTAINER for c in containers):
+            errs.append(f"{path}.template.spec.containers: Required value: must have at least one container with "
+                        f"name {CONTAINER}")
+        n = (r or {}).get("replicas")
+        if rtype == "Master" and n != 1:
+            errs.append(f"{path}.replicas: Forbidden: must be 1")
+        elif rtype != "Master" and n is not None and n < 1:
+            errs.append(f"{path}.replicas: Forbidden: must be at least 1")
+    return errs

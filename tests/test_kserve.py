@@ -6,9 +6,11 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from captioner import kserve as ks
-from tests.crd_schemas import TRITON_RUNTIME, isvc_errors, load
+from tests.conftest import ROOT
+from tests.crd_schemas import SERVINGRUNTIME_CRD, TRITON_RUNTIME, errors, isvc_errors, load
 from tests.helpers import Clock
 
 PREV_URL = "http://prev-captioner-predictor.captioner.example.com"
@@ -144,8 +146,8 @@ def test_builder_validates_and_uses_the_triton_runtime():
     isvc = ks.build_inferenceservice(ks.IsvcSpec("s3://models/serving", 3, canary_percent=10))
     assert isvc_errors(isvc) == []
     m = isvc["spec"]["predictor"]["model"]
-    rt = load(TRITON_RUNTIME)
-    assert m["runtime"] == rt["metadata"]["name"] and m["storageUri"] == "s3://models/serving"
+    rt = yaml.safe_load((ROOT / "k8s/overlays/kserve/servingruntime.yaml").read_text())  # ours, not KServe's
+    assert m["runtime"] == rt["metadata"]["name"] and m["storageUri"] == "s3://models/serving/"
     assert {"name": m["modelFormat"]["name"], "version": m["modelFormat"]["version"]} in [
         {"name": f["name"], "version": f["version"]} for f in rt["spec"]["supportedModelFormats"]]
     assert m["protocolVersion"] in rt["spec"]["protocolVersions"]
@@ -242,7 +244,7 @@ def test_deploy_kserve_promotes_after_the_live_check_and_records_the_champion(ex
         p.wait(30)
     assert r["revision"] == "captioner-predictor-00002" and api.traffic() == {"captioner-predictor-00002": 100}
     assert steps.champion_score("s3://serving/kserve") == 0.9
-    assert api.writes[-1]["spec"]["predictor"]["model"]["storageUri"] == "s3://serving/kserve"
+    assert api.writes[-1]["spec"]["predictor"]["model"]["storageUri"] == "s3://serving/kserve/"
 
 
 def test_deploy_kserve_rolls_back_on_a_caption_mismatch_and_keeps_the_champion(exported_repo, s3_env, tmp_path,
@@ -350,12 +352,14 @@ def test_kserve_overlay_validates_strictly(kserve_docs):
     isvc = by[("InferenceService", "captioner")]
     assert isvc_errors(isvc) == []
     for d in docs:
-        if d["kind"] != "InferenceService":
+        if d["kind"] == "ServingRuntime":
+            assert errors(d, SERVINGRUNTIME_CRD, "v1alpha1") == []
+        elif d["kind"] != "InferenceService":
             kubernetes_validate.validate(d, _k8s_version(), strict=True)
         if d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") in ("captioner", "kubeflow"), d["metadata"]["name"]
     p = isvc["spec"]["predictor"]
-    assert p["model"]["storageUri"] == "s3://models/serving" and p["model"]["modelFormat"]["name"] == "triton"
+    assert p["model"]["storageUri"] == "s3://models/serving/" and p["model"]["modelFormat"]["name"] == "triton"
     assert p["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert p["minReplicas"] >= 1 and p["maxReplicas"] > p["minReplicas"] and p["scaleTarget"] > 0
     sa = by[("ServiceAccount", p["serviceAccountName"])]

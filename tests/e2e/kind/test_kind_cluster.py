@@ -51,12 +51,9 @@ def cluster():
         sh("kubectl", "--context", ctx, "apply", "--server-side", "-k", OPERATOR)
         sh("kubectl", "--context", ctx, "-n", "kubeflow", "wait", "--for=condition=Available",
            "deployment/training-operator", "--timeout=300s")
-        sh("sh", str(ROOT / "k8s" / "base" / "secrets" / "generate.sh"))  # per-install credentials
-        sh("kubectl", "--context", ctx, "create", "namespace", "kubeflow", check=False)  # the steps' Secret goes there
-        # the per-install key of Triton's restricted model-repository protocol (k8s/base/triton.yaml)
-        sh("kubectl", "--context", ctx, "create", "namespace", "captioner", check=False)
-        sh("kubectl", "--context", ctx, "-n", "captioner", "create", "secret", "generic", "captioner-triton-control",
-           f"--from-literal=key={uuid.uuid4().hex}")
+        # per-install credentials and Triton's model-repository key (rendered as Secrets by the overlay)
+        sh("sh", str(ROOT / "k8s" / "base" / "secrets" / "generate.sh"))
+        sh("kubectl", "--context", ctx, "create", "namespace", "kubeflow", check=False)  # the steps' Secrets go there
         sh("kubectl", "--context", ctx, "apply", "-k", str(ROOT / "k8s" / "overlays" / "kind"))
         sh("kubectl", "--context", ctx, "-n", "captioner", "rollout", "status", "statefulset/minio", "--timeout=300s")
         sh("kubectl", "--context", ctx, "-n", "captioner", "wait", "--for=condition=complete", "job/minio-users",
