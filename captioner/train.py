@@ -221,16 +221,17 @@ def _check_resume_config(ckpt: dict, cfg: ExperimentConfig, where: str) -> None:
                  "a new run with another --train.out_dir or --overwrite")
 
 
-def _resolve_local_source(cfg: ExperimentConfig) -> None:
+def _resolve_local_source(cfg: ExperimentConfig, main: bool = True) -> None:
     """Fail before anything is written when the data source is missing, and store local paths
-    absolute, so that the run (its config.yaml and checkpoints) is usable from any folder."""
+    absolute, so that the run (its config.yaml and checkpoints) is usable from any folder.
+    Only rank 0 reads a local source (the others get it broadcast), so only it checks."""
     from captioner.storage import is_s3
 
     d = cfg.data
     if is_s3(d.source):
         return
     src = Path(d.source)
-    if not src.exists():
+    if main and not src.exists():
         from captioner.data import LAYOUTS
         from captioner.errors import DataNotFoundError
 
@@ -359,7 +360,7 @@ def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
     t = cfg.train
     di = init_distributed(t.dist_backend)
     rank_log.info("rank %d/%d joined (local rank %d, %s)", di.rank, di.world, di.local_rank, di.device)
-    _resolve_local_source(cfg)
+    _resolve_local_source(cfg, di.main)
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)  # every rank: each node has its own filesystem
     _seed(t.seed)
