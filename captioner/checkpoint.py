@@ -75,6 +75,7 @@ class TrainState:
     best: dict = field(default_factory=lambda: {"metric": "CIDEr", "value": -float("inf"), "step": 0})
     rng: list = field(default_factory=list)  # one rng_state() per rank
     run_id: str = ""  # the run this checkpoint belongs to (a KFP pipeline job id, or empty)
+    data_position: dict = field(default_factory=dict)  # the epoch position in sample space (train.EpochLoader.position)
 
 
 def checkpoint_dict(cfg: ExperimentConfig, model: torch.nn.Module, optimizer, scheduler, state: TrainState,
@@ -87,7 +88,8 @@ def checkpoint_dict(cfg: ExperimentConfig, model: torch.nn.Module, optimizer, sc
 
 def train_state(raw: dict) -> TrainState:
     return TrainState(step=int(raw["step"]), epoch=int(raw["epoch"]), micro_in_epoch=int(raw["micro_in_epoch"]),
-                      best=dict(raw["best"]), rng=list(raw["rng"]), run_id=str(raw.get("run_id", "")))
+                      best=dict(raw["best"]), rng=list(raw["rng"]), run_id=str(raw.get("run_id", "")),
+                      data_position=dict(raw.get("data_position") or {}))
 
 
 def _load_reason(e: Exception) -> str:

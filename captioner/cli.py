@@ -47,6 +47,16 @@ def int_range(lo: int, hi: int | None = None):
     return parse
 
 
+def _shard_mb(s: str):
+    """argparse type of ingest --shard-mb: 'auto' or a number > 0."""
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float_range(0.0, lo_open=True)(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {s!r}") from None
+
+
 def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
     """argparse type: a finite number in the interval; (lo, hi) open where asked."""
     lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
@@ -342,7 +352,8 @@ def _store(a, uri, create=False):
 def cmd_ingest(a, _):
     from captioner.ingest import IngestOptions, ingest
 
-    o = IngestOptions(shard_mb=a.shard_mb, max_side=a.max_side, workers=a.workers, val_fraction=a.val_fraction,
+    o = IngestOptions(shard_mb=a.shard_mb, target_workers=a.target_workers, max_side=a.max_side, workers=a.workers,
+                      val_fraction=a.val_fraction,
                       test_fraction=a.test_fraction, split_seed=a.split_seed, format=a.format, image_root=a.image_root,
                       strip_metadata=a.strip_metadata, progress=not a.no_progress)
     r = ingest(a.source, a.dest, o, store=_store(a, a.dest, create=True))
@@ -743,7 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DEST: a folder or s3://bucket/prefix. Resumable: rerun after an interruption.")
     s.add_argument("source", help="captioned images: folder, zip, captions CSV/JSON or metadata.jsonl")
     s.add_argument("dest", help="a folder or s3://bucket/prefix")
-    s.add_argument("--shard-mb", type=float_range(0.0, lo_open=True), default=64.0, help="target shard size in MB")
+    s.add_argument("--shard-mb", type=_shard_mb, default=64.0,
+                   help="target shard size in MB, or 'auto' with --target-workers: shards small enough that every "
+                        "reader of the training cluster gets whole shards (each shard read once per epoch)")
+    s.add_argument("--target-workers", type=int_range(1, 1_000_000), default=0, metavar="N",
+                   help="with --shard-mb auto: readers of the cluster that will train on this data, i.e. ranks x "
+                        "DataLoader workers per rank (e.g. 8 GPUs x --data.num_workers 4 = 32)")
     s.add_argument("--max-side", type=COUNT_OR_ALL, default=0,
                    help="resize images so the longer side is at most this (0 = keep)")
     s.add_argument("--workers", type=int_range(1, 256), default=8, help="parallel uploads / image checks")

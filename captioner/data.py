@@ -398,14 +398,21 @@ def collate_grouped(batch, pad_id: int = 0):
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Deterministic per-epoch shuffle, sharded across DDP ranks (each rank gets the same
-    number of batches), that can start mid-epoch so `--resume` replays the exact order."""
+    number of batches), that can start mid-epoch so `--resume` replays the exact order.
+
+    Rank r takes positions r, r + W, r + 2W... of the epoch's permutation, so after every rank
+    has taken k batches the items consumed are exactly the first k x batch x W positions: the
+    epoch position is one number in sample space. `start_item` skips that many positions and
+    deals the rest to the ranks of this run, whatever its world size (an elastic resume).
+    When the items left do not divide by W, the list wraps to its own head, as
+    torch.utils.data.DistributedSampler does: up to W-1 images are seen twice per epoch."""
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
         self.n, self.bs, self.rank, self.world, self.seed, self.shuffle = n, batch_size, rank, world, seed, shuffle
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start, self.start_item = 0, 0, 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start = epoch, start_batch
+    def set_epoch(self, epoch: int, start_batch: int = 0, start_item: int = 0) -> None:
+        self.epoch, self.start, self.start_item = epoch, start_batch, min(max(0, start_item), self.n)
 
     def _indices(self) -> list[int]:
         if self.shuffle:
@@ -413,12 +420,16 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             idx = torch.randperm(self.n, generator=g).tolist()
         else:
             idx = list(range(self.n))
-        per_rank = math.ceil(self.n / self.world)
-        idx += idx[: per_rank * self.world - len(idx)]  # pad so every rank has the same count
+        idx = idx[self.start_item:]
+        pad = self._per_rank() * self.world - len(idx)
+        idx += [idx[i % len(idx)] for i in range(pad)] if idx else []  # every rank gets the same count
         return idx[self.rank::self.world]
 
+    def _per_rank(self) -> int:
+        return math.ceil((self.n - self.start_item) / self.world)
+
     def __len__(self) -> int:
-        return math.ceil(math.ceil(self.n / self.world) / self.bs)
+        return math.ceil(self._per_rank() / self.bs)
 
     def __iter__(self) -> Iterator[list[int]]:
         idx = self._indices()

@@ -10,6 +10,7 @@ as Triton's src/http_server.cc `HttpCodeFromError`).
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class InputTensor:
     name: str
     datatype: str
     shape: list[int]
-    raw: bytes | None = None
+    raw: bytes | memoryview | None = None
     data: list | None = None
 
 
@@ -129,8 +130,8 @@ class DataPlane:
         from captioner.serve import NotFound
 
         try:
-            return self.repo.version(name, int(version) if version else -1)
-        except (NotFound, ValueError) as e:
+            return self.repo.version(name, parse_version(version))
+        except NotFound as e:
             raise DataPlaneError(NOT_FOUND, f"{e} (loaded: {', '.join(sorted(self.repo.loaded)) or 'none'})") from None
 
     def model_ready(self, name: str, version: str = "") -> bool:
@@ -168,7 +169,10 @@ class DataPlane:
         timing: dict = {}
         try:
             cfg = self.repo.models[name].config
+            check_outputs(cfg, outputs)  # an unknown output is refused before the model runs
             arrays = decode_inputs(cfg, inputs)
+            for t in inputs:  # the wire buffers (an HTTP body's memoryviews) are released once decoded
+                t.raw = t.data = None
             if name == ENSEMBLE:
                 arrays[BatchTimer.KEY] = timing
             out = self.repo.run(name, arrays, v, deadline or Deadline())
@@ -228,6 +232,50 @@ class DataPlane:
         return out
 
 
+def parse_version(version: str) -> int:
+    """A model version as a request names it: '' -> -1 (the latest loaded), else ASCII digits
+    only. Triton's GetModelVersionFromString (server src/common.cc) refuses non-numbers and
+    negatives with INVALID_ARG and this message; std::stol's leniency (leading blanks, a
+    trailing tail) is not copied: " 1" or "1abc" is refused too."""
+    if version == "":
+        return -1
+    if not (isinstance(version, str) and version.isascii() and version.isdigit() and len(version) <= 18):
+        raise DataPlaneError(INVALID_ARG, f"failed to get model version from specified version string "
+                                          f"{version!r}, version should be an integral value > 0")
+    return int(version)
+
+
+# The numbers each datatype holds: a JSON/typed element outside them is refused, never wrapped,
+# truncated (3.7 -> 3) or converted from another kind (true -> 1).
+_INT_RANGE = {"INT32": (-(1 << 31), (1 << 31) - 1), "INT64": (-(1 << 63), (1 << 63) - 1)}
+_FLOAT_MAX = {"FP32": float(np.finfo(np.float32).max), "FP16": float(np.finfo(np.float16).max)}
+MAX_DIM = 1 << 31  # any larger dimension is refused before its element count is computed
+
+
+def _check_elements(name: str, dt: str, data: list) -> None:
+    if dt in _INT_RANGE:
+        lo, hi = _INT_RANGE[dt]
+        for x in data:
+            if type(x) is not int or not lo <= x <= hi:  # bool is an int subclass: refused by `type(...) is`
+                raise RequestError(f"input '{name}': {dt} elements must be integers in [{lo}, {hi}], got {x!r}")
+    elif dt in _FLOAT_MAX:
+        m = _FLOAT_MAX[dt]
+        for x in data:
+            if type(x) not in (int, float) or not math.isfinite(x) or abs(x) > m:
+                raise RequestError(f"input '{name}': {dt} elements must be finite numbers within +-{m:g}, got {x!r}")
+    elif dt == "BOOL":
+        for x in data:
+            if type(x) is not bool:
+                raise RequestError(f"input '{name}': BOOL elements must be true or false, got {x!r}")
+
+
+def check_outputs(cfg: mc.ModelConfig, requested: list[str] | None) -> None:
+    known = [o.name for o in cfg.output]
+    for n in requested or []:
+        if n not in known:
+            raise RequestError(f"unknown output '{n}' requested (model outputs: {', '.join(known)})")
+
+
 def decode_inputs(cfg: mc.ModelConfig, inputs: list[InputTensor]) -> dict[str, np.ndarray]:
     """Wire tensors -> arrays, checked against the config: names, datatypes, shapes, batch
     bounds, element counts (a BYTES payload's length prefixes are walked only up to the count
@@ -248,6 +296,8 @@ def decode_inputs(cfg: mc.ModelConfig, inputs: list[InputTensor]) -> dict[str, n
         if t.datatype != want_dt:
             raise RequestError(f"input '{t.name}' has datatype {t.datatype}, expected {want_dt}")
         shape = [int(x) for x in t.shape]
+        if any(not -MAX_DIM <= g <= MAX_DIM for g in shape):
+            raise RequestError(f"input '{t.name}' has shape {shape}: a dimension is over {MAX_DIM}")
         dims = ([-1] if batched else []) + list(s.dims)
         if len(shape) != len(dims) or any(d != -1 and g != d for g, d in zip(shape, dims)):
             raise RequestError(f"input '{t.name}' has shape {shape}, expected {dims} (-1 = any)")
@@ -257,7 +307,7 @@ def decode_inputs(cfg: mc.ModelConfig, inputs: list[InputTensor]) -> dict[str, n
             if not 1 <= shape[0] <= cfg.max_batch_size:
                 raise RequestError(f"input '{t.name}' batch size {shape[0]} is outside 1..{cfg.max_batch_size}")
             batch_sizes.add(shape[0])
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         if t.raw is not None:
             if want_dt == "BYTES":
                 arr = bytes_elements(t.raw, n, t.name)
@@ -265,7 +315,8 @@ def decode_inputs(cfg: mc.ModelConfig, inputs: list[InputTensor]) -> dict[str, n
                 if len(t.raw) != n * np.dtype(np_dt).itemsize:
                     raise RequestError(f"input '{t.name}' has {len(t.raw)} bytes, shape {shape} of {want_dt} "
                                        f"needs {n * np.dtype(np_dt).itemsize}")
-                arr = np.frombuffer(t.raw, dtype=np_dt)
+                # bytes(): a view into an HTTP body would keep the whole body alive (no copy for gRPC bytes)
+                arr = np.frombuffer(bytes(t.raw), dtype=np_dt)
         elif t.data is not None:
             if len(t.data) != n:
                 raise RequestError(f"input '{t.name}' holds {len(t.data)} elements, shape {shape} needs {n}")
@@ -275,8 +326,7 @@ def decode_inputs(cfg: mc.ModelConfig, inputs: list[InputTensor]) -> dict[str, n
                 arr = np.empty(n, dtype=np.object_)
                 arr[:] = [x.encode() if isinstance(x, str) else x for x in t.data]
             else:
-                if not all(isinstance(x, (int, float, bool)) for x in t.data):
-                    raise RequestError(f"input '{t.name}': {want_dt} elements must be numbers")
+                _check_elements(t.name, want_dt, t.data)
                 arr = np.asarray(t.data, dtype=np_dt)
         else:
             raise RequestError(f"input '{t.name}' has no data")

@@ -15,61 +15,144 @@ Followed (triton-inference-server/server):
   empty body; model config is the ModelConfig protobuf as JSON with its proto field names.
 - KServe v2 REST (docs/protocol/README.md of Triton): JSON tensor `data` is flat (row-major).
 
-Hostile input: the body is read in chunks and refused with 413 beyond MAX_BODY (the gRPC
-receive limit), whatever Content-Length claims; binary sizes must add up exactly; the JSON
-header is capped; `parameters.timeout` (microseconds, Triton's request timeout) becomes the
-request's deadline; element counts are checked by the data plane as for gRPC.
+Hostile input and traffic:
+- Work in progress is limited, not sockets: at most `max_in_flight` inference requests between
+  admission and answer (each holds at most one copy of its body, so the bound in memory is
+  max_in_flight x max_body); beyond it 503 with Retry-After, at once. Idle connections cost a
+  file descriptor; a request head must arrive within HEADER_TIMEOUT_S of the connection (or of
+  its first byte after a keep-alive answer), a body without a pause over BODY_IDLE_TIMEOUT_S and
+  within BODY_TIMEOUT_S (408 otherwise). uvicorn's own `limit_concurrency` is not used: it
+  counts open connections (uvicorn protocols/http/h11_impl.py, H11Protocol.handle_events:
+  `len(self.connections) >= self.limit_concurrency`), so idle sockets made every request 503.
+- The body is read into one buffer of its declared length and refused with 413 beyond max_body
+  (the gRPC receive limit), whatever Content-Length claims; tensors are views into it, released
+  once decoded; binary sizes must add up exactly; the JSON header is capped.
+- Every malformed value is a 400 naming the field: `parameters` not an object, binary_data /
+  binary_data_output not booleans, binary_data_size not a count, timeout not a count of
+  microseconds, integers over 20 digits, NaN/Infinity (not JSON: refused as Triton's rapidjson
+  does), `id` not a string. Health, metadata and config answer on the event loop: never queued
+  behind inference.
+- A client that disconnects has its request's work dropped before decoding and before the
+  encoder (the data plane's Deadline sees the connection closed, as gRPC's context).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import threading
+import time
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from captioner.dataplane import INVALID_ARG, DataPlane, DataPlaneError, InputTensor
+from captioner.dataplane import INVALID_ARG, DataPlane, DataPlaneError, InputTensor, parse_version
 
 log = logging.getLogger(__name__)
 
 HEADER = "inference-header-content-length"
 MAX_JSON_HEADER = 1 << 20  # the JSON part of a request (tensor metadata; JSON tensors are small here)
+# Read timeouts (nginx's client_header_timeout / client_body_timeout are per read, 60 s; ours
+# are shorter: the largest body is 17 MiB).
+HEADER_TIMEOUT_S = 10.0  # a request head complete within this of the connection / its first byte
+BODY_IDLE_TIMEOUT_S = 15.0  # longest pause between two reads of a body
+BODY_TIMEOUT_S = 120.0  # a whole body (17 MiB at 150 kB/s)
+MAX_TIMEOUT_US = 86_400 * 10**6  # parameters.timeout beyond a day: no deadline (Triton's uint64 has no use for more)
+RETRY_AFTER_S = 1
 
 
-def _error(status: int, msg: str) -> JSONResponse:
-    return JSONResponse({"error": msg}, status_code=status)
+def _error(status: int, msg: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": msg}, status_code=status, headers=headers)
+
+
+class BodyTimeout(Exception):
+    pass
 
 
 def _ready(ok: bool) -> Response:
     return Response(status_code=200 if ok else 400)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, read in chunks and abandoned as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, idle_s: float = BODY_IDLE_TIMEOUT_S,
+                    total_s: float = BODY_TIMEOUT_S) -> memoryview:
+    """The body in one buffer (allocated once from Content-Length, so no second copy is ever
+    made), abandoned as soon as it passes `limit` bytes; BodyTimeout when the client pauses over
+    `idle_s` or takes over `total_s` in all."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise DataPlaneError(INVALID_ARG, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise DataPlaneError(INVALID_ARG, f"request body is over the limit of {limit} bytes")
-    return bytes(buf)
-
-
-def parse_infer_body(body: bytes, header_len: str | None) -> tuple[dict, list[InputTensor], list[dict]]:
-    """An infer request body -> (request JSON, InputTensors, requested outputs)."""
-    if header_len is not None:
+    exact = declared is not None and declared.isdigit()
+    buf = bytearray(int(declared)) if exact else bytearray()
+    n, end = 0, time.monotonic() + total_s
+    chunks = request.stream().__aiter__()
+    while True:
         try:
-            n = int(header_len)
-        except ValueError:
+            async with asyncio.timeout(min(idle_s, max(0.0, end - time.monotonic()))):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        except ClientDisconnect:
+            raise BodyTimeout("the client disconnected before sending its body") from None
+        except TimeoutError:
+            raise BodyTimeout(f"request body not received in time ({n} bytes after "
+                              f"{total_s - max(0.0, end - time.monotonic()):.0f} s)") from None
+        if n + len(chunk) > limit or (exact and n + len(chunk) > len(buf)):
+            raise DataPlaneError(INVALID_ARG, f"request body is over the limit of {limit} bytes")
+        if exact:
+            buf[n:n + len(chunk)] = chunk
+        else:
+            buf += chunk
+        n += len(chunk)
+    return memoryview(buf)[:n]
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > 20:  # no tensor element or parameter needs more (uint64 has 20 digits)
+        raise ValueError(f"integer of {len(text)} digits is out of range")
+    return int(text)
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _params(obj: dict, where: str) -> dict:
+    """An object's `parameters`: absent or a JSON object."""
+    p = obj.get("parameters")
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise DataPlaneError(INVALID_ARG, f"{where}: 'parameters' must be a JSON object, got {json.dumps(p)[:80]}")
+    return p
+
+
+def _bool(params: dict, key: str, where: str, default: bool) -> bool:
+    v = params.get(key, default)
+    if not isinstance(v, bool):
+        raise DataPlaneError(INVALID_ARG, f"{where}: parameter '{key}' must be true or false, got {json.dumps(v)[:80]}")
+    return v
+
+
+def _count(v, what: str, hi: int = (1 << 64) - 1) -> int:
+    if type(v) is not int or not 0 <= v <= hi:
+        raise DataPlaneError(INVALID_ARG, f"{what} must be an integer in [0, {hi}], got {json.dumps(v)[:80]}")
+    return v
+
+
+def parse_infer_body(body: bytes | memoryview, header_len: str | None) -> tuple[dict, list[InputTensor], list[dict]]:
+    """An infer request body -> (request JSON, InputTensors, requested outputs). Binary tensors
+    are views into `body` (no copy)."""
+    body = memoryview(body)
+    if header_len is not None:
+        if not (header_len.isascii() and header_len.isdigit() and len(header_len) <= 12):
             raise DataPlaneError(INVALID_ARG, f"Inference-Header-Content-Length must be an integer, got "
-                                              f"{header_len!r}") from None
+                                              f"{header_len[:40]!r}")
+        n = int(header_len)
         if not 0 < n <= len(body):
             raise DataPlaneError(INVALID_ARG, f"Inference-Header-Content-Length {n} is outside the body's "
                                               f"{len(body)} bytes")
@@ -79,24 +162,32 @@ def parse_infer_body(body: bytes, header_len: str | None) -> tuple[dict, list[In
         raise DataPlaneError(INVALID_ARG, f"JSON inference header of {n} bytes is over the limit of "
                                           f"{MAX_JSON_HEADER} bytes")
     try:
-        req = json.loads(body[:n])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
+        req = json.loads(bytes(body[:n]), parse_int=_parse_int, parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError;
+        # RecursionError: nesting too deep
         raise DataPlaneError(INVALID_ARG, f"failed to parse the request JSON: {e}") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise DataPlaneError(INVALID_ARG, "the request JSON must be an object with an 'inputs' list")
+    rp = _params(req, "request")
+    if "id" in req and not isinstance(req["id"], str):
+        raise DataPlaneError(INVALID_ARG, f"request: 'id' must be a string, got {json.dumps(req['id'])[:80]}")
+    _bool(rp, "binary_data_output", "request", False)
+    if "timeout" in rp:
+        _count(rp["timeout"], "request: parameter 'timeout' (microseconds)")
     binary, off = body[n:], 0
     inputs = []
     for i, t in enumerate(req["inputs"]):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise DataPlaneError(INVALID_ARG, f"inputs[{i}] must be an object with a 'name'")
         shape, dt = t.get("shape"), t.get("datatype")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
             raise DataPlaneError(INVALID_ARG, f"input '{t['name']}': 'shape' must be a list of integers")
         if not isinstance(dt, str):
             raise DataPlaneError(INVALID_ARG, f"input '{t['name']}': 'datatype' must be a string")
-        size = (t.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or off + size > len(binary):
+        ip = _params(t, f"input '{t['name']}'")
+        if "binary_data_size" in ip:
+            size = _count(ip["binary_data_size"], f"input '{t['name']}': parameter 'binary_data_size'")
+            if off + size > len(binary):
                 raise DataPlaneError(INVALID_ARG, f"input '{t['name']}': binary_data_size {size!r} runs past the "
                                                   f"{len(binary) - off} binary bytes left in the body")
             inputs.append(InputTensor(t["name"], dt, shape, raw=binary[off:off + size]))
@@ -112,6 +203,8 @@ def parse_infer_body(body: bytes, header_len: str | None) -> tuple[dict, list[In
     outs = req.get("outputs") or []
     if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
         raise DataPlaneError(INVALID_ARG, "'outputs' must be a list of objects with a 'name'")
+    for o in outs:
+        _bool(_params(o, f"output '{o['name']}'"), "binary_data", f"output '{o['name']}'", False)
     return req, inputs, outs
 
 
@@ -132,7 +225,7 @@ def _flatten(data: list, name: str, limit: int = 1 << 20) -> list:
 
 
 def encode_infer_response(res, req: dict, outs: list[dict]) -> Response:
-    default_binary = bool((req.get("parameters") or {}).get("binary_data_output", False))
+    default_binary = (req.get("parameters") or {}).get("binary_data_output", False)  # booleans: parse_infer_body
     want_binary = {o["name"]: (o.get("parameters") or {}).get("binary_data", default_binary) for o in outs}
     outputs, blobs = [], []
     for name, dt, arr in res.outputs:
@@ -161,63 +254,134 @@ def encode_infer_response(res, req: dict, outs: list[dict]) -> Response:
                     headers={"Inference-Header-Content-Length": str(len(body))})
 
 
-def create_app(plane: DataPlane, max_body: int) -> FastAPI:
+class ClientConnection:
+    """The `context` of a data-plane Deadline for an HTTP request: inactive once the client
+    has disconnected (what gRPC's context.is_active() tells the gRPC path)."""
+
+    def __init__(self):
+        self.gone = threading.Event()
+
+    def is_active(self) -> bool:
+        return not self.gone.is_set()
+
+    async def watch(self, receive) -> None:
+        """After the body is read, the next ASGI message is http.disconnect when the client
+        leaves (uvicorn's RequestResponseCycle.receive also answers it once the response is sent)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone.set()
+
+
+def create_app(plane: DataPlane, max_body: int, max_in_flight: int = 32,
+               body_timeouts: tuple[float, float] = (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S)) -> FastAPI:
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     from captioner.serve import Deadline
 
     app = FastAPI(title="captioner serve (Triton HTTP/REST)", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.in_flight = 0
 
     @app.exception_handler(DataPlaneError)
     async def _dp_error(_request, e: DataPlaneError):
         return _error(e.http_status, str(e))
 
+    @app.exception_handler(StarletteHTTPException)  # unknown route, wrong method: Triton's {"error"} body
+    async def _http_error(request, e: StarletteHTTPException):
+        what = {404: f"no such endpoint: {request.url.path}",
+                405: f"method {request.method[:16]!r} is not allowed on {request.url.path}"}
+        what = what.get(e.status_code, e.detail)
+        return _error(e.status_code, what, getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, e: RequestValidationError):
+        return _error(400, f"invalid request: {e.errors()[0].get('msg', '') if e.errors() else e}")
+
+    # Health, metadata and config are cheap reads: answered on the event loop (async), so they
+    # never wait for a worker thread held by inference.
     @app.get("/v2/health/live")
-    def live():
+    async def live():
         return _ready(plane.live())
 
     @app.get("/v2/health/ready")
-    def ready():
+    async def ready():
         return _ready(plane.ready())
 
     @app.get("/v2")
-    def server_metadata():
+    async def server_metadata():
         return plane.server_metadata()
 
     def _v(version: str | None) -> str:
+        if version is not None:
+            parse_version(version)  # 400 for a version that is not a number
         return version or ""
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
-    def model_metadata(model: str, version: str | None = None):
+    async def model_metadata(model: str, version: str | None = None):
         return plane.model_metadata(model, _v(version))
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
-    def model_ready(model: str, version: str | None = None):
+    async def model_ready(model: str, version: str | None = None):
         return _ready(plane.model_ready(model, _v(version)))
 
     @app.get("/v2/models/{model}/config")
     @app.get("/v2/models/{model}/versions/{version}/config")
-    def model_config(model: str, version: str | None = None):
+    async def model_config(model: str, version: str | None = None):
         return json_format.MessageToDict(plane.config(model, _v(version)), preserving_proto_field_name=True)
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: str | None = None):
+        if app.state.in_flight >= max_in_flight:  # checked and taken with no await between: one event loop
+            return _error(503, f"server busy: {max_in_flight} inference requests in progress, retry later",
+                          {"Retry-After": str(RETRY_AFTER_S)})
+        app.state.in_flight += 1
         try:
-            body = await read_body(request, max_body)
-        except DataPlaneError as e:
-            return _error(413, str(e))
-        req, inputs, outs = parse_infer_body(body, request.headers.get(HEADER))
-        timeout_us = (req.get("parameters") or {}).get("timeout")
-        import time
+            return await _infer(model, request, version)
+        finally:
+            app.state.in_flight -= 1
 
-        deadline = Deadline(time.monotonic() + timeout_us / 1e6 if isinstance(timeout_us, int) and timeout_us > 0
-                            else None)
-        res = await run_in_threadpool(plane.infer, model, _v(version), inputs, [o["name"] for o in outs], deadline,
-                                      str(req.get("id") or ""))
+    async def _infer(model: str, request: Request, version: str | None):
+        v = _v(version)
+        try:
+            body = await read_body(request, max_body, *body_timeouts)
+        except DataPlaneError as e:
+            return _error(413, str(e), {"Connection": "close"})
+        except BodyTimeout as e:
+            return _error(408, str(e), {"Connection": "close"})
+        req, inputs, outs = parse_infer_body(body, request.headers.get(HEADER))
+        del body  # the inputs are views into it: released when the data plane has decoded them
+        timeout_us = (req.get("parameters") or {}).get("timeout")
+        deadline_at = time.monotonic() + timeout_us / 1e6 if timeout_us and timeout_us <= MAX_TIMEOUT_US else None
+        conn = ClientConnection()
+        watcher = asyncio.create_task(conn.watch(request.receive))
+        try:
+            res = await run_in_threadpool(plane.infer, model, v, inputs, [o["name"] for o in outs],
+                                          Deadline(deadline_at, conn), req.get("id") or "")
+        finally:
+            watcher.cancel()
         return encode_infer_response(res, req, outs)
 
     return app
+
+
+def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> None:
+    """Have glibc map every allocation of `threshold` bytes or more on its own and unmap it on
+    free. By default glibc raises its mmap threshold to the size of each large block freed (up
+    to 32 MiB; mallopt(3), M_MMAP_THRESHOLD), after which 16 MiB request bodies come from the
+    heap and stay resident once freed: measured, 16 concurrent 16 MiB bodies grew the server by
+    2.0 body copies with the threshold floating, ~1 with it fixed. Setting it fixes it. A no-op
+    off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):
+        pass
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -238,16 +402,62 @@ def bind(host: str, port: int) -> socket.socket:
     return s
 
 
+def _protocol(header_timeout: float):
+    """uvicorn's h11 protocol with a deadline on each request head: from the connection (or the
+    first byte after an answer) to the end of the head. uvicorn has none: a fresh connection has
+    no timer (timeout_keep_alive is armed only after a response, H11Protocol.on_response_complete)
+    and any byte cancels it (data_received -> _unset_keepalive_if_required), so a client sending a
+    header byte a second held its connection (and with limit_concurrency, a request slot) forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimedH11(H11Protocol):
+        _head_timer = None
+        _head_cycle = None
+
+        def _arm(self) -> None:
+            self._head_cycle = self.cycle
+            self._head_timer = self.loop.call_later(header_timeout, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                log.info("closing a connection whose request head did not arrive in %.0f s", header_timeout)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm()  # the first byte of the next request on a kept-alive connection
+            super().data_received(data)
+            if self.cycle is not self._head_cycle:  # a request head was parsed
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeadTimedH11
+
+
 class HTTPServer:
     """uvicorn in a daemon thread over a socket bound up front (so a busy port is an error at
     start, not a log line in a thread)."""
 
-    def __init__(self, app, sock: socket.socket, limit_concurrency: int):
+    def __init__(self, app, sock: socket.socket, header_timeout: float = HEADER_TIMEOUT_S):
         import uvicorn
 
         self.sock = sock
         self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", limit_concurrency=limit_concurrency,
+        # no limit_concurrency: it counts connections (see the module docstring); the app bounds work
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=_protocol(header_timeout),
                                                     timeout_keep_alive=30))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="http",
                                        daemon=True)
@@ -258,5 +468,9 @@ class HTTPServer:
         self.thread.join(timeout)
 
 
-def start_http_server(plane: DataPlane, host: str, port: int, max_body: int, limit_concurrency: int) -> HTTPServer:
-    return HTTPServer(create_app(plane, max_body), bind(host, port), limit_concurrency)
+def start_http_server(plane: DataPlane, host: str, port: int, max_body: int, max_in_flight: int,
+                      header_timeout: float = HEADER_TIMEOUT_S,
+                      body_timeouts: tuple[float, float] = (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S)) -> HTTPServer:
+    """Requests in flight are bounded by `max_in_flight`: memory max_in_flight x max_body."""
+    return_large_buffers_to_the_os()
+    return HTTPServer(create_app(plane, max_body, max_in_flight, body_timeouts), bind(host, port), header_timeout)

@@ -10,6 +10,7 @@ the right sha256 and ends with exactly the store a clean run writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -41,7 +42,11 @@ MAX_UNZIP_MEMBERS = 1_000_000
 
 @dataclass
 class IngestOptions:
-    shard_mb: float = 64.0  # target shard size; a shard closes once it passes this
+    shard_mb: float | str = 64.0  # target shard size; a shard closes once it passes this; "auto": see target_workers
+    # with shard_mb "auto": readers of the training cluster (ranks x DataLoader workers per rank); shards then
+    # close after a number of items chosen so every reader gets whole shards (`auto_shard_items`)
+    target_workers: int = 0
+    shard_items: int = 0  # close a shard after this many items too (0 = no limit; set by "auto")
     max_side: int = 0  # resize so the longer side is at most this (0 = keep original bytes)
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 8  # parallel uploads (and image checks)
@@ -160,6 +165,39 @@ def _source_dir(source: str, tmp: Path) -> Path:
     return p
 
 
+AUTO_MAX_MB = 64.0  # "auto" never makes shards larger than the default size
+AUTO_SHARDS_PER_READER = 2  # at least two shards per reader: the contiguous split stays even
+
+
+def auto_shard_items(n_train: int, readers: int) -> int:
+    """Items per shard so the training split makes at least AUTO_SHARDS_PER_READER shards
+    per reader (train.py gives each reader whole shards when there is at least one each,
+    so every shard is read once per epoch). Fewer items than readers cannot do that: then
+    one item per shard, and the trainer warns."""
+    return max(1, n_train // (AUTO_SHARDS_PER_READER * max(1, readers)))
+
+
+def _check_auto(o: IngestOptions) -> None:
+    if o.shard_mb == "auto" and o.target_workers < 1:
+        raise ValueError("--shard-mb auto needs --target-workers N: the readers of the cluster that trains on this "
+                         "data (ranks x DataLoader workers per rank, e.g. 8 GPUs x 4 workers = 32)")
+
+
+def _resolve_shard_size(records: list[ImageRecord], o: IngestOptions) -> IngestOptions:
+    """The options with "auto" turned into an item count per shard (and the 64 MB cap)."""
+    if o.shard_mb != "auto":
+        return o
+    _check_auto(o)
+    n_train = sum(1 for r in records if r.split == "train")
+    o = dataclasses.replace(o, shard_items=auto_shard_items(n_train, o.target_workers), shard_mb=AUTO_MAX_MB)
+    if n_train < o.target_workers:
+        log.warning("%d training images for %d readers: some readers will have no shard of their own", n_train,
+                    o.target_workers)
+    log.info("--shard-mb auto: %d items per shard (at most %.0f MB) for %d readers: about %d training shards",
+             o.shard_items, AUTO_MAX_MB, o.target_workers, -(-n_train // o.shard_items))
+    return o
+
+
 def build_shards(records: list[ImageRecord], summary: DataSummary, o: IngestOptions, stage: Path) -> list[Shard]:
     """Validate and pack items into shards under `stage` (deterministic bytes)."""
     order = {s: i for i, s in enumerate(SPLITS)}
@@ -183,7 +221,8 @@ def build_shards(records: list[ImageRecord], summary: DataSummary, o: IngestOpti
             if not caps:
                 summary.skip("image without captions", r.image_id)
                 continue
-            if cur is None or cur.split != r.split or cur.size >= o.shard_mb * 1e6:
+            if cur is None or cur.split != r.split or cur.size >= float(o.shard_mb) * 1e6 or \
+                    (o.shard_items and len(cur.items) >= o.shard_items):
                 if tf:
                     tf.close()
                 n = counts.get(r.split, 0)
@@ -210,7 +249,8 @@ def manifest_for(shards: list[Shard], summary: DataSummary, source: str, o: Inge
     return Manifest(
         source=str(source),
         options={"max_side": o.max_side, "max_pixels": o.max_pixels, "val_fraction": o.val_fraction,
-                 "test_fraction": o.test_fraction, "split_seed": o.split_seed, "strip_metadata": o.strip_metadata},
+                 "test_fraction": o.test_fraction, "split_seed": o.split_seed, "strip_metadata": o.strip_metadata,
+                 **({"shard_items": o.shard_items, "target_workers": o.target_workers} if o.shard_items else {})},
         splits={s: SplitCount(sum(len(x.items) for x in shards if x.split == s), sum(1 for x in shards if x.split == s))
                 for s in SPLITS},
         shards=[ShardEntry(s.name, s.split, s.sha256, s.size, len(s.items)) for s in shards],
@@ -248,6 +288,7 @@ def upload_shards(store: Store, shards: list[Shard], workers: int, progress: boo
 
 def ingest(source: str, dest: str, o: IngestOptions | None = None, store: Store | None = None) -> dict:
     o = o or IngestOptions()
+    _check_auto(o)  # before any work
     t0 = time.time()
     store = store or open_store(dest, create=True)
     stale = store.cleanup_partials()
@@ -257,6 +298,7 @@ def ingest(source: str, dest: str, o: IngestOptions | None = None, store: Store 
         src = _source_dir(source, Path(tmp))
         records, summary = read_records(src, o.format, o.image_root)
         assign_splits(records, o.val_fraction, o.test_fraction, o.split_seed)
+        o = _resolve_shard_size(records, o)
         stage = Path(tmp) / "shards"
         stage.mkdir()
         shards = build_shards(records, summary, o, stage)

@@ -71,7 +71,9 @@ MAX_IMAGE_BYTES = 16 << 20
 MAX_RECEIVE_MESSAGE = MAX_IMAGE_BYTES + (1 << 20)
 MAX_SEND_MESSAGE = 256 << 20  # our own answers (decoder logits/present K/V for a full batch)
 # RPCs in progress at once (handler threads); beyond it gRPC answers RESOURCE_EXHAUSTED at once.
-# Received requests held in memory are bounded by MAX_CONCURRENT_RPCS x MAX_RECEIVE_MESSAGE.
+# Received requests held in memory are bounded by MAX_CONCURRENT_RPCS x MAX_RECEIVE_MESSAGE (544 MiB);
+# the HTTP/REST front admits as many inference requests at once (503 + Retry-After beyond), each
+# holding one copy of its body: another 544 MiB at most (captioner.http_server).
 MAX_CONCURRENT_RPCS = 32
 
 
@@ -170,7 +172,7 @@ class DecodePool:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def bytes_elements(buf: bytes, n: int, name: str) -> np.ndarray:
+def bytes_elements(buf: bytes | memoryview, n: int, name: str) -> np.ndarray:
     """A raw BYTES tensor (each element a 4-byte little-endian length, then its bytes; KServe v2
     / Triton `raw_input_contents`) -> object array of n elements. The prefixes are walked and the
     walk stops at the first element beyond n, so a payload of millions of elements costs nothing;
@@ -188,7 +190,7 @@ def bytes_elements(buf: bytes, n: int, name: str) -> np.ndarray:
         if k > end - off:
             raise RequestError(f"input '{name}' element {len(out)}: BYTES length prefix declares {k} bytes but "
                                f"only {end - off} follow")
-        out.append(buf[off:off + k])
+        out.append(bytes(buf[off:off + k]))  # a bytes copy also when `buf` is a memoryview of an HTTP body
         off += k
     if len(out) != n:
         raise RequestError(f"input '{name}' holds {len(out)} elements, its shape needs {n}")

@@ -38,6 +38,7 @@ FAMILIES = [  # (name, help, _Stats attribute)
                                                "(does not include cached requests)", "compute_us"),
 ]
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+SCRAPE_READ_TIMEOUT_S = 10
 
 
 class TritonCollector:
@@ -80,6 +81,7 @@ def render(registry) -> bytes:
 def start_metrics_server(plane, host: str, port: int):
     """Serve /metrics on host:port in a daemon thread; returns (server, bound port). OSError when
     the port cannot be bound (the message names it)."""
+    from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     registry = CollectorRegistry(auto_describe=False)
@@ -94,11 +96,23 @@ def start_metrics_server(plane, host: str, port: int):
         return [body]
 
     class Quiet(WSGIRequestHandler):
+        timeout = SCRAPE_READ_TIMEOUT_S  # socket timeout: an idle or slow connection ends its own thread
+
         def log_message(self, *a):  # scrapes every few seconds: not worth a log line each
             pass
 
-    class Server(WSGIServer):
+    class Server(ThreadingMixIn, WSGIServer):
+        """One thread per connection (wsgiref's WSGIServer alone serves one connection at a time:
+        an idle connection blocked every scrape; `daemon_threads` means nothing without
+        ThreadingMixIn). prometheus_client's own exposition.ThreadingWSGIServer is the same."""
         daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            import sys
+
+            if isinstance(sys.exc_info()[1], (TimeoutError, ConnectionError)):
+                return  # a client that went quiet or away: not a server error worth a traceback
+            super().handle_error(request, client_address)
 
     try:
         httpd = make_server(host, port, app, server_class=Server, handler_class=Quiet)

@@ -20,6 +20,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -72,12 +73,24 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
-def _bcast(obj, di: DistInfo):
+def _bcast(obj, di: DistInfo, group=None):
     if di.world == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+def _wait_group(cfg: ExperimentConfig, di: DistInfo):
+    """A gloo process group with a timeout long enough for validation, for the ranks that
+    wait while rank 0 decodes the validation captions. The default group's timeout (NCCL's
+    watchdog: 10 minutes) would abort a long validation; gloo runs on CPU next to NCCL.
+    Budget: 30 minutes plus 2 s per image and beam (a CPU decodes a beam-3 caption in ~1 s)."""
+    if di.world == 1:
+        return None
+    t = cfg.train
+    secs = 1800 + 2 * max(0, t.val_max_images) * max(1, t.val_beam_size)
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=secs))
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
@@ -243,49 +256,193 @@ def _resolve_local_source(cfg: ExperimentConfig, main: bool = True) -> None:
         d.image_root = str(Path(d.image_root).resolve())
 
 
+class ResumeRefused(ValueError):
+    """A mid-epoch checkpoint whose data position cannot be mapped onto this run's data."""
+
+
+def _fingerprint(keys) -> str:
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
 class EpochLoader:
     """One epoch's micro-batches, whatever the source: a folder/JSON dataset with a resumable
     sampler, or tar shards streamed from the store. Always yields `micro_per_epoch` items
-    (None = an empty batch: all images bad, or a stream shorter on this rank), so every rank
-    takes the same number of steps."""
+    (None = nothing to train on: all images of the batch bad, or this rank's share of the
+    epoch is shorter), so every rank takes the same number of steps; `_micro_step` turns a
+    None into a zero-weighted step through the DDP module.
+
+    The epoch position is kept in sample space (`position`, stored in checkpoints as
+    `data`): the folder path's consumption is always a prefix of the epoch's permutation
+    (items consumed = start + micro x batch x world), the shard path's is the set of keys
+    of the batches each (rank, worker) has yielded (`ShardStream.consumed`). `resume` maps a
+    checkpoint's position onto this run: the same layout replays the exact batches; another
+    world size, worker count or batch size continues the epoch with exactly the items not yet
+    consumed (another batch composition, same items); a changed training split is refused."""
 
     def __init__(self, cfg: ExperimentConfig, di: DistInfo, train_recs, manifest, tok, pre):
-        t, pin = cfg.train, cfg.data.pin_memory and di.device.type == "cuda"
+        t, d, pin = cfg.train, cfg.data, cfg.data.pin_memory and di.device.type == "cuda"
+        self.di, self.bs, self.seed, self.num_workers = di, t.batch_size, t.seed, d.num_workers
+        self.epoch_seed = t.seed  # the seed of the epoch in progress (a resumed epoch keeps its own)
+        self.pending: dict | None = None  # a resumed position, used by the first `batches` call
+        self.skip: list = []  # shard keys consumed before the current plan of this epoch
+        self.start = 0  # folder: items of the permutation consumed before the current plan
+        self.taken: list[int] = []  # shard batches taken from each worker in this plan
+        self.epoch = 0
         gen = torch.Generator().manual_seed(t.seed)  # keeps the global RNG untouched by workers
         if manifest is not None:  # stream tar shards from the store
-            self.ds = ShardStream(shard_store(cfg.data.source), manifest, "train", tok, pre, cfg.model.max_len,
-                                  t.batch_size, di.rank, di.world, t.seed, cfg.data.shuffle_buffer,
-                                  cfg.data.num_workers)
+            self.kind = "shards"
+            self.store, self.manifest, self.tok, self.pre, self.max_len = (shard_store(cfg.data.source), manifest, tok,
+                                                                          pre, cfg.model.max_len)
+            self.ds = ShardStream(self.store, manifest, "train", tok, pre, cfg.model.max_len, t.batch_size, di.rank,
+                                  di.world, t.seed, d.shuffle_buffer, d.num_workers, tagged=True)
+            self.n = self.ds.n
+            self.fingerprint = _fingerprint(f"{it.shard}/{it.key}" for it in manifest.items_in("train"))
             self.sampler = None
-            self.micro_per_epoch = self.ds.batches_per_rank()
             # workers must see set_epoch, so they are not persistent
-            self.loader = torch.utils.data.DataLoader(self.ds, batch_size=None, num_workers=cfg.data.num_workers,
+            self.loader = torch.utils.data.DataLoader(self.ds, batch_size=None, num_workers=d.num_workers,
                                                       pin_memory=pin, generator=gen)
+            self._warn_read_amplification()
         else:
+            self.kind = "folder"
             self.ds = CaptionImageDataset(train_recs, tok, pre, cfg.model.max_len)
+            self.n = len(self.ds)
+            self.fingerprint = _fingerprint(r.image_id for r in train_recs)
             self.sampler = ResumableBatchSampler(len(self.ds), t.batch_size, di.rank, di.world, seed=t.seed)
-            self.micro_per_epoch = len(self.sampler)
             self.loader = torch.utils.data.DataLoader(
-                self.ds, batch_sampler=self.sampler, num_workers=cfg.data.num_workers, pin_memory=pin,
+                self.ds, batch_sampler=self.sampler, num_workers=d.num_workers, pin_memory=pin,
                 collate_fn=functools.partial(collate_grouped, pad_id=tok.pad_id),
-                persistent_workers=cfg.data.num_workers > 0, generator=gen)
+                persistent_workers=d.num_workers > 0, generator=gen)
+        self.micro_per_epoch = self.micro_in(0)
+
+    def micro_in(self, epoch: int) -> int:
+        """Micro-batches per rank in a whole `epoch` (shards: depends on the epoch's shard order)."""
+        if self.sampler is not None:
+            return len(self.sampler)
+        self.ds.set_epoch(epoch)
+        return self.ds.batches_per_rank()
+
+    def _warn_read_amplification(self) -> None:
+        reads, shards = self.ds.read_amplification()
+        if self.di.main and not self.ds.by_shard():
+            data = sum(s.size for s in self.manifest.shards_in("train"))
+            log.warning("data: %s (about %.1fx the data read per epoch)", self.ds.repack_hint(data),
+                        reads / max(1, shards))
+
+    # ---------------------------------------------------------------- sample-space position
+    def position(self, micro: int, taken_by_rank: list | None = None) -> dict:
+        """The checkpoint's record of where the epoch stands after `micro` micro-batches of
+        the current plan (`taken_by_rank`: every rank's per-worker shard batch counts)."""
+        d = self.ds.layout if self.kind == "shards" else None
+        pos = {"kind": self.kind, "epoch": self.epoch, "items": self.n, "fingerprint": self.fingerprint,
+               "world": self.di.world, "num_workers": self.num_workers, "batch_size": self.bs, "seed": self.epoch_seed,
+               "micro": micro}
+        if self.kind == "folder":
+            pos["start"] = self.start
+            pos["consumed"] = min(self.n, self.start + micro * self.bs * self.di.world)
+        else:
+            pos.update(shuffle_buffer=d.shuffle_buffer, partition=d.partition, skip=list(self.skip),
+                       taken=taken_by_rank or [])
+            old = self._stream_for(pos)
+            pos["consumed"] = len(self.skip) + len(old.consumed(pos["taken"]))
+        return pos
+
+    def _stream_for(self, pos: dict) -> ShardStream:
+        """A key-only ShardStream laid out as `pos` says (to recompute what it consumed)."""
+        ds = ShardStream(self.store, self.manifest, "train", None, self.pre, self.max_len, pos["batch_size"], 0,
+                         pos["world"], pos["seed"], pos["shuffle_buffer"], pos["num_workers"],
+                         partition=pos["partition"])
+        ds.set_epoch(pos["epoch"], pos["skip"])
+        return ds
+
+    def resume(self, pos: dict | None, epoch: int, micro: int, ckpt_world: int) -> int:
+        """Continue from a checkpoint's data position; returns the micro-batch of `epoch` to
+        start from (0 when the rest of the epoch is planned again). Raises ResumeRefused when
+        the position cannot be mapped exactly onto this run."""
+        if micro == 0:  # at an epoch boundary nothing depends on the old layout
+            return 0
+        if not pos:  # a checkpoint written before positions were recorded: only the same world size is exact
+            if ckpt_world != self.di.world:
+                raise ResumeRefused(f"the checkpoint stopped mid-epoch ({micro} micro-batches into epoch {epoch}) "
+                                    f"with {ckpt_world} rank(s) and records no data position; this run has "
+                                    f"{self.di.world}: resume it with {ckpt_world} rank(s), or from a checkpoint at an "
+                                    "epoch boundary")
+            if self.kind == "folder":
+                self.pending = {"epoch": epoch, "start": 0, "seed": self.seed}
+            return micro
+        if pos["kind"] != self.kind or pos["items"] != self.n or pos["fingerprint"] != self.fingerprint:
+            raise ResumeRefused(
+                f"the checkpoint stopped mid-epoch on a different training split ({pos['kind']}: {pos['items']} items, "
+                f"fingerprint {pos['fingerprint']}; now {self.kind}: {self.n} items, fingerprint {self.fingerprint}): "
+                "which items are left cannot be told; resume with the data the checkpoint used")
+        changed = [f"{k} {pos[k]} -> {v}" for k, v in (("world", self.di.world), ("num_workers", self.num_workers),
+                                                       ("batch_size", self.bs)) if pos[k] != v]
+        if self.kind == "folder":  # consumption is a prefix of the permutation: any layout continues it
+            start = pos["start"] + pos["micro"] * pos["batch_size"] * pos["world"]
+            self.pending = {"epoch": epoch, "start": start, "seed": pos["seed"]}
+            first = 0
+        else:
+            same = not changed and pos["seed"] == self.seed and pos["shuffle_buffer"] == self.ds.buffer and \
+                pos["partition"] == self.ds.partition
+            if same:  # replay the same plan: the exact batches of an uninterrupted run
+                self.pending = {"epoch": epoch, "skip": pos["skip"], "seed": pos["seed"]}
+                first = micro
+            else:
+                consumed = set(pos["skip"]) | self._stream_for(pos).consumed(pos["taken"])
+                self.pending = {"epoch": epoch, "skip": sorted(consumed), "seed": self.seed}
+                first = 0
+        if changed and self.di.main:
+            log.warning("resuming epoch %d with another layout (%s): %d of %d items were consumed; the rest of "
+                        "the epoch is planned again from the items left (same items, other batches)", epoch,
+                        ", ".join(changed), self.n - self._left(), self.n)
+        return first
+
+    def _left(self) -> int:
+        p = self.pending or {}
+        return self.n - (len(p.get("skip", [])) if self.kind == "shards" else min(self.n, p.get("start", 0)))
+
+    # ---------------------------------------------------------------- the epoch
+    def _begin(self, epoch: int) -> None:
+        p = self.pending if self.pending and self.pending["epoch"] == epoch else None
+        self.pending, self.epoch = None, epoch
+        self.epoch_seed = p["seed"] if p else self.seed
+        if self.sampler is not None:
+            self.start = p["start"] if p else 0
+            self.sampler.seed = self.epoch_seed
+        else:
+            self.skip = list(p["skip"]) if p else []
+            self.ds.seed = self.epoch_seed
+            self.ds.set_epoch(epoch, self.skip)
+            self.taken = [0] * max(1, self.num_workers)
 
     def batches(self, epoch: int, first: int):
+        """This epoch's micro-batches from `first` (a replayed resume) to `micro_per_epoch`."""
+        self._begin(epoch)
         if self.sampler is not None:
-            self.sampler.set_epoch(epoch, first)
-            n = first
-            for b in self.loader:
-                n += 1
-                yield b
-        else:
-            self.ds.set_epoch(epoch)
-            n = 0
-            for b in self.loader:  # resuming a stream replays and drops the batches already seen
-                if n >= first:
-                    yield b
-                n += 1
-            n = max(n, first)
+            self.sampler.set_epoch(epoch, first, self.start)
+            self.micro_per_epoch = len(self.sampler)
+            return self._folder_batches(first)
+        self.micro_per_epoch = self.ds.batches_per_rank()
+        return self._shard_batches(first)
+
+    def _folder_batches(self, first: int):
+        n = first
+        for b in self.loader:
+            n += 1
+            yield b
         for _ in range(n, self.micro_per_epoch):
+            yield None
+
+    def _shard_batches(self, first: int):
+        n = 0
+        for wid, _, b in self.loader:  # resuming the same plan replays and drops the batches already taken
+            self.taken[wid] += 1
+            if n >= first:
+                yield b
+            n += 1
+        for _ in range(max(n, first), self.micro_per_epoch):
             yield None
 
 
@@ -307,8 +464,10 @@ class Run:
     state: TrainState
     saver: CheckpointSaver
     autocast: object
+    pad_batch: tuple = ()  # the input of a padding step (`_micro_step`)
+    wait_group: object = None  # validation waits here (`_wait_group`)
     losses: list = field(default_factory=list)
-    position: tuple = (0, 0)  # (epoch, micro-batch) after the last optimizer step: where Ctrl-C saves
+    position: tuple = (0, 0, [])  # (epoch, micro-batch, loader.taken) after the last optimizer step: where Ctrl-C saves
 
 
 def _seed(seed: int) -> None:
@@ -394,8 +553,7 @@ def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=tuple(t.betas))
     loader = EpochLoader(cfg, di, train_recs, manifest, tok, pre)
-    steps_per_epoch = math.ceil(loader.micro_per_epoch / t.grad_accum_steps)
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    total_steps = t.max_steps or sum(math.ceil(loader.micro_in(e) / t.grad_accum_steps) for e in range(t.epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, t.warmup_steps, t.min_lr_ratio))
 
     state = TrainState(best={"metric": t.best_metric, "value": -math.inf, "step": 0}, run_id=t.run_id)
@@ -405,6 +563,7 @@ def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
         sched.load_state_dict(ckpt["scheduler"])
         state = train_state(ckpt)
         state.run_id = t.run_id or state.run_id
+        state.micro_in_epoch = _resume_data(loader, state, int(ckpt.get("world_size", di.world)))
         set_rng_state(state.rng[di.rank] if di.rank < len(state.rng) else state.rng[0])
         if di.main:
             _truncate_jsonl(out / "metrics.jsonl", state.step)
@@ -421,18 +580,38 @@ def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and di.device.type == "cuda")
     autocast = (lambda: torch.autocast(di.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     return Run(cfg, di, out, tok, pre, raw_model, model, opt, sched, loader, val_recs, total_steps, state, saver,
-               autocast)
+               autocast, _pad_batch(tok, pre), _wait_group(cfg, di))
+
+
+def _resume_data(loader: EpochLoader, state: TrainState, ckpt_world: int) -> int:
+    """Where in its epoch a resumed run starts (see EpochLoader.resume). An elastic restart
+    (a PyTorchJob between --min-nodes and --max-nodes, torchrun --nnodes MIN:MAX) comes back
+    with another world size and `--resume`: it continues the epoch with the items not yet
+    consumed; the learning-rate schedule keeps its step count."""
+    return loader.resume(state.data_position, state.epoch, state.micro_in_epoch, ckpt_world)
+
+
+def _pad_batch(tok: CaptionTokenizer, pre: PreprocessConfig) -> tuple:
+    """One black image with the caption [BOS, EOS]: a real input for padding steps (its loss
+    is finite, so loss x 0 gives exact zero gradients)."""
+    return (torch.zeros(1, *pre.input_size), torch.tensor([[tok.bos_id, tok.eos_id]]), torch.zeros(1, dtype=torch.long),
+            ["<padding>"])
 
 
 def save_checkpoint(r: Run, epoch: int, micro: int, is_best: bool = False) -> None:
     """Every rank contributes its RNG state; rank 0 writes (and mirrors to the store)."""
     r.state.epoch, r.state.micro_in_epoch = epoch, micro
+    mine = (rng_state(), list(r.loader.taken))
     if r.di.world > 1:
-        rngs = [None] * r.di.world
-        dist.all_gather_object(rngs, rng_state())
+        both = [None] * r.di.world
+        dist.all_gather_object(both, mine)
     else:
-        rngs = [rng_state()]
-    r.state.rng = rngs
+        both = [mine]
+    r.state.rng = [b[0] for b in both]
+    if micro == 0:  # an epoch boundary: the next epoch starts from its beginning with any layout
+        r.state.data_position = {}
+    else:
+        r.state.data_position = r.loader.position(micro, [b[1] for b in both])
     if r.di.main:
         r.saver.save(checkpoint_dict(r.cfg, r.raw_model, r.opt, r.sched, r.state, r.tok, r.pre, r.di.world), is_best)
 
@@ -453,30 +632,44 @@ def validate(r: Run) -> dict | None:
                  *next(iter(hyps.items())))
         if metrics.get(t.best_metric, -math.inf) > r.state.best["value"]:
             r.state.best = {"metric": t.best_metric, "value": metrics[t.best_metric], "step": r.state.step}
-    r.state.best = _bcast(r.state.best, r.di)
+    r.state.best = _bcast(r.state.best, r.di, r.wait_group)  # long timeout: see _wait_group
     return res
 
 
 def _micro_step(r: Run, batch, sync_now: bool) -> tuple[float | None, int, int]:
-    """Forward + backward of one micro-batch; returns (loss or None, pairs, images)."""
+    """Forward + backward of one micro-batch; returns (loss or None, pairs, images).
+
+    A padding step (batch None: this rank's share of the epoch ran out, or every image of
+    the batch failed to decode) runs a real input through the DDP module and multiplies its
+    loss by 0. DDP all-reduces gradients only in a backward that follows a forward of the
+    DDP module (torch/nn/parallel/distributed.py: `_pre_forward` calls
+    `reducer.prepare_for_forward`, `_post_forward` `reducer.prepare_for_backward`), so this
+    keeps every gradient bucket's all-reduce matched with the other ranks'; a backward
+    through the raw model does not and desynchronises the ranks. The padding rank adds zeros
+    and DDP still divides by the world size: a partly padded step is averaged as DDP's own
+    `join(divide_by_initial_world_size=True)` does (`_DDPJoinHook.main_hook` →
+    `_match_all_reduce_for_bwd_pass`). `Join` itself (torch/distributed/algorithms/join.py)
+    is not used: a joined rank stops calling the optimizer, scheduler and our own
+    collectives (loss all-reduce, checkpoint gather), so its AdamW state would drift and
+    only the weights are synced back (`_sync_final_model`); padding steps keep every rank on
+    every step."""
     di, t = r.di, r.cfg.train
     sync = nullcontext() if (sync_now or di.world == 1) else r.model.no_sync()
+    real = batch is not None
     with sync:
-        if batch is None:  # an empty batch still joins the gradient all-reduce
-            loss = sum(p.sum() * 0.0 for p in r.raw_model.parameters() if p.requires_grad)
-            pairs = images_n = 0
-        else:
-            images, tokens, index, _ = batch
-            images, tokens, index = (images.to(di.device, non_blocking=True), tokens.to(di.device, non_blocking=True),
-                                     index.to(di.device))
-            with r.autocast():
-                _, loss = r.model(images, tokens, index, label_smoothing=t.label_smoothing)
-            pairs, images_n = tokens.shape[0], images.shape[0]
-        (loss / t.grad_accum_steps).backward()
-    return (float(loss.detach()) if batch is not None else None), pairs, images_n
+        images, tokens, index, _ = batch if real else r.pad_batch
+        images, tokens, index = (images.to(di.device, non_blocking=True), tokens.to(di.device, non_blocking=True),
+                                 index.to(di.device))
+        with r.autocast():
+            _, loss = r.model(images, tokens, index, label_smoothing=t.label_smoothing)
+        weight = 1.0 if real else 0.0
+        (loss * weight / t.grad_accum_steps).backward()
+    if not real:
+        return None, 0, 0
+    return float(loss.detach()), tokens.shape[0], images.shape[0]
 
 
-def _optimizer_step(r: Run, mean_loss: float) -> float:
+def _optimizer_step(r: Run, loss_sum: float, n_loss: int) -> float:
     t, di = r.cfg.train, r.di
     if t.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), t.grad_clip)
@@ -484,11 +677,10 @@ def _optimizer_step(r: Run, mean_loss: float) -> float:
     r.sched.step()
     r.opt.zero_grad(set_to_none=True)
     r.state.step += 1
-    lt = torch.tensor([mean_loss], dtype=torch.float64)
-    if di.world > 1:
+    lt = torch.tensor([loss_sum, n_loss], dtype=torch.float64)
+    if di.world > 1:  # the mean over the real micro-batches of all ranks (padding steps have no loss)
         dist.all_reduce(lt)
-        lt /= di.world
-    return float(lt)
+    return float(lt[0] / max(1.0, float(lt[1])))
 
 
 def train_one_epoch(r: Run, epoch: int, first: int, bar) -> int:
@@ -507,10 +699,10 @@ def train_one_epoch(r: Run, epoch: int, first: int, bar) -> int:
         micro += 1
         if not last:
             continue
-        loss_v = _optimizer_step(r, acc / max(1, n_loss))
+        loss_v = _optimizer_step(r, acc, n_loss)
         acc, n_loss = 0.0, 0
         step = r.state.step
-        r.position = (epoch, micro)
+        r.position = (epoch, micro, list(getattr(r.loader, "taken", [])))
         r.losses.append((step, loss_v))
         if di.main:
             lr = r.sched.get_last_lr()[-1]
@@ -548,11 +740,13 @@ def _log_step(out: Path, step: int, epoch: int, loss: float, lr: float, now: flo
 def _save_on_interrupt(r: Run) -> TrainingInterrupted:
     """Ctrl-C: keep the steps done so far (one process: a checkpoint at the last optimizer
     step; under torchrun the other ranks are stopping too, so the last checkpoint stands)."""
-    step, (epoch, micro) = r.state.step, r.position
+    step, (epoch, micro, taken) = r.state.step, r.position
     saved = ""
-    if r.di.world == 1 and step > 0:
+    if r.di.world == 1 and r.losses:  # a step was taken in this process (else the last checkpoint is current)
         if micro >= r.loader.micro_per_epoch:
             epoch, micro = epoch + 1, 0
+        if hasattr(r.loader, "taken"):  # shard batches taken by the last finished step, not by the interrupted one
+            r.loader.taken = taken
         save_checkpoint(r, epoch, micro)
         saved = f"; checkpoint saved in {r.out}"
     return TrainingInterrupted(f"training interrupted at step {step}/{r.total_steps}{saved}",
@@ -594,7 +788,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, ov
 def _train_loop(r: Run, progress: bool) -> TrainResult:
     cfg = r.cfg
     t, di, st = cfg.train, r.di, r.state
-    r.position = (st.epoch, st.micro_in_epoch)
+    r.position = (st.epoch, st.micro_in_epoch, list(getattr(r.loader, "taken", [])))
     val_history = []
     bar = tqdm(total=r.total_steps, initial=st.step, desc="train", unit="step", disable=not (progress and di.main),
                dynamic_ncols=True)

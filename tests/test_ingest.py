@@ -183,3 +183,59 @@ def test_large_objects_go_multipart_and_keep_their_checksum(s3_server, monkeypat
     assert st.etag.endswith("-2"), f"expected a 2-part upload, etag {st.etag}"
     want = hashlib.sha256(big.read_bytes()).hexdigest()
     assert store.stored_sha256("big.tar") == want == store.sha256("big.tar")
+
+
+def test_auto_shard_size_gives_every_reader_whole_shards_read_once(synth_dir, tmp_path, caplog):
+    """`--shard-mb auto --target-workers 4`: at least two training shards per reader; an epoch over 2 ranks x 2
+    workers then reads every shard byte once (the old item split read the one 64 MB shard 4 times). With one shard
+    the trainer's loader warns and names the shard size to re-ingest with."""
+    from benchmarks.train_throughput import bytes_read_ratio
+    from captioner.shards import ShardStream, open_shard_source
+
+    ingest(str(synth_dir), str(tmp_path / "auto"), _opts(shard_mb="auto", target_workers=4))
+    _, m = open_shard_source(str(tmp_path / "auto"))
+    assert m.splits["train"].shards >= 8 and m.options["target_workers"] == 4
+    ratio, shards = bytes_read_ratio(tmp_path / "auto", world=2, workers=2, seekable=False)
+    assert ratio <= 1.0, f"{ratio:.2f}x the data read for {shards} shards"
+    ingest(str(synth_dir), str(tmp_path / "one"), _opts(shard_mb=64.0))
+    ratio_one, _ = bytes_read_ratio(tmp_path / "one", world=2, workers=2, seekable=False)
+    assert 1.0 < ratio_one < 4.0  # readers stop after their last item instead of reading the whole shard
+    store, m1 = open_shard_source(str(tmp_path / "one"))
+    ds = ShardStream(store, m1, "train", None, None, 16, 8, 0, 2, 0, 10, 2)
+    assert not ds.by_shard() and "--shard-mb auto --target-workers 4" in ds.repack_hint(10**6)
+    r = subprocess.run([sys.executable, "-m", "captioner", "ingest", str(synth_dir), str(tmp_path / "x"),
+                        "--shard-mb", "auto"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--target-workers" in r.stderr
+
+
+def test_shard_stream_follows_its_batch_plan_and_tags_failed_batches(synth_dir, store_uri):
+    """What the DataLoader workers stream is exactly `batch_plan` (the trainer's resume arithmetic relies on it), and
+    a batch whose images are all missing comes back tagged as None instead of vanishing."""
+    import dataclasses
+
+    import torch
+
+    from captioner.preprocess import PreprocessConfig
+    from captioner.shards import ItemEntry, ShardStream, open_shard_source
+
+    ingest(str(synth_dir), store_uri, _opts(shard_mb=0.03))
+    from captioner.tokenizer import CaptionTokenizer
+
+    store, m = open_shard_source(store_uri)
+    pre = PreprocessConfig(input_size=(3, 16, 16))
+    tok = CaptionTokenizer.train([c for it in m.items for c in it.captions])
+    for world, workers in ((2, 2), (1, 0)):
+        for rank in range(world):
+            ds = ShardStream(store, m, "train", tok, pre, 16, 3, rank, world, 7, 5, workers, tagged=True)
+            ds.set_epoch(1)
+            got = {(w, j): list(b[3]) for w, j, b in torch.utils.data.DataLoader(ds, batch_size=None,
+                                                                                 num_workers=workers)}
+            ids = {it.key: it.image_id for it in m.items}
+            want = {(w, j): [ids[k] for k in b] for w in range(max(1, workers))
+                    for j, b in enumerate(ds.batch_plan(rank, w))}
+            assert got == want
+    shard = m.shards_in("train")[0].name
+    ghosts = [ItemEntry(f"ghost{i}.jpg", f"ghost{i}", "jpg", "train", shard, ("a cap",)) for i in range(3)]
+    m2 = dataclasses.replace(m, items=ghosts)
+    ds = ShardStream(store, m2, "train", tok, pre, 16, 3, tagged=True)
+    assert list(ds) == [(0, 0, None)]

@@ -144,3 +144,192 @@ def test_metrics_reward_correct_captions():
     good = caption_metrics(refs, {"a": "a red circle on the left", "b": "a blue square at the top"}, meteor=False)
     bad = caption_metrics(refs, {"a": "a blue square at the top", "b": "a red circle on the left"}, meteor=False)
     assert good["CIDEr"] > bad["CIDEr"] + 1 and good["BLEU-4"] > 0.5 > bad["BLEU-4"]
+
+
+# ------------------------------------------------------------------ uneven inputs, elastic resume
+def _manifest(rng, n_items: int, n_shards: int):
+    """An in-memory shard manifest: n_items train items over n_shards shards of random sizes."""
+    from captioner.shards import ItemEntry, Manifest, ShardEntry, SplitCount
+
+    cuts = sorted(rng.sample(range(1, n_items), n_shards - 1)) if n_shards > 1 else []
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n_items])]
+    shards, items = [], []
+    for s, size in enumerate(sizes):
+        name = f"train-{s:05d}.tar"
+        shards.append(ShardEntry(name, "train", "0" * 64, 1000 * size, size))
+        items += [ItemEntry(f"{name}-{k}.jpg", f"s{s}_{k}", "jpg", "train", name, ("a cap",)) for k in range(size)]
+    return Manifest("mem", {}, {"train": SplitCount(n_items, n_shards)}, shards, items)
+
+
+def _stream(m, W, nw, bs, seed=5, buffer=7, rank=0):
+    from captioner.shards import ShardStream
+
+    return ShardStream(None, m, "train", None, None, 16, bs, rank, W, seed, buffer, nw)
+
+
+def test_loaders_property_every_pair_once_equal_steps_padding_and_elastic_resume():
+    """Random (items 1..400, shards 1..24, W 1..8, workers 0..4, batch 1..64, epoch 0..2), 400 cases: the shard
+    loader's readers see every item exactly once, each rank runs max-over-ranks micro-batches (the short ones pad),
+    each shard is read once when there are enough shards; a cut anywhere followed by a resume with another random
+    (W, workers, batch) consumes every item exactly once. The folder sampler: same count on every rank, every item
+    at least once and at most W-1 wrap repeats, and a resume at any position with another W continues exactly."""
+    import random
+
+    from captioner.data import ResumableBatchSampler
+
+    rng = random.Random(20)
+    padded = by_shard = 0
+    for case in range(400):
+        n, W, nw, bs = rng.randint(1, 400), rng.randint(1, 8), rng.randint(0, 4), rng.randint(1, 64)
+        m = _manifest(rng, n, rng.randint(1, min(24, n)))
+        ds = _stream(m, W, nw, bs)
+        ds.set_epoch(rng.randint(0, 2))
+        readers = [(r, w) for r in range(W) for w in range(max(1, nw))]
+        plans = {rw: ds.batch_plan(*rw) for rw in readers}
+        keys = [k for p in plans.values() for b in p for k in b]
+        assert sorted(keys) == sorted(it.key for it in m.items), f"case {case}: not every item exactly once"
+        assert all(0 < len(b) <= bs for p in plans.values() for b in p)
+        steps = ds.batches_per_rank()
+        per_rank = [sum(len(plans[(r, w)]) for w in range(max(1, nw))) for r in range(W)]
+        assert steps == max(per_rank) and all(ds.batches_of(r) == per_rank[r] for r in range(W))
+        padded += steps > min(per_rank)
+        reads, shards = ds.read_amplification()
+        if ds.by_shard():
+            by_shard += 1
+            assert reads == shards, f"case {case}: a shard is read twice although every reader has its own"
+        # cut every reader anywhere, resume with another layout: the rest of the epoch is exactly the items left
+        taken = [[rng.randint(0, len(plans[(r, w)])) for w in range(max(1, nw))] for r in range(W)]
+        done = ds.consumed(taken)
+        assert len(done) == sum(len(b) for (r, w) in readers for b in plans[(r, w)][:taken[r][w]])
+        W2, nw2, bs2 = rng.randint(1, 8), rng.randint(0, 4), rng.randint(1, 64)
+        ds2 = _stream(m, W2, nw2, bs2, seed=6)
+        ds2.set_epoch(ds.epoch, done)
+        rest = [k for r in range(W2) for w in range(max(1, nw2)) for b in ds2.batch_plan(r, w) for k in b]
+        assert sorted([*done, *rest]) == sorted(it.key for it in m.items), f"case {case}: resume dup/drop"
+        # the folder path's sampler
+        start = rng.randint(0, n)
+        samplers = [ResumableBatchSampler(n, bs, r, W, seed=3) for r in range(W)]
+        for s in samplers:
+            s.set_epoch(1, 0, start)
+        batches = [list(s) for s in samplers]
+        assert len({len(b) for b in batches}) == 1 and all(len(b) == len(s) for b, s in zip(batches, samplers))
+        seen = [i for b in batches for bb in b for i in bb]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(3 + 1)).tolist()
+        assert set(seen) == set(perm[start:]) and len(seen) - (n - start) <= W - 1
+        if n - start and len(batches[0]) > 1:  # consumed after k batches on every rank = a prefix of the permutation
+            k = rng.randint(1, len(batches[0]) - 1)
+            first = [i for b in batches for bb in b[:k] for i in bb]
+            assert sorted(first) == sorted(perm[start:start + k * bs * W])
+    assert padded > 100 and by_shard > 50, (padded, by_shard)  # the ranges reach padding and both partitions
+
+
+def _torchrun(tmp_path, data, out, *extra, nproc=2, timeout=150, flags=""):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "tests.ddp_worker", str(data), str(out),
+           *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "tests.ddp_worker", str(data), str(out), *extra]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_WORKER_FLAGS": flags})
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()  # torchrun stops its ranks on SIGTERM (they run in sessions of their own)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout}s (ranks out of step?): {(out + err)[-1500:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def _batches(out, rank) -> list:
+    return [json.loads(x) for x in (Path(out) / f"rank{rank}_batches.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uneven_sets(tmp_path_factory):
+    """The two uneven-input cases: 199 images in 0.05 MB shards (173 train items; batch 43 gives the ranks
+    2 and 3 batches: a collective mismatch before), and 27 images in one shard (17 train items; batch 8 gives
+    1 and 2 batches: a hang before)."""
+    from captioner.ingest import IngestOptions, ingest
+    from captioner.synthetic import generate
+
+    root = tmp_path_factory.mktemp("uneven")
+    sets = {}
+    for name, images, mb, held_out in (("crash", 199, 0.05, 0.05), ("hang", 27, 64.0, 0.15)):
+        generate(root / f"{name}_src", images=images, seed=0, side=64, progress=False)
+        ingest(str(root / f"{name}_src"), str(root / name),
+               IngestOptions(shard_mb=mb, progress=False, val_fraction=held_out, test_fraction=held_out))
+        sets[name] = root / name
+    return sets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,extra", [("crash", ["--train.batch_size=43", "--train.max_steps=6"]),
+                                        ("hang", ["--train.batch_size=8", "--train.max_steps=3"])])
+def test_ddp_padding_steps_keep_ranks_in_step(uneven_sets, tmp_path, case, extra):
+    r = _torchrun(tmp_path, uneven_sets[case], tmp_path, "--data.num_workers=0", *extra)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    steps = extra[1].split("=")[1]
+    assert f"world 2 backend gloo steps {steps}" in r.stdout
+    b0, b1 = _batches(tmp_path, 0), _batches(tmp_path, 1)
+    assert len(b0) == len(b1) == int(steps)
+    assert any(b["ids"] is None for b in b0 + b1), "the run must reach a padding step"
+    w0, w1 = torch.load(tmp_path / "rank0_weights.pt"), torch.load(tmp_path / "rank1_weights.pt")
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), f"ranks disagree on {k}"
+
+
+def _epoch0_ids(*outs_ranks) -> list:
+    return [i for out, rank in outs_ranks for b in _batches(out, rank) if b["epoch"] == 0 and b["ids"]
+            for i in b["ids"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["shards"])  # the folder sampler's resume arithmetic: the property test above
+def test_mid_epoch_resume_with_another_world_size_or_worker_count_continues_exactly(synth_dir, tmp_path, source):
+    """Cut a 2-rank run (2 loader workers) mid-epoch, then resume it with 1 rank and 0 workers: the epoch's batches
+    before and after the cut hold every training image exactly once. (Passes with source "folder" and with a
+    2-rank, 0-worker resume too; left out for time: the property test covers every layout change on the plans,
+    test_shard_stream_follows_its_batch_plan ties the plans to what the workers stream.)"""
+    import shutil
+
+    from captioner.shards import open_shard_source
+
+    data = synth_dir
+    if source == "shards":
+        from captioner.ingest import IngestOptions, ingest
+
+        data = tmp_path / "shards"
+        ingest(str(synth_dir), str(data), IngestOptions(shard_mb=0.03, progress=False, val_fraction=0.15,
+                                                        test_fraction=0.15))
+        want = sorted(it.image_id for it in open_shard_source(str(data))[1].items_in("train"))
+    cut = tmp_path / "cut"
+    common = ["--train.batch_size=4", "--train.epochs=1", "--train.ckpt_every=0"]
+    r = _torchrun(tmp_path, data, cut, "--data.num_workers=2", *common, "--train.max_steps=3")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    ck = torch.load(cut / "ckpt_latest.pt", weights_only=False)
+    assert ck["step"] == 3 and ck["micro_in_epoch"] > 0, "the cut must fall inside the epoch"
+    before = _epoch0_ids((cut, 0), (cut, 1))
+    if source == "folder":
+        from captioner.data import assign_splits, read_records
+
+        recs, _ = read_records(data)
+        assign_splits(recs, 0.15, 0.15)
+        want = sorted(x.image_id for x in recs if x.split == "train")
+    for name, nproc, workers in [("W 2->1, workers 2->0", 1, "--data.num_workers=0")]:
+        out = tmp_path / "resumed"
+        shutil.copytree(cut, out)
+        for f in out.glob("rank*_batches.jsonl"):
+            f.unlink()
+        r = _torchrun(tmp_path, data, out, workers, *common, "--train.max_steps=0", nproc=nproc, flags="--resume")
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "with another layout (world 2 -> 1, num_workers 2 -> 0)" in r.stderr
+        after = _epoch0_ids(*[(out, k) for k in range(nproc)])
+        seen = before + after
+        dups = len(seen) - len(set(seen))
+        drops = len(set(want) - set(seen))
+        assert (dups, drops) == (0, 0), f"{source} {name}: {dups} duplicated, {drops} dropped of {len(want)}"
+        assert sorted(seen) == want
