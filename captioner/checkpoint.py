@@ -9,6 +9,7 @@ tokenizer, preprocessing and config.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 LATEST, BEST = CKPT_LATEST, CKPT_BEST
 FORMAT = 2  # 2: no pickled objects (RNG states as tensors/lists)
 RUN_LOGS = ("metrics.jsonl", "val_metrics.jsonl")  # travel with the checkpoint to the store
+RUN_LOG_DIRS = ("tb",)  # so do these folders' files (TensorBoard events, captioner/train_board.py)
+# The store's list of those files: the trainer's MinIO user may read and write objects under
+# models/runs/ but not list them (k8s/base/minio.yaml), so a restarted pod finds them here.
+LOG_INDEX = "run_log_files.json"
 
 
 class CheckpointError(NotACheckpointError):
@@ -177,6 +182,8 @@ class CheckpointSaver:
                     for name in (LATEST, BEST, *RUN_LOGS):
                         if store.exists(name):
                             _download(store, name, self.out / name)
+                    for key in self._stored_log_dir_files(store):
+                        _download(store, key, self.out / key)
                     log.info("fetched %s from the model store %s", LATEST, self.store_uri)
                 else:  # other ranks read their own copy (no shared filesystem between nodes)
                     _download(store, LATEST, p)
@@ -188,11 +195,21 @@ class CheckpointSaver:
             return
         for name in (LATEST, BEST, *RUN_LOGS):
             (self.out / name).unlink(missing_ok=True)
+        for d in RUN_LOG_DIRS:
+            shutil.rmtree(self.out / d, ignore_errors=True)
         if self.store_uri:
             store = self._store()
             for name in (LATEST, BEST, *RUN_LOGS):
                 if store.exists(name):
                     store.delete(name)
+            for key in self._stored_log_dir_files(store):
+                store.delete(key)
+            if store.exists(LOG_INDEX):
+                store.delete(LOG_INDEX)
+
+    @staticmethod
+    def _stored_log_dir_files(store) -> list[str]:
+        return json.loads(store.get_bytes(LOG_INDEX)) if store.exists(LOG_INDEX) else []
 
     def save(self, ckpt: dict, is_best: bool = False) -> None:
         if not self.main:
@@ -206,6 +223,13 @@ class CheckpointSaver:
             for name in (LATEST, *((BEST,) if is_best else ()), *RUN_LOGS):
                 if (self.out / name).exists():
                     store.put_file(name, self.out / name)
+            keys = set(self._stored_log_dir_files(store))  # a resumed run's earlier files stay listed
+            for d in RUN_LOG_DIRS:
+                for f in sorted((self.out / d).rglob("*")) if (self.out / d).is_dir() else ():
+                    if f.is_file():
+                        store.put_file(f.relative_to(self.out).as_posix(), f)
+                        keys.add(f.relative_to(self.out).as_posix())
+            store.put_bytes(LOG_INDEX, json.dumps(sorted(keys)).encode())
 
     def finish(self) -> None:
         """No validation ran: the last checkpoint is also the best; publish the whole run."""

@@ -211,6 +211,13 @@ def _caption_settings(a, model: str, strategy: str) -> dict:
             "temperature": a.temperature if a.sample else None, "top_p": a.top_p if a.sample else None}
 
 
+def cmd_report(a, _):
+    from captioner.run_report import write_report
+
+    path, _m = write_report(a.run, a.out, a.samples)
+    print(path)
+
+
 def cmd_caption(a, _):
     from captioner.errors import UserError
     from captioner.image_files import expand_image_args
@@ -877,6 +884,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "trainer.kubeflow.org/v1alpha1 TrainJob on the torch-distributed runtime (Trainer v2.3, "
                          "no elastic range)")
     jr.set_defaults(fn=cmd_job, overrides_ok=True)
+
+    s = sub.add_parser("report", **common, help="write a training run's HTML report (curves, numbers, config, data, "
+                                                "worst samples) and print its path",
+                       description="One self-contained HTML page for a run trained by `captioner train`: its "
+                                   "TensorBoard curves as images, the throughput and cost numbers, config, data "
+                                   "summary and the worst captions of its evaluation (eval_*/samples.html).")
+    s.add_argument("run", help="run folder, a checkpoint in it, or the run's model store URI (s3://bucket/prefix)")
+    s.add_argument("--out", default=None, help="where to write the HTML (default RUN/report.html; for s3:// "
+                                               "./NAME-report.html)")
+    s.add_argument("--samples", default=None, help="an evaluation's samples.html (default RUN/eval_*/samples.html)")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("demo", **common, help="the main job end to end on generated data (what `make demo` runs)")
     s.add_argument("--workdir", default="demo_out", help="where the generated data, run and repository go")

@@ -100,6 +100,10 @@ class TrainConfig:
     # (Training Operator v1.9), trainjob (Trainer v2.3 TrainJob) or auto (the one the
     # cluster serves, by API discovery; TrainJob when both are).
     api: str = "auto"
+    # TensorBoard events under out_dir/tb/ (rank 0): curves, held-out samples, config.
+    tensorboard: bool = True
+    # For the "cost so far" curve and the run report: one GPU per rank.
+    price_per_gpu_hour: float = 3.0
 
 
 @dataclass

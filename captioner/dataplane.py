@@ -143,7 +143,9 @@ class DataPlane:
 
     def config(self, name: str, version: str = "") -> mc.ModelConfig:
         self.version(name, version)
-        return self.repo.models[name].config
+        from captioner.triton_repo import autocomplete
+
+        return autocomplete(self.repo.models[name].config)  # what tritonserver answers after loading
 
     def model_metadata(self, name: str, version: str = "") -> dict:
         cfg = self.config(name, version)

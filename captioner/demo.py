@@ -24,6 +24,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Served:
+    """The model server the demo runs: the real tritonserver (captioner.triton_server: the
+    nvidia-pytriton wheel's, with the cluster's flags) where it runs, else `captioner serve`."""
+
+    def __init__(self, repo: Path, key: str | None, run_dir: Path):
+        from captioner import triton_server
+        from captioner.deployment import CONTROL_HEADER, TRITON_SERVER_VERSION
+
+        self.triton = None
+        try:
+            print("starting tritonserver (first run: fetches the nvidia-pytriton wheel and builds its Python "
+                  "environment under ~/.cache/captioner/triton) ...", flush=True)
+            self.triton = triton_server.start(repo, run_dir / "tritonserver", key or secrets.token_hex(16))
+            self.url, self.name = self.triton.url, f"tritonserver {TRITON_SERVER_VERSION} (nvidia-pytriton wheel)"
+            return
+        except (triton_server.TritonUnavailable, RuntimeError) as e:
+            print(f"the real Triton server cannot run here ({e}); serving with `captioner serve` instead", flush=True)
+        port = _free_port()
+        self.url, self.name = f"127.0.0.1:{port}", "`captioner serve`"
+        extra = ["--model-control-mode", "explicit", "--grpc-restricted-protocol",
+                 f"model-repository:{CONTROL_HEADER}={key}"] if key else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(repo), "--grpc-port", str(port),
+                                      *extra], env=os.environ.copy())
+
+    def stop(self) -> None:
+        if self.triton is not None:
+            self.triton.stop()
+        else:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
 def _task_output(root: Path, task: str) -> dict:
     return json.loads(next(root.glob(f"*/{task}/executor_output.json")).read_text())
 
@@ -34,7 +66,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     import torch
 
     from captioner.checkpoint import load_checkpoint
-    from captioner.deployment import CKPT_BEST, CONTROL_HEADER, CONTROL_KEY_ENV
+    from captioner.deployment import CKPT_BEST, CONTROL_KEY_ENV
     from captioner.client import caption_bytes, wait_ready
     from captioner.inference import caption_tensor
     from captioner.kfp_pipeline import local_arguments
@@ -55,18 +87,15 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
             import shutil
 
             shutil.rmtree(run_dir / sub)
-    # `captioner serve` plays the cluster's Triton: explicit model control over the (still empty)
-    # serving folder, model-repository protocol restricted to a per-run key; the pipeline's
-    # deploy step gets the key through the environment, as the Secret gives it on the cluster.
+    # The cluster's Triton, here: the real tritonserver where it runs (else `captioner serve`), with
+    # explicit model control over the (still empty) serving folder and the model-repository
+    # protocol restricted to a per-run key; the pipeline's deploy step gets the key through the
+    # environment, as the Secret gives it on the cluster.
     (run_dir / "serving").mkdir(parents=True)
     key = secrets.token_hex(16)
     os.environ[CONTROL_KEY_ENV] = key
-    port = _free_port()
-    url = f"127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "captioner", "serve", str(run_dir / "serving"),
-                               "--grpc-port", str(port), "--model-control-mode", "explicit",
-                               "--grpc-restricted-protocol", f"model-repository:{CONTROL_HEADER}={key}"],
-                              env=os.environ.copy())
+    server = _Served(run_dir / "serving", key, run_dir)
+    url = server.url
     try:
         wait_ready(url, timeout=120, model="")
         args = local_arguments(run_dir, src, "tiny-cpu", [f"--train.epochs={epochs}"], min_cider=min_cider,
@@ -75,8 +104,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
         run_pipeline_here(args, run_dir / "pipeline_root", run_dir / "pipeline.log",
                           verbose=logging.getLogger("captioner").isEnabledFor(logging.DEBUG))
     except BaseException:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
         raise
     root = run_dir / "pipeline_root"
     ev = _task_output(root, "evaluate")
@@ -87,12 +115,9 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
         print(f"deploy: published version {dep['version']} to {dep['serving_uri']} and loaded "
               f"{' then '.join(LOAD_ORDER)} on {', '.join(dep['replicas'])} through the restricted control API")
     else:  # nothing deployed: serve the exported repository instead
-        server.terminate()
-        server.wait(timeout=30)
-        port = _free_port()
-        url = f"127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "captioner", "serve", args["repo_uri"], "--grpc-port",
-                                   str(port)], env=os.environ.copy())
+        server.stop()
+        server = _Served(Path(args["repo_uri"]), None, run_dir)
+        url = server.url
 
     store, manifest = open_shard_source(args["data_uri"])
     held_out = materialize(store, manifest, "test", wd / "test_images")
@@ -103,14 +128,13 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
         for i in range(0, len(held_out), 8):
             all_served += caption_bytes(url, [Path(r.path).read_bytes() for r in held_out[i:i + 8]])
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     ck = load_checkpoint(Path(args["model_uri"]) / CKPT_BEST)
     pixels = image_bytes_to_pixels(np.array([Path(r.path).read_bytes() for r in held_out[:5]], dtype=object),
                                    ck.preprocess)
     torch_caps = caption_tensor(ck.model, ck.tokenizer, torch.from_numpy(pixels))
-    print(f"\n=== 5 held-out test images, captioned through tritonclient gRPC by `captioner serve` "
+    print(f"\n=== 5 held-out test images, captioned through tritonclient gRPC by {server.name} "
           f"({'deployed' if deployed else 'exported'} repository) ===")
     for r, cap, tc in zip(held_out, served, torch_caps):
         same = "same as PyTorch" if cap == tc else f"PyTorch: {tc!r}"
@@ -140,6 +164,10 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
           f"captions, worst first: {run_dir / summary['report'] if summary.get('report') else '-'}")
     print(f"artefacts under {wd}: run/data (shards + manifest), run/model (checkpoints), run/model_repository, "
           f"run/pipeline_root (KFP outputs), run/pipeline.log (every step's output); {time.time() - t0:.0f}s")
+    report = next(root.glob("*/evaluate/**/report*.html"), None)  # the evaluate step's `report` HTML artifact
+    if report is not None:
+        print(f"run report (curves, throughput, cost, worst samples): {report}\n"
+              f"TensorBoard: tensorboard --logdir {Path(args['model_uri']) / 'tb'}")
     from captioner.stack import front_door  # the web page and Triton's HTTP API, with --serve
 
     front_door(run_dir / "serving" if deployed else args["repo_uri"], serve)

@@ -39,14 +39,50 @@ MIN_KFP_BACKEND = "2.5.0"
 TRAINING_OPERATOR_VERSION = "v1.9.0"
 
 # --- serving (pinned Triton release, its onnxruntime, control-API key) ---
-TRITON_RELEASE = "25.01"  # the one place the Triton release is pinned (docker/triton.Dockerfile FROM, tests)
+# One Triton release for the cluster and the tests: the tests run the tritonserver that the
+# nvidia-pytriton 0.7.0 wheel bundles (2.51.0, NGC release 24.10; captioner.triton_server), so the
+# cluster image is pinned to the same release.
+TRITON_RELEASE = "24.10"  # the one place the Triton release is pinned (docker/triton.Dockerfile FROM, tests)
+TRITON_SERVER_VERSION = "2.51.0"  # tritonserver's own version in that release (server build.py TRITON_VERSION_MAP)
 TRITON_IMAGE = f"nvcr.io/nvidia/tritonserver:{TRITON_RELEASE}-py3"
-# onnxruntime that Triton 25.01's onnxruntime backend ships (Triton release notes 25.01 / the
-# framework support matrix: "ONNX Runtime 1.20.1"); exported graphs are tested in this version.
-TRITON_ONNXRUNTIME = "1.20.1"
+# onnxruntime that Triton 24.10's onnxruntime backend ships (server build.py TRITON_VERSION_MAP
+# "2.51.0": ORT "1.19.2"); exported graphs are tested in this version, the Triton image's
+# onnxruntime-gpu and the real server's Python-based onnxruntime backend run it.
+TRITON_ONNXRUNTIME = "1.19.2"
 # The model-repository protocol (load / unload / index) is restricted to callers sending this
 # header with the key from the Secret (tritonserver --grpc-restricted-protocol / --http-restricted-api).
 CONTROL_HEADER = "captioner-model-repository-key"
+# The header a client sends is not the same on both protocols: over gRPC tritonserver expects the
+# metadata key "triton-grpc-protocol-" + KEY (server src/grpc/grpc_server.h
+# kRestrictedProtocolHeaderTemplate, lower case because HTTP/2 headers are), over HTTP the bare KEY
+# (src/http_server.cc, RespondIfRestricted).
+GRPC_RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
+
+
+def control_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
+    """The headers that open the restricted model-repository protocol with `key`, per protocol."""
+    if protocol not in ("grpc", "http"):
+        raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+    return {(GRPC_RESTRICTED_HEADER_PREFIX if protocol == "grpc" else "") + CONTROL_HEADER: key}
+
+
 CONTROL_SECRET = "captioner-triton-control"  # Secret name; its data key is CONTROL_SECRET_KEY
 CONTROL_SECRET_KEY = "key"
 CONTROL_KEY_ENV = "CAPTIONER_TRITON_CONTROL_KEY"  # env the deploy step (and Triton's args) read the key from
+
+
+# --- tritonserver's flags: one list for the cluster (k8s/base/triton.yaml's args, checked by
+# tests/test_triton_k8s.py) and the real server that tests and `make demo` run (captioner.triton_server)
+TRITON_SERVING_URI = "s3://minio.captioner.svc.cluster.local:9000/models/serving"
+
+
+def triton_server_args(model_repository: str = TRITON_SERVING_URI, control_key: str = f"$({CONTROL_KEY_ENV})",
+                       load: str = "captioner") -> list[str]:
+    """tritonserver's arguments: the repository read in place, explicit model control loading
+    the ensemble, strict readiness, no exit on a bad model, and the model-repository protocol
+    restricted to callers holding the control key on gRPC and HTTP (the default `control_key`
+    is the Secret's env, expanded by Kubernetes)."""
+    return [f"--model-repository={model_repository}", "--model-control-mode=explicit", f"--load-model={load}",
+            "--strict-readiness=true", "--exit-on-error=false",
+            f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={control_key}",
+            f"--http-restricted-api=model-repository:{CONTROL_HEADER}={control_key}"]

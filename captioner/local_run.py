@@ -265,6 +265,7 @@ def write_summary(workdir: str | Path, pipeline_root: str | Path, arguments: dic
         "metrics": {k: v for k, v in ev.items() if k != "images"},
         "evaluated_images": int(ev["images"]) if "images" in ev else None,
         "report": report,
+        "run_report": rel(next(iter(sorted(run.glob("evaluate/**/report*.html"))), None)),
         "export": {"repository": rel(exp.get("repo_uri")),
                    "parity": {k[len("parity_"):]: v for k, v in exp.items() if k.startswith("parity_")}},
         "deploy": deploy_decision(cider, float(arguments.get("min_cider", 0.0)), champion, deployed),

@@ -109,6 +109,17 @@ def evaluate_step(checkpoint_uri: str, data_uri: str, out_dir: str, split: str =
     return {"metrics": r["metrics"], "out_dir": r["out_dir"], "images": len(r["records"])}
 
 
+def report_step(checkpoint_uri: str, samples_html: str, dest: str) -> dict:
+    """The training run's HTML report (curves, numbers, config, worst samples) for the Kubeflow
+    UI, written to dest; returns the numbers for the run comparison (KFP Metrics). The run is
+    the checkpoint's folder in the model store, where training published its TensorBoard events."""
+    from captioner.run_report import write_report
+
+    run = checkpoint_uri.rsplit("/", 1)[0] if checkpoint_uri.rstrip("/").endswith(".pt") else checkpoint_uri
+    _, metrics = write_report(run, dest, samples_html or None)
+    return metrics
+
+
 def export_step(checkpoint_uri: str, repo_uri: str, device: str = "gpu") -> dict:
     from captioner.export import export
     from captioner.storage import fetch, publish
@@ -163,11 +174,11 @@ def load_on_replicas(triton_url: str, version: int, key: str | None) -> list[str
     through the restricted model-repository protocol, and check the new version is ready."""
     import tritonclient.grpc as grpcclient
 
-    from captioner.deployment import CONTROL_HEADER
+    from captioner.deployment import control_headers
     from captioner.names import ENSEMBLE
     from captioner.triton_repo import LOAD_ORDER
 
-    headers = {CONTROL_HEADER: key} if key else None
+    headers = control_headers(key, "grpc") if key else None  # gRPC: "triton-grpc-protocol-" + KEY
     done = []
     for ep in triton_endpoints(triton_url):
         c = grpcclient.InferenceServerClient(ep)

@@ -228,6 +228,10 @@ def webhook_errors(job: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------ cost guard
+DEFAULT_PAIRS_PER_S_PER_GPU = 900.0  # the pipeline's cost guard default (cluster settings override it)
+DEFAULT_PRICE_PER_GPU_HOUR = 3.0
+
+
 @dataclass
 class CostEstimate:
     gpus: int

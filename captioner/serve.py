@@ -36,6 +36,7 @@ from tritonclient.utils import serialize_byte_tensor
 from captioner import triton_repo
 from captioner.dataplane import (CANCELLED, DEADLINE, INTERNAL, INVALID_ARG, NOT_FOUND, UNAVAILABLE, BatchTimer,
                                  DataPlane, DataPlaneError, InputTensor)
+from captioner.deployment import GRPC_RESTRICTED_HEADER_PREFIX
 from captioner.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE,
                              INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
 from captioner.onnx_runtime import session
@@ -313,6 +314,7 @@ class Repository:
         self.stats: dict[str, dict] = {}
         self.models: dict[str, triton_repo.Model] = {}
         self.loaded: dict[str, list[int]] = {}
+        self.unloaded: dict[str, list[int]] = {}  # versions of models unloaded through the control API
         self._cache: dict[tuple[str, int], object] = {}
         self.batcher: Batcher | None = None
         self.batch_timer: BatchTimer | None = None  # the ensemble's batches: queue/compute time, executions
@@ -343,6 +345,7 @@ class Repository:
             self.models.update({n: models[n] for n in order})
             for n in order:
                 self.loaded[n] = models[n].selected
+                self.unloaded.pop(n, None)
             if ENSEMBLE in order:
                 ens = models[ENSEMBLE].config
                 delay = ens.dynamic_batching.max_queue_delay_microseconds / 1e6 \
@@ -359,7 +362,7 @@ class Repository:
         with self.lock:
             if name not in self.loaded:
                 raise NotFound(name)
-            del self.loaded[name]
+            self.unloaded[name] = self.loaded.pop(name)
             if name == ENSEMBLE and self.batcher is not None:
                 self.batcher.stop()
                 self.batcher = None
@@ -400,13 +403,18 @@ class Repository:
             deadline: Deadline | None = None) -> dict[str, np.ndarray]:
         v = self.version(model, version)
         out = self._run(model, v, inputs, deadline or Deadline())
-        with self.lock:  # Triton's meaning: inferences = batch items, executions = model runs
-            st = self.stats.setdefault(model, {"inference_count": 0, "execution_count": 0, "last_inference": 0})
-            st["inference_count"] += len(next(iter(inputs.values()))) if inputs else 0
-            st["last_inference"] = int(time.time() * 1000)
-            if model != ENSEMBLE:
-                st["execution_count"] += 1
+        self._tally(model, len(next(iter(inputs.values()))) if inputs else 0, 0 if model == ENSEMBLE else 1)
         return out
+
+    def _tally(self, model: str, rows: int, executions: int) -> None:
+        """Triton's statistics: inferences = batch items, executions = model runs, counted for
+        each model that ran, the ensemble's steps included (core src/ensemble_scheduler counts
+        every composing model's requests in that model's own statistics)."""
+        with self.lock:
+            st = self.stats.setdefault(model, {"inference_count": 0, "execution_count": 0, "last_inference": 0})
+            st["inference_count"] += rows
+            st["execution_count"] += executions
+            st["last_inference"] = int(time.time() * 1000)
 
     def _run(self, model: str, v: int, inputs: dict[str, np.ndarray], deadline: Deadline) -> dict[str, np.ndarray]:
         if model == ENSEMBLE:
@@ -414,6 +422,7 @@ class Repository:
             loop = self._runner(DECODE_LOOP, steps[DECODE_LOOP])
             params_for(request_int(inputs, BEAM_SIZE), request_int(inputs, MAX_TOKENS), loop.s)  # refuse before decoding
             pixels = self.decode_pool.pixels(inputs[IMAGE], self._runner(PREPROCESS, steps[PREPROCESS]), deadline)
+            self._tally(PREPROCESS, len(pixels), 1)  # one preprocess execution per request
             batcher = self.batcher
             if batcher is None:
                 raise NotFound(f"Request for unknown model: '{ENSEMBLE}' is not found")
@@ -445,6 +454,8 @@ class Repository:
         pixels = [inp[PIXEL_VALUES] for inp in items]
         _, cross = enc.run([ENCODER_HIDDEN, CROSS_KV], {PIXEL_VALUES: np.concatenate(pixels)})
         sizes = np.cumsum([0] + [len(x) for x in pixels])
+        for step in (ENCODER, DECODE_LOOP):  # each runs once over the whole dynamic batch
+            self._tally(step, int(sizes[-1]), 1)
         return caption_requests(loop, [{CROSS_KV: cross[a:b], **{k: inp[k] for k in (BEAM_SIZE, MAX_TOKENS) if k in inp}}
                                        for inp, a, b in zip(items, sizes[:-1], sizes[1:])])
 
@@ -514,13 +525,16 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # -- model repository protocol (Triton's RepositoryIndex / RepositoryModelLoad / RepositoryModelUnload),
     # restricted like `tritonserver --grpc-restricted-protocol=model-repository:KEY=VALUE`: without the
     # header the call fails UNAVAILABLE with Triton's message (server src/grpc/grpc_handler.h,
-    # CommonCallData::Execute / ExecutePrecondition).
+    # CommonCallData::Execute / ExecutePrecondition). The header tritonserver checks is
+    # "triton-grpc-protocol-" + KEY (src/grpc/grpc_server.h kRestrictedProtocolHeaderTemplate,
+    # prepended when main.cc parses the flag); the bare KEY is refused.
     def _restricted(self, context) -> None:
         if self.restricted is None:
             return
         key, value = self.restricted
-        if dict(context.invocation_metadata()).get(key) != value:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"This protocol is restricted, expecting header '{key}'")
+        header = GRPC_RESTRICTED_HEADER_PREFIX + key
+        if dict(context.invocation_metadata()).get(header) != value:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"This protocol is restricted, expecting header '{header}'")
 
     def RepositoryIndex(self, request, context):
         self._restricted(context)
@@ -530,8 +544,13 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         for n, m in sorted(triton_repo.load_listing(keys, read).items()):
             if n in self.repo.loaded:
                 out += [M(name=n, version=str(v), state="READY") for v in self.repo.loaded[n]]
-            elif not request.ready:
-                out.append(M(name=n, state="UNAVAILABLE", reason=m.error or "unloaded"))
+            elif request.ready:
+                continue
+            elif n in self.repo.unloaded:  # as tritonserver: unloaded models say so, with the version
+                out += [M(name=n, version=str(v), state="UNAVAILABLE", reason="unloaded")
+                        for v in self.repo.unloaded[n]]
+            else:  # never loaded: tritonserver lists the name only (no version, state or reason)
+                out.append(M(name=n))
         return service_pb2.RepositoryIndexResponse(models=out)
 
     def RepositoryModelLoad(self, request, context):
@@ -544,7 +563,14 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             self.repo.load([request.model_name])
         except triton_repo.RepositoryError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            # tritonserver's codes and leading words (checked against it in tests/serving/test_real_triton.py):
+            # a version policy selecting nothing is INVALID_ARGUMENT; anything found while polling the
+            # repository is INTERNAL "failed to poll from model repository" (ours adds the reason, which
+            # tritonserver writes to its log only)
+            if triton_repo.NO_VERSION in str(e):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            context.abort(grpc.StatusCode.INTERNAL, f"failed to load '{request.model_name}', failed to poll from "
+                                                    f"model repository: {e}")
         except Exception as e:  # noqa: BLE001 - a bad model fails its load, never the server
             log.exception("load of %s failed", request.model_name)
             context.abort(grpc.StatusCode.INTERNAL, f"failed to load '{request.model_name}': {type(e).__name__}: {e}")

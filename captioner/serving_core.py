@@ -30,6 +30,15 @@ class RequestError(ValueError):
     """Bad input in one request; the message names the problem (-> INVALID_ARGUMENT)."""
 
 
+def error_code(e: BaseException) -> str:
+    """Triton's error code for an exception met while serving a request: bad input (a
+    RequestError or any ValueError) is the caller's INVALID_ARG, anything else INTERNAL. The
+    Python models pass it as `pb_utils.TritonError(msg, getattr(pb_utils.TritonError, code))`:
+    without a code python_backend answers INTERNAL (src/pb_error.h, PbError's default
+    TRITONSERVER_ERROR_INTERNAL); captioner.dataplane maps the same exceptions the same way."""
+    return "INVALID_ARG" if isinstance(e, ValueError) else "INTERNAL"
+
+
 def image_bytes_to_pixels(images: np.ndarray, pre: PreprocessConfig, max_pixels: int = SERVING_MAX_PIXELS,
                           check: Callable[[int], None] | None = None) -> np.ndarray:
     """images: object array of encoded bytes, shape [B] or [B, 1] -> pixels [B, 3, H, W].

@@ -41,6 +41,7 @@ from captioner.model import Captioner, count_params
 from captioner.preprocess import PreprocessConfig
 from captioner.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
 from captioner.tokenizer import CaptionTokenizer
+from captioner.train_board import TrainBoard, grad_norm
 
 log = logging.getLogger(__name__)
 # one line per rank at start and end, whatever the rank's log level (the CLI quiets ranks > 0)
@@ -468,6 +469,8 @@ class Run:
     wait_group: object = None  # validation waits here (`_wait_group`)
     losses: list = field(default_factory=list)
     position: tuple = (0, 0, [])  # (epoch, micro-batch, loader.taken) after the last optimizer step: where Ctrl-C saves
+    board: TrainBoard | None = None  # TensorBoard events (rank 0)
+    grad_norm: float | None = None  # of the last optimizer step, before clipping
 
 
 def _seed(seed: int) -> None:
@@ -579,8 +582,11 @@ def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
         model = torch.compile(model)
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and di.device.type == "cuda")
     autocast = (lambda: torch.autocast(di.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    board = TrainBoard(out, di.main, di.world, t.price_per_gpu_hour, state.step if ckpt is not None else None,
+                       t.tensorboard, di.device)
+    board.start(cfg, summary, state.step)
     return Run(cfg, di, out, tok, pre, raw_model, model, opt, sched, loader, val_recs, total_steps, state, saver,
-               autocast, _pad_batch(tok, pre), _wait_group(cfg, di))
+               autocast, _pad_batch(tok, pre), _wait_group(cfg, di), board=board)
 
 
 def _resume_data(loader: EpochLoader, state: TrainState, ckpt_world: int) -> int:
@@ -613,6 +619,7 @@ def save_checkpoint(r: Run, epoch: int, micro: int, is_best: bool = False) -> No
     else:
         r.state.data_position = r.loader.position(micro, [b[1] for b in both])
     if r.di.main:
+        r.board.flush()  # its events travel to the model store with the checkpoint
         r.saver.save(checkpoint_dict(r.cfg, r.raw_model, r.opt, r.sched, r.state, r.tok, r.pre, r.di.world), is_best)
 
 
@@ -630,6 +637,7 @@ def validate(r: Run) -> dict | None:
             f.write(json.dumps(res) + "\n")
         log.info("val step %d: %s | e.g. %s: %r", r.state.step, " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
                  *next(iter(hyps.items())))
+        r.board.validation(r, metrics, hyps)
         if metrics.get(t.best_metric, -math.inf) > r.state.best["value"]:
             r.state.best = {"metric": t.best_metric, "value": metrics[t.best_metric], "step": r.state.step}
     r.state.best = _bcast(r.state.best, r.di, r.wait_group)  # long timeout: see _wait_group
@@ -671,8 +679,8 @@ def _micro_step(r: Run, batch, sync_now: bool) -> tuple[float | None, int, int]:
 
 def _optimizer_step(r: Run, loss_sum: float, n_loss: int) -> float:
     t, di = r.cfg.train, r.di
-    if t.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), t.grad_clip)
+    if t.grad_clip > 0 or r.board.on:
+        r.grad_norm = grad_norm(r.raw_model, t.grad_clip)
     r.opt.step()
     r.sched.step()
     r.opt.zero_grad(set_to_none=True)
@@ -693,6 +701,7 @@ def train_one_epoch(r: Run, epoch: int, first: int, bar) -> int:
     for batch in r.loader.batches(epoch, first):
         last = (micro + 1) % t.grad_accum_steps == 0 or micro + 1 == r.loader.micro_per_epoch
         loss, p, n = _micro_step(r, batch, last)
+        r.board.micro(batch, r.tok.pad_id)
         if loss is not None:
             acc, n_loss, pairs, images_seen = acc + loss, n_loss + 1, pairs + p, images_seen + n
             step_pairs, step_images = step_pairs + p, step_images + n
@@ -710,6 +719,7 @@ def train_one_epoch(r: Run, epoch: int, first: int, bar) -> int:
             _log_step(r.out, step, epoch, loss_v, lr, now, step_images * di.world / max(now - step_t0, 1e-9),
                       step_pairs * di.world / max(now - step_t0, 1e-9))
             step_t0, step_pairs, step_images = now, 0, 0
+            r.board.step(step, loss_v, lr, r.grad_norm)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}")
             if t.log_every and step % t.log_every == 0:
@@ -807,6 +817,7 @@ def _train_loop(r: Run, progress: bool) -> TrainResult:
             break
         epoch += 1
     bar.close()
+    r.board.close()
     r.saver.finish()
     rank_log.info("rank %d/%d done at step %d; weights sha256 %s", di.rank, di.world, st.step,
                   weights_digest(r.raw_model))

@@ -57,6 +57,12 @@ VERSION_FILES = {DECODE_LOOP: (DECODER_GRAPH_FILE, SELECT_ROWS_FILE, DECODE_FILE
 LOAD_ORDER = (ENSEMBLE,)
 
 
+# Triton's reason when a version policy selects no version folder (core src/model_lifecycle.cc);
+# the one repository refusal that tritonserver answers INVALID_ARGUMENT to a load request (the
+# others fail while it polls the repository: INTERNAL, "failed to poll from model repository").
+NO_VERSION = "at least one version must be available under the version policy"
+
+
 class RepositoryError(ValueError):
     """Triton would refuse to load this model; the message gives Triton's reason."""
 
@@ -130,6 +136,36 @@ def parse_config(text: str | bytes, where: str = CONFIG) -> mc.ModelConfig:
 
 def read_config(path: str | Path) -> mc.ModelConfig:
     return parse_config(Path(path).read_text(), str(path))
+
+
+def autocomplete(cfg: mc.ModelConfig) -> mc.ModelConfig:
+    """The config as tritonserver answers it after loading (ModelConfig RPC, /config): the
+    defaults core fills in (src/model_config_utils.cc NormalizeModelConfig: version policy
+    latest 1, pinned input/output memory, preferred batch size = max_batch_size under dynamic
+    batching, instance groups named <model>_<i>; an ensemble gets an empty transaction policy)
+    and the backend's default model file name (python_backend "model.py", onnxruntime
+    backend "model.onnx"). Compared field by field with the real server in
+    tests/serving/test_real_triton.py."""
+    out = mc.ModelConfig()
+    out.CopyFrom(cfg)
+    if not out.HasField("version_policy"):
+        out.version_policy.latest.num_versions = 1
+    if out.platform == "ensemble":
+        out.model_transaction_policy.SetInParent()
+        return out
+    if out.backend == "onnxruntime" and not out.platform:  # core fills the legacy platform name
+        out.platform = "onnxruntime_onnx"
+    for i, g in enumerate(out.instance_group):
+        g.name = g.name or f"{out.name}_{i}"
+    if not out.default_model_filename:
+        out.default_model_filename = {"python": "model.py", "onnxruntime": "model.onnx"}.get(out.backend, "")
+    if out.HasField("dynamic_batching") and not out.dynamic_batching.preferred_batch_size and out.max_batch_size:
+        out.dynamic_batching.preferred_batch_size.append(out.max_batch_size)
+    if not out.optimization.HasField("input_pinned_memory"):
+        out.optimization.input_pinned_memory.enable = True
+    if not out.optimization.HasField("output_pinned_memory"):
+        out.optimization.output_pinned_memory.enable = True
+    return out
 
 
 def write_configs(repo: Path, cfgs: dict[str, mc.ModelConfig], version: int = 1) -> None:
@@ -213,7 +249,7 @@ def load_listing(keys: Iterable[str], read: Callable[[str], bytes]) -> dict[str,
             continue
         m.selected = versions_to_load(m.config, versions)
         if not m.selected:
-            m.error = (f"failed to load '{name}': at least one version must be available under the version policy "
+            m.error = (f"load failed for model '{name}': {NO_VERSION} "
                        f"of model '{name}' (numeric version folders holding objects: {sorted(versions) or 'none'})")
             continue
         for v in m.selected:

@@ -48,12 +48,15 @@ def train(dataset: Input[Dataset], model_uri: str, config: str, overrides: list,
 
 @component
 def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metrics: Output[Metrics],
-             samples: Output[HTML]) -> NamedTuple("EvalOutputs", [("cider", float), ("bleu4", float)]):
+             samples: Output[HTML], report: Output[HTML],
+             training: Output[Metrics]) -> NamedTuple("EvalOutputs", [("cider", float), ("bleu4", float)]):
+    """metrics/samples: the test split; report/training: the finished training run's curves
+    (self-contained HTML for the UI) and its numbers for the run comparison."""
     import os
     import tempfile
     from collections import namedtuple
 
-    from captioner.pipeline_steps import evaluate_step
+    from captioner.pipeline_steps import evaluate_step, report_step
 
     out = tempfile.mkdtemp(prefix="eval-")
     r = evaluate_step(model.metadata["checkpoint"], dataset.metadata["uri"], out, max_images=max_images)
@@ -63,6 +66,10 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metr
     samples.path += ".html"  # the launcher uploads to the URI set here (launcher_v2.go mergeRuntimeArtifacts)
     with open(os.path.join(r["out_dir"], "samples.html")) as src, open(samples.path, "w") as dst:
         dst.write(src.read())
+    report.path += ".html"
+    for k, v in report_step(model.metadata["checkpoint"], os.path.join(r["out_dir"], "samples.html"),
+                            report.path).items():
+        training.log_metric(k, v)
     return namedtuple("EvalOutputs", ["cider", "bleu4"])(float(r["metrics"]["CIDEr"]), float(r["metrics"]["BLEU-4"]))
 
 

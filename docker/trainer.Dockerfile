@@ -18,7 +18,8 @@ COPY configs ./configs
 RUN pip install --no-deps -e . \
     && pip install "timm>=1.0" "tokenizers>=0.20" "pillow>=10" "pyyaml>=6" "tqdm>=4.66" "onnx>=1.16" \
        "onnxruntime-gpu>=1.18" "onnxscript>=0.2" "pycocoevalcap>=1.2" "tritonclient[grpc]>=2.50" \
-       "minio>=7.2" "kfp==2.17.3" "kfp-kubernetes==2.17.3" "kubernetes>=30"
+       "minio>=7.2" "kfp==2.17.3" "kfp-kubernetes==2.17.3" "kubernetes>=30" \
+       "tensorboard>=2.16" "matplotlib>=3.8" "boto3>=1.34"
 
 RUN groupadd --gid 1000 captioner && useradd --uid 1000 --gid 1000 --create-home captioner
 USER 1000:1000

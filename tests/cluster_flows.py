@@ -57,6 +57,7 @@ class Flow:
 
 MINIO, TRITON, WEB = Ours("StatefulSet", "minio"), Ours("Deployment", "triton"), Ours("Deployment", "captioner-web")
 TRAINER, PREDICTOR, MINIO_SETUP = Ours("TrainingJob"), Ours("InferenceService", "captioner"), Ours("Job", "minio-users")
+TENSORBOARD = Ours("Deployment", "tensorboard")
 CAPTIONER_POD = Ext.of("captioner")  # any pod of ours
 KFP_STEP = Ext.of(STEPS, **{"pipelines.kubeflow.org/v2_component": "true"})
 PROMETHEUS = Ext.of("monitoring", **{"app.kubernetes.io/name": "prometheus"})
@@ -88,6 +89,7 @@ FLOWS = [
     Flow("trainer->minio", TRAINER, MINIO, (9000,), "datasets in, checkpoints out"),
     Flow("trainer<->trainer", TRAINER, TRAINER, ANY_PORT, "rendezvous (23456 / 29500) and NCCL/gloo on any port"),
     Flow("trainer->internet", TRAINER, INTERNET, (443,), "pretrained weights"),
+    Flow("tensorboard->minio", TENSORBOARD, MINIO, (9000,), "TensorBoard reads the runs' event files"),
 ]
 # flows that apply only when a workload exists that is not one of their sides
 NEEDS = {"web->predictor": PREDICTOR}

@@ -11,7 +11,8 @@ Each component runs exactly as in the cluster, with the S3 settings its Secret g
 - trainer: `python -m captioner train ... --resume --train.publish_uri=s3://models/runs/...`
   (the PyTorchJob/TrainJob container's arguments, tiny model), started twice: a first run
   and a restart that resumes from the store;
-- pipeline-steps: evaluate, export, champion and deploy (twice: a first version and a second
+- tensorboard: TensorBoard's loader reading the trainer's events under s3://models/runs;
+- pipeline-steps: evaluate (with the run report), export, champion and deploy (twice: a first version and a second
   one) as the KFP components call them;
 - kserve-storage-initializer: boto3 making the calls of kserve v0.19.0
   python/storage/kserve_storage/kserve_storage.py Storage._download_s3 (head_bucket, then
@@ -37,6 +38,7 @@ from tests.helpers import ROOT, TINY, free_port
 OUT = ROOT / "tests" / "fixtures" / "s3_requests"
 RUN_URI, DATA_URI, RAW_URI = "s3://models/runs/r1", "s3://datasets/synth/v1", "s3://datasets/raw/synth"
 REPO_URI, SERVING_URI = "s3://models/repos/r1", "s3://models/serving"
+TB_LOGDIR = "s3://models/runs"  # k8s/base/tensorboard.yaml --logdir
 
 
 class Moto:
@@ -99,7 +101,10 @@ class Moto:
                 for k, v in r.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD response carries the object's length, not its (empty) body's: readers size
+                # their ranged GETs by it (TensorBoard's S3 reader does)
+                length = r.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -214,9 +219,19 @@ def record(which: set[str]) -> None:
                   "(the training container's command, started twice) against moto_server, and one multipart "
                   "upload of a checkpoint over storage.PART_SIZE (one part refused, then a retry)", reqs)
 
+        if "tensorboard" in which:
+            moto.start()
+            tensorboard_read(moto.url, TB_LOGDIR)
+            _save("tensorboard", "recorded from TensorBoard's own loader (plugin_event_multiplexer, what "
+                  "`tensorboard --load_fast=false` uses) and its boto3 S3 reader on --logdir s3://models/runs "
+                  "(k8s/base/tensorboard.yaml) against moto_server, after the trainer's runs", moto.stop())
+        if not which & {"pipeline-steps", "kserve-storage-initializer"}:
+            return
+
         moto.start()
         ck = f"{RUN_URI}/ckpt_best.pt"
         r = steps.evaluate_step(ck, DATA_URI, str(tmp / "eval"), max_images=8)
+        steps.report_step(ck, str(Path(r["out_dir"]) / "samples.html"), str(tmp / "report.html"))
         steps.export_step(ck, REPO_URI, device="cpu")
         champion = steps.champion_score(SERVING_URI)
         steps.deploy_step(REPO_URI, SERVING_URI, max(r["metrics"].get("CIDEr", 0.0), champion), triton_url="")
@@ -226,7 +241,7 @@ def record(which: set[str]) -> None:
         large_upload(moto, REPO_URI, "encoder/1/model.onnx", tmp)
         reqs = moto.stop()
         if "pipeline-steps" in which:
-            _save("pipeline-steps", "recorded from captioner.pipeline_steps evaluate_step, export_step, "
+            _save("pipeline-steps", "recorded from captioner.pipeline_steps evaluate_step, report_step, export_step, "
                   "champion_score and deploy_step (three versions) against moto_server, "
                   "and one multipart upload of an ONNX graph over storage.PART_SIZE (one part refused, then a "
                   "retry)", reqs)
@@ -240,6 +255,17 @@ def record(which: set[str]) -> None:
                   "against moto_server", moto.stop())
     finally:
         moto.close()
+
+
+def tensorboard_read(endpoint: str, logdir: str) -> None:
+    """TensorBoard in the cluster: its S3 reader takes S3_ENDPOINT when it is imported, so it
+    runs in its own process, with the Deployment's environment (the recorder's keys)."""
+    script = ("import sys\n"
+              "from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer\n"
+              "m = EventMultiplexer(); m.AddRunsFromDirectory(sys.argv[1]); m.Reload()\n"
+              "assert m.Runs(), 'no runs found'\n")
+    subprocess.run([sys.executable, "-c", script, logdir], check=True, timeout=600,
+                   env={**os.environ, "S3_ENDPOINT": endpoint, "AWS_REGION": "us-east-1"})
 
 
 def kserve_download(endpoint: str, uri: str, dest: Path) -> list[str]:
@@ -269,5 +295,5 @@ def kserve_download(endpoint: str, uri: str, dest: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    all_ = {"ingest", "trainer", "pipeline-steps", "kserve-storage-initializer"}
+    all_ = {"ingest", "trainer", "pipeline-steps", "kserve-storage-initializer", "tensorboard"}
     record(set(sys.argv[1:]) or all_)

@@ -126,6 +126,9 @@ def _policy(overlay_docs, name):
       ("get", "datasets", "flickr/manifest.json"), ("delete", "models", "serving/captioner/config.pbtxt")]),
     ("captioner-trainer", [("get", "datasets", "flickr/manifest.json"), ("put", "models", "runs/r1/ckpt_latest.pt")],
      [("put", "datasets", "flickr/manifest.json"), ("put", "models", "serving/captioner/config.pbtxt")]),
+    ("captioner-tensorboard", [("get", "models", "runs/r1/tb/events.out.tfevents.1"), ("list", "models", "runs/")],
+     [("put", "models", "runs/r1/tb/events.out.tfevents.2"), ("delete", "models", "runs/r1/tb/events.out.tfevents.1"),
+      ("get", "models", "serving/captioner/config.pbtxt"), ("get", "datasets", "flickr/manifest.json")]),
 ])
 def test_minio_policies_scope_each_component(s3_server, who, allowed, denied):
     """The policies from the rendered ConfigMap, enforced by the S3 test server's IAM (moto

@@ -50,7 +50,9 @@ def test_tasks_and_artifact_types(compiled):
         return {k: v["artifactType"]["schemaTitle"] for k, v in comps[name]["outputDefinitions"].get("artifacts", {}).items()}
     assert outs("comp-ingest") == {"dataset": "system.Dataset"}
     assert outs("comp-train") == {"model": "system.Model"}
-    assert outs("comp-evaluate") == {"metrics": "system.Metrics", "samples": "system.HTML"}
+    # the training run's report (curves as embedded images) and numbers for the run comparison
+    assert outs("comp-evaluate") == {"metrics": "system.Metrics", "samples": "system.HTML", "report": "system.HTML",
+                                     "training": "system.Metrics"}
     assert outs("comp-export") == {"repository": "system.Artifact"}
     assert comps["comp-evaluate"]["outputDefinitions"]["parameters"]["cider"]["parameterType"] == "NUMBER_DOUBLE"
     # deploy sits inside the quality-gate condition on the gate's output
@@ -214,6 +216,10 @@ def test_local_pipeline_run_skips_deploy_below_gate_and_serves(synth_dir, tmp_pa
     assert {"BLEU-4", "CIDEr", "ROUGE-L"} <= set(metrics)
     html = next((root / "evaluate").rglob("samples*"))
     assert "<img src='data:image/jpeg;base64," in html.read_text()
+    training = ev["artifacts"]["training"]["artifacts"][0]["metadata"]
+    assert {"train_loss", "val_loss", "pairs_per_s_per_gpu", "cost_usd_measured"} <= set(training), training
+    report = next((root / "evaluate").rglob("report*")).read_text()
+    assert report.count("<img class='curve' alt=") >= 4 and "id='worst'" in report
     assert json.loads(next((root / "ingest").rglob("dataset")).read_text())["items"] > 0
     assert (tmp_path / "w" / "model" / "ckpt_best.pt").exists()
     assert not (tmp_path / "w" / "serving").exists()

@@ -17,7 +17,8 @@ FIXTURES = ROOT / "tests" / "fixtures" / "s3_requests"
 # secretGenerator; the kserve overlay's Secret carries Triton's keys) -> the policy the
 # minio-users Job attaches to that user (captioner-<who>)
 USER = {"ingest": "captioner-pipeline", "pipeline-steps": "captioner-pipeline", "trainer": "captioner-trainer",
-        "triton": "captioner-triton", "kserve-storage-initializer": "captioner-triton"}
+        "triton": "captioner-triton", "kserve-storage-initializer": "captioner-triton",
+        "tensorboard": "captioner-tensorboard"}
 # what a component must NOT be able to do (each is a request some other component, or nobody, makes)
 DENIED = {
     "captioner-pipeline": [("GET", "/raw/flickr30k/captions.txt", {}), ("PUT", "/other/x", {}),
@@ -33,6 +34,12 @@ DENIED = {
                          ("GET", "/models", {"prefix": "serving"}),  # no slash: would list serving-old/ too
                          ("GET", "/datasets/synth/v1/manifest.json", {}), ("HEAD", "/datasets", {}),
                          ("DELETE", "/models/serving/champion.json", {}), ("GET", "/models", {"location": ""})],
+    "captioner-tensorboard": [("PUT", "/models/runs/r1/tb/events.out.tfevents.1", {}),
+                              ("DELETE", "/models/runs/r1/tb/events.out.tfevents.1", {}),
+                              ("GET", "/models/serving/champion.json", {}),
+                              ("GET", "/models", {"list-type": "2", "prefix": "serving/"}),
+                              ("GET", "/models", {"prefix": "runs-old/"}),
+                              ("GET", "/datasets/synth/v1/manifest.json", {}), ("HEAD", "/datasets", {})],
 }
 
 

@@ -44,6 +44,9 @@ def test_model_repository_protocol_is_restricted_by_the_secret_key(overlay):
     want = f"model-repository:{deployment.CONTROL_HEADER}=$({deployment.CONTROL_KEY_ENV})"
     assert f"--grpc-restricted-protocol={want}" in c["args"]
     assert f"--http-restricted-api={want}" in c["args"]
+    # one flag list: the container runs exactly what the real server in tests runs
+    # (captioner.triton_server starts tritonserver with deployment.triton_server_args too)
+    assert c["args"] == ["tritonserver", *deployment.triton_server_args()]
     # the deploy step can reach every replica: a headless Service over the Triton pods
     hl = next(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None")
     assert hl["spec"]["selector"] == _triton(docs)["spec"]["selector"]["matchLabels"]

@@ -30,7 +30,7 @@ import os
 import triton_python_backend_utils as pb_utils
 
 from captioner.names import BEAM_SIZE, CAPTION, CROSS_KV, MAX_TOKENS
-from captioner.serving_core import DecodeLoop, caption_requests
+from captioner.serving_core import DecodeLoop, caption_requests, error_code
 
 
 class TritonPythonModel:
@@ -50,8 +50,9 @@ class TritonPythonModel:
         responses = []
         for res in caption_requests(self.loop, tensors):
             if isinstance(res, Exception):
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{type(res).__name__}: {res}")))
+                # bad input -> INVALID_ARG (python_backend's default code would be INTERNAL)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                    f"{type(res).__name__}: {res}", getattr(pb_utils.TritonError, error_code(res)))))
             else:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(CAPTION, res[CAPTION])]))
         return responses

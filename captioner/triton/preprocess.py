@@ -10,7 +10,8 @@ import os
 import triton_python_backend_utils as pb_utils
 
 from captioner.names import IMAGE, PIXEL_VALUES
-from captioner.serving_core import REQUEST_PIXEL_BUDGET, check_pixel_budget, image_bytes_to_pixels, load_preprocess
+from captioner.serving_core import (REQUEST_PIXEL_BUDGET, check_pixel_budget, error_code, image_bytes_to_pixels,
+                                    load_preprocess)
 
 
 class TritonPythonModel:
@@ -26,6 +27,6 @@ class TritonPythonModel:
                 pixels = image_bytes_to_pixels(images, self.pre)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(PIXEL_VALUES, pixels)]))
             except Exception as e:  # noqa: BLE001 - the error goes back to this request only
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{type(e).__name__}: {e}")))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                    f"{type(e).__name__}: {e}", getattr(pb_utils.TritonError, error_code(e)))))
         return responses

@@ -30,12 +30,19 @@ TRITONSERVER_MEMORY_CPU, TRITONSERVER_MEMORY_CPU_PINNED, TRITONSERVER_MEMORY_GPU
 
 
 class TritonError(Exception):
-    def __init__(self, msg):
+    # python_backend src/pb_error.h / pb_stub.cc: the codes are TRITONSERVER_Error_Code values,
+    # and a TritonError built without one is INTERNAL
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __init__(self, msg, code=1):
         super().__init__(msg)
-        self._msg = msg
+        self._msg, self._code = msg, code
 
     def message(self):
         return self._msg
+
+    def code(self):
+        return self._code
 
 
 class TritonModelException(Exception):

@@ -81,6 +81,8 @@ def test_triton_image_installs_only_the_serving_extra():
     installs = re.findall(r"pip install ([^\n\\]+)", docker)
     assert installs == ['--no-cache-dir "./[serve-gpu]"'], installs
     assert f"onnxruntime-gpu=={TRITON_ONNXRUNTIME}" in _pyproject()["optional-dependencies"]["serve-gpu"]
+    # Triton 24.10's Python-backend stub (pybind11 v2.10.0) mis-reads NumPy 2 arrays: the image holds NumPy 1
+    assert "numpy>=1.24,<2" in _pyproject()["optional-dependencies"]["serve-gpu"]
     assert set(_pyproject()["optional-dependencies"]["test"][0].split("[")[1].rstrip("]").split(",")) >= {"serve",
                                                                                                          "train"}
 

@@ -208,9 +208,13 @@ def test_deploy_loads_the_ensemble_through_the_protected_control_api(exported_re
     try:
         c = grpcclient.InferenceServerClient(url)
         triton_repo.publish_version(exported_repo[0], open_store(str(serving)))
-        for bad in (None, {CONTROL_HEADER: "wrong"}):
+        # tritonserver checks the gRPC metadata key "triton-grpc-protocol-" + KEY (server
+        # src/grpc/grpc_server.h kRestrictedProtocolHeaderTemplate); the bare KEY is refused even
+        # with the right value (what the real server answers, tests/serving/test_real_triton.py)
+        grpc_header = "triton-grpc-protocol-" + CONTROL_HEADER
+        for bad in (None, {grpc_header: "wrong"}, {CONTROL_HEADER: key}):
             with pytest.raises(InferenceServerException, match=f"This protocol is restricted, expecting header "
-                                                               f"'{CONTROL_HEADER}'") as e:
+                                                               f"'{grpc_header}'") as e:
                 c.load_model(names.ENSEMBLE, headers=bad)
             assert e.value.status() == str(grpc.StatusCode.UNAVAILABLE)
         assert not c.is_model_ready(names.ENSEMBLE)

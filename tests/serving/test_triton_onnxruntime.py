@@ -133,7 +133,7 @@ def test_decode_loop_step_graph_runs_in_the_onnxruntime_triton_ships(device, dty
                                                                      triton_ort_python, tmp_path):
     """What export ships for each device and decoder dtype - GroupQueryAttention with a shared
     past/present buffer (cpu; fp16 on a gpu), MultiHeadAttention with past/present (fp32 on a
-    gpu) - in onnxruntime 1.20.1: logits equal PyTorch's at every position."""
+    gpu) - in the onnxruntime Triton ships (TRITON_ONNXRUNTIME): logits equal PyTorch's at every position."""
     from captioner.export import export
 
     repo, _ = exported_repo
