@@ -296,10 +296,11 @@ def cmd_export(a, _):
               f"{p['logits_max_abs_diff']:.2e}, decode loop ({r['decoder_dtype']}, cache {r['kv_cache']}) log-probs "
               f"max|diff| {p['loop_logprobs_max_abs_diff']:.2e}, greedy captions equal "
               f"{p['captions_equal']}/{p['images']}")
-    if "parity_int8" in r:
-        q = r["parity_int8"]
-        print(f"int8 parity: logits max|diff| {q['logits_max_abs_diff']:.3f}, greedy captions equal "
-              f"{q['captions_equal']}/{q['images']}")
+    for kind in ("int8", "int4"):
+        if f"parity_{kind}" in r:
+            q = r[f"parity_{kind}"]
+            print(f"{kind} parity: logits max|diff| {q['logits_max_abs_diff']:.3f}, decode loop log-probs max|diff| "
+                  f"{q['loop_logprobs_max_abs_diff']:.3f}, greedy captions equal {q['captions_equal']}/{q['images']}")
     print(f"wrote Triton model repository {a.out}")
 
 
@@ -502,7 +503,7 @@ def cmd_bench(a, _):
 
     mod = {"train": "benchmarks.train_throughput", "latency": "benchmarks.caption_latency",
            "ingest": "benchmarks.ingest_throughput", "serve": "benchmarks.serve_throughput",
-           "int8": "benchmarks.int8_quality"}[a.what]
+           "quality": "benchmarks.quantized_quality", "int8": "benchmarks.quantized_quality"}[a.what]
     prog, sys.argv[0] = sys.argv[0], f"captioner bench {a.what}"  # the usage line of parsers without a prog
     try:
         importlib.import_module(mod).main(a.rest)
@@ -698,7 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace --out even if it holds other files (they are deleted)")
     s.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="instance kind in the ONNX models' configs (KIND_GPU for the cluster, KIND_CPU locally)")
-    s.add_argument("--quantize", choices=["int8"], default=None, help="onnxruntime dynamic int8 quantization")
+    s.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="int8: onnxruntime dynamic int8 (every graph, per-channel weights); int4: the decode loop's "
+                        "step graph 4-bit weight-only (MatMulNBits, block 32), the encoder int8")
     s.add_argument("--decoder-dtype", choices=["float32", "float16"], default="float32",
                    help="the decode loop's step graph: float16 (for GPUs) halves its bytes per step and keeps "
                         "the KV cache in place on the GPU too (GroupQueryAttention has CUDA kernels for fp16 "
@@ -906,13 +909,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", **common, help="benchmarks (print side-by-side measurements)")
-    s.add_argument("what", choices=["train", "latency", "ingest", "serve", "int8"],
-                   metavar="{train,latency,ingest,serve,int8}",
+    s.add_argument("what", choices=["train", "latency", "ingest", "serve", "quality", "int8"],
+                   metavar="{train,latency,ingest,serve,quality}",
                    help="train: encode-once vs per-pair throughput; latency: caption latency/throughput of the "
-                        "no-cache baseline, PyTorch+KV cache, onnxruntime fp32/int8 (served path), HF generate; "
+                        "no-cache baseline, PyTorch+KV cache, onnxruntime fp32/int8/int4 (served path), HF generate, "
+                        "and each served path's memory roofline; "
                         "ingest: S3 ingest and loader speed; serve: images/s and p50/p99 at concurrency 1, 8, 32 "
-                        "through tritonclient against `captioner serve`; int8: fp32 vs int8 CIDEr-D and caption "
-                        "agreement on a run's held-out test split")
+                        "through tritonclient against `captioner serve`, as a share of the encoder-bound ceiling; "
+                        "quality (alias int8): int8 and int4 vs fp32 CIDEr-D and caption agreement on a run's "
+                        "held-out test split")
     s.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="passed to the benchmark (try `captioner bench latency --help`)")
     s.set_defaults(fn=cmd_bench)

@@ -196,3 +196,24 @@ def fused_operator_counts(model: "onnx.ModelProto | str | Path") -> dict[str, in
 def attention_op_counts(model: "onnx.ModelProto | str | Path") -> dict[str, int]:
     """The fused attention nodes of a graph, and its Softmax nodes (what an unfused attention has)."""
     return {k: v for k, v in sorted(op_type_counts(model).items()) if k in ATTENTION_OPS or k == "Softmax"}
+
+
+def step_weight_bytes(model: "onnx.ModelProto | str | Path", rows: int = 1) -> int:
+    """Bytes of constant weights one run of a one-token step graph reads for `rows` captions:
+    every initializer in full (MatMul / MatMulNBits / MatMulInteger weights, their scales,
+    biases, LayerNorm parameters), except a table read only through Gather (the token and
+    position embeddings), of which `rows` rows are read. The memory floor of a decoder step at
+    batch 1 is these bytes over the machine's memory bandwidth (benchmarks/caption_latency.py)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    users: dict[str, set] = {}
+    for n in model.graph.node:
+        for k, name in enumerate(n.input):
+            users.setdefault(name, set()).add((n.op_type, k))
+    total = 0
+    for t in model.graph.initializer:
+        size = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if t.dims and users.get(t.name) and all(u == ("Gather", 0) for u in users[t.name]):
+            size = size // int(t.dims[0]) * min(rows, int(t.dims[0]))
+        total += size
+    return total

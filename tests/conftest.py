@@ -48,6 +48,17 @@ def exported_repo(trained_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def int4_repo(trained_run, tmp_path_factory):
+    """The trained run exported with --quantize int4 (4-bit step graph, int8 encoder)."""
+    from captioner.export import export
+
+    repo = tmp_path_factory.mktemp("repo-int4") / "models"
+    report = export(str(trained_run.out_dir / "ckpt_best.pt"), str(repo), device="cpu", quantize="int4",
+                    verify=False, parity_images=2)
+    return repo, report
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 HTTP server (moto_server) on 127.0.0.1 with authentication on: the first
     three actions create an IAM user and key; every later request must be signed by it."""
