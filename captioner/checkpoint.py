@@ -97,17 +97,33 @@ def train_state(raw: dict) -> TrainState:
                       data_position=dict(raw.get("data_position") or {}))
 
 
+def _load_reason(e: Exception) -> str:
+    """Why torch.load refused a file, without its advice to load it with weights_only=False
+    (which would run whatever code the file holds)."""
+    import re
+
+    text = str(e).strip()
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if m:
+        return m.group(1).strip().split(". ")[0][:200]
+    first = text.splitlines()[0] if text else type(e).__name__
+    return re.split(r"\s*Re-running `torch.load`", first)[0][:200]
+
+
 def load_raw(path: str | Path, map_location: str = "cpu") -> dict:
     """torch.load with weights_only=True; anything else is refused with one line naming the file."""
+    import zipfile
+
     p = Path(path)
+    if p.is_file() and not zipfile.is_zipfile(p):  # torch.save writes a zip archive; a CSV, image... is not one
+        raise CheckpointError(f"{p}: not a captioner checkpoint (not a file written by torch.save)")
     try:
         raw = torch.load(p, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (not a zip), EOFError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: refused: not a captioner checkpoint that loads without pickle "
-                              f"(weights_only=True): {first[:200]}") from None
+                              f"(weights_only=True): {_load_reason(e)}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{p}: not a captioner checkpoint (holds a {type(raw).__name__}, not a dict)")
     for k in ("config", "model", "tokenizer", "preprocess", "step"):

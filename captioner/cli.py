@@ -15,7 +15,8 @@ def _setup_logging(verbose: bool = False) -> None:
 
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s",
+    tag = f" [rank{rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # only when there are ranks
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if not verbose:  # other libraries' internals: shown with -v
         import warnings
@@ -118,11 +119,15 @@ def _params(a):
 
 
 # ----------------------------------------------------------------------------- commands
+LAYOUT_NAMES = {"flickr30k": "Kaggle Flickr30k layout: results.csv + flickr30k_images/",
+                "imagefolder": "image folder with a Hugging Face ImageFolder metadata.jsonl (file_name, text)",
+                "csv": "captions.csv with an image,caption header + images/"}
+
 def cmd_generate_data(a, _):
     from captioner.synthetic import generate
 
-    out = generate(a.out, images=a.images, seed=a.seed, side=a.side)
-    print(f"wrote {a.images} images and {a.images * 5} captions to {out} (Kaggle Flickr30k layout)")
+    out = generate(a.out, images=a.images, seed=a.seed, side=a.side, layout=a.layout)
+    print(f"wrote {a.images} images and {a.images * 5} captions to {out} ({LAYOUT_NAMES[a.layout]})")
 
 
 def cmd_train(a, overrides):
@@ -148,6 +153,64 @@ def cmd_evaluate(a, _):
     print(f"wrote {r['out_dir']}/metrics.json and samples.html")
 
 
+class _CaptionOutput:
+    """Where `caption` results go: tab-separated lines on stdout (failures on stderr), or with
+    --output FILE one record per image (JSONL or CSV by the file's extension) holding the image,
+    its caption or error, and the decoding settings; written as results arrive."""
+
+    FIELDS = ("image", "caption", "error", "model", "strategy", "beam", "max_new_tokens", "length_penalty",
+              "no_repeat_ngram", "temperature", "top_p")
+
+    def __init__(self, path: str | None, settings: dict):
+        self.path, self.settings, self.ok, self.failed = path, settings, 0, 0
+        self.f = self.csv = None
+        if path:
+            kind = Path(path).suffix.lower()
+            if kind not in (".jsonl", ".csv"):
+                from captioner.errors import UserError
+
+                raise UserError(f"caption --output {path}: unknown format {kind or '(no extension)'!r}",
+                                hint="name the file .jsonl (one JSON object a line) or .csv")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(path, "w", newline="")
+            if kind == ".csv":
+                import csv
+
+                self.csv = csv.DictWriter(self.f, fieldnames=self.FIELDS)
+                self.csv.writeheader()
+
+    def add(self, image: str, caption: str | None, error: str | None = None) -> None:
+        if error is None:
+            self.ok += 1
+        else:
+            self.failed += 1
+        if self.f is None:
+            if error is None:
+                print(f"{image}\t{caption}")
+            else:
+                print(f"{image}\tERROR: {error}", file=sys.stderr)
+            return
+        row = {"image": str(image), "caption": caption, "error": error, **self.settings}
+        if self.csv is not None:
+            self.csv.writerow({k: "" if v is None else v for k, v in row.items()})
+        else:
+            self.f.write(json.dumps(row) + "\n")
+
+    def close(self, interrupted: bool = False) -> None:
+        if self.f is not None:
+            self.f.close()
+            log.info("wrote %d captions%s to %s", self.ok, f" and {self.failed} errors" if self.failed else "",
+                     self.path)
+        if self.failed and not interrupted:  # an exception on its way out says more than the exit status
+            raise SystemExit(1)
+
+
+def _caption_settings(a, model: str, strategy: str) -> dict:
+    return {"model": model, "strategy": strategy, "beam": a.beam, "max_new_tokens": a.max_new_tokens,
+            "length_penalty": a.length_penalty, "no_repeat_ngram": a.no_repeat_ngram,
+            "temperature": a.temperature if a.sample else None, "top_p": a.top_p if a.sample else None}
+
+
 def cmd_report(a, _):
     from captioner.run_report import write_report
 
@@ -164,8 +227,9 @@ def cmd_caption(a, _):
         raise UserError(f"caption: no image files among the arguments ({len(skipped)} other files skipped)",
                         hint="give image files (jpg, png, webp, ...) or folders that hold them")
     if a.url:
-        from captioner.client import TLS, caption_files
+        from captioner.client import TLS, caption_files, check_reachable, grpc_target
 
+        a.url = grpc_target(a.url)
         ignored = [flag for flag, key, default in _URL_UNSUPPORTED if getattr(a, key) != default]
         if ignored:
             raise UserError(f"caption --url: the server decodes greedy or beam search only and cannot honour "
@@ -176,17 +240,21 @@ def cmd_caption(a, _):
         if any(certs.values()) and not a.ssl:
             raise UserError("caption: --root-certificates/--private-key/--certificate-chain need --ssl",
                             hint="add --ssl (Triton started with --grpc-use-ssl)")
-        failed = 0
-        for path, cap in caption_files(a.url, a.images, beam=a.beam, concurrency=a.concurrency,
-                                       model=a.model_name, tls=TLS(**certs) if a.ssl else None,
-                                       max_tokens=a.max_new_tokens):
-            if cap.startswith("ERROR:"):
-                failed += 1
-                print(f"{path}\t{cap}", file=sys.stderr)
-            else:
-                print(f"{path}\t{cap}")
-        if failed:
-            raise SystemExit(1)
+        check_reachable(a.url, TLS(**certs) if a.ssl else None)
+        out = _CaptionOutput(a.output, _caption_settings(a, f"{a.url}/{a.model_name}",
+                                                         "beam" if a.beam > 1 else "greedy"))
+        try:
+            for path, cap in caption_files(a.url, a.images, beam=a.beam, concurrency=a.concurrency,
+                                           model=a.model_name, tls=TLS(**certs) if a.ssl else None,
+                                           max_tokens=a.max_new_tokens):
+                if cap.startswith("ERROR:"):
+                    out.add(path, None, cap[len("ERROR:"):].strip())
+                else:
+                    out.add(path, cap)
+        except BaseException:
+            out.close(interrupted=True)
+            raise
+        out.close()
         return
     import numpy as np
 
@@ -195,19 +263,25 @@ def cmd_caption(a, _):
     from captioner.preprocess import ImageError, preprocess_path
 
     ck = load_checkpoint(a.checkpoint)
-    good, arrays, failed = [], [], 0
-    for p in a.images:
-        try:
-            arrays.append(preprocess_path(p, ck.preprocess))
-            good.append(p)
-        except ImageError as e:
-            print(f"{p}\tERROR: {e}", file=sys.stderr)
-            failed += 1
-    if arrays:
-        for p, c in zip(good, caption_arrays(ck.model, ck.tokenizer, np.stack(arrays), _params(a))):
-            print(f"{p}\t{c}")
-    if failed:
-        raise SystemExit(1)
+    params = _params(a)
+    a.max_new_tokens = params.max_new_tokens = params.max_new_tokens or ck.model.cfg.max_new_tokens
+    out = _CaptionOutput(a.output, _caption_settings(a, str(ck.path), params.strategy))
+    try:
+        for i in range(0, len(a.images), 64):  # a chunk at a time: bounded memory for thousands of images
+            good, arrays = [], []
+            for p in a.images[i:i + 64]:
+                try:
+                    arrays.append(preprocess_path(p, ck.preprocess))
+                    good.append(p)
+                except ImageError as e:
+                    out.add(p, None, str(e))
+            if arrays:
+                for p, c in zip(good, caption_arrays(ck.model, ck.tokenizer, np.stack(arrays), params)):
+                    out.add(p, c)
+    except BaseException:
+        out.close(interrupted=True)
+        raise
+    out.close()
 
 
 def cmd_export(a, _):
@@ -230,8 +304,26 @@ def cmd_export(a, _):
     print(f"wrote Triton model repository {a.out}")
 
 
+def _check_model_repository(repo: str, control: str) -> None:
+    """A local folder with no MODEL/config.pbtxt at all is not a model repository (a dataset
+    or run folder given by mistake): say that, not which of its subfolders lacks a config.
+    An empty folder stays valid under explicit model control (models are loaded later)."""
+    from captioner.errors import UserError
+    from captioner.storage import is_s3
+
+    p = Path(repo)
+    if is_s3(repo) or not p.is_dir() or (control == "explicit" and not any(p.iterdir())):
+        return
+    if not any(p.glob("*/config.pbtxt")):
+        raise UserError(f"serve: {repo} is not a model repository (no MODEL/config.pbtxt in it)",
+                        hint="give the folder `captioner export RUN --out DIR` wrote, e.g. demo_out/run/serving or "
+                             "demo_out/run/model_repository after `make demo`")
+
+
 def cmd_serve(a, _):
     from captioner.serve import serve_forever
+
+    _check_model_repository(a.repo, a.model_control_mode)
 
     from captioner.triton_repo import RepositoryError
 
@@ -244,10 +336,18 @@ def cmd_serve(a, _):
 
 
 def cmd_web(a, _):
-    from captioner.client import TLS
+    from captioner.client import TLS, grpc_target
     from captioner.web import run
 
+    from captioner.client import check_reachable
+    from captioner.errors import UnreachableError
+
+    a.url = grpc_target(a.url)
     tls = TLS(a.root_certificates, a.private_key, a.certificate_chain) if a.ssl else None
+    try:  # the page may start before the model server (a pod next to Triton's): say so now, keep going
+        check_reachable(a.url, tls, timeout=3)
+    except UnreachableError as e:
+        log.warning("%s; /readyz answers 503 until it is up (%s)", e, e.hint)
     run(a.url, host=a.host, port=a.port, model=a.model_name, max_images=a.max_images, max_body=a.max_body, tls=tls)
 
 
@@ -281,22 +381,54 @@ def cmd_pipeline(a, overrides):
     from captioner import kfp_pipeline as kp
 
     if a.pipeline_action == "compile":
+        import os
+
+        from captioner.deployment import TRAINER_IMAGE
+
         kp.compile_pipeline(a.out, train_in_pod=a.train_in_pod)
-        print(f"wrote {a.out} (upload it in the Kubeflow Pipelines UI)")
+        image = os.environ.get("CAPTIONER_IMAGE")
+        if not image:
+            log.warning("every step runs the default image %s: CAPTIONER_IMAGE is not set; for your own build "
+                        "(docker/trainer.Dockerfile) run `CAPTIONER_IMAGE=REGISTRY/captioner-trainer:TAG captioner "
+                        "pipeline compile`", TRAINER_IMAGE)
+        print(f"wrote {a.out}: every step runs {image or TRAINER_IMAGE} (upload it in the Kubeflow Pipelines UI)")
         return
+    if a.val_fraction is None or a.test_fraction is None:  # the ingest step splits as the preset would
+        from captioner.config import load_config
+
+        d = load_config(a.config, list(overrides)).data
+        a.val_fraction = d.val_fraction if a.val_fraction is None else a.val_fraction
+        a.test_fraction = d.test_fraction if a.test_fraction is None else a.test_fraction
     common = dict(config=a.config, overrides=list(overrides), min_cider=a.min_cider, eval_max_images=a.eval_max_images,
                   val_fraction=a.val_fraction, test_fraction=a.test_fraction, shard_mb=a.shard_mb)
     if not a.host:
         from captioner.local_run import run_pipeline_here
 
+        from captioner.local_run import print_outcome, write_summary
+
         wd = Path(a.workdir).resolve()
+        if a.overwrite and (wd / "model").exists():
+            import shutil
+
+            log.info("--overwrite: removing the previous run's model %s", wd / "model")
+            shutil.rmtree(wd / "model")
         args = kp.local_arguments(a.workdir, a.source, **common)
         print("running the pipeline here (kfp.local); steps as they finish:", flush=True)
-        run_pipeline_here(args, wd / "pipeline_root", wd / "pipeline.log", verbose=a.verbose)
+        run_pipeline_here(args, wd / "pipeline_root", wd / "pipeline.log", verbose=a.verbose,
+                          overwrite_hint=f"rerun with --overwrite to replace the model in {wd / 'model'}, or give "
+                                         "a new --workdir")
+        summary = write_summary(wd, wd / "pipeline_root", args)
+        print_outcome(summary)
         print(f"pipeline finished; artefacts under {wd}")
         return
     import os
 
+    _check_for_pods("pipeline run --host", a.config, {})
+    if a.overwrite:
+        from captioner.errors import UserError
+
+        raise UserError("pipeline run --host: --overwrite is for local runs",
+                        hint="on Kubeflow give a new --model-uri for a new training run")
     cluster = {k: v for k, v in dict(workers=a.workers, gpus_per_worker=a.gpus_per_worker, cloud=a.cloud,
                                      image=a.image, namespace=a.job_namespace, max_cost=a.max_cost,
                                      price_per_gpu_hour=a.price_per_gpu_hour).items() if v is not None}
@@ -324,6 +456,26 @@ def _submit(kp, host: str, args: dict, **kw) -> str:
                                     "svc/ml-pipeline-ui 8080:80`) and that you are logged in") from e
 
 
+def _check_for_pods(what: str, config: str, uris: dict) -> None:
+    """What a pod will read must exist inside the cluster: a preset packaged in the trainer
+    image, and s3:// locations (a path on this machine is not there)."""
+    from captioner.config import PRESET_DIR
+    from captioner.errors import UserError
+    from captioner.storage import is_s3
+
+    for flag, uri in uris.items():
+        if not is_s3(uri):
+            raise UserError(f"{what}: {flag} {uri!r} is a path on this machine, which the training pods cannot see",
+                            hint=f"give an s3://bucket/prefix URI for {flag} (upload a dataset with `captioner ingest "
+                                 "SOURCE s3://bucket/prefix`)")
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    if config not in presets:
+        raise UserError(f"{what}: --config {config!r} is not a preset packaged in the trainer image (the pods read it "
+                        "there, not from this machine)",
+                        hint=f"use a preset ({', '.join(presets)}) and give your changes as --section.key=value "
+                             "overrides, or build an image that holds your YAML at that path")
+
+
 def cmd_job(a, overrides):
     """`captioner job render`: the PyTorchJob or TrainJob the pipeline's train step would create."""
     import yaml
@@ -331,6 +483,7 @@ def cmd_job(a, overrides):
     from captioner.config import load_config
     from captioner.pytorchjob import job_name, training_job
 
+    _check_for_pods("job render", a.config, {"--data": a.data, "--model-uri": a.model_uri})
     load_config(a.config, [f"--data.source={a.data}", *overrides])  # fail here, not in the pods
     job = training_job(a.name or job_name("captioner-train", a.model_uri), a.config,
                        [f"--data.source={a.data}", *overrides], a.model_uri, workers=a.nodes,
@@ -351,7 +504,11 @@ def cmd_bench(a, _):
     mod = {"train": "benchmarks.train_throughput", "latency": "benchmarks.caption_latency",
            "ingest": "benchmarks.ingest_throughput", "serve": "benchmarks.serve_throughput",
            "quality": "benchmarks.quantized_quality", "int8": "benchmarks.quantized_quality"}[a.what]
-    importlib.import_module(mod).main(a.rest)
+    prog, sys.argv[0] = sys.argv[0], f"captioner bench {a.what}"  # the usage line of parsers without a prog
+    try:
+        importlib.import_module(mod).main(a.rest)
+    finally:
+        sys.argv[0] = prog
 
 
 COMMANDS = {}
@@ -399,6 +556,20 @@ def _lazy_epilog(parser: argparse.ArgumentParser, make) -> None:
     parser.format_help = format_help
 
 
+def _preset_summary(text: str) -> str:
+    """A preset's leading comment up to the end of its first sentence (whole, never cut)."""
+    import re
+
+    words = []
+    for ln in text.splitlines():
+        if not ln.startswith("#"):
+            break
+        words.append(ln.lstrip("#").strip())
+    joined = " ".join(w for w in words if w)
+    m = re.search(r"^.*?\.(?=\s|$)", joined)
+    return m.group(0) if m else joined
+
+
 def _presets_and_config_keys() -> str:
     """`train --help` epilog: the presets and every config key, generated from the dataclasses."""
     import dataclasses
@@ -409,10 +580,12 @@ def _presets_and_config_keys() -> str:
     except ImportError as e:  # the web gateway's image has no torch; `captioner web` must still start
         return f"(presets and config keys are listed where the training stack is installed: {e})"
 
+    import textwrap
+
     lines = ["presets (--config NAME):"]
     for f in sorted(PRESET_DIR.glob("*.yaml")):
-        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
-        lines.append(f"  {f.stem:<14} {first}")
+        lines += textwrap.wrap(_preset_summary(f.read_text()), 100, initial_indent=f"  {f.stem:<14} ",
+                               subsequent_indent=" " * 17, break_on_hyphens=False)
     lines.append("")
     lines.append("config keys (--section.key=value; the preset or YAML sets some, the rest keep these defaults):")
     cfg = ExperimentConfig()
@@ -462,11 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("generate-data", **common,
-                       help="write a synthetic captioned image set (Kaggle Flickr30k layout)")
-    s.add_argument("out", help="output folder (gets results.csv and flickr30k_images/)")
+                       help="write a synthetic captioned image set (Kaggle Flickr30k layout, or --layout)")
+    s.add_argument("out", help="output folder")
     s.add_argument("--images", type=POSITIVE, default=1000, help="number of images (5 captions each)")
     s.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     s.add_argument("--side", type=int_range(16, 4096), default=128, help="image side in pixels")
+    s.add_argument("--layout", choices=sorted(LAYOUT_NAMES), default="flickr30k",
+                   help="; ".join(f"{k}: {v}" for k, v in sorted(LAYOUT_NAMES.items())))
     s.set_defaults(fn=cmd_generate_data)
 
     s = sub.add_parser("train", **common, help="train (one process, or under torchrun for DDP)", description=(
@@ -486,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="checkpoint file or run folder (uses ckpt_best.pt)")
     s.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to caption")
     s.add_argument("--data", default=None, help="data source (default: the one in the checkpoint's config)")
-    s.add_argument("--out", default=None, help="output folder (default: RUN/eval_SPLIT)")
+    s.add_argument("--out", default=None, help="output folder (default: RUN/eval_SPLIT for greedy decoding of all images; "
+                        "other settings add them to the name, e.g. RUN/eval_test_beam3)")
     s.add_argument("--max-images", type=COUNT_OR_ALL, default=0, help="evaluate at most this many images (0 = all)")
     s.add_argument("--no-meteor", action="store_true", help="skip METEOR (Java) even where Java exists")
     _decode_args(s)
@@ -501,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--url", default=None, help="HOST:PORT of Triton or `captioner serve` (gRPC)")
     s.add_argument("--model-name", default="captioner", help="served model name (with --url)")
     s.add_argument("--concurrency", type=int_range(1, 256), default=4, help="requests in flight (with --url)")
+    s.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="write one record per image (image, caption or error, model, decoding settings) to FILE: "
+                        ".jsonl or .csv (default: tab-separated lines on stdout)")
     g = s.add_argument_group("TLS (with --url; Triton --grpc-use-ssl / --grpc-use-ssl-mutual)")
     g.add_argument("--ssl", action="store_true", help="connect over TLS (default: plaintext)")
     g.add_argument("--root-certificates", metavar="PEM", help="CA to verify the server (default: system roots)")
@@ -578,10 +757,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--s3-secure", action="store_true", default=None, help="use TLS (default: $CAPTIONER_S3_SECURE)")
 
     s = sub.add_parser("ingest", **common, help="validate, shard and upload a captioned image set to a folder or s3://",
-                       description="SOURCE: a Kaggle Flickr30k folder or zip (results.csv + flickr30k_images/), a "
-                                   "Karpathy split JSON or a COCO captions JSON (images next to it or --image-root). "
+                       description="SOURCE: a Kaggle Flickr30k folder or zip (results.csv + flickr30k_images/), an "
+                                   "image folder with a metadata.jsonl (file_name, text: Hugging Face ImageFolder), "
+                                   "a CSV with an image,caption header, a Karpathy split JSON or a COCO captions JSON "
+                                   "(images next to it or --image-root). "
                                    "DEST: a folder or s3://bucket/prefix. Resumable: rerun after an interruption.")
-    s.add_argument("source", help="captioned images: folder, zip or captions JSON")
+    s.add_argument("source", help="captioned images: folder, zip, captions CSV/JSON or metadata.jsonl")
     s.add_argument("dest", help="a folder or s3://bucket/prefix")
     s.add_argument("--shard-mb", type=_shard_mb, default=64.0,
                    help="target shard size in MB, or 'auto' with --target-workers: shards small enough that every "
@@ -595,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=FRACTION, default=0.05, help="share of images held out for validation")
     s.add_argument("--test-fraction", type=FRACTION, default=0.05, help="share of images held out for testing")
     s.add_argument("--split-seed", type=int, default=0, help="seed of the image -> split hash")
-    s.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco"],
+    s.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco", "imagefolder", "csv"],
                    help="source layout (auto: detected from SOURCE)")
     s.add_argument("--image-root", default="", help="image folder for JSON sources")
     s.add_argument("--strip-metadata", action=argparse.BooleanOptionalAction, default=True,
@@ -634,9 +815,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-cider", type=float_range(0.0), default=0.5, help="quality gate: minimum CIDEr-D to deploy")
     pr.add_argument("--eval-max-images", type=COUNT_OR_ALL, default=0,
                     help="evaluate at most this many images (0 = all)")
-    pr.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of images held out for validation")
-    pr.add_argument("--test-fraction", type=FRACTION, default=0.1, help="share of images held out for testing")
+    pr.add_argument("--val-fraction", type=FRACTION, default=None,
+                    help="share of images held out for validation at ingest (default: the --config preset's "
+                         "data.val_fraction)")
+    pr.add_argument("--test-fraction", type=FRACTION, default=None,
+                    help="share of images held out for testing at ingest (default: the preset's data.test_fraction)")
     pr.add_argument("--shard-mb", type=float_range(0.0, lo_open=True), default=64.0, help="ingest shard size in MB")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="local run: replace the model an earlier run left in WORKDIR/model (else that run's "
+                         "checkpoints are kept and this run stops at its train step)")
     g = pr.add_argument_group("with --host (Kubeflow Pipelines)")
     g.add_argument("--host", default=None,
                    help="Kubeflow Pipelines endpoint to submit to, e.g. https://kubeflow.example.com/pipeline")
@@ -768,7 +955,7 @@ def _fail(e: BaseException, verbose: bool) -> None:
     hint = getattr(e, "hint", "")
     if hint:
         log.error("hint: %s", hint)
-    raise SystemExit(2) from None
+    raise SystemExit(getattr(e, "exit_code", 2)) from None
 
 
 if __name__ == "__main__":

@@ -34,6 +34,47 @@ class TLS:
                 raise ValueError(f"{what} {f}: no such file")
 
 
+def grpc_target(url: str, flag: str = "--url") -> str:
+    """HOST:PORT of a gRPC endpoint as tritonclient.grpc takes it; a URL with a scheme is
+    refused with the form to use (grpc:// is accepted and stripped)."""
+    from captioner.errors import UserError
+
+    u = url.strip()
+    if u.startswith("grpc://"):
+        u = u[len("grpc://"):]
+    if "://" in u:
+        host = u.split("://", 1)[1].split("/", 1)[0]
+        raise UserError(f"{flag} {url!r}: expected HOST:PORT of the model server's gRPC endpoint, not a URL",
+                        hint=f"drop the scheme, e.g. {flag} {host or '127.0.0.1:8001'} (Triton's gRPC port, "
+                             "8001 by default; `captioner serve --grpc-port`), not its HTTP port")
+    if not u or ":" not in u:
+        raise UserError(f"{flag} {url!r}: expected HOST:PORT of the model server's gRPC endpoint",
+                        hint=f"e.g. {flag} 127.0.0.1:8001")
+    return u
+
+
+def _why_unreachable(url: str, message: str) -> str:
+    if "Failed parsing HTTP/2" in message:
+        return (f"{url} answers, but not gRPC (an HTTP port?): give the gRPC port (Triton's 8001 by default; "
+                "`captioner serve --grpc-port`)")
+    return "start the server (`captioner serve REPO`, or port-forward the cluster's Triton) or check --url"
+
+
+def check_reachable(url: str, tls: TLS | None = None, timeout: float = 10.0) -> None:
+    """One liveness call before any work: a server that is down or a wrong port is one error
+    line, not one per image."""
+    from tritonclient.utils import InferenceServerException
+
+    from captioner.errors import UnreachableError
+
+    try:
+        _client(url, tls).is_server_live(client_timeout=timeout)
+    except InferenceServerException as e:
+        msg = (e.message() or str(e)).splitlines()[0]
+        raise UnreachableError(f"cannot reach the model server at {url}: {msg[:200]}",
+                               hint=_why_unreachable(url, msg)) from None
+
+
 def _client(url: str, tls: TLS | None = None):
     import tritonclient.grpc as grpcclient
 
@@ -79,6 +120,11 @@ def caption_files(url: str, paths: list[str], beam: int = 1, concurrency: int = 
             return caption_bytes(url, [Path(p).read_bytes()], beam=beam, max_tokens=max_tokens, model=model,
                                  tls=tls)[0]
         except InferenceServerException as e:
+            if e.status() == "StatusCode.UNAVAILABLE":  # the server went away: stop, don't repeat it per image
+                from captioner.errors import UnreachableError
+
+                raise UnreachableError(f"lost the model server at {url}: {e.message().splitlines()[0][:200]}",
+                                       hint=_why_unreachable(url, e.message())) from None
             return f"ERROR: {e.message()}"
         except OSError as e:
             return f"ERROR: {e}"

@@ -28,12 +28,13 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     # Where the captioned images are: a Kaggle Flickr30k folder (results.csv +
-    # flickr30k_images/), a Karpathy split JSON, a COCO captions JSON, or a shard
+    # flickr30k_images/), an image folder with a metadata.jsonl (file_name, text), a CSV
+    # with an image,caption header, a Karpathy split JSON, a COCO captions JSON, or a shard
     # manifest written by `captioner ingest` (local path or s3:// URI).
     source: str = "data/flickr30k"
     # Image folder for JSON sources; empty = guess from the layout next to the JSON.
     image_root: str = ""
-    # "auto" detects the layout from `source`.
+    # "auto" detects the layout from `source`; else flickr30k|karpathy|coco|imagefolder|csv.
     format: str = "auto"
     # Fractions of *images* (never caption rows) held out when the source has no split.
     val_fraction: float = 0.05

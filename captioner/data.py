@@ -1,4 +1,5 @@
-"""Dataset readers (Kaggle Flickr30k CSV, Karpathy split JSON, COCO captions JSON), the
+"""Dataset readers (Kaggle Flickr30k CSV, Karpathy split JSON, COCO captions JSON, an image
+folder with a Hugging Face ImageFolder `metadata.jsonl`, a plain `image,caption` CSV), the
 image-level split, and the torch Dataset/collate/sampler used by training.
 
 Bad rows never stop a run: each is skipped with a warning naming it and counted in the
@@ -149,6 +150,71 @@ def read_coco_json(json_path: str | Path, image_root: str | Path, summary: DataS
     return _finish(caps, lambda n: _inside(root, n), summary)
 
 
+def _add_caption(caps: dict, name, text, item: str, summary: DataSummary) -> None:
+    """One caption row of the simple forms: a missing name is a malformed row, an empty
+    caption is counted (the image stays if it has others)."""
+    if not isinstance(name, str) or not name.strip():
+        summary.skip("malformed row", item, "no image file name")
+        return
+    name = name.strip()
+    texts = text if isinstance(text, list) else [text]
+    for t in texts:
+        t = t.strip() if isinstance(t, str) else ""
+        if t and re.search(r"\w", t):
+            caps.setdefault(name, []).append(t)
+        else:
+            summary.skip("empty caption", f"{name} ({item})")
+            caps.setdefault(name, [])
+
+
+def read_imagefolder(meta_path: str | Path, image_root: str | Path, summary: DataSummary) -> list[ImageRecord]:
+    """Hugging Face ImageFolder captions: `metadata.jsonl` next to the images, one JSON object
+    a line with `file_name` (relative to the metadata file's folder) and `text` (a caption or a
+    list of them; `caption` is accepted too). Several lines may name the same image."""
+    meta_path = Path(meta_path)
+    caps: OrderedDict[str, list[str]] = OrderedDict()
+    with open(meta_path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = f"{meta_path.name}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                summary.skip("malformed row", item, str(e))
+                continue
+            if not isinstance(row, dict):
+                summary.skip("malformed row", item, "not a JSON object")
+                continue
+            _add_caption(caps, row.get("file_name"), row.get("text", row.get("caption")), item, summary)
+    return _finish(caps, lambda n: _inside(image_root, n), summary)
+
+
+def read_caption_csv(csv_path: str | Path, image_root: str | Path, summary: DataSummary) -> list[ImageRecord]:
+    """A plain CSV with an `image,caption` header (quoted as spreadsheets write it), one
+    caption a row, image paths relative to the CSV's folder (or image_root)."""
+    import csv
+
+    csv_path = Path(csv_path)
+    caps: OrderedDict[str, list[str]] = OrderedDict()
+    with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        rows = csv.reader(f)
+        header = [h.strip().lower() for h in next(rows, [])]
+        if "image" not in header or "caption" not in header:
+            raise ValueError(f"{csv_path}: expected a header row naming the columns image and caption, got "
+                             f"{','.join(header)!r}")
+        ii, ci = header.index("image"), header.index("caption")
+        for lineno, row in enumerate(rows, 2):
+            if not any(c.strip() for c in row):
+                continue
+            item = f"{csv_path.name}:{lineno}"
+            if len(row) <= max(ii, ci):
+                summary.skip("malformed row", item, repr(",".join(row)[:80]))
+                continue
+            _add_caption(caps, row[ii], row[ci], item, summary)
+    return _finish(caps, lambda n: _inside(image_root, n), summary)
+
+
 def _finish(caps: dict, path_of, summary: DataSummary) -> list[ImageRecord]:
     recs = []
     for name, cs in caps.items():
@@ -166,13 +232,31 @@ def _finish(caps: dict, path_of, summary: DataSummary) -> list[ImageRecord]:
     return recs
 
 
+FORMATS = ("flickr30k", "karpathy", "coco", "imagefolder", "csv")
+LAYOUTS = ("a Kaggle Flickr30k folder (results.csv + flickr30k_images/), an image folder with a metadata.jsonl "
+           "(file_name, text), a CSV with an image,caption header, a Karpathy split JSON or a COCO captions JSON")
+
+
+def _csv_kind(path: Path) -> str:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        head = f.readline()
+    return "flickr30k" if "|" in head or not head.strip() else "csv"
+
+
 def detect_format(source: Path) -> str:
     if source.is_dir():
         if (source / "results.csv").exists():
             return "flickr30k"
-        raise ValueError(f"data source {source} is a folder without results.csv (Kaggle Flickr30k layout expected)")
+        if (source / "metadata.jsonl").exists():
+            return "imagefolder"
+        csvs = sorted(source.glob("*.csv"))
+        if len(csvs) == 1 and _csv_kind(csvs[0]) == "csv":
+            return "csv"
+        raise ValueError(f"data source {source} is a folder without results.csv or metadata.jsonl; expected {LAYOUTS}")
     if source.suffix == ".csv":
-        return "flickr30k"
+        return _csv_kind(source)
+    if source.suffix == ".jsonl":
+        return "imagefolder"
     if source.suffix == ".json":
         head = json.loads(source.read_text())
         if "annotations" in head:
@@ -195,7 +279,11 @@ def read_records(source: str | Path, fmt: str = "auto", image_root: str = "", su
     summary = summary or DataSummary()
     src = Path(source)
     if not src.exists():
-        raise FileNotFoundError(f"data source not found: {src}")
+        from captioner.errors import DataNotFoundError
+
+        raise DataNotFoundError(f"data source not found: {src}",
+                                hint=f"point --data.source at {LAYOUTS}; to try things out first, "
+                                     f"`captioner generate-data {src}` writes generated images there")
     fmt = detect_format(src) if fmt == "auto" else fmt
     if fmt == "flickr30k":
         root = src if src.is_dir() else src.parent
@@ -205,8 +293,14 @@ def read_records(source: str | Path, fmt: str = "auto", image_root: str = "", su
         recs = read_karpathy_json(src, image_root or _flickr_image_dir(src.parent), summary)
     elif fmt == "coco":
         recs = read_coco_json(src, image_root or src.parent, summary)
+    elif fmt == "imagefolder":
+        meta = src / "metadata.jsonl" if src.is_dir() else src
+        recs = read_imagefolder(meta, image_root or meta.parent, summary)
+    elif fmt == "csv":
+        path = src if not src.is_dir() else next(iter(sorted(src.glob("*.csv"))), src / "captions.csv")
+        recs = read_caption_csv(path, image_root or path.parent, summary)
     else:
-        raise ValueError(f"unknown data format {fmt!r} (auto|flickr30k|karpathy|coco)")
+        raise ValueError(f"unknown data format {fmt!r} (auto|{'|'.join(FORMATS)})")
     if max_images:
         recs = recs[:max_images]
     return recs, summary

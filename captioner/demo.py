@@ -112,14 +112,22 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
           "counts as wrong): " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
     gate = _task_output(root, "gate")["parameterValues"]["Output"]
     print(f"quality gate (CIDEr-D >= {min_cider} and >= champion): {'passed: deployed to ' + str(run_dir / 'serving') if gate else 'not passed: deploy skipped'}")
-    print(f"\nartefacts under {wd}: run/data (shards + manifest), run/model (checkpoints), run/model_repository, "
-          f"run/pipeline_root (KFP outputs incl. samples.html), run/pipeline.log (every step's output); "
-          f"{time.time() - t0:.0f}s")
+    from captioner.local_run import write_summary
+
+    summary = write_summary(run_dir, root, {**args, "min_cider": min_cider}, extra={
+        "attribute_accuracy": acc,
+        "served_captions": [{"image": r.image_id, "caption": c, "reference": r.captions[0]}
+                            for r, c in zip(held_out, all_served)],
+        "seconds": round(time.time() - t0)})
+    print(f"\nresults: {summary['_path']} (metrics, attribute accuracy, served captions, deploy decision); "
+          f"captions, worst first: {run_dir / summary['report'] if summary.get('report') else '-'}")
+    print(f"artefacts under {wd}: run/data (shards + manifest), run/model (checkpoints), run/model_repository, "
+          f"run/pipeline_root (KFP outputs), run/pipeline.log (every step's output); {time.time() - t0:.0f}s")
     report = next(root.glob("*/evaluate/**/report*.html"), None)  # the evaluate step's `report` HTML artifact
     if report is not None:
         print(f"run report (curves, throughput, cost, worst samples): {report}\n"
               f"TensorBoard: tensorboard --logdir {Path(args['model_uri']) / 'tb'}")
-    from captioner.stack import front_door  # issue 11: the web page and Triton's HTTP API, with --serve
+    from captioner.stack import front_door  # the web page and Triton's HTTP API, with --serve
 
     front_door(run_dir / "serving" if deployed else args["repo_uri"], serve)
     return {"metrics": metrics, "deployed": deployed, "captions": served}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem with what the user asked for. `hint` says what to do about it."""
+    exit_code = 2
 
     def __init__(self, message: str, hint: str = ""):
         super().__init__(message)
@@ -25,3 +26,7 @@ class UnreachableError(UserError, ConnectionError):
 
 class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained encoder weights are neither cached nor downloadable."""
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """A data source path that does not exist."""

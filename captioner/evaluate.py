@@ -86,6 +86,38 @@ def samples_html(recs: list[ImageRecord], hyps: dict[str, str], metrics: dict, t
             "</table></body></html>")
 
 
+def eval_folder_name(split: str, p: DecodeParams, model_limit: int, max_images: int = 0) -> str:
+    """`eval_SPLIT` for the defaults (greedy, the model's token limit, all images); other
+    settings get their own folder, e.g. `eval_test_beam3_lp0.6`, so no result replaces another."""
+    parts = []
+    if p.strategy == "beam":
+        parts += [f"beam{p.beam_size}", *([f"lp{p.length_penalty:g}"] if p.length_penalty != 1.0 else [])]
+    elif p.strategy == "sample":
+        parts += [f"sample-t{p.temperature:g}-p{p.top_p:g}-seed{p.seed}"]
+    if p.no_repeat_ngram_size:
+        parts.append(f"norepeat{p.no_repeat_ngram_size}")
+    if p.max_new_tokens != model_limit:
+        parts.append(f"max{p.max_new_tokens}")
+    if max_images:
+        parts.append(f"first{max_images}")
+    return "_".join([f"eval_{split}", *parts])
+
+
+def _check_source(src: str, from_checkpoint: bool) -> None:
+    """A missing local data source: one line, and where the path came from."""
+    from captioner.storage import is_s3
+
+    if is_s3(src) or Path(src).exists():
+        return
+    from captioner.errors import DataNotFoundError
+
+    if from_checkpoint:
+        raise DataNotFoundError(f"data source not found: {src} (the path the run was trained on)",
+                                hint="pass --data PATH: the same dataset where it is now (a folder, CSV/JSON, or a "
+                                     "dataset written by `captioner ingest`)")
+    raise DataNotFoundError(f"data source not found: {src}", hint="check --data")
+
+
 def evaluate(checkpoint: str, split: str = "test", out_dir: str | None = None, data_source: str | None = None,
              params: DecodeParams | None = None, max_images: int = 0, meteor: bool = True) -> dict:
     ck = load_checkpoint(checkpoint)
@@ -95,7 +127,11 @@ def evaluate(checkpoint: str, split: str = "test", out_dir: str | None = None, d
     params = DecodeParams(**vars(params or DecodeParams()))
     params.max_new_tokens = min(params.max_new_tokens or ck.model.cfg.max_new_tokens, ck.model.cfg.max_new_tokens)
     src = data_source or cfg.data.source
-    out = Path(out_dir or Path(ck.path).parent / f"eval_{split}")
+    _check_source(src, from_checkpoint=not data_source)
+    out = Path(out_dir or Path(ck.path).parent / eval_folder_name(split, params, ck.model.cfg.max_new_tokens,
+                                                                   max_images))
+    if (out / "metrics.json").exists():
+        log.info("replacing the earlier evaluation with the same settings in %s", out)
     out.mkdir(parents=True, exist_ok=True)
     if is_shard_source(src):  # a dataset written by `captioner ingest`: its split is fixed
         store, manifest = open_shard_source(src)

@@ -210,6 +210,8 @@ class ParityReport:
     captions_equal: int = 0
     mismatches: list = field(default_factory=list)
     quantized: dict | None = None
+    tolerances: dict = field(default_factory=dict)  # the max|diff| each check allows
+    passed: bool = True
 
 
 def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: float = 1e-3,
@@ -250,8 +252,11 @@ def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: floa
              rep.logits_max_abs_diff, rep.loop_logprobs_max_abs_diff, rep.captions_equal, rep.images)
     fp16 = loop.kv_dtype == np.float16  # an fp16 step graph: log-probs within fp16's error, and a
     loop_atol = FP16_LOGPROB_ATOL if fp16 else atol * 10  # near-tie may flip a word (reported, not fatal)
-    if fail and (rep.encoder_max_abs_diff > atol or rep.logits_max_abs_diff > atol * 10
-                 or rep.loop_logprobs_max_abs_diff > loop_atol or (rep.mismatches and not fp16)):
+    rep.tolerances = {"encoder_max_abs_diff": atol, "logits_max_abs_diff": atol * 10,
+                      "loop_logprobs_max_abs_diff": loop_atol, "captions_must_match": not fp16}
+    rep.passed = not (rep.encoder_max_abs_diff > atol or rep.logits_max_abs_diff > atol * 10
+                      or rep.loop_logprobs_max_abs_diff > loop_atol or bool(rep.mismatches and not fp16))
+    if fail and not rep.passed:
         raise ParityError(f"onnxruntime disagrees with PyTorch: {json.dumps(asdict(rep), indent=1)}")
     return rep
 
@@ -332,6 +337,16 @@ def quantize_int8(repo: Path, graphs: tuple[str, ...] = (ENCODER, DECODER, DECOD
             fp32.unlink(missing_ok=True)
 
 
+def _node_domains(graph) -> set[str]:
+    out = set()
+    for n in graph.node:
+        out.add(n.domain or "ai.onnx")
+        for a in n.attribute:  # If/Loop/Scan bodies
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out |= _node_domains(g)
+    return out
+
+
 def _graph_file(repo: Path, name: str) -> Path:
     return repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE if name == DECODE_LOOP else repo / name / "1" / "model.onnx"
 
@@ -396,12 +411,33 @@ def quantize_int4(repo: Path) -> dict[str, int]:
 
 
 def onnx_versions(repo: Path) -> dict:
-    """IR version and opsets of each exported graph (the serving runtime must support them)."""
+    """IR version and the opsets each exported graph uses (the operator domains its nodes are
+    in; an optimizer declares more than it uses): what the serving runtime must support."""
     out = {}
-    for name in (ENCODER, DECODER):
-        m = onnx.load(str(repo / name / "1" / "model.onnx"), load_external_data=False)
+    graphs = {ENCODER: repo / ENCODER / "1" / "model.onnx", DECODER: repo / DECODER / "1" / "model.onnx",
+              DECODE_LOOP: repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE}
+    for name, path in graphs.items():
+        if not path.exists():
+            continue
+        m = onnx.load(str(path), load_external_data=False)
+        used = _node_domains(m.graph) | {f.domain or "ai.onnx" for f in m.functions}
         out[name] = {"ir_version": int(m.ir_version),
-                     "opsets": {(o.domain or "ai.onnx"): int(o.version) for o in m.opset_import}}
+                     "opsets": {(o.domain or "ai.onnx"): int(o.version) for o in m.opset_import
+                                if (o.domain or "ai.onnx") in used}}
+    return out
+
+
+def library_versions() -> dict:
+    """The versions that wrote and checked a repository (its export_report.json)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for dist in ("captioner", "torch", "onnx", "onnxruntime", "timm", "tokenizers"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
     return out
 
 
@@ -500,8 +536,9 @@ def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: s
     (repo / DECODE_LOOP / "1" / DECODE_FILE).write_text(json.dumps({
         "bos_id": ck.tokenizer.bos_id, "eos_id": ck.tokenizer.eos_id, "max_new_tokens": ck.model.cfg.max_new_tokens,
         "n_layers": d.L, "n_heads": d.heads, "head_dim": d.Dh}, indent=2))
-    report = {"checkpoint": str(ck.path), "step": ck.step, "dims": asdict(d), "device": device,
-              "onnx": onnx_versions(repo)}
+    # no absolute paths: the report travels with the repository (to S3, other machines)
+    report = {"checkpoint": ck.path.name, "step": ck.step, "dims": asdict(d), "device": device,
+              "onnx": onnx_versions(repo), "versions": library_versions()}
     if optimize:
         report["fusions"] = optimize_graphs(repo, ck)
     report["kv_cache"] = write_decoder_step(ck, repo, device, d.P, decoder_dtype)

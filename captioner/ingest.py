@@ -157,10 +157,11 @@ def _source_dir(source: str, tmp: Path) -> Path:
         except zipfile.BadZipFile as e:
             raise ValueError(f"{source}: not a readable zip ({e})") from None
         root = tmp / "src"
-        hits = sorted(root.rglob("results.csv")) or sorted(root.rglob("*.json"))
+        hits = (sorted(root.rglob("results.csv")) or sorted(root.rglob("metadata.jsonl"))
+                or sorted(root.rglob("*.json")) or sorted(root.rglob("*.csv")))
         if not hits:
-            raise ValueError(f"{source}: zip holds neither results.csv nor a captions JSON")
-        return hits[0] if hits[0].suffix == ".json" else hits[0].parent
+            raise ValueError(f"{source}: zip holds no results.csv, metadata.jsonl, captions JSON or CSV")
+        return hits[0].parent if hits[0].name in ("results.csv", "metadata.jsonl") else hits[0]
     return p
 
 

@@ -60,10 +60,15 @@ def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str],
             log.info("running %s", " ".join(cmd))
             subprocess.run(cmd, check=True)
         else:
-            from captioner.train import train
+            from captioner.train import RunExists, train
 
             cfg.train.out_dir = out
-            train(cfg, resume=True, progress=False)
+            try:
+                train(cfg, resume=True, progress=False)
+            except RunExists as e:  # permanent: the pipeline's wording, not `captioner train`'s flags
+                raise RunExists(f"the model URI {model_uri} holds the checkpoints of another pipeline run "
+                                f"({str(e).split('belongs to run ', 1)[-1].split(',')[0]}): give a new --model-uri, "
+                                "or locally a new --workdir or --overwrite") from None
     return {"checkpoint": f"{model_uri.rstrip('/')}/{CKPT_BEST}", "model_uri": model_uri}
 
 

@@ -166,7 +166,32 @@ def front_door(repo: str | Path, serve: bool) -> None:
         if rc:
             raise SystemExit("captioner demo --serve: a server exited unexpectedly (see its log above)")
     else:
-        print_urls()
+        print_serve_hint(repo)
+
+
+def _shown(path: str | Path) -> str:
+    """`path` relative to the current folder when it is under it (what a user would type)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def serve_commands(repo: str | Path, ports: dict | None = None) -> list[str]:
+    """The two commands that serve a finished repository (no retraining): the model server and the page."""
+    p = ports or DEFAULT_PORTS
+    return [f"captioner serve {_shown(repo)} --grpc-port {p['grpc']} --http-port {p['http']} "
+            f"--metrics-port {p['metrics']}",
+            f"captioner web --url 127.0.0.1:{p['grpc']} --port {p['web']}"]
+
+
+def print_serve_hint(repo: str | Path) -> None:
+    serve, web = serve_commands(repo)
+    u = urls("127.0.0.1", DEFAULT_PORTS)
+    print(f"\nTry your own photos of shapes: serve the finished model (ready in seconds, nothing retrains) with\n"
+          f"  {serve}\nand, in a second terminal,\n  {web}\nthen open the web page {u['page']} "
+          f"(model server: {u['model server']}).", flush=True)
 
 
 if __name__ == "__main__":  # python -m captioner.stack REPO [grpc http metrics web]

@@ -6,6 +6,7 @@ dark background; its five captions are drawn from varied templates and are all t
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -67,16 +68,22 @@ def captions_for(attrs: dict, rng: random.Random, n: int = 5) -> list[str]:
     for tpl in rng.sample(TEMPLATES, n):
         text = tpl.format(size=rng.choice(SIZE_WORDS[attrs["size"]]), color=attrs["color"], shape=attrs["shape"],
                           bg=attrs["bg"], pos=rng.choice(POSITIONS[attrs["pos"]][1]))
+        text = re.sub(r"\ba ([aeiou])", r"an \1", text)  # "an orange triangle", "an image"
         out.append(text[0].upper() + text[1:] + " .")  # Flickr30k style: capitalised, " ." at the end
     return out
 
 
 def generate(out_dir: str | Path, images: int = 1000, seed: int = 0, side: int = 128,
-             progress: bool = True) -> Path:
-    """Write `out_dir/flickr30k_images/*.jpg` and `out_dir/results.csv` (Kaggle layout:
-    `image_name| comment_number| comment`, with the file's stray spaces)."""
+             progress: bool = True, layout: str = "flickr30k") -> Path:
+    """Write the images and their captions in one of the layouts `captioner` reads:
+    flickr30k: `flickr30k_images/*.jpg` + `results.csv` (Kaggle: `image_name| comment_number|
+    comment`, with the file's stray spaces); imagefolder: `*.jpg` + `metadata.jsonl` (Hugging
+    Face ImageFolder: one object per image, `file_name` and `text`, here a list of captions);
+    csv: `images/*.jpg` + `captions.csv` (header `image,caption`, one caption a row)."""
+    if layout not in ("flickr30k", "imagefolder", "csv"):
+        raise ValueError(f"unknown layout {layout!r} (flickr30k|imagefolder|csv)")
     out = Path(out_dir)
-    img_dir = out / "flickr30k_images"
+    img_dir = {"flickr30k": out / "flickr30k_images", "imagefolder": out, "csv": out / "images"}[layout]
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows = []
@@ -86,10 +93,26 @@ def generate(out_dir: str | Path, images: int = 1000, seed: int = 0, side: int =
         img.save(img_dir / name, quality=90)
         for j, cap in enumerate(captions_for(attrs, rng)):
             rows.append((name, j, cap))
-    with open(out / "results.csv", "w", newline="") as f:
-        f.write("image_name| comment_number| comment\n")
-        for name, j, cap in rows:
-            f.write(f"{name}| {j}| {cap}\n")
+    if layout == "imagefolder":
+        import json
+
+        per_image: dict[str, list[str]] = {}
+        for name, _, cap in rows:
+            per_image.setdefault(name, []).append(cap)
+        with open(out / "metadata.jsonl", "w") as f:
+            f.writelines(json.dumps({"file_name": n, "text": caps}) + "\n" for n, caps in per_image.items())
+    elif layout == "csv":
+        import csv
+
+        with open(out / "captions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "caption"])
+            w.writerows((f"images/{name}", cap) for name, _, cap in rows)
+    else:
+        with open(out / "results.csv", "w", newline="") as f:
+            f.write("image_name| comment_number| comment\n")
+            for name, j, cap in rows:
+                f.write(f"{name}| {j}| {cap}\n")
     return out
 
 

@@ -35,6 +35,7 @@ from captioner.config import ExperimentConfig, save_config
 from captioner.data import (CaptionImageDataset, DataSummary, ImageRecord, ResumableBatchSampler, assign_splits,
                             by_split, collate_grouped, read_records, summarize, verify_images)
 from captioner.decoding import DecodeParams
+from captioner.errors import UserError
 from captioner.evaluate import score_records
 from captioner.model import Captioner, count_params
 from captioner.preprocess import PreprocessConfig
@@ -152,12 +153,108 @@ def _prepare_shards(cfg: ExperimentConfig, di: DistInfo):
         log.info("data: shards at %s: %s; per split: %s", store.uri, summary.text(), summary.per_split)
         payload = (manifest, val, summary)
     manifest, val, summary = _bcast(payload, di)
+    _adopt_dataset_split(cfg, manifest, di)
     train_caps = [ImageRecord(it.image_id, "", list(it.captions), "train") for it in manifest.items_in("train")]
     return train_caps, val, summary, manifest
 
 
+SPLIT_KEYS = ("val_fraction", "test_fraction", "split_seed")
+
+
+def _adopt_dataset_split(cfg: ExperimentConfig, manifest, di: DistInfo) -> None:
+    """A dataset written by `captioner ingest` has its split fixed at ingest: the run's
+    config records that split (not data.val_fraction & co, which are not used), with a notice
+    when they differ."""
+    opts = manifest.options or {}
+    differ = [f"data.{k}={getattr(cfg.data, k)} (the dataset: {opts[k]})" for k in SPLIT_KEYS
+              if k in opts and getattr(cfg.data, k) != opts[k]]
+    if differ and di.main:
+        log.warning("the dataset's split was fixed at ingest, so %s %s not used; the run's config.yaml records the "
+                    "dataset's values (set the split with `captioner ingest --val-fraction/--test-fraction`)",
+                    ", ".join(differ), "is" if len(differ) == 1 else "are")
+    for k in SPLIT_KEYS:
+        if k in opts:
+            setattr(cfg.data, k, opts[k])
+
+
 class RunExists(ValueError):
     """Training into a folder or model store that already holds a run, without --resume/--overwrite."""
+
+
+class ResumeConfigError(UserError, ValueError):
+    """--resume with settings that differ from the checkpoint's in a way the run cannot absorb."""
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C during training; the message says where it stopped and how to continue."""
+    exit_code = 130  # the shell's convention for a process ended by SIGINT
+
+
+# Settings a resumed run may change: how long to train, how often to log, validate and save,
+# where the data and outputs are, how it runs. Anything else (the model's shape, the
+# optimizer, the data split) would make the checkpoint's state mean something else.
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.val_max_images",
+    "train.val_beam_size", "train.out_dir", "train.publish_uri", "train.run_id", "train.dist_backend",
+    "train.compile", "train.precision", "train.api", "data.source", "data.image_root", "data.num_workers",
+    "data.pin_memory", "data.shuffle_buffer",
+    # set from the checkpoint's tokenizer and weights, whatever the command line says
+    "model.vocab_size", "model.pad_id", "model.pretrained", "model.encoder_weights"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "data", "train"):
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_changes(saved: dict, cfg: ExperimentConfig) -> list[str]:
+    """`key saved -> now` for each setting of `cfg` that differs from a checkpoint's config
+    and may not change on resume."""
+    old, new = _flat(saved), _flat(cfg.to_dict())
+    return [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)
+            if k not in RESUMABLE_KEYS and k in old and old[k] != new[k]]
+
+
+def _check_resume_config(ckpt: dict, cfg: ExperimentConfig, where: str) -> None:
+    from captioner.shards import is_shard_source
+
+    changed = config_changes(ckpt.get("config", {}), cfg)
+    if is_shard_source(cfg.data.source):  # the dataset's own split is used, whatever these say
+        changed = [c for c in changed if c.split()[0] not in {f"data.{k}" for k in SPLIT_KEYS}]
+    if changed:
+        allowed = ", ".join(sorted(k for k in RESUMABLE_KEYS if not k.startswith("model.")))
+        raise ResumeConfigError(
+            f"--resume: the checkpoint in {where} (step {ckpt['step']}) was trained with other settings: "
+            + "; ".join(changed),
+            hint=f"drop those overrides to continue the run (on resume only these may change: {allowed}), or start "
+                 "a new run with another --train.out_dir or --overwrite")
+
+
+def _resolve_local_source(cfg: ExperimentConfig, main: bool = True) -> None:
+    """Fail before anything is written when the data source is missing, and store local paths
+    absolute, so that the run (its config.yaml and checkpoints) is usable from any folder.
+    Only rank 0 reads a local source (the others get it broadcast), so only it checks."""
+    from captioner.storage import is_s3
+
+    d = cfg.data
+    if is_s3(d.source):
+        return
+    src = Path(d.source)
+    if main and not src.exists():
+        from captioner.data import LAYOUTS
+        from captioner.errors import DataNotFoundError
+
+        raise DataNotFoundError(f"data source not found: {d.source}",
+                                hint=f"point --data.source at {LAYOUTS}; to try things out first, "
+                                     f"`captioner generate-data {d.source}` writes generated images there")
+    d.source = str(src.resolve())
+    if d.image_root:
+        d.image_root = str(Path(d.image_root).resolve())
 
 
 class ResumeRefused(ValueError):
@@ -371,6 +468,7 @@ class Run:
     pad_batch: tuple = ()  # the input of a padding step (`_micro_step`)
     wait_group: object = None  # validation waits here (`_wait_group`)
     losses: list = field(default_factory=list)
+    position: tuple = (0, 0, [])  # (epoch, micro-batch, loader.taken) after the last optimizer step: where Ctrl-C saves
     board: TrainBoard | None = None  # TensorBoard events (rank 0)
     grad_norm: float | None = None  # of the last optimizer step, before clipping
 
@@ -405,6 +503,7 @@ def _previous_run(cfg: ExperimentConfig, di: DistInfo, saver: CheckpointSaver, r
     if t.run_id and theirs and theirs != t.run_id:
         raise RunExists(f"the checkpoint in {t.publish_uri or t.out_dir} belongs to run {theirs!r}, not this run "
                         f"({t.run_id!r}): use a new model URI or --overwrite")
+    _check_resume_config(ckpt, cfg, t.publish_uri or t.out_dir)
     if di.main:
         log.info("resuming from %s (step %d)", t.publish_uri or t.out_dir, ckpt["step"])
     return ckpt
@@ -423,6 +522,7 @@ def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
     t = cfg.train
     di = init_distributed(t.dist_backend)
     rank_log.info("rank %d/%d joined (local rank %d, %s)", di.rank, di.world, di.local_rank, di.device)
+    _resolve_local_source(cfg, di.main)
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)  # every rank: each node has its own filesystem
     _seed(t.seed)
@@ -596,6 +696,7 @@ def train_one_epoch(r: Run, epoch: int, first: int, bar) -> int:
     the micro-batch position reached."""
     t, di = r.cfg.train, r.di
     acc, n_loss, t0, pairs, images_seen = 0.0, 0, time.time(), 0, 0
+    step_t0, step_pairs, step_images = time.time(), 0, 0
     micro = first
     for batch in r.loader.batches(epoch, first):
         last = (micro + 1) % t.grad_accum_steps == 0 or micro + 1 == r.loader.micro_per_epoch
@@ -603,17 +704,21 @@ def train_one_epoch(r: Run, epoch: int, first: int, bar) -> int:
         r.board.micro(batch, r.tok.pad_id)
         if loss is not None:
             acc, n_loss, pairs, images_seen = acc + loss, n_loss + 1, pairs + p, images_seen + n
+            step_pairs, step_images = step_pairs + p, step_images + n
         micro += 1
         if not last:
             continue
         loss_v = _optimizer_step(r, acc, n_loss)
         acc, n_loss = 0.0, 0
         step = r.state.step
+        r.position = (epoch, micro, list(getattr(r.loader, "taken", [])))
         r.losses.append((step, loss_v))
         if di.main:
             lr = r.sched.get_last_lr()[-1]
-            with open(r.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_v, "lr": lr}) + "\n")
+            now = time.time()
+            _log_step(r.out, step, epoch, loss_v, lr, now, step_images * di.world / max(now - step_t0, 1e-9),
+                      step_pairs * di.world / max(now - step_t0, 1e-9))
+            step_t0, step_pairs, step_images = now, 0, 0
             r.board.step(step, loss_v, lr, r.grad_norm)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}")
@@ -627,6 +732,35 @@ def train_one_epoch(r: Run, epoch: int, first: int, bar) -> int:
         if step >= r.total_steps:
             break
     return micro
+
+
+def _log_step(out: Path, step: int, epoch: int, loss: float, lr: float, now: float, images_per_s: float,
+              pairs_per_s: float) -> None:
+    """One line of metrics.jsonl: the step's loss and lr, when it ended (UTC) and the
+    throughput of all ranks (rank 0's rate times the world size: ranks take equal batches)."""
+    from datetime import datetime, timezone
+
+    row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+           "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
+           "images_per_s": round(images_per_s, 2), "pairs_per_s": round(pairs_per_s, 2)}
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _save_on_interrupt(r: Run) -> TrainingInterrupted:
+    """Ctrl-C: keep the steps done so far (one process: a checkpoint at the last optimizer
+    step; under torchrun the other ranks are stopping too, so the last checkpoint stands)."""
+    step, (epoch, micro, taken) = r.state.step, r.position
+    saved = ""
+    if r.di.world == 1 and r.losses:  # a step was taken in this process (else the last checkpoint is current)
+        if micro >= r.loader.micro_per_epoch:
+            epoch, micro = epoch + 1, 0
+        if hasattr(r.loader, "taken"):  # shard batches taken by the last finished step, not by the interrupted one
+            r.loader.taken = taken
+        save_checkpoint(r, epoch, micro)
+        saved = f"; checkpoint saved in {r.out}"
+    return TrainingInterrupted(f"training interrupted at step {step}/{r.total_steps}{saved}",
+                               hint="rerun the same command with --resume to continue from the last checkpoint")
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -650,8 +784,21 @@ class TrainResult:
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Train (or continue, with resume) one run; refuses to replace an existing run unless
     overwrite. Rank 0 writes the run folder and mirrors checkpoints to `train.publish_uri`."""
-    r = setup(cfg, resume, overwrite, progress)
+    try:
+        r = setup(cfg, resume, overwrite, progress)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted("training interrupted before the first step",
+                                  hint="rerun the same command (add --resume if a checkpoint was written)") from None
+    try:
+        return _train_loop(r, progress)
+    except KeyboardInterrupt:
+        raise _save_on_interrupt(r) from None
+
+
+def _train_loop(r: Run, progress: bool) -> TrainResult:
+    cfg = r.cfg
     t, di, st = cfg.train, r.di, r.state
+    r.position = (st.epoch, st.micro_in_epoch, list(getattr(r.loader, "taken", [])))
     val_history = []
     bar = tqdm(total=r.total_steps, initial=st.step, desc="train", unit="step", disable=not (progress and di.main),
                dynamic_ncols=True)

@@ -58,7 +58,9 @@ def build_pipeline(cluster: bool = True, train_in_pod: bool = False):
         tr = c.train(dataset=ing.outputs["dataset"], model_uri=model_uri, config=config, overrides=overrides,
                      mode="local" if in_pod else "cluster", nproc=nproc, cluster=cluster_settings,
                      run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        tr.set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
+        tr.set_caching_options(False)
+        if cluster:  # a preempted or evicted pod; here a failure would only repeat (kfp.local retries it too)
+            tr.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
         _s3(tr, cluster)
         if not in_pod:  # launches and watches the PyTorchJob for hours: a small CPU task
             tr.set_cpu_request("250m").set_cpu_limit("1").set_memory_request("512M").set_memory_limit("2G")

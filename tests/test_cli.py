@@ -1,5 +1,6 @@
 """Issue 14, "a newcomer's first hour": each test runs the command a user typed and checks
 what they should have seen. Commands run as real `python -m captioner` processes."""
+import json
 import os
 import re
 import shutil
@@ -333,10 +334,19 @@ TINY_PIPELINE = ["--model.encoder=vit_tiny_patch16_224",
                  "--data.num_workers=0", "--train.epochs=1", "--train.batch_size=8", "--train.val_max_images=8"]
 
 
-def test_pipeline_run_local_prints_one_line_per_step(synth_dir, tmp_path):
-    wd = tmp_path / "w"
-    r = run_cli("pipeline", "run", "--local", "--source", synth_dir, "--workdir", wd, "--val-fraction", "0.15",
-                "--test-fraction", "0.15", "--min-cider", "100", *TINY_PIPELINE)
+LOCAL_RUN = ["pipeline", "run", "--local", "--val-fraction", "0.15", "--test-fraction", "0.15", "--min-cider", "100",
+             *TINY_PIPELINE]
+
+
+@pytest.fixture(scope="module")
+def local_pipeline(synth_dir, tmp_path_factory):
+    """One local pipeline run (its quality gate set out of reach) shared by the checks below."""
+    wd = tmp_path_factory.mktemp("local-pipeline") / "w"
+    return wd, run_cli(*LOCAL_RUN, "--source", synth_dir, "--workdir", wd)
+
+
+def test_pipeline_run_local_prints_one_line_per_step(local_pipeline):
+    wd, r = local_pipeline
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert "\x1b[" not in out and "Executing task" not in out and "Streamed logs" not in out
@@ -348,6 +358,47 @@ def test_pipeline_run_local_prints_one_line_per_step(synth_dir, tmp_path):
     assert "Executing task" in details and "Fused" in details  # everything is kept, just not on the terminal
     # 14.13: the HTML artifact has its .html name (kfp_pipeline output artifacts are written by the component)
     assert [p.suffix for p in (wd / "pipeline_root").rglob("evaluate/samples*")] == [".html"]
+
+
+def test_local_pipeline_says_the_model_was_not_deployed_and_why(local_pipeline):
+    wd, r = local_pipeline
+    assert re.search(r"^not deployed: CIDEr-D [\d.e-]+ is below --min-cider 100$", r.stdout, re.M), r.stdout
+
+
+def test_local_pipeline_writes_one_summary_and_the_report_next_to_it(local_pipeline):
+    wd, r = local_pipeline
+    s = json.loads((wd / "summary.json").read_text())
+    assert f"results: {wd / 'summary.json'}" in r.stdout and str(wd / "samples.html") in r.stdout
+    assert s["deploy"]["deployed"] is False and "below --min-cider 100" in s["deploy"]["reason"]
+    assert set(s["metrics"]) >= {"CIDEr", "BLEU-4"} and s["evaluated_images"] > 0
+    assert s["report"] == "samples.html" and "<table>" in (wd / "samples.html").read_text()
+    assert s["export"]["parity"]["captions_equal"] >= 0 and s["dataset"]["items"] == 80
+    assert s["model"]["checkpoint"] == "model/ckpt_best.pt" and s["export"]["repository"] == "model_repository"
+
+
+def test_pipeline_log_keeps_step_output_without_colour_codes_dumps_or_repeated_warnings(local_pipeline):
+    wd, _ = local_pipeline
+    text = (wd / "pipeline.log").read_text()
+    assert "\x1b[" not in text and "Got executor_input" not in text and '"outputFile"' not in text
+    warnings = re.findall(r"^\S+\.py:\d+: \w*Warning: (.*)$", text, re.M)
+    normalised = [re.sub(r"'[^']*'", "''", w) for w in warnings]
+    assert warnings and len(normalised) == len(set(normalised)), warnings
+    assert "ingest done: 80 items" in text and "checkpoint saved" in text
+
+
+def test_rerunning_the_local_pipeline_is_refused_once_with_a_flag_that_exists(local_pipeline, synth_dir):
+    """The second run in the same workdir: the train step refuses another run's checkpoints,
+    once (no retries), and the hint's flag is one `pipeline run` takes."""
+    wd, first = local_pipeline
+    assert first.returncode == 0
+    r = run_cli(*LOCAL_RUN, "--source", synth_dir, "--workdir", wd)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Retrying" not in r.stdout + r.stderr + (wd / "pipeline.log").read_text()
+    assert re.findall(r"^  (train)\s+failure", r.stdout, re.M) == ["train"], r.stdout
+    err = [ln for ln in r.stderr.splitlines() if " ERROR " in ln]
+    assert "pipeline failed at step train: the model URI" in err[0] and "another pipeline run" in err[0], r.stderr
+    assert "rerun with --overwrite" in err[1]
+    assert "--overwrite" in run_cli("pipeline", "run", "--help").stdout
 
 
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
