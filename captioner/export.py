@@ -544,8 +544,8 @@ def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: s
     report["kv_cache"] = write_decoder_step(ck, repo, device, d.P, decoder_dtype)
     report["decoder_dtype"] = decoder_dtype
     step = repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE
-    # the optimizer rewrites an fp16 graph's attention nodes with attributes that Triton's
-    # onnxruntime 1.20.1 refuses (GroupQueryAttention k_quant_type): fp16 ships as written
+    # the optimizer rewrites an fp16 graph's attention nodes with attributes that Triton 24.10's
+    # onnxruntime 1.19.2 refuses (its GroupQueryAttention schema has no k_quant_type): fp16 ships as written
     report.setdefault("fusions", {})[DECODE_LOOP] = optimize_decoder_step(repo, ck) \
         if optimize and decoder_dtype == "float32" else fused_operator_counts(step)
     if verify:
