@@ -170,7 +170,7 @@ def _render(*args):
 
 
 @pytest.mark.parametrize("args", [JOB_RENDER, ["--config", "tiny-cpu", "--nodes", "1", "--gpus-per-node", "0",
-                                               "--data", "s3://d/x", "--model-uri", "s3://models/runs/t", "--cloud",
+                                               "--data", "s3://datasets/x", "--model-uri", "s3://models/runs/t", "--cloud",
                                                "kind", "--train.max_steps=5"]])
 def test_job_render_prints_the_pipeline_job_and_validates_strictly(args, crd_validator):
     import yaml

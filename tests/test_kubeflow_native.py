@@ -209,7 +209,7 @@ def test_job_render_trainjob_is_the_pipeline_job():
     assert job == training_job("captioner-train-m", "vit-b16-a100", ["--data.source=s3://datasets/flickr30k/v1"],
                                "s3://models/runs/manual", workers=2, gpus_per_worker=8, api="trainjob")
     r = _render("--api", "trainjob", "--config", "vit-b16-a100", "--nodes", "2", "--gpus-per-node", "8", "--data",
-                "s3://d/x", "--model-uri", "s3://models/runs/m", "--max-nodes", "4")
+                "s3://datasets/x", "--model-uri", "s3://models/runs/m", "--max-nodes", "4")
     assert r.returncode != 0 and "no elastic training" in r.stderr and "Traceback" not in r.stderr
 
 
