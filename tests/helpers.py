@@ -81,3 +81,26 @@ class Clock:
 
     def sleep(self, s):
         self.t += s
+
+
+def headless_chromium(window: str = "1000,800"):
+    """A headless Chromium WebDriver for the page and report tests, or a skip naming the packages
+    (.ci/run installs them). The caller quits it."""
+    import shutil
+
+    import pytest
+
+    found = next(((shutil.which(b), shutil.which(d)) for b, d in (("chromium", "chromedriver"),
+                                                                   ("chromium-browser", "chromedriver"))
+                  if shutil.which(b) and shutil.which(d)), None)
+    if found is None:
+        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver; "
+                    ".ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = found[0]
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", f"--window-size={window}"):
+        opts.add_argument(a)
+    return webdriver.Chrome(options=opts, service=Service(found[1]))

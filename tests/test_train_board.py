@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from captioner import train_board as tb
-from tests.helpers import tiny_cfg
+from tests.helpers import headless_chromium, tiny_cfg
 
 
 def _acc(logdir):
@@ -76,32 +76,16 @@ def test_resume_continues_the_series_without_duplicates(synth_dir, tmp_path):
         assert [e.step for e in acc.Images(t)] == val, t
 
 
-def _chromium():
-    for b, d in (("chromium", "chromedriver"), ("chromium-browser", "chromedriver")):
-        if shutil.which(b) and shutil.which(d):
-            return shutil.which(b), shutil.which(d)
-    return None
-
-
 def test_report_renders_in_headless_chromium(trained_run, tmp_path):
     from captioner.run_report import write_report
 
     path, metrics = write_report(str(trained_run.out_dir), tmp_path / "report.html")
     assert {"train_loss", "val_loss", "val_CIDEr_best", "pairs_per_s_per_gpu", "cost_usd_measured",
             "cost_usd_estimated"} <= set(metrics), metrics
-    found = _chromium()
-    if found is None:
-        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = found[0]
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1300,900"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(options=opts, service=Service(found[1]))
+    driver = headless_chromium("1300,900")
     try:
         driver.get(path.resolve().as_uri())
         WebDriverWait(driver, 30).until(

@@ -1,7 +1,6 @@
 """`captioner web` as a real process in front of a real `captioner serve`: the JSON API, its
 limits and upstream errors, its metrics, and the page driven in a real headless Chromium."""
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import requests
 from captioner.checkpoint import load_checkpoint
 from captioner.client import caption_bytes
 from captioner.export import sample_images
-from tests.helpers import free_port, start_serve
+from tests.helpers import free_port, headless_chromium, start_serve
 
 MAX_IMAGES, MAX_BODY = 3, 200_000
 
@@ -140,20 +139,7 @@ def test_model_server_down_or_not_ready(exported_repo, tmp_path, images):
             p.wait()
 
 
-def _chromium():
-    for b, d in (("chromium", "chromedriver"), ("chromium-browser", "chromedriver")):
-        if shutil.which(b) and shutil.which(d):
-            return shutil.which(b), shutil.which(d)
-    return None
-
-
 def test_page_in_headless_chromium(stack, images, tmp_path):
-    found = _chromium()
-    if found is None:
-        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver; "
-                    ".ci/run installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -166,11 +152,7 @@ def test_page_in_headless_chromium(stack, images, tmp_path):
     want = requests.post(stack["web"] + "/api/caption", files=_files([(img.name, data)]), timeout=60)
     want = want.json()["results"][0]["caption"]
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = found[0]
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,800"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(options=opts, service=Service(found[1]))
+    driver = headless_chromium("1000,800")
     try:
         driver.get(stack["web"] + "/")
         assert driver.find_element(By.CSS_SELECTOR, "label[for=files]").text  # the file input has a label
