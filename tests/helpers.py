@@ -1,5 +1,6 @@
 """Helpers shared by several test files (fixtures stay in conftest.py): the tiny model
-config, a free port, and `captioner serve` started as a real process."""
+config, a free port, and `captioner serve`, `captioner web` and the demo's front door started as
+real processes."""
 from __future__ import annotations
 
 import os
@@ -68,6 +69,45 @@ def start_serve(repo, log_path, *extra: str, ready_model: str | None = "captione
         p.wait()
         raise AssertionError(Path(log_path).read_text()) from None
     return p, url
+
+
+def start_web(grpc_url: str, log_path: Path, *extra: str, tries: int = 300):
+    """`captioner web --url GRPC_URL [extra...]` as a real process on 127.0.0.1 and a free port,
+    ready when /healthz answers (polled every 0.1 s, `tries` times) -> (process, base URL)."""
+    import time
+
+    import requests
+
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "captioner", "web", "--url", grpc_url, "--port", str(port), *extra],
+                         env=os.environ.copy(), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(tries):
+        try:
+            if requests.get(base + "/healthz", timeout=1).ok:
+                return p, base
+        except requests.ConnectionError:
+            pass
+        if p.poll() is not None:
+            break
+        time.sleep(0.1)
+    p.kill()
+    raise AssertionError(f"captioner web did not start:\n{Path(log_path).read_text()}")
+
+
+def start_stack(repo, ports, log_path, env: dict | None = None, tries: int = 600):
+    """`python -m captioner.stack REPO GRPC HTTP METRICS WEB` (the front door of `captioner demo
+    --serve`) as a real process, waited for until it prints its web page line (polled every 0.2 s,
+    `tries` times) or exits -> (process, its output so far). The caller stops it."""
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "captioner.stack", str(repo), *map(str, ports)],
+                         env=env or os.environ.copy(), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    for _ in range(tries):
+        if "web page:" in Path(log_path).read_text() or p.poll() is not None:
+            break
+        time.sleep(0.2)
+    return p, Path(log_path).read_text()
 
 
 class Clock:

@@ -35,7 +35,7 @@ from captioner import names
 from captioner.checkpoint import load_checkpoint
 from captioner.client import caption_bytes
 from captioner.export import sample_images
-from tests.helpers import free_port, start_serve
+from tests.helpers import free_port, start_serve, start_web
 from tests.serving.test_http_hostile import _malformed, infer_body, post
 
 SOAK_S = float(os.environ.get("CAPTIONER_FRONT_SOAK_S", "12"))
@@ -82,30 +82,13 @@ def _hwm_mib(pid) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
 
 
-def _start_web(grpc_url, log_path):
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "captioner", "web", "--url", grpc_url, "--port", str(port)],
-                         env=os.environ.copy(), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(base + "/healthz", timeout=1).ok:
-                return p, base, port
-        except requests.ConnectionError:
-            pass
-        if p.poll() is not None:
-            break
-        time.sleep(0.1)
-    p.kill()
-    raise AssertionError(Path(log_path).read_text())
-
-
 @pytest.fixture(scope="module")
 def stack(exported_repo, tmp_path_factory):
     d = tmp_path_factory.mktemp("front")
     hp, mp = free_port(), free_port()
     serve, grpc_url = start_serve(exported_repo[0], d / "serve.log", "--http-port", str(hp), "--metrics-port", str(mp))
-    web, base, wport = _start_web(grpc_url, d / "web.log")
+    web, base = start_web(grpc_url, d / "web.log", tries=600)
+    wport = int(base.rsplit(":", 1)[1])
     yield {"grpc": grpc_url, "rest": f"http://127.0.0.1:{hp}", "rest_port": hp, "web": base, "web_port": wport,
            "serve": serve, "webp": web, "serve_log": d / "serve.log", "web_log": d / "web.log"}
     for p in (web, serve):

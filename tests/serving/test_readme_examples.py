@@ -10,8 +10,7 @@ import pytest
 from captioner.checkpoint import load_checkpoint
 from captioner.client import caption_bytes
 from captioner.export import sample_images
-from tests.helpers import ROOT, free_port, start_serve
-from tests.serving.test_web import start_web
+from tests.helpers import ROOT, free_port, start_serve, start_web
 
 EXAMPLES = dict(re.findall(r"<!-- readme-example: (\S+) -->\n```bash\n(.*?)```", (ROOT / "README.md").read_text(),
                            re.S))

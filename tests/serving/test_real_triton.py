@@ -41,7 +41,7 @@ from captioner.export import sample_images
 from captioner.inference import caption_tensor
 from captioner.serving_core import image_bytes_to_pixels
 
-from tests.helpers import ROOT, free_port, start_serve
+from tests.helpers import ROOT, free_port, start_serve, start_stack
 
 pytestmark = pytest.mark.slow
 S3_FIXTURE = ROOT / "tests" / "fixtures" / "s3_requests" / "triton.json"
@@ -277,14 +277,8 @@ def test_demo_front_door_serves_page_and_metrics_from_the_real_server(triton_pre
     repo, _ = exported_repo
     ports = dict(zip(("grpc", "http", "metrics", "web"), (free_port() for _ in range(4))))
     log = tmp_path / "stack.log"
-    p = subprocess.Popen([sys.executable, "-m", "captioner.stack", str(repo), *map(str, ports.values())],
-                         env=os.environ.copy(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    p, out = start_stack(repo, ports.values(), log, tries=900)
     try:
-        for _ in range(900):
-            if "web page:" in log.read_text() or p.poll() is not None:
-                break
-            time.sleep(0.2)
-        out = log.read_text()
         metrics = f"http://127.0.0.1:{ports['metrics']}/metrics"
         assert metrics in out, out
         page = f"http://127.0.0.1:{ports['web']}/"

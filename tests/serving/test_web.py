@@ -1,9 +1,6 @@
 """`captioner web` as a real process in front of a real `captioner serve`: the JSON API, its
 limits and upstream errors, its metrics, and the page driven in a real headless Chromium."""
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,28 +9,9 @@ import requests
 from captioner.checkpoint import load_checkpoint
 from captioner.client import caption_bytes
 from captioner.export import sample_images
-from tests.helpers import free_port, headless_chromium, start_serve
+from tests.helpers import free_port, headless_chromium, start_serve, start_stack, start_web
 
 MAX_IMAGES, MAX_BODY = 3, 200_000
-
-
-def start_web(grpc_url: str, log_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = open(log_path, "w")
-    p = subprocess.Popen([sys.executable, "-m", "captioner", "web", "--url", grpc_url, "--port", str(port), *extra],
-                         env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if requests.get(base + "/healthz", timeout=1).ok:
-                return p, base
-        except requests.ConnectionError:
-            pass
-        if p.poll() is not None:
-            break
-        time.sleep(0.1)
-    p.kill()
-    raise AssertionError(f"captioner web did not start:\n{Path(log_path).read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +159,8 @@ def test_demo_serve_keeps_both_running_until_ctrl_c(exported_repo, tmp_path, ima
     repo, _ = exported_repo
     ports = [str(free_port()) for _ in range(4)]
     log = tmp_path / "stack.log"
-    p = subprocess.Popen([sys.executable, "-m", "captioner.stack", str(repo), *ports],
-                         env={**os.environ, "CAPTIONER_TRITON": "off"}, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    p, out = start_stack(repo, ports, log, env={**os.environ, "CAPTIONER_TRITON": "off"})
     try:
-        for _ in range(600):
-            if "web page:" in log.read_text() or p.poll() is not None:
-                break
-            time.sleep(0.2)
-        out = log.read_text()
         page = f"http://127.0.0.1:{ports[3]}/"
         assert f"web page:     {page}" in out and f"http://127.0.0.1:{ports[1]}/v2" in out, out
         assert "Caption your images" in requests.get(page, timeout=10).text
