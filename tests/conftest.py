@@ -1,5 +1,8 @@
+import hashlib
+import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,7 +11,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # shared helpers live in tests/helpers.py; re-exported here for older imports
-from tests.helpers import ROOT, TINY, free_port, start_serve, tiny_cfg  # noqa: E402,F401
+from tests.helpers import ROOT, TINY, free_port, pyproject, start_moto, start_serve, tiny_cfg  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -63,27 +66,12 @@ def s3_server(tmp_path_factory):
     """A real S3 HTTP server (moto_server) on 127.0.0.1 with authentication on: the first
     three actions create an IAM user and key; every later request must be signed by it."""
     import json
-    import subprocess
-    import time
 
     import boto3
 
-    port = free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    p = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+    p, port = start_moto(tmp_path_factory.mktemp("moto") / "moto.log",
                          env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
     url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except Exception:  # noqa: BLE001
-            if p.poll() is not None:
-                raise RuntimeError("moto_server exited")
-            time.sleep(0.1)
     iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bootstrap",
                        aws_secret_access_key="bootstrap")
     iam.create_user(UserName="captioner-ci")
@@ -108,3 +96,23 @@ def store_uri(request, tmp_path, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return f"s3://bucket-{uuid.uuid4().hex[:8]}/datasets/v1"
+
+
+@pytest.fixture(scope="session")
+def lean_python():
+    """A venv (no --system-site-packages) with the base dependencies and the `serve` extra
+    only, read from pyproject.toml; kept in the user cache keyed by that list, so later runs
+    reuse it. Skips, saying why, only when pip cannot install them."""
+    p = pyproject()
+    reqs = sorted(p["dependencies"] + p["optional-dependencies"]["serve"])
+    key = hashlib.sha256(json.dumps([reqs, sys.version_info[:2]]).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "captioner-tests" / f"lean-{key}"
+    py = cache / "bin" / "python"
+    if not (cache / ".ok").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(cache)], check=True, capture_output=True)
+        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *reqs],
+                           capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            pytest.skip(f"pip cannot install the serve extra {reqs}: {r.stderr.strip().splitlines()[-1:]}")
+        (cache / ".ok").write_text("\n".join(reqs))
+    return str(py)

@@ -110,6 +110,41 @@ def start_stack(repo, ports, log_path, env: dict | None = None, tries: int = 600
     return p, Path(log_path).read_text()
 
 
+def start_moto(log_path, env: dict | None = None, tries: int = 200):
+    """moto_server (a real S3 HTTP server, from the test extra) on 127.0.0.1 and a free port,
+    ready when its /moto-api/ answers (polled every 0.1 s, `tries` times) -> (process, port). Its
+    access log goes to log_path. The caller stops it."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    p = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                         stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env or os.environ.copy())
+    for _ in range(tries):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+            return p, port
+        except OSError:
+            if p.poll() is not None:
+                raise RuntimeError(f"moto_server exited:\n{Path(log_path).read_text()}") from None
+            time.sleep(0.1)
+    p.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+def pyproject() -> dict:
+    """The [project] table of pyproject.toml."""
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def source_on_path(monkeypatch) -> None:
+    """Puts this checkout first on PYTHONPATH for the test's subprocesses (an interpreter that does
+    not have the package installed, such as the serve-extra venv, imports it from here)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 class Clock:
     """A fake clock for launcher/rollout tests: `clock()` is now, `clock.sleep(s)` moves it."""
 

@@ -29,12 +29,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import ROOT, TINY, free_port
+from tests.helpers import ROOT, TINY, free_port, start_moto
 
 OUT = ROOT / "tests" / "fixtures" / "s3_requests"
 RUN_URI, DATA_URI, RAW_URI = "s3://models/runs/r1", "s3://datasets/synth/v1", "s3://datasets/raw/synth"
@@ -52,17 +51,7 @@ class Moto:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.port = free_port()
-        exe = Path(sys.executable).with_name("moto_server")
-        self.p = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        moto_url = f"http://127.0.0.1:{self.port}"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(moto_url + "/moto-api/", timeout=1)
-                break
-            except Exception:  # noqa: BLE001
-                time.sleep(0.1)
+        self.p, self.port = start_moto(tmp / "moto.log")
         self.log, self.on, self.refuse_part, lock, port = [], False, False, threading.Lock(), self.port
         rec = self
 

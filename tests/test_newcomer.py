@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, free_port
-from tests.serving.test_lean_serving import lean_python  # noqa: F401 - the serve-extra venv fixture
+from tests.helpers import TINY, free_port, pyproject
 from tests.test_cli import run_cli
 
 # the tiny model, training only a step or two, no validation: commands that must get past setup
@@ -97,26 +96,19 @@ def test_resume_with_other_settings_names_the_keys_in_one_line(trained_run, synt
 
 
 # ----------------------------------------------------------------- 4. the serve extra covers HTTP, metrics and the page
-def test_serve_only_venv_runs_http_metrics_and_the_web_page(lean_python, exported_repo, tmp_path):
+def test_serve_only_venv_runs_http_metrics_and_the_web_page(lean_python, exported_repo, tmp_path, monkeypatch):
     """A venv with the base and the `serve` extra only (read from pyproject.toml): the page's and
     the HTTP/metrics front's modules import, and `captioner serve --http-port` answers."""
     import urllib.request
 
-    from tests.helpers import start_serve
+    from tests.helpers import source_on_path, start_serve
 
     http = free_port()
-    env_pp = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + env_pp if env_pp else "")
-    try:
-        r = subprocess.run([lean_python, "-c", "import captioner.web, captioner.http_server, captioner.server_metrics"],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-500:]
-        p, _ = start_serve(exported_repo[0], tmp_path / "lean.log", "--http-port", str(http), python=lean_python)
-    finally:
-        if env_pp is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = env_pp
+    source_on_path(monkeypatch)  # the lean venv imports this checkout's captioner
+    r = subprocess.run([lean_python, "-c", "import captioner.web, captioner.http_server, captioner.server_metrics"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-500:]
+    p, _ = start_serve(exported_repo[0], tmp_path / "lean.log", "--http-port", str(http), python=lean_python)
     try:
         assert urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=10).status == 200
     finally:
@@ -125,9 +117,7 @@ def test_serve_only_venv_runs_http_metrics_and_the_web_page(lean_python, exporte
 
 
 def test_web_extra_is_the_gateway_s_dependencies():
-    import tomllib
-
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = pyproject()["optional-dependencies"]
     names = {re.split(r"[<>=\[ ]", r, maxsplit=1)[0] for r in extras["web"]}
     assert {"fastapi", "uvicorn", "python-multipart", "prometheus-client", "tritonclient", "grpcio"} <= names
     assert not names & {"torch", "onnxruntime", "timm"}

@@ -3,15 +3,12 @@ neither torch nor the ONNX export code, the `serve` extra installs no such thing
 Triton image installs the serving extra only."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
-import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +16,7 @@ import pytest
 from captioner import names
 from captioner.deployment import TRITON_ONNXRUNTIME
 
-from tests.helpers import ROOT, start_serve
+from tests.helpers import ROOT, pyproject, source_on_path, start_serve
 
 HEAVY = ("torch", "torchvision", "timm", "onnx", "onnxscript", "transformers", "captioner.export",
          "captioner.model", "captioner.train", "captioner.checkpoint", "captioner.inference")
@@ -57,17 +54,13 @@ def test_serving_path_imports_no_torch_or_export_code(what, tmp_path):
     assert not heavy, f"importing {what} loads {heavy[:10]}"
 
 
-def _pyproject():
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-
-
 def _req_name(req: str) -> str:
     return re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower()
 
 
 @pytest.mark.parametrize("extra", ["serve", "serve-gpu"])
 def test_serving_extras_pull_no_training_stack(extra):
-    p = _pyproject()
+    p = pyproject()
     reqs = {_req_name(r) for r in p["dependencies"] + p["optional-dependencies"][extra]}
     assert not reqs & {"torch", "torchvision", "timm", "onnx", "onnxscript", "transformers", "kfp"}, reqs
     assert "onnxruntime" in reqs or "onnxruntime-gpu" in reqs
@@ -80,31 +73,11 @@ def test_triton_image_installs_only_the_serving_extra():
     docker = (ROOT / "docker" / "triton.Dockerfile").read_text()
     installs = re.findall(r"pip install ([^\n\\]+)", docker)
     assert installs == ['--no-cache-dir "./[serve-gpu]"'], installs
-    assert f"onnxruntime-gpu=={TRITON_ONNXRUNTIME}" in _pyproject()["optional-dependencies"]["serve-gpu"]
+    assert f"onnxruntime-gpu=={TRITON_ONNXRUNTIME}" in pyproject()["optional-dependencies"]["serve-gpu"]
     # Triton 24.10's Python-backend stub (pybind11 v2.10.0) mis-reads NumPy 2 arrays: the image holds NumPy 1
-    assert "numpy>=1.24,<2" in _pyproject()["optional-dependencies"]["serve-gpu"]
-    assert set(_pyproject()["optional-dependencies"]["test"][0].split("[")[1].rstrip("]").split(",")) >= {"serve",
+    assert "numpy>=1.24,<2" in pyproject()["optional-dependencies"]["serve-gpu"]
+    assert set(pyproject()["optional-dependencies"]["test"][0].split("[")[1].rstrip("]").split(",")) >= {"serve",
                                                                                                          "train"}
-
-
-@pytest.fixture(scope="session")
-def lean_python():
-    """A venv (no --system-site-packages) with the base dependencies and the `serve` extra
-    only, read from pyproject.toml; kept in the user cache keyed by that list, so later runs
-    reuse it. Skips, saying why, only when pip cannot install them."""
-    p = _pyproject()
-    reqs = sorted(p["dependencies"] + p["optional-dependencies"]["serve"])
-    key = hashlib.sha256(json.dumps([reqs, sys.version_info[:2]]).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "captioner-tests" / f"lean-{key}"
-    py = cache / "bin" / "python"
-    if not (cache / ".ok").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(cache)], check=True, capture_output=True)
-        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *reqs],
-                           capture_output=True, text=True, timeout=900)
-        if r.returncode != 0:
-            pytest.skip(f"pip cannot install the serve extra {reqs}: {r.stderr.strip().splitlines()[-1:]}")
-        (cache / ".ok").write_text("\n".join(reqs))
-    return str(py)
 
 
 def test_lean_venv_has_no_torch(lean_python):
@@ -113,7 +86,7 @@ def test_lean_venv_has_no_torch(lean_python):
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, f"{mod} is importable in the lean venv"
 
 
-def test_serve_captions_from_a_venv_without_torch(lean_python, exported_repo, trained_run, tmp_path):
+def test_serve_captions_from_a_venv_without_torch(lean_python, exported_repo, trained_run, tmp_path, monkeypatch):
     """`captioner serve` run by the lean venv's Python (the package from this checkout via
     PYTHONPATH), queried with tritonclient: the same captions as the in-process decode loop here."""
     from captioner.checkpoint import load_checkpoint
@@ -125,15 +98,8 @@ def test_serve_captions_from_a_venv_without_torch(lean_python, exported_repo, tr
     repo, _ = exported_repo
     ck = load_checkpoint(trained_run.out_dir)
     imgs = [b for _, b in sample_images(ck, 3)]
-    env_pp = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + env_pp if env_pp else "")
-    try:
-        p, url = start_serve(repo, tmp_path / "lean.log", python=lean_python)
-    finally:
-        if env_pp is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = env_pp
+    source_on_path(monkeypatch)  # the lean venv imports this checkout's captioner
+    p, url = start_serve(repo, tmp_path / "lean.log", python=lean_python)
     try:
         got = caption_bytes(url, imgs)
     finally:

@@ -19,7 +19,6 @@ import urllib.parse
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -41,7 +40,7 @@ from captioner.export import sample_images
 from captioner.inference import caption_tensor
 from captioner.serving_core import image_bytes_to_pixels
 
-from tests.helpers import ROOT, free_port, start_serve, start_stack
+from tests.helpers import ROOT, free_port, start_moto, start_serve, start_stack
 
 pytestmark = pytest.mark.slow
 S3_FIXTURE = ROOT / "tests" / "fixtures" / "s3_requests" / "triton.json"
@@ -410,22 +409,6 @@ def test_each_variant_loads_in_mode_none_and_explicit_with_the_same_captions(
 
 
 # ------------------------------------------------------------------ the repository read from S3
-def _moto(log_path):
-    port = free_port()
-    p = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                         stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
-            return p, port
-        except OSError:
-            if p.poll() is not None:
-                raise RuntimeError(Path(log_path).read_text())
-            time.sleep(0.1)
-    p.kill()
-    raise RuntimeError("moto_server did not start")
-
-
 def s3_requests(log_text: str) -> list[dict]:
     """The S3 requests in moto_server's access log (werkzeug: `"GET /path?query HTTP/1.1" 200`),
     path-style (bucket first), each once, in the order first made."""
@@ -450,7 +433,7 @@ def test_repository_is_loaded_from_s3_with_the_manifest_env_and_its_requests_are
     from captioner.storage import open_store
 
     log = tmp_path / "moto.log"
-    moto, port = _moto(log)
+    moto, port = start_moto(log)
     try:
         manifest = next(d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "triton.yaml").read_text())
                         if d and d["kind"] == "Deployment")
