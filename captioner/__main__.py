@@ -1,3 +1,3 @@
-from captioner.cli import main
+from captioner.cli.main import main
 
 main()

@@ -23,17 +23,17 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     import numpy as np
     import torch
 
-    from captioner.checkpoint import load_checkpoint
-    from captioner.deployment import CKPT_BEST, CONTROL_KEY_ENV
-    from captioner.client import caption_bytes, wait_ready
-    from captioner.inference import caption_tensor
-    from captioner.kfp_pipeline import local_arguments
-    from captioner.local_run import run_pipeline_here
-    from captioner.serving_core import image_bytes_to_pixels
-    from captioner.shards import materialize, open_shard_source
-    from captioner.stack import ModelServer
-    from captioner.synthetic import attribute_accuracy, generate
-    from captioner.triton_repo import LOAD_ORDER
+    from captioner.modeling.checkpoint import load_checkpoint
+    from captioner.core.deployment import CKPT_BEST, CONTROL_KEY_ENV
+    from captioner.serving.client import caption_bytes, wait_ready
+    from captioner.modeling.inference import caption_tensor
+    from captioner.pipeline.runner import local_arguments
+    from captioner.pipeline.local_run import run_pipeline_here
+    from captioner.serving.core import image_bytes_to_pixels
+    from captioner.data.shards import materialize, open_shard_source
+    from captioner.serving.stack import ModelServer
+    from captioner.data.synthetic import attribute_accuracy, generate
+    from captioner.serving.triton_repo import LOAD_ORDER
 
     t0 = time.time()
     wd = Path(workdir).resolve()
@@ -112,7 +112,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
           "counts as wrong): " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
     gate = _task_output(root, "gate")["parameterValues"]["Output"]
     print(f"quality gate (CIDEr-D >= {min_cider} and >= champion): {'passed: deployed to ' + str(run_dir / 'serving') if gate else 'not passed: deploy skipped'}")
-    from captioner.local_run import write_summary
+    from captioner.pipeline.local_run import write_summary
 
     summary = write_summary(run_dir, root, {**args, "min_cider": min_cider}, extra={
         "attribute_accuracy": acc,
@@ -127,7 +127,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     if report is not None:
         print(f"run report (curves, throughput, cost, worst samples): {report}\n"
               f"TensorBoard: tensorboard --logdir {Path(args['model_uri']) / 'tb'}")
-    from captioner.stack import front_door  # the web page and Triton's HTTP API, with --serve
+    from captioner.serving.stack import front_door  # the web page and Triton's HTTP API, with --serve
 
     front_door(run_dir / "serving" if deployed else args["repo_uri"], serve)
     return {"metrics": metrics, "deployed": deployed, "captions": served}

@@ -9,9 +9,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/captioner
 COPY pyproject.toml README.md ./
 COPY captioner ./captioner
-COPY components ./components
-COPY pipelines ./pipelines
-COPY benchmarks ./benchmarks
 COPY configs ./configs
 
 # the base image already has torch; install the rest without replacing it

@@ -1,6 +1,6 @@
 # Web gateway image (`captioner web`): the captioner package without torch, onnxruntime or timm,
-# only what the page, the JSON API and the gRPC client need (tests/test_web_k8s.py checks that
-# captioner.web imports without the training stack).
+# only what the page, the JSON API and the gRPC client need (tests/cluster/test_web_k8s.py checks that
+# captioner.web.gateway imports without the training stack).
 # Build from the repository root: docker build -f docker/web.Dockerfile -t ghcr.io/captioner/web:0.1.0 .
 FROM python:3.11.7-slim-bookworm
 

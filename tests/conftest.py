@@ -16,7 +16,7 @@ from tests.helpers import ROOT, TINY, free_port, pyproject, start_moto, start_se
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
-    from captioner.synthetic import generate
+    from captioner.data.synthetic import generate
 
     d = tmp_path_factory.mktemp("synth")
     generate(d, images=80, seed=3, side=48, progress=False)
@@ -34,7 +34,7 @@ def synth_copy(synth_dir, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(synth_dir, tmp_path_factory):
     """One tiny trained run shared by the read-only tests (evaluate, caption, export...)."""
-    from captioner.train import train
+    from captioner.training.train import train
 
     out = tmp_path_factory.mktemp("run")
     res = train(tiny_cfg(synth_dir, out, "--train.epochs=3"), progress=False)
@@ -43,7 +43,7 @@ def trained_run(synth_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported_repo(trained_run, tmp_path_factory):
-    from captioner.export import export
+    from captioner.export.exporter import export
 
     repo = tmp_path_factory.mktemp("repo") / "models"
     report = export(str(trained_run.out_dir / "ckpt_best.pt"), str(repo), device="cpu")
@@ -53,7 +53,7 @@ def exported_repo(trained_run, tmp_path_factory):
 @pytest.fixture(scope="session")
 def int4_repo(trained_run, tmp_path_factory):
     """The trained run exported with --quantize int4 (4-bit step graph, int8 encoder)."""
-    from captioner.export import export
+    from captioner.export.exporter import export
 
     repo = tmp_path_factory.mktemp("repo-int4") / "models"
     report = export(str(trained_run.out_dir / "ckpt_best.pt"), str(repo), device="cpu", quantize="int4",

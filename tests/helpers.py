@@ -23,7 +23,7 @@ TINY = [
 
 
 def tiny_cfg(data: Path, out: Path, *extra: str):
-    from captioner.config import load_config
+    from captioner.core.config import load_config
 
     return load_config(None, [*TINY, f"--data.source={data}", f"--train.out_dir={out}", *extra])
 
@@ -96,12 +96,12 @@ def start_web(grpc_url: str, log_path: Path, *extra: str, tries: int = 300):
 
 
 def start_stack(repo, ports, log_path, env: dict | None = None, tries: int = 600):
-    """`python -m captioner.stack REPO GRPC HTTP METRICS WEB` (the front door of `captioner demo
+    """`python -m captioner.serving.stack REPO GRPC HTTP METRICS WEB` (the front door of `captioner demo
     --serve`) as a real process, waited for until it prints its web page line (polled every 0.2 s,
     `tries` times) or exits -> (process, its output so far). The caller stops it."""
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "captioner.stack", str(repo), *map(str, ports)],
+    p = subprocess.Popen([sys.executable, "-m", "captioner.serving.stack", str(repo), *map(str, ports)],
                          env=env or os.environ.copy(), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     for _ in range(tries):
         if "web page:" in Path(log_path).read_text() or p.poll() is not None:

@@ -5,7 +5,7 @@
       K/V included) recomputed over the padded sequence at every step, no cache
   (b) our PyTorch path: K/V cross-attention computed once per image, self-attention KV cache
   (c) our served onnxruntime path: the exported encoder, then decode_loop's in-process
-      step graph (captioner.onnx_runtime.BoundDecoder: I/O binding, cache kept in place)
+      step graph (captioner.serving.onnx_runtime.BoundDecoder: I/O binding, cache kept in place)
   (d) the same, onnxruntime dynamic int8 (per-channel weights)
   (d') the same, the step graph 4-bit weight-only (MatMulNBits, block 32), the encoder int8
   (c') part: the traced `decoder` model (stacked past_kv, concatenated per step) driven
@@ -14,13 +14,13 @@
       cross-attention, KV cache) at the same sizes, random weights, configs built locally
       (nothing downloaded; needs the `bench` extra: transformers)
 
-    python -m benchmarks.caption_latency [--config seed-vit768] [--runs 5] [--json]
+    python -m captioner.bench.caption_latency [--config seed-vit768] [--runs 5] [--json]
 
 EOS is disabled so every path generates exactly the same number of tokens (random weights).
 Prints ratios against (a) and against the HF peer (e). Times include the image encoder.
 
 Roofline of each served path (c, d, d'), batch 1: a decoder step reads every weight of the step
-graph once (bytes counted in the graph: captioner.onnx_graphs.step_weight_bytes) plus the cross
+graph once (bytes counted in the graph: captioner.export.graphs.step_weight_bytes) plus the cross
 K/V of the image and the cache so far (state bytes, at the caption's middle position). This
 machine's copy bandwidth is measured in the same run (a 256 MB numpy copy, read + write bytes
 over the best time, one thread); the floor of a step is (weight + state bytes) / bandwidth, of a
@@ -42,18 +42,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.checkpoint import atomic_save
-from captioner.config import load_config
-from captioner.decoding import CachedStep, greedy
-from captioner.export import export
-from captioner.inference import torch_step
-from captioner.model import Captioner
-from captioner.names import DECODE_LOOP, DECODER_GRAPH_FILE
-from captioner.onnx_graphs import step_weight_bytes
-from captioner.onnx_runtime import OrtCaptioner
-from captioner.preprocess import PreprocessConfig
-from captioner.serving_core import DecodeLoop
-from captioner.tokenizer import CaptionTokenizer
+from captioner.modeling.checkpoint import atomic_save
+from captioner.core.config import load_config
+from captioner.core.decoding import CachedStep, greedy
+from captioner.export.exporter import export
+from captioner.modeling.inference import torch_step
+from captioner.modeling.model import Captioner
+from captioner.core.names import DECODE_LOOP, DECODER_GRAPH_FILE
+from captioner.export.graphs import step_weight_bytes
+from captioner.serving.onnx_runtime import OrtCaptioner
+from captioner.core.preprocess import PreprocessConfig
+from captioner.serving.core import DecodeLoop
+from captioner.core.tokenizer import CaptionTokenizer
 
 NO_EOS = -1
 

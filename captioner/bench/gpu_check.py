@@ -1,7 +1,7 @@
 """GPU check (issue 13): run on a CUDA machine and record what it prints. It needs a GPU;
 without one it says so and exits 2 (it has not been run in development: no GPU was available).
 
-    python -m benchmarks.gpu_check [--peak-tflops 989] [--steps 10] [--json]
+    python -m captioner.bench.gpu_check [--peak-tflops 989] [--steps 10] [--json]
 
 1. Training MFU, bf16 autocast + torch.compile, on the `seed-vit768` and `vit-b16-a100`
    shapes (random weights, no download), encode-once vs one encoder pass per caption pair:
@@ -32,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def training_mfu(config: str, peak_tflops: float, images: int, captions: int, steps: int, vocab: int) -> dict:
-    from captioner.config import load_config
-    from captioner.model import Captioner
-    from captioner.preprocess import PreprocessConfig
+    from captioner.core.config import load_config
+    from captioner.modeling.model import Captioner
+    from captioner.core.preprocess import PreprocessConfig
 
     torch.manual_seed(0)
     cfg = load_config(config)
@@ -79,12 +79,12 @@ def training_mfu(config: str, peak_tflops: float, images: int, captions: int, st
 def ort_latency(config: str, vocab: int, batches=(1, 32), runs: int = 20, decoder_dtype: str = "float32") -> dict:
     import onnxruntime as ort
 
-    from benchmarks.caption_latency import NO_EOS, random_model, save_random
-    from captioner.decoding import greedy
-    from captioner.export import export
-    from captioner.names import DECODE_LOOP
-    from captioner.onnx_runtime import OrtCaptioner
-    from captioner.serving_core import DecodeLoop
+    from captioner.bench.caption_latency import NO_EOS, random_model, save_random
+    from captioner.core.decoding import greedy
+    from captioner.export.exporter import export
+    from captioner.core.names import DECODE_LOOP
+    from captioner.serving.onnx_runtime import OrtCaptioner
+    from captioner.serving.core import DecodeLoop
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise SystemExit("onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu (captioner[serve-gpu])")
@@ -121,7 +121,7 @@ def ort_latency(config: str, vocab: int, batches=(1, 32), runs: int = 20, decode
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="benchmarks.gpu_check", description=__doc__,
+    ap = argparse.ArgumentParser(prog="captioner.bench.gpu_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s of this GPU")
     ap.add_argument("--images", type=int, default=32, help="images per training step")

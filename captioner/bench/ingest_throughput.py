@@ -6,7 +6,7 @@
 and the training data-loader throughput (caption pairs/s) from those shards vs from the
 image folder. Needs `moto[server]` (the test extras).
 
-    python -m benchmarks.ingest_throughput [--images 2000] [--workers 8]
+    python -m captioner.bench.ingest_throughput [--images 2000] [--workers 8]
 """
 from __future__ import annotations
 
@@ -47,14 +47,14 @@ def main(argv=None):
     ap.add_argument("--loader-workers", type=int, default=2)
     a = ap.parse_args(argv)
 
-    from captioner.data import CaptionImageDataset, ResumableBatchSampler, assign_splits, by_split, collate_grouped
-    from captioner.data import read_records
-    from captioner.ingest import IngestOptions, ingest
-    from captioner.preprocess import PreprocessConfig
-    from captioner.shards import ShardStream, open_shard_source
-    from captioner.storage import open_store
-    from captioner.synthetic import generate
-    from captioner.tokenizer import CaptionTokenizer
+    from captioner.data.sources import CaptionImageDataset, ResumableBatchSampler, assign_splits, by_split, collate_grouped
+    from captioner.data.sources import read_records
+    from captioner.data.ingest import IngestOptions, ingest
+    from captioner.core.preprocess import PreprocessConfig
+    from captioner.data.shards import ShardStream, open_shard_source
+    from captioner.io.storage import open_store
+    from captioner.data.synthetic import generate
+    from captioner.core.tokenizer import CaptionTokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     src = generate(work / "src", images=a.images, seed=1, side=256, progress=False)

@@ -1,6 +1,6 @@
 """Quantized vs fp32 caption quality on a run's held-out test split (a report, not a timed test).
 
-    python -m benchmarks.quantized_quality RUN/ckpt_best.pt [--kinds int8,int4] [--max-images N] [--json]
+    python -m captioner.bench.quantized_quality RUN/ckpt_best.pt [--kinds int8,int4] [--max-images N] [--json]
 
 Exports the checkpoint once per kind (fp32; int8: every graph dynamic int8 with per-channel
 weights; int4: the decode loop's step graph 4-bit weight-only MatMulNBits, the encoder int8),
@@ -23,9 +23,9 @@ KINDS = ("int8", "int4")
 
 
 def caption_repo(repo: Path, recs, pre, batch: int = 16) -> dict[str, str]:
-    from captioner.names import DECODE_LOOP
-    from captioner.onnx_runtime import OrtCaptioner
-    from captioner.serving_core import DecodeLoop, image_bytes_to_pixels, params_for
+    from captioner.core.names import DECODE_LOOP
+    from captioner.serving.core import DecodeLoop, image_bytes_to_pixels, params_for
+    from captioner.serving.onnx_runtime import OrtCaptioner
 
     enc = OrtCaptioner(repo)
     loop = DecodeLoop.in_process(repo / DECODE_LOOP / "1")
@@ -40,9 +40,9 @@ def caption_repo(repo: Path, recs, pre, batch: int = 16) -> dict[str, str]:
 
 
 def run(checkpoint: str, max_images: int = 0, work: str | None = None, kinds: tuple[str, ...] = KINDS) -> dict:
-    from captioner.checkpoint import load_checkpoint
-    from captioner.export import export, held_out_records
-    from captioner.metrics import caption_metrics
+    from captioner.export.exporter import export, held_out_records
+    from captioner.modeling.checkpoint import load_checkpoint
+    from captioner.training.metrics import caption_metrics
 
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
@@ -72,7 +72,7 @@ def run(checkpoint: str, max_images: int = 0, work: str | None = None, kinds: tu
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="benchmarks.quantized_quality", description=__doc__,
+    p = argparse.ArgumentParser(prog="captioner.bench.quantized_quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run's ckpt_best.pt (its config names the dataset)")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"quantized kinds to compare with fp32 (of {KINDS})")

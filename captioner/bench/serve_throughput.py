@@ -3,7 +3,7 @@ concurrency 1, 8 and 32, one image per request, through tritonclient gRPC agains
 `captioner serve` process on 127.0.0.1 (dynamic batching: concurrent requests are decoded
 together, up to the repository's max batch).
 
-    python -m benchmarks.serve_throughput [--config seed-vit768] [--quantize int4] [--levels 1,8,32] [--json]
+    python -m captioner.bench.serve_throughput [--config seed-vit768] [--quantize int4] [--levels 1,8,32] [--json]
 
 Random weights of the preset's shape (exported locally, nothing downloaded); EOS can come
 early with random weights, so every level captions the same images in the same order.
@@ -42,7 +42,7 @@ def _free_port() -> int:
 def _images(n: int, side: int) -> list[bytes]:
     import random
 
-    from captioner.synthetic import draw_scene
+    from captioner.data.synthetic import draw_scene
 
     rng, out = random.Random(0), []
     for _ in range(n):
@@ -54,7 +54,7 @@ def _images(n: int, side: int) -> list[bytes]:
 
 
 def measure(url: str, images: list[bytes], concurrency: int, requests: int) -> dict:
-    from captioner.client import caption_bytes  # one cached client per thread (client._client)
+    from captioner.serving.client import caption_bytes  # one cached client per thread (client._client)
 
     lat: list[float] = []
 
@@ -75,7 +75,7 @@ def measure(url: str, images: list[bytes], concurrency: int, requests: int) -> d
 def encoder_ceiling(repo: Path, pixels, threads: int, runs: int = 3) -> dict:
     """images/s of the repository's encoder alone on `pixels` (one batch at the served size),
     median of `runs` after a warm-up."""
-    from captioner.onnx_runtime import OrtCaptioner
+    from captioner.serving.onnx_runtime import OrtCaptioner
 
     enc = OrtCaptioner(repo, threads)
     enc.run_encoder(pixels)
@@ -89,7 +89,7 @@ def encoder_ceiling(repo: Path, pixels, threads: int, runs: int = 3) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="benchmarks.serve_throughput", description=__doc__,
+    ap = argparse.ArgumentParser(prog="captioner.bench.serve_throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="seed-vit768")
     ap.add_argument("--vocab", type=int, default=10000)
@@ -100,9 +100,9 @@ def main(argv=None):
     ap.add_argument("--max-batch", type=int, default=0, help="served batch size (0 = export's default)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
-    from benchmarks.caption_latency import random_model, save_random
-    from captioner.client import caption_bytes, wait_ready
-    from captioner.export import export
+    from captioner.bench.caption_latency import random_model, save_random
+    from captioner.serving.client import caption_bytes, wait_ready
+    from captioner.export.exporter import export
 
     cfg, model, tok, pre = random_model(a.config, a.vocab)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -115,8 +115,8 @@ def main(argv=None):
         print(f"exporting {a.config} (random weights) ...", file=sys.stderr, flush=True)
         export(str(ck), str(work / "repo"), device="cpu", verify=False, quantize=a.quantize,
                **({"max_batch": a.max_batch} if a.max_batch else {}))
-        from captioner.serving_core import image_bytes_to_pixels
-        from captioner.triton_repo import MAX_BATCH
+        from captioner.serving.core import image_bytes_to_pixels
+        from captioner.serving.triton_repo import MAX_BATCH
 
         images = _images(32, pre.input_size[1])
         batch = a.max_batch or MAX_BATCH
@@ -138,7 +138,7 @@ def main(argv=None):
     for r in rows:
         r["vs_first_level"] = r["images_per_s"] / base
         r["of_ceiling"] = r["images_per_s"] / ceiling["images_per_s"]
-    from benchmarks.caption_latency import cpu_flags
+    from captioner.bench.caption_latency import cpu_flags
 
     if a.json:
         print(json.dumps({"config": a.config, "device": "cpu", "cpu_flags": cpu_flags(), "quantize": a.quantize,

@@ -4,7 +4,7 @@ generated images, once with `train.tensorboard` on and once off, side by side in
 training pairs/s of each (caption pairs of all epochs / wall time of train(), validation
 included, since the writer adds its val loss and sample images there) and their ratio.
 
-    python -m benchmarks.tensorboard_overhead [--images 300] [--epochs 2] [--swap]
+    python -m captioner.bench.tensorboard_overhead [--images 300] [--epochs 2] [--swap]
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--swap", action="store_true", help="run without the writer first")
     a = ap.parse_args(argv)
 
-    from captioner.config import load_config
-    from captioner.synthetic import generate
-    from captioner.train import DistInfo, prepare_data, train
+    from captioner.core.config import load_config
+    from captioner.data.synthetic import generate
+    from captioner.training.train import DistInfo, prepare_data, train
 
     res = {}
     with tempfile.TemporaryDirectory(prefix="captioner-bench-tb-") as tmp:

@@ -2,8 +2,8 @@
 per (image, caption) pair, side by side in one run, on the `seed-vit768` shape; and the
 read amplification of the shard loader (bytes read per epoch / data bytes).
 
-    python -m benchmarks.train_throughput [--images 2] [--captions 5] [--steps 3]
-    python -m benchmarks.train_throughput --read-only   # the read-amplification table only
+    python -m captioner.bench.train_throughput [--images 2] [--captions 5] [--steps 3]
+    python -m captioner.bench.train_throughput --read-only   # the read-amplification table only
 
 Prints pairs/s for both, their FLOPs per pair (torch.utils.flop_counter, forward+backward)
 and the ratios. Random weights and inputs: only speed is measured.
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from captioner.config import load_config
-from captioner.storage import LocalStore
-from captioner.model import Captioner
-from captioner.preprocess import PreprocessConfig
+from captioner.core.config import load_config
+from captioner.io.storage import LocalStore
+from captioner.modeling.model import Captioner
+from captioner.core.preprocess import PreprocessConfig
 
 
 class CountingStore(LocalStore):
@@ -77,7 +77,7 @@ class _NoTokens:
 
 def bytes_read_ratio(root: Path, world: int, workers: int, seekable: bool) -> tuple[float, int]:
     """(bytes read by all readers of one epoch / train shard bytes, train shards)."""
-    from captioner.shards import Manifest, ShardStream
+    from captioner.data.shards import Manifest, ShardStream
 
     store = CountingStore(root, seekable)
     m = Manifest.load(store)
@@ -93,8 +93,8 @@ def bytes_read_ratio(root: Path, world: int, workers: int, seekable: bool) -> tu
 def read_amplification(images: int = 400, layouts=((2, 2), (8, 4)), keep: str = "") -> dict:
     import tempfile
 
-    from captioner.ingest import IngestOptions, ingest
-    from captioner.synthetic import generate
+    from captioner.data.ingest import IngestOptions, ingest
+    from captioner.data.synthetic import generate
 
     res = {}
     with tempfile.TemporaryDirectory(prefix="captioner-readamp-") as tmp:

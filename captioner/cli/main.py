@@ -86,7 +86,7 @@ PORT = int_range(1, 65535)
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:
-    from captioner.serving_core import MAX_BEAM
+    from captioner.serving.core import MAX_BEAM
 
     g = p.add_argument_group("decoding")
     g.add_argument("--beam", type=int_range(1, MAX_BEAM), default=1, help="beam size (1 = greedy)")
@@ -110,7 +110,7 @@ _URL_UNSUPPORTED = (("--sample", "sample", False), ("--temperature", "temperatur
 
 
 def _params(a):
-    from captioner.decoding import DecodeParams
+    from captioner.core.decoding import DecodeParams
 
     strategy = "sample" if a.sample else "beam" if a.beam > 1 else "greedy"
     return DecodeParams(strategy=strategy, max_new_tokens=a.max_new_tokens, beam_size=a.beam,
@@ -124,18 +124,18 @@ LAYOUT_NAMES = {"flickr30k": "Kaggle Flickr30k layout: results.csv + flickr30k_i
                 "csv": "captions.csv with an image,caption header + images/"}
 
 def cmd_generate_data(a, _):
-    from captioner.synthetic import generate
+    from captioner.data.synthetic import generate
 
     out = generate(a.out, images=a.images, seed=a.seed, side=a.side, layout=a.layout)
     print(f"wrote {a.images} images and {a.images * 5} captions to {out} ({LAYOUT_NAMES[a.layout]})")
 
 
 def cmd_train(a, overrides):
-    from captioner.config import load_config
-    from captioner.train import train
+    from captioner.core.config import load_config
+    from captioner.training.train import train
 
     cfg = load_config(a.config, overrides)
-    from captioner.encoders import check_encoder
+    from captioner.modeling.encoders import check_encoder
 
     check_encoder(cfg.model.encoder, cfg.model.pretrained, cfg.model.encoder_weights)  # before any data work
     res = train(cfg, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
@@ -145,7 +145,7 @@ def cmd_train(a, overrides):
 
 
 def cmd_evaluate(a, _):
-    from captioner.evaluate import evaluate
+    from captioner.training.evaluate import evaluate
 
     r = evaluate(a.checkpoint, split=a.split, out_dir=a.out, data_source=a.data, params=_params(a),
                  max_images=a.max_images, meteor=not a.no_meteor)
@@ -167,7 +167,7 @@ class _CaptionOutput:
         if path:
             kind = Path(path).suffix.lower()
             if kind not in (".jsonl", ".csv"):
-                from captioner.errors import UserError
+                from captioner.core.errors import UserError
 
                 raise UserError(f"caption --output {path}: unknown format {kind or '(no extension)'!r}",
                                 hint="name the file .jsonl (one JSON object a line) or .csv")
@@ -212,22 +212,22 @@ def _caption_settings(a, model: str, strategy: str) -> dict:
 
 
 def cmd_report(a, _):
-    from captioner.run_report import write_report
+    from captioner.training.report import write_report
 
     path, _m = write_report(a.run, a.out, a.samples)
     print(path)
 
 
 def cmd_caption(a, _):
-    from captioner.errors import UserError
-    from captioner.image_files import expand_image_args
+    from captioner.core.errors import UserError
+    from captioner.cli.image_files import expand_image_args
 
     a.images, skipped = expand_image_args(a.images)
     if not a.images:
         raise UserError(f"caption: no image files among the arguments ({len(skipped)} other files skipped)",
                         hint="give image files (jpg, png, webp, ...) or folders that hold them")
     if a.url:
-        from captioner.client import TLS, caption_files, check_reachable, grpc_target
+        from captioner.serving.client import TLS, caption_files, check_reachable, grpc_target
 
         a.url = grpc_target(a.url)
         ignored = [flag for flag, key, default in _URL_UNSUPPORTED if getattr(a, key) != default]
@@ -258,9 +258,9 @@ def cmd_caption(a, _):
         return
     import numpy as np
 
-    from captioner.checkpoint import load_checkpoint
-    from captioner.inference import caption_arrays
-    from captioner.preprocess import ImageError, preprocess_path
+    from captioner.modeling.checkpoint import load_checkpoint
+    from captioner.modeling.inference import caption_arrays
+    from captioner.core.preprocess import ImageError, preprocess_path
 
     ck = load_checkpoint(a.checkpoint)
     params = _params(a)
@@ -285,7 +285,7 @@ def cmd_caption(a, _):
 
 
 def cmd_export(a, _):
-    from captioner.export import export
+    from captioner.export.exporter import export
 
     r = export(a.checkpoint, a.out, device=a.device, quantize=a.quantize, verify=not a.no_verify,
                parity_images=a.parity_images, optimize=not a.no_optimize, force=a.force,
@@ -308,8 +308,8 @@ def _check_model_repository(repo: str, control: str) -> None:
     """A local folder with no MODEL/config.pbtxt at all is not a model repository (a dataset
     or run folder given by mistake): say that, not which of its subfolders lacks a config.
     An empty folder stays valid under explicit model control (models are loaded later)."""
-    from captioner.errors import UserError
-    from captioner.storage import is_s3
+    from captioner.core.errors import UserError
+    from captioner.io.storage import is_s3
 
     p = Path(repo)
     if is_s3(repo) or not p.is_dir() or (control == "explicit" and not any(p.iterdir())):
@@ -321,11 +321,11 @@ def _check_model_repository(repo: str, control: str) -> None:
 
 
 def cmd_serve(a, _):
-    from captioner.serve import serve_forever
+    from captioner.serving.server.app import serve_forever
 
     _check_model_repository(a.repo, a.model_control_mode)
 
-    from captioner.triton_repo import RepositoryError
+    from captioner.serving.triton_repo import RepositoryError
 
     try:
         serve_forever(a.repo, host=a.host, port=a.grpc_port, threads=a.threads, control=a.model_control_mode,
@@ -336,11 +336,11 @@ def cmd_serve(a, _):
 
 
 def cmd_web(a, _):
-    from captioner.client import TLS, grpc_target
-    from captioner.web import run
+    from captioner.serving.client import TLS, grpc_target
+    from captioner.web.gateway import run
 
-    from captioner.client import check_reachable
-    from captioner.errors import UnreachableError
+    from captioner.serving.client import check_reachable
+    from captioner.core.errors import UnreachableError
 
     a.url = grpc_target(a.url)
     tls = TLS(a.root_certificates, a.private_key, a.certificate_chain) if a.ssl else None
@@ -352,13 +352,13 @@ def cmd_web(a, _):
 
 
 def _store(a, uri, create=False):
-    from captioner.storage import open_store
+    from captioner.io.storage import open_store
 
     return open_store(uri, endpoint=a.s3_endpoint, secure=a.s3_secure, create=create)
 
 
 def cmd_ingest(a, _):
-    from captioner.ingest import IngestOptions, ingest
+    from captioner.data.ingest import IngestOptions, ingest
 
     o = IngestOptions(shard_mb=a.shard_mb, target_workers=a.target_workers, max_side=a.max_side, workers=a.workers,
                       val_fraction=a.val_fraction,
@@ -369,7 +369,7 @@ def cmd_ingest(a, _):
 
 
 def cmd_verify(a, _):
-    from captioner.ingest import verify
+    from captioner.data.ingest import verify
 
     r = verify(a.dest, store=_store(a, a.dest), workers=a.workers)
     print(json.dumps(r, indent=2))
@@ -378,12 +378,11 @@ def cmd_verify(a, _):
 
 
 def cmd_pipeline(a, overrides):
-    from captioner import kfp_pipeline as kp
-
+    from captioner.pipeline import runner as kp
     if a.pipeline_action == "compile":
         import os
 
-        from captioner.deployment import TRAINER_IMAGE
+        from captioner.core.deployment import TRAINER_IMAGE
 
         kp.compile_pipeline(a.out, train_in_pod=a.train_in_pod)
         image = os.environ.get("CAPTIONER_IMAGE")
@@ -394,7 +393,7 @@ def cmd_pipeline(a, overrides):
         print(f"wrote {a.out}: every step runs {image or TRAINER_IMAGE} (upload it in the Kubeflow Pipelines UI)")
         return
     if a.val_fraction is None or a.test_fraction is None:  # the ingest step splits as the preset would
-        from captioner.config import load_config
+        from captioner.core.config import load_config
 
         d = load_config(a.config, list(overrides)).data
         a.val_fraction = d.val_fraction if a.val_fraction is None else a.val_fraction
@@ -402,9 +401,9 @@ def cmd_pipeline(a, overrides):
     common = dict(config=a.config, overrides=list(overrides), min_cider=a.min_cider, eval_max_images=a.eval_max_images,
                   val_fraction=a.val_fraction, test_fraction=a.test_fraction, shard_mb=a.shard_mb)
     if not a.host:
-        from captioner.local_run import run_pipeline_here
+        from captioner.pipeline.local_run import run_pipeline_here
 
-        from captioner.local_run import print_outcome, write_summary
+        from captioner.pipeline.local_run import print_outcome, write_summary
 
         wd = Path(a.workdir).resolve()
         if a.overwrite and (wd / "model").exists():
@@ -425,7 +424,7 @@ def cmd_pipeline(a, overrides):
 
     _check_for_pods("pipeline run --host", a.config, {})
     if a.overwrite:
-        from captioner.errors import UserError
+        from captioner.core.errors import UserError
 
         raise UserError("pipeline run --host: --overwrite is for local runs",
                         hint="on Kubeflow give a new --model-uri for a new training run")
@@ -444,7 +443,7 @@ def _submit(kp, host: str, args: dict, **kw) -> str:
     """kp.run_host, with a refused/unresolvable/timed-out connection as one line and a hint."""
     import urllib3
 
-    from captioner.errors import UnreachableError
+    from captioner.core.errors import UnreachableError
 
     try:
         return kp.run_host(host, args, **kw)
@@ -459,9 +458,9 @@ def _submit(kp, host: str, args: dict, **kw) -> str:
 def _check_for_pods(what: str, config: str, uris: dict) -> None:
     """What a pod will read must exist inside the cluster: a preset packaged in the trainer
     image, and s3:// locations (a path on this machine is not there)."""
-    from captioner.config import PRESET_DIR
-    from captioner.errors import UserError
-    from captioner.storage import is_s3
+    from captioner.core.config import PRESET_DIR
+    from captioner.core.errors import UserError
+    from captioner.io.storage import is_s3
 
     for flag, uri in uris.items():
         if not is_s3(uri):
@@ -480,8 +479,8 @@ def cmd_job(a, overrides):
     """`captioner job render`: the PyTorchJob or TrainJob the pipeline's train step would create."""
     import yaml
 
-    from captioner.config import load_config
-    from captioner.pytorchjob import job_name, training_job
+    from captioner.core.config import load_config
+    from captioner.cluster.pytorchjob import job_name, training_job
 
     _check_for_pods("job render", a.config, {"--data": a.data, "--model-uri": a.model_uri})
     load_config(a.config, [f"--data.source={a.data}", *overrides])  # fail here, not in the pods
@@ -501,9 +500,9 @@ def cmd_demo(a, _):
 def cmd_bench(a, _):
     import importlib
 
-    mod = {"train": "benchmarks.train_throughput", "latency": "benchmarks.caption_latency",
-           "ingest": "benchmarks.ingest_throughput", "serve": "benchmarks.serve_throughput",
-           "quality": "benchmarks.quantized_quality", "int8": "benchmarks.quantized_quality"}[a.what]
+    mod = {"train": "captioner.bench.train_throughput", "latency": "captioner.bench.caption_latency",
+           "ingest": "captioner.bench.ingest_throughput", "serve": "captioner.bench.serve_throughput",
+           "quality": "captioner.bench.quantized_quality", "int8": "captioner.bench.quantized_quality"}[a.what]
     prog, sys.argv[0] = sys.argv[0], f"captioner bench {a.what}"  # the usage line of parsers without a prog
     try:
         importlib.import_module(mod).main(a.rest)
@@ -512,7 +511,7 @@ def cmd_bench(a, _):
 
 
 COMMANDS = {}
-from captioner.deployment import JOB_NAMESPACE, NODE_POOLS, TRAINER_IMAGE  # noqa: E402 - defaults in --help
+from captioner.core.deployment import JOB_NAMESPACE, NODE_POOLS, TRAINER_IMAGE  # noqa: E402 - defaults in --help
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -576,7 +575,7 @@ def _presets_and_config_keys() -> str:
     import inspect
 
     try:
-        from captioner.config import PRESET_DIR, ExperimentConfig
+        from captioner.core.config import PRESET_DIR, ExperimentConfig
     except ImportError as e:  # the web gateway's image has no torch; `captioner web` must still start
         return f"(presets and config keys are listed where the training stack is installed: {e})"
 
@@ -621,7 +620,6 @@ def _field_comments(src: str) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from captioner import __version__
-
     p = argparse.ArgumentParser(prog="captioner", formatter_class=_Help, description=(
         "Image captioning platform: generate data, train a ViT + Transformer captioner, evaluate, "
         "export to ONNX/Triton, serve over Triton's gRPC protocol, ingest into object storage and run the "
@@ -931,8 +929,8 @@ def main(argv: list[str] | None = None) -> None:
     if extra and not getattr(a, "overrides_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(a.verbose)
-    from captioner.errors import UserError
-    from captioner.storage import StoreError  # (config.ConfigError is a ValueError: importing config loads torch)
+    from captioner.core.errors import UserError
+    from captioner.io.storage import StoreError  # (config.ConfigError is a ValueError: importing config loads torch)
 
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:

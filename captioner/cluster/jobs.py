@@ -36,9 +36,9 @@ class JobKind:
 
     def errors(self, job: dict) -> list[str]:
         if self.kind == "PyTorchJob":
-            from captioner.pytorchjob import webhook_errors
+            from captioner.cluster.pytorchjob import webhook_errors
         else:
-            from captioner.trainjob import webhook_errors
+            from captioner.cluster.trainjob import webhook_errors
         return webhook_errors(job)
 
 

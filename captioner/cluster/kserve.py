@@ -4,7 +4,7 @@ through the v2 endpoint, promote to 100% or roll back). The champion is recorded
 only after promotion.
 
 How KServe behaves (github.com/kserve/kserve, tag v0.19.0), which the rollout relies on and
-tests/test_kserve.py's fake follows:
+tests/cluster/test_kserve.py's fake follows:
 - pkg/controller/v1beta1/inferenceservice/reconcilers/knative/ksvc_reconciler.go: with
   `canaryTrafficPercent` set and a `latestRolledoutRevision` known, traffic is
   [{latestRevision: true, percent: X (tag "latest" with the serving.kserve.io/enable-tag-routing
@@ -226,9 +226,9 @@ def expected_captions(repo: str, images: list[bytes]) -> list[str]:
 
     import numpy as np
 
-    from captioner.names import DECODE_LOOP, PREPROCESS
-    from captioner.onnx_runtime import OrtCaptioner
-    from captioner.serving_core import DecodeLoop, image_bytes_to_pixels, load_preprocess, params_for
+    from captioner.core.names import DECODE_LOOP, PREPROCESS
+    from captioner.serving.core import DecodeLoop, image_bytes_to_pixels, load_preprocess, params_for
+    from captioner.serving.onnx_runtime import OrtCaptioner
 
     ort = OrtCaptioner(repo)
     pre = load_preprocess(Path(repo) / PREPROCESS / "1")
@@ -241,7 +241,7 @@ def expected_captions(repo: str, images: list[bytes]) -> list[str]:
 
 def live_check(url: str, images: list[bytes], want: list[str], timeout: float = 60.0) -> None:
     """Caption `images` through the v2 (gRPC) endpoint at url; raise unless they equal `want`."""
-    from captioner.client import caption_bytes, wait_ready
+    from captioner.serving.client import caption_bytes, wait_ready
 
     wait_ready(url, timeout=timeout)
     got = caption_bytes(url, images)

@@ -13,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from captioner.deployment import (GPU_NODE_SELECTOR, GPU_TOLERATION, JOB_NAMESPACE, NODE_POOLS, RDZV_PORT,
+from captioner.core.deployment import (GPU_NODE_SELECTOR, GPU_TOLERATION, JOB_NAMESPACE, NODE_POOLS, RDZV_PORT,
                                   RDZV_PORT_NAME, S3_ENV, TRAINER_IMAGE, TRAINER_S3_SECRET, TRAINER_SERVICE_ACCOUNT)
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def training_job(name: str, config: str, overrides: list[str], model_uri: str, *
                  s3_secret: str = TRAINER_S3_SECRET, api: str = "pytorchjob") -> dict:
     """The training job for one run, as the pipeline's train step and `captioner job render`
     both build it: a PyTorchJob (api="pytorchjob") or a Trainer v2 TrainJob on the
-    torch-distributed runtime (api="trainjob", captioner/trainjob.py), from one JobSpec.
+    torch-distributed runtime (api="trainjob", captioner/cluster/trainjob.py), from one JobSpec.
     Checkpoints go to model_uri as they are written and every start
     passes --resume, so a restarted pod (OnFailure, torchrun restart, KFP retry) continues
     from the latest checkpoint in the store instead of from scratch."""
@@ -179,8 +179,7 @@ def training_job(name: str, config: str, overrides: list[str], model_uri: str, *
         job = build_pytorchjob(spec)
         errs = webhook_errors(job)
     elif api == "trainjob":
-        from captioner import trainjob
-
+        from captioner.cluster import trainjob
         job = trainjob.build_trainjob(spec)
         errs = trainjob.webhook_errors(job)
     else:
@@ -267,6 +266,6 @@ def check_cost(est: CostEstimate, max_cost: float, override: bool = False) -> No
 
 
 # ------------------------------------------------------------------ launcher
-# One launcher for PyTorchJob and TrainJob (captioner/k8s_jobs.py); re-exported here.
-from captioner.k8s_jobs import (ApiConflict, JobApi, JobFailed, JobTimeout, KubeApi,  # noqa: E402,F401
+# One launcher for PyTorchJob and TrainJob (captioner/cluster/jobs.py); re-exported here.
+from captioner.cluster.jobs import (ApiConflict, JobApi, JobFailed, JobTimeout, KubeApi,  # noqa: E402,F401
                                 job_state, launch_and_wait)

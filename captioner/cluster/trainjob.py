@@ -35,7 +35,7 @@ PATCH_MANAGER = "captioner.dev/launcher"
 def build_trainjob(s) -> dict:
     """The TrainJob for `s` (a pytorchjob.JobSpec). TrainJob v2.3.0 has no elastic range:
     min_workers/max_workers must equal workers."""
-    from captioner.pytorchjob import TRAINER_CONTAINER_SECURITY, trainer_limits_and_env, trainer_pod_spec
+    from captioner.cluster.pytorchjob import TRAINER_CONTAINER_SECURITY, trainer_limits_and_env, trainer_pod_spec
 
     if (s.min_workers, s.max_workers) != (s.workers, s.workers):
         raise ValueError(f"TrainJob (Trainer v2.3.0) has no elastic training: min/max nodes "
@@ -69,7 +69,7 @@ def webhook_errors(job: dict) -> list[str]:
     """The TrainJob admission rules our jobs could break: the CRD's CEL rules on the name
     (RFC 1035, <= 63), the jobset plugin's Validate (runtimePatches[].manager a
     domain-prefixed path; no env on the patched `node` container) and the torch plugin's
-    Validate (no reserved PET_* in trainer.env). tests/trainer_contract.py ports the whole
+    Validate (no reserved PET_* in trainer.env). tests/cluster/trainer_contract.py ports the whole
     webhook and runs it on what `captioner job render` prints."""
     import re
 

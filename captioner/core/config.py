@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from captioner.model import ModelConfig
-from captioner.pytorchjob import DEFAULT_PRICE_PER_GPU_HOUR
+from captioner.cluster.pytorchjob import DEFAULT_PRICE_PER_GPU_HOUR
+from captioner.modeling.model import ModelConfig
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 class ConfigError(ValueError):

@@ -32,7 +32,7 @@ NODE_POOLS = {
     "kind": ({}, []),
 }
 CKPT_LATEST, CKPT_BEST = "ckpt_latest.pt", "ckpt_best.pt"
-# Oldest KFP backend that runs the compiled IR correctly (tests/test_kubeflow.py derives it
+# Oldest KFP backend that runs the compiled IR correctly (tests/pipeline/test_kubeflow.py derives it
 # from the IR): the driver resolves `{{$.pipeline_job_uuid}}` (the train step's run id) only
 # since 2.5.0 (kubeflow/pipelines PR #11599), which also reads secretNameParameter.
 MIN_KFP_BACKEND = "2.5.0"
@@ -40,7 +40,7 @@ TRAINING_OPERATOR_VERSION = "v1.9.0"
 
 # --- serving (pinned Triton release, its onnxruntime, control-API key) ---
 # One Triton release for the cluster and the tests: the tests run the tritonserver that the
-# nvidia-pytriton 0.7.0 wheel bundles (2.51.0, NGC release 24.10; captioner.triton_server), so the
+# nvidia-pytriton 0.7.0 wheel bundles (2.51.0, NGC release 24.10; captioner.serving.triton_server), so the
 # cluster image is pinned to the same release.
 TRITON_RELEASE = "24.10"  # the one place the Triton release is pinned (docker/triton.Dockerfile FROM, tests)
 TRITON_SERVER_VERSION = "2.51.0"  # tritonserver's own version in that release (server build.py TRITON_VERSION_MAP)
@@ -72,7 +72,7 @@ CONTROL_KEY_ENV = "CAPTIONER_TRITON_CONTROL_KEY"  # env the deploy step (and Tri
 
 
 # --- tritonserver's flags: one list for the cluster (k8s/base/triton.yaml's args, checked by
-# tests/test_triton_k8s.py) and the real server that tests and `make demo` run (captioner.triton_server)
+# tests/cluster/test_triton_k8s.py) and the real server that tests and `make demo` run (captioner.serving.triton_server)
 TRITON_SERVING_URI = "s3://minio.captioner.svc.cluster.local:9000/models/serving"
 
 

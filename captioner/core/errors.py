@@ -1,4 +1,4 @@
-"""User-facing errors: a mistake a person can fix. `captioner.cli.main` catches these once and
+"""User-facing errors: a mistake a person can fix. `captioner.cli.main.main` catches these once and
 prints one line (plus a hint); `captioner -v ...` shows the traceback as well."""
 from __future__ import annotations
 

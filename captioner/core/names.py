@@ -33,7 +33,7 @@ ROWS = "rows"  # INT64 [R']: rows to keep / reorder / duplicate (select_rows.onn
 STATE = "state"  # FP32 [R, H, S, Dh]: one layer's cache or cross K/V tensor (select_rows.onnx input)
 SELECTED = "selected"  # FP32 [R', ...]: its selected rows (select_rows.onnx output)
 
-# the decode loop's step graph (decode_loop/<version>/decoder.onnx, built by captioner.onnx_graphs):
+# the decode loop's step graph (decode_loop/<version>/decoder.onnx, built by captioner.export.graphs):
 # one token per row per run, per-layer tensors so that nothing is sliced or concatenated per step
 PAST_LENGTH = "past_sequence_length"  # INT32 [1]: positions already in the cache (= this token's position)
 CROSS_KEY = "cross_key.{}"  # FP32 [B, H, P, Dh] of layer {}: bound once per caption

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from captioner.data import SPLITS, ImageRecord, collate_grouped
-from captioner.preprocess import ImageError, PreprocessConfig, preprocess_bytes
-from captioner.storage import Store, is_s3, iter_tar_members, open_store, split_uri
+from captioner.core.preprocess import ImageError, PreprocessConfig, preprocess_bytes
+from captioner.data.sources import SPLITS, ImageRecord, collate_grouped
+from captioner.io.storage import Store, is_s3, iter_tar_members, open_store, split_uri
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

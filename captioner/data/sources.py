@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from captioner.preprocess import ImageError, PreprocessConfig, load_image, preprocess_path
+from captioner.core.preprocess import ImageError, PreprocessConfig, load_image, preprocess_path
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -279,7 +279,7 @@ def read_records(source: str | Path, fmt: str = "auto", image_root: str = "", su
     summary = summary or DataSummary()
     src = Path(source)
     if not src.exists():
-        from captioner.errors import DataNotFoundError
+        from captioner.core.errors import DataNotFoundError
 
         raise DataNotFoundError(f"data source not found: {src}",
                                 hint=f"point --data.source at {LAYOUTS}; to try things out first, "

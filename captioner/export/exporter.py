@@ -19,22 +19,22 @@ import numpy as np
 import onnx
 import torch
 
-from captioner.checkpoint import LoadedCheckpoint, load_checkpoint
-from captioner.config import save_config
-from captioner.decoding import DecodeParams
-from captioner.errors import UnsafeOutputError
-from captioner.inference import caption_tensor
-from captioner.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER,
+from captioner.modeling.checkpoint import LoadedCheckpoint, load_checkpoint
+from captioner.core.config import save_config
+from captioner.core.decoding import DecodeParams
+from captioner.core.errors import UnsafeOutputError
+from captioner.modeling.inference import caption_tensor
+from captioner.core.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER,
                              ENCODER_HIDDEN, INPUT_IDS, LOGITS, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE,
                              PRESENT_KV, ROWS, SELECT_ROWS_FILE, SELECTED, STATE, TOKENIZER_FILE)
-from captioner.onnx_attention import fused_vit_attention
-from captioner.onnx_graphs import DTYPES, build_decoder_step, cache_mode_for, fused_operator_counts, op_type_counts
-from captioner.serving_core import DecodeLoop, image_bytes_to_pixels
-from captioner.triton_repo import (ALL_MODELS, MAX_BATCH, REPOSITORY_MARKER, build_configs, check_repository,
+from captioner.export.attention import fused_vit_attention
+from captioner.export.graphs import DTYPES, build_decoder_step, cache_mode_for, fused_operator_counts, op_type_counts
+from captioner.serving.core import DecodeLoop, image_bytes_to_pixels
+from captioner.serving.triton_repo import (ALL_MODELS, MAX_BATCH, REPOSITORY_MARKER, build_configs, check_repository,
                                    write_configs, write_marker)
 
 log = logging.getLogger(__name__)
-SOURCES = Path(__file__).resolve().parent / "triton"  # the Python-backend models, copied in as model.py
+SOURCES = Path(__file__).resolve().parents[1] / "serving" / "triton"  # the Python-backend models, copied in as model.py
 
 
 class ParityError(RuntimeError):
@@ -115,7 +115,7 @@ def export_onnx(ck: LoadedCheckpoint, repo: Path, opset: int = 17) -> Dims:
 def export_encoder_graph(m, input_size: tuple[int, int, int], path: Path, opset: int = 17) -> list[str]:
     """The encoder graph (pixel_values -> encoder_hidden, cross_kv), batch dynamic, with each
     plain timm ViT attention written as one com.microsoft.MultiHeadAttention node
-    (captioner.onnx_attention). Returns the names of the fused attention modules."""
+    (captioner.export.attention). Returns the names of the fused attention modules."""
     with fused_vit_attention(m.encoder) as fused, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(_EncoderGraph(m).eval(), (torch.randn(2, *input_size),), str(path),
@@ -148,9 +148,9 @@ def write_select_rows(path: Path, dtype: str = "float32", opset: int = 17) -> No
 
 def write_decoder_step(ck: LoadedCheckpoint, repo: Path, device: str, patches: int, dtype: str = "float32") -> str:
     """decode_loop/1/decoder.onnx: the step graph its in-process session runs (see
-    captioner/triton/decode_loop.py for why it lives there), written from the weights with fused
+    captioner/serving/triton/decode_loop.py for why it lives there), written from the weights with fused
     attention and a KV cache kept in place (CPU, or fp16 on a GPU) or appended (fp32 on a GPU)
-    (captioner.onnx_graphs), and select_rows.onnx for the same dtype. Returns the cache mode."""
+    (captioner.export.graphs), and select_rows.onnx for the same dtype. Returns the cache mode."""
     mode = cache_mode_for(device, dtype)
     onnx.save(build_decoder_step(ck.model.decoder.eval(), patches, mode, dtype),
               str(repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE))
@@ -163,8 +163,8 @@ def held_out_records(ck: LoadedCheckpoint, n: int = 0, cache_dir: str | Path | N
     """The checkpoint's held-out images (test split, then val when too few; n=0: the whole test
     split) as ImageRecords: for a dataset written by `captioner ingest` the split is the one its
     manifest fixes (images extracted to `cache_dir`), else the split `assign_splits` gives."""
-    from captioner.data import assign_splits, by_split, read_records
-    from captioner.shards import is_shard_source, materialize, open_shard_source
+    from captioner.data.sources import assign_splits, by_split, read_records
+    from captioner.data.shards import is_shard_source, materialize, open_shard_source
 
     c = ck.config.data
     if is_shard_source(c.source):
@@ -190,7 +190,7 @@ def sample_images(ck: LoadedCheckpoint, n: int = 8) -> list[tuple[str, bytes]]:
             return out
     except Exception as e:  # noqa: BLE001 - fall back to generated images
         log.info("parity images: data source unavailable (%s); using generated images", e)
-    from captioner.synthetic import draw_scene
+    from captioner.data.synthetic import draw_scene
 
     rng, out = random.Random(0), []
     for i in range(n):
@@ -216,7 +216,7 @@ class ParityReport:
 
 def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: float = 1e-3,
                  fail: bool = True) -> ParityReport:
-    from captioner.onnx_runtime import OrtCaptioner
+    from captioner.serving.onnx_runtime import OrtCaptioner
 
     imgs = sample_images(ck, n_images)
     pixels = image_bytes_to_pixels(np.array([b for _, b in imgs], dtype=object), ck.preprocess)
@@ -264,7 +264,7 @@ def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: floa
 def _loop_logprobs_diff(loop, cross_o: np.ndarray, tok: np.ndarray, m, cross_t) -> float:
     """Largest |log-prob difference| between the decode loop's step graph (fed onnxruntime's
     cross K/V, as served) and PyTorch, teacher-forced on the same tokens."""
-    from captioner.decoding import log_softmax
+    from captioner.core.decoding import log_softmax
 
     step, past, worst = loop.make_step(cross_o), None, 0.0
     for t in range(tok.shape[1]):
@@ -374,7 +374,7 @@ def quantize_int4(repo: Path) -> dict[str, int]:
     (`quantize_int8`). Returns the step graph's {op type: count} for MatMul / MatMulNBits.
 
     Kernels in the onnxruntime that the pinned Triton release ships
-    (captioner.deployment.TRITON_ONNXRUNTIME): CPU - contrib_ops/cpu/cpu_contrib_kernels.cc
+    (captioner.core.deployment.TRITON_ONNXRUNTIME): CPU - contrib_ops/cpu/cpu_contrib_kernels.cc
     registers ONNX_OPERATOR_TYPED_KERNEL_CLASS_NAME(kCpuExecutionProvider, kMSDomain, 1, float,
     MatMulNBits) (the graph is run in that exact version by
     tests/serving/test_triton_onnxruntime.py); CUDA - contrib_ops/cuda/cuda_contrib_kernels.cc

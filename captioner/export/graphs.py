@@ -25,7 +25,7 @@ does not fuse its attention. Here:
   - cross-attention is `com.microsoft.MultiHeadAttention` with key/value given per layer in
     [B, H, P, Dh] (BNSH), bound once per caption, never sliced per step;
   - only the last position exists, so the vocabulary projection is [B, 1, V].
-Model file stays free of export code; `captioner.export` checks this graph against PyTorch
+Model file stays free of export code; `captioner.export.exporter` checks this graph against PyTorch
 (teacher-forced log-probs and captions) before anything is published.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from captioner.names import (CROSS_KEY, CROSS_VALUE, INPUT_IDS, KV_CACHE_META, LOGITS, MAX_LEN_META,
+from captioner.core.names import (CROSS_KEY, CROSS_VALUE, INPUT_IDS, KV_CACHE_META, LOGITS, MAX_LEN_META,
                              PAST_KEY, PAST_LENGTH, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)
 
 MS = "com.microsoft"
@@ -89,7 +89,7 @@ DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, Te
 
 def build_decoder_step(decoder, patches: int, cache: str = "in_place", dtype: str = "float32",
                        opset: int = 17) -> onnx.ModelProto:
-    """The step graph of a `captioner.model.CaptionDecoder` (eval mode: no dropout) over an
+    """The step graph of a `captioner.modeling.model.CaptionDecoder` (eval mode: no dropout) over an
     encoder with `patches` tokens. Inputs: input_ids [B,1] int64, past_sequence_length [1]
     int32, per layer i cross_key.i / cross_value.i [B,H,P,Dh] and past_key.i / past_value.i;
     outputs logits [B,1,V] and per layer present_key.i / present_value.i. `dtype` float16
@@ -205,7 +205,7 @@ def step_weight_bytes(model: "onnx.ModelProto | str | Path", rows: int = 1) -> i
     every initializer in full (MatMul / MatMulNBits / MatMulInteger weights, their scales,
     biases, LayerNorm parameters), except a table read only through Gather (the token and
     position embeddings), of which `rows` rows are read. The memory floor of a decoder step at
-    batch 1 is these bytes over the machine's memory bandwidth (benchmarks/caption_latency.py)."""
+    batch 1 is these bytes over the machine's memory bandwidth (captioner/bench/caption_latency.py)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     users: dict[str, set] = {}

@@ -20,19 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from captioner.config import ExperimentConfig, config_from_dict
-from captioner.deployment import CKPT_BEST, CKPT_LATEST
-from captioner.errors import NotACheckpointError
-from captioner.model import Captioner
-from captioner.preprocess import PreprocessConfig
-from captioner.storage import atomic_write
-from captioner.tokenizer import CaptionTokenizer
+from captioner.core.config import ExperimentConfig, config_from_dict
+from captioner.core.deployment import CKPT_BEST, CKPT_LATEST
+from captioner.core.errors import NotACheckpointError
+from captioner.core.preprocess import PreprocessConfig
+from captioner.core.tokenizer import CaptionTokenizer
+from captioner.io.storage import atomic_write
+from captioner.modeling.model import Captioner
 
 log = logging.getLogger(__name__)
 LATEST, BEST = CKPT_LATEST, CKPT_BEST
 FORMAT = 2  # 2: no pickled objects (RNG states as tensors/lists)
 RUN_LOGS = ("metrics.jsonl", "val_metrics.jsonl")  # travel with the checkpoint to the store
-RUN_LOG_DIRS = ("tb",)  # so do these folders' files (TensorBoard events, captioner/train_board.py)
+RUN_LOG_DIRS = ("tb",)  # so do these folders' files (TensorBoard events, captioner/training/board.py)
 # The store's list of those files: the trainer's MinIO user may read and write objects under
 # models/runs/ but not list them (k8s/base/minio.yaml), so a restarted pod finds them here.
 LOG_INDEX = "run_log_files.json"
@@ -159,7 +159,7 @@ class CheckpointSaver:
         self.out, self.store_uri, self.main = Path(out_dir), store_uri, main
 
     def _store(self, create: bool = False):
-        from captioner.storage import open_store
+        from captioner.io.storage import open_store
 
         return open_store(self.store_uri, create=create)
 
@@ -238,7 +238,7 @@ class CheckpointSaver:
         if not (self.out / BEST).exists() and (self.out / LATEST).exists():
             atomic_copy(self.out / LATEST, self.out / BEST)
         if self.store_uri:
-            from captioner.storage import publish
+            from captioner.io.storage import publish
 
             publish(self.out, self.store_uri)
             log.info("published %s to %s", self.out, self.store_uri)

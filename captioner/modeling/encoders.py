@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from captioner.errors import UserError, WeightsUnavailableError
+from captioner.core.errors import UserError, WeightsUnavailableError
 
 WEIGHTS_HINT = ("make the Hugging Face Hub reachable (or point HF_HUB_CACHE at a cache that holds the weights), "
                 "or download the weights file elsewhere and pass --model.encoder_weights=/path/to/model.safetensors, "

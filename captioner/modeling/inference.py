@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from captioner.decoding import CachedStep, DecodeParams, decode
-from captioner.model import Captioner
-from captioner.tokenizer import CaptionTokenizer
+from captioner.core.decoding import CachedStep, DecodeParams, decode
+from captioner.core.tokenizer import CaptionTokenizer
+from captioner.modeling.model import Captioner
 
 
 def torch_step(model: Captioner, cross_kv: torch.Tensor) -> CachedStep:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from captioner.errors import WeightsUnavailableError
+from captioner.core.errors import WeightsUnavailableError
 
 
 @dataclass
@@ -61,7 +61,7 @@ EncoderWeightsError = WeightsUnavailableError  # the older name
 def build_encoder(cfg: ModelConfig) -> nn.Module:
     import timm
 
-    from captioner.encoders import check_encoder
+    from captioner.modeling.encoders import check_encoder
 
     check_encoder(cfg.encoder, cfg.pretrained, cfg.encoder_weights)  # a clear error now, not timm's later
     kwargs = dict(cfg.encoder_kwargs)

@@ -1,4 +1,4 @@
-"""Kubeflow Pipelines v2 lightweight components: thin shells over `captioner.pipeline_steps`.
+"""Kubeflow Pipelines v2 lightweight components: thin shells over `captioner.pipeline.steps`.
 
 Each parses its inputs, calls one function and writes its outputs (artifacts and their
 metadata). The image is the trainer image, which has the `captioner` package installed;
@@ -11,7 +11,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from captioner.deployment import TRAINER_IMAGE
+from captioner.core.deployment import TRAINER_IMAGE
 
 IMAGE = os.environ.get("CAPTIONER_IMAGE", TRAINER_IMAGE)
 # kfp is pinned in the trainer image (docker/trainer.Dockerfile), so no component runs
@@ -24,7 +24,7 @@ def ingest(source: str, dest: str, shard_mb: float, val_fraction: float, test_fr
            dataset: Output[Dataset]):
     import json
 
-    from captioner.pipeline_steps import ingest_step
+    from captioner.pipeline.steps import ingest_step
 
     r = ingest_step(source, dest, shard_mb, val_fraction, test_fraction)
     dataset.metadata.update({"manifest": r["manifest"], "uri": r["dest"], "items": r["items"], "shards": r["shards"]})
@@ -38,7 +38,7 @@ def train(dataset: Input[Dataset], model_uri: str, config: str, overrides: list,
     """run_id: the KFP pipeline job id (the same on every retry of this task)."""
     import json
 
-    from captioner.pipeline_steps import train_step
+    from captioner.pipeline.steps import train_step
 
     r = train_step(dataset.metadata["uri"], model_uri, config, list(overrides), mode, nproc, run_id, cluster)
     model.metadata.update(r)
@@ -56,7 +56,7 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metr
     import tempfile
     from collections import namedtuple
 
-    from captioner.pipeline_steps import evaluate_step, report_step
+    from captioner.pipeline.steps import evaluate_step, report_step
 
     out = tempfile.mkdtemp(prefix="eval-")
     r = evaluate_step(model.metadata["checkpoint"], dataset.metadata["uri"], out, max_images=max_images)
@@ -77,7 +77,7 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metr
 def export(model: Input[Model], repo_uri: str, device: str, repository: Output[Artifact]):
     import json
 
-    from captioner.pipeline_steps import export_step
+    from captioner.pipeline.steps import export_step
 
     r = export_step(model.metadata["checkpoint"], repo_uri, device)
     repository.metadata.update({"repo_uri": r["repo_uri"], **{f"parity_{k}": v for k, v in r["parity"].items()
@@ -88,14 +88,14 @@ def export(model: Input[Model], repo_uri: str, device: str, repository: Output[A
 
 @component
 def champion(serving_uri: str) -> float:
-    from captioner.pipeline_steps import champion_score
+    from captioner.pipeline.steps import champion_score
 
     return champion_score(serving_uri)
 
 
 @component
 def gate(cider: float, min_cider: float, champion_cider: float) -> bool:
-    from captioner.pipeline_steps import should_deploy
+    from captioner.pipeline.steps import should_deploy
 
     return should_deploy(cider, min_cider, champion_cider)
 
@@ -105,7 +105,7 @@ def deploy(repository: Input[Artifact], serving_uri: str, cider: float, triton_u
            kserve: dict) -> str:
     import json
 
-    from captioner.pipeline_steps import deploy_step
+    from captioner.pipeline.steps import deploy_step
 
     return json.dumps(deploy_step(repository.metadata["repo_uri"], serving_uri, cider, triton_url, target=target,
                                   kserve=dict(kserve)))

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from captioner.errors import UserError
+from captioner.core.errors import UserError
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -121,7 +121,7 @@ class _StepReporter(threading.Thread):
 def run_pipeline_here(arguments: dict, pipeline_root: str | Path, log_path: str | Path, verbose: bool = False,
                       overwrite_hint: str = ""):
     """kfp_pipeline.run_local with its output in `log_path` (or on the terminal with verbose)."""
-    from captioner.kfp_pipeline import run_local
+    from captioner.pipeline.runner import run_local
 
     root = Path(pipeline_root)
     if verbose:

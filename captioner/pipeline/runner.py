@@ -6,13 +6,13 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pipeline(cluster: bool = True, train_in_pod: bool = False):
     # `pipelines` and `components` are packages of this distribution (pyproject.toml), importable
     # wherever `captioner` is: no sys.path or PYTHONPATH patching
-    from pipelines.captioning import build_pipeline
+    from captioner.pipeline.captioning import build_pipeline
 
     return build_pipeline(cluster=cluster, train_in_pod=train_in_pod)
 
@@ -38,7 +38,7 @@ def local_arguments(workdir: str | Path, source: str, config: str = "tiny-cpu", 
 def host_arguments(source: str, data_uri: str, model_uri: str, repo_uri: str, serving_uri: str, **settings) -> dict:
     """Pipeline arguments for a cluster run: every location must be an s3:// URI, because a
     path on this machine does not exist inside the pipeline's pods."""
-    from captioner.storage import is_s3
+    from captioner.io.storage import is_s3
 
     uris = {"source": source, "data_uri": data_uri, "model_uri": model_uri, "repo_uri": repo_uri,
             "serving_uri": serving_uri}

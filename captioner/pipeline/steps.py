@@ -1,4 +1,4 @@
-"""What each Kubeflow pipeline step does. KFP components (components/) are thin shells
+"""What each Kubeflow pipeline step does. KFP components (captioner/pipeline/components.py) are thin shells
 that call one function here; these take plain values and URIs, so they run the same in a
 KFP pod, in `kfp.local` and in tests."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from captioner.deployment import CKPT_BEST
+from captioner.core.deployment import CKPT_BEST
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion.json"
@@ -20,8 +20,8 @@ CHAMPION = "champion.json"
 
 def ingest_step(source: str, dest: str, shard_mb: float = 64.0, val_fraction: float = 0.05,
                 test_fraction: float = 0.05) -> dict:
-    from captioner.ingest import IngestOptions, ingest
-    from captioner.storage import fetch, is_s3
+    from captioner.data.ingest import IngestOptions, ingest
+    from captioner.io.storage import fetch, is_s3
 
     opts = IngestOptions(shard_mb=shard_mb, val_fraction=val_fraction, test_fraction=test_fraction, progress=False)
     if not is_s3(source):
@@ -36,8 +36,8 @@ def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str],
     after the cost guard and wait for it. Either way checkpoints are mirrored to model_uri
     (a folder or s3:// prefix) as they are written, a retry of the same run (same run_id,
     the KFP job id) resumes from the latest one there, and the checkpoint URI is returned."""
-    from captioner.config import load_config
-    from captioner.deployment import MIN_KFP_BACKEND
+    from captioner.core.config import load_config
+    from captioner.core.deployment import MIN_KFP_BACKEND
 
     if "{{" in run_id:
         raise ValueError(f"run id {run_id!r} is an unresolved KFP placeholder: the Kubeflow Pipelines backend is "
@@ -60,7 +60,7 @@ def train_step(data_uri: str, model_uri: str, config: str, overrides: list[str],
             log.info("running %s", " ".join(cmd))
             subprocess.run(cmd, check=True)
         else:
-            from captioner.train import RunExists, train
+            from captioner.training.train import RunExists, train
 
             cfg.train.out_dir = out
             try:
@@ -76,10 +76,10 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
                    api=None) -> dict:
     """Launch the run as a PyTorchJob or a TrainJob (--train.api; auto = the kind the cluster
     serves), after the cost guard, and wait for it. `api`: a KubeApi-like factory (tests)."""
-    from captioner.k8s_jobs import KubeApi, served_kind
-    from captioner.pytorchjob import (DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, check_cost,
+    from captioner.cluster.jobs import KubeApi, served_kind
+    from captioner.cluster.pytorchjob import (DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, check_cost,
                                       estimate_cost, job_name, launch_and_wait, training_job)
-    from captioner.shards import open_shard_source
+    from captioner.data.shards import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)
     pairs = sum(len(it.captions) for it in manifest.items_in("train"))
@@ -101,8 +101,8 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
 
 
 def evaluate_step(checkpoint_uri: str, data_uri: str, out_dir: str, split: str = "test", max_images: int = 0) -> dict:
-    from captioner.evaluate import evaluate
-    from captioner.storage import fetch
+    from captioner.training.evaluate import evaluate
+    from captioner.io.storage import fetch
 
     with tempfile.TemporaryDirectory(prefix="captioner-eval-") as tmp:
         ck = fetch(checkpoint_uri, tmp)
@@ -114,7 +114,7 @@ def report_step(checkpoint_uri: str, samples_html: str, dest: str) -> dict:
     """The training run's HTML report (curves, numbers, config, worst samples) for the Kubeflow
     UI, written to dest; returns the numbers for the run comparison (KFP Metrics). The run is
     the checkpoint's folder in the model store, where training published its TensorBoard events."""
-    from captioner.run_report import write_report
+    from captioner.training.report import write_report
 
     run = checkpoint_uri.rsplit("/", 1)[0] if checkpoint_uri.rstrip("/").endswith(".pt") else checkpoint_uri
     _, metrics = write_report(run, dest, samples_html or None)
@@ -122,8 +122,8 @@ def report_step(checkpoint_uri: str, samples_html: str, dest: str) -> dict:
 
 
 def export_step(checkpoint_uri: str, repo_uri: str, device: str = "gpu") -> dict:
-    from captioner.export import export
-    from captioner.storage import fetch, publish
+    from captioner.export.exporter import export
+    from captioner.io.storage import fetch, publish
 
     with tempfile.TemporaryDirectory(prefix="captioner-export-") as tmp:
         ck = fetch(checkpoint_uri, Path(tmp) / "ckpt")
@@ -135,7 +135,7 @@ def export_step(checkpoint_uri: str, repo_uri: str, device: str = "gpu") -> dict
 
 def champion_score(serving_uri: str) -> float:
     """The deployed model's recorded CIDEr-D, or -1 when nothing is deployed."""
-    from captioner.storage import open_store
+    from captioner.io.storage import open_store
 
     try:
         return float(json.loads(open_store(serving_uri).get_bytes(CHAMPION))["CIDEr"])
@@ -175,9 +175,9 @@ def load_on_replicas(triton_url: str, version: int, key: str | None) -> list[str
     through the restricted model-repository protocol, and check the new version is ready."""
     import tritonclient.grpc as grpcclient
 
-    from captioner.deployment import control_headers
-    from captioner.names import ENSEMBLE
-    from captioner.triton_repo import LOAD_ORDER
+    from captioner.core.deployment import control_headers
+    from captioner.core.names import ENSEMBLE
+    from captioner.serving.triton_repo import LOAD_ORDER
 
     headers = control_headers(key, "grpc") if key else None  # gRPC: "triton-grpc-protocol-" + KEY
     done = []
@@ -201,10 +201,10 @@ def deploy_step(repo_uri: str, serving_uri: str, cider: float, triton_url: str =
       (decoder, then the ensemble; the control key comes from the CAPTIONER_TRITON_CONTROL_KEY
       env, i.e. the Secret);
     - target "kserve": roll the InferenceService (storageUri = the serving location) out to
-      it as a canary and promote it after a live check, or roll back (captioner/kserve.py)."""
-    from captioner.deployment import CONTROL_KEY_ENV
-    from captioner.storage import fetch, open_store
-    from captioner.triton_repo import publish_version
+      it as a canary and promote it after a live check, or roll back (captioner/cluster/kserve.py)."""
+    from captioner.core.deployment import CONTROL_KEY_ENV
+    from captioner.io.storage import fetch, open_store
+    from captioner.serving.triton_repo import publish_version
 
     if target not in ("triton", "kserve"):
         raise ValueError(f"deploy target must be 'triton' or 'kserve', got {target!r}")
@@ -221,7 +221,7 @@ def deploy_step(repo_uri: str, serving_uri: str, cider: float, triton_url: str =
             except Exception:
                 # the previous revision's pods copy storageUri whenever they start: point it back
                 if previous is not None:
-                    from captioner.triton_repo import pin_ensemble
+                    from captioner.serving.triton_repo import pin_ensemble
 
                     pin_ensemble(store, previous)
                     log.warning("rolled back: %s serves version %d again", serving_uri, previous)
@@ -245,7 +245,7 @@ def _check_images(where: str) -> list[bytes]:
     """A few held-out images for the live check: the files in `where` (a folder), else a
     fixed synthetic set (the same every run)."""
     if not where:
-        from captioner.synthetic import generate
+        from captioner.data.synthetic import generate
 
         with tempfile.TemporaryDirectory(prefix="captioner-check-") as d:
             generate(d, images=3, seed=20261127, side=96, progress=False)
@@ -261,8 +261,7 @@ def _rollout_kserve(local: Path, serving_uri: str, version: int, k: dict, api=No
     a rollback (so no champion is recorded). Settings (all optional): name, namespace,
     canary_percent (10), gpus, min_replicas, max_replicas, timeout_s, live_url (HOST:PORT of
     the v2 gRPC endpoint; default: the canary's tagged URL on port 80), check_images."""
-    from captioner import kserve as ks
-
+    from captioner.cluster import kserve as ks
     kw = {f: str(k[f]) for f in ("name", "namespace") if k.get(f)}
     kw.update({f: int(k[f]) for f in ("gpus", "min_replicas", "max_replicas") if k.get(f) is not None})
     spec = ks.IsvcSpec(storage_uri=serving_uri, version=version, **kw)

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from captioner.names import BEAM_SIZE, CAPTION, ENSEMBLE, IMAGE, MAX_TOKENS
+from captioner.core.names import BEAM_SIZE, CAPTION, ENSEMBLE, IMAGE, MAX_TOKENS
 
 _local = threading.local()
 
@@ -37,7 +37,7 @@ class TLS:
 def grpc_target(url: str, flag: str = "--url") -> str:
     """HOST:PORT of a gRPC endpoint as tritonclient.grpc takes it; a URL with a scheme is
     refused with the form to use (grpc:// is accepted and stripped)."""
-    from captioner.errors import UserError
+    from captioner.core.errors import UserError
 
     u = url.strip()
     if u.startswith("grpc://"):
@@ -65,7 +65,7 @@ def check_reachable(url: str, tls: TLS | None = None, timeout: float = 10.0) -> 
     line, not one per image."""
     from tritonclient.utils import InferenceServerException
 
-    from captioner.errors import UnreachableError
+    from captioner.core.errors import UnreachableError
 
     try:
         _client(url, tls).is_server_live(client_timeout=timeout)
@@ -121,7 +121,7 @@ def caption_files(url: str, paths: list[str], beam: int = 1, concurrency: int = 
                                  tls=tls)[0]
         except InferenceServerException as e:
             if e.status() == "StatusCode.UNAVAILABLE":  # the server went away: stop, don't repeat it per image
-                from captioner.errors import UnreachableError
+                from captioner.core.errors import UnreachableError
 
                 raise UnreachableError(f"lost the model server at {url}: {e.message().splitlines()[0][:200]}",
                                        hint=_why_unreachable(url, e.message())) from None

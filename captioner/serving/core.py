@@ -14,11 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from captioner.decoding import CachedStep, DecodeParams, decode
-from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODER_GRAPH_FILE, MAX_TOKENS,
+from captioner.core.decoding import CachedStep, DecodeParams, decode
+from captioner.core.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODER_GRAPH_FILE, MAX_TOKENS,
                              PREPROCESS_FILE, SELECT_ROWS_FILE, TOKENIZER_FILE)
-from captioner.preprocess import ACCEPTED_FORMATS, SERVING_MAX_PIXELS, ImageError, PreprocessConfig, preprocess_bytes
-from captioner.tokenizer import CaptionTokenizer
+from captioner.core.preprocess import ACCEPTED_FORMATS, SERVING_MAX_PIXELS, ImageError, PreprocessConfig, preprocess_bytes
+from captioner.core.tokenizer import CaptionTokenizer
 
 MAX_BEAM = 8
 # One request's images together: two images at the per-image cap (preprocess.SERVING_MAX_PIXELS),
@@ -35,7 +35,7 @@ def error_code(e: BaseException) -> str:
     RequestError or any ValueError) is the caller's INVALID_ARG, anything else INTERNAL. The
     Python models pass it as `pb_utils.TritonError(msg, getattr(pb_utils.TritonError, code))`:
     without a code python_backend answers INTERNAL (src/pb_error.h, PbError's default
-    TRITONSERVER_ERROR_INTERNAL); captioner.dataplane maps the same exceptions the same way."""
+    TRITONSERVER_ERROR_INTERNAL); captioner.serving.server.dataplane maps the same exceptions the same way."""
     return "INVALID_ARG" if isinstance(e, ValueError) else "INTERNAL"
 
 
@@ -138,7 +138,7 @@ class DecodeLoop:
     def in_process(cls, d: str | Path, threads: int = 0, device_id: int = 0) -> "DecodeLoop":
         """The decode loop of a decode_loop version folder, over the decoder graph shipped in
         that folder (decoder.onnx, select_rows.onnx), in this process."""
-        from captioner.onnx_runtime import BoundDecoder
+        from captioner.serving.onnx_runtime import BoundDecoder
 
         d = Path(d)
         for f in (DECODER_GRAPH_FILE, SELECT_ROWS_FILE):

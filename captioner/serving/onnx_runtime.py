@@ -1,13 +1,13 @@
 """The ONNX sessions of an exported repository in onnxruntime: encoder and decoder
 (`OrtCaptioner`), and the decode loop's own in-process decoder (`BoundDecoder`).
-No decode loop here: that is `captioner.serving_core`. Imports neither torch nor onnx."""
+No decode loop here: that is `captioner.serving.core`. Imports neither torch nor onnx."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from captioner.names import (CROSS_KEY, CROSS_KV, CROSS_VALUE, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
+from captioner.core.names import (CROSS_KEY, CROSS_KV, CROSS_VALUE, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
                              KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH,
                              PAST_VALUE, PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED, STATE)
 
@@ -24,7 +24,7 @@ def session(path: str | Path, threads: int = 0, device_id: int = 0):
     # Threads sleep between runs instead of spinning: each session has its own intra-op pool, and
     # the encoder's spinning threads took the cores from the decoder's steps (and vice versa).
     # Measured on 2 CPU cores, seed-vit768 shape, batch 1: served fp32 caption 352 -> 278 ms,
-    # int8 167 -> 119 ms (benchmarks/caption_latency.py).
+    # int8 167 -> 119 ms (captioner/bench/caption_latency.py).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     avail = ort.get_available_providers()
     providers = ([("CUDAExecutionProvider", {"device_id": device_id})] if "CUDAExecutionProvider" in avail else []) \
@@ -53,7 +53,7 @@ class OrtCaptioner:
 
 class BoundDecoder:
     """The generation loop's decoder, in-process: one onnxruntime session over the decode
-    loop's step graph (captioner.onnx_graphs; CUDA EP on a GPU, CPU here) driven through I/O
+    loop's step graph (captioner.export.graphs; CUDA EP on a GPU, CPU here) driven through I/O
     binding, so a caption's state stays on the session's device. Per caption the cross K/V is
     copied to the device once, one tensor per layer, and bound once; per step only the token
     ids and the position go in and only the last position's logits come out. The KV cache is
@@ -126,7 +126,7 @@ class BoundStep:
             b.bind_output(PRESENT_VALUE.format(i), d.device, d.device_id)
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
-        from captioner.decoding import log_softmax
+        from captioner.core.decoding import log_softmax
 
         d, b = self.d, self.binding
         if self.pos >= d.max_len:

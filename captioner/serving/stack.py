@@ -1,6 +1,6 @@
 """The front door after `make demo`: a model server (gRPC + Triton HTTP/REST + metrics) and
 `captioner web` over a model repository, kept running until Ctrl-C (`captioner demo --serve`).
-The model server is the real tritonserver where it runs (captioner.triton_server), else
+The model server is the real tritonserver where it runs (captioner.serving.triton_server), else
 `captioner serve` (ModelServer, also the demo's server for captions). Both run as child
 processes on 127.0.0.1 and are stopped by their PIDs."""
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 120.0) -
 
 
 class ModelServer:
-    """The model server the demo runs over `repo`: the real tritonserver (captioner.triton_server:
+    """The model server the demo runs over `repo`: the real tritonserver (captioner.serving.triton_server:
     the nvidia-pytriton wheel's, with the cluster's flags: explicit control loading the ensemble,
     model-repository protocol restricted to `key`, a fresh one when None) where it runs, else
     `captioner serve` (restricted to `key` when given), saying why. `name` says which;
@@ -66,8 +66,8 @@ class ModelServer:
 
     def __init__(self, repo: str | Path, key: str | None, run_dir: str | Path, host: str = "127.0.0.1",
                  ports: dict | None = None):
-        from captioner import triton_server
-        from captioner.deployment import CONTROL_HEADER, TRITON_SERVER_VERSION
+        from captioner.core.deployment import CONTROL_HEADER, TRITON_SERVER_VERSION
+        from captioner.serving import triton_server
 
         self.triton = None
         self.host = host
@@ -194,6 +194,6 @@ def print_serve_hint(repo: str | Path) -> None:
           f"(model server: {u['model server']}).", flush=True)
 
 
-if __name__ == "__main__":  # python -m captioner.stack REPO [grpc http metrics web]
+if __name__ == "__main__":  # python -m captioner.serving.stack REPO [grpc http metrics web]
     ps = dict(zip(("grpc", "http", "metrics", "web"), map(int, sys.argv[2:6])))
     raise SystemExit(serve_until_interrupted(sys.argv[1], ports=ps))

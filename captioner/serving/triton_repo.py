@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from captioner.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE,
+from captioner.core.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE,
                              ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV,
                              PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV, SELECT_ROWS_FILE)
 
@@ -270,7 +270,7 @@ def listing_from_dir(root: str | Path) -> tuple[list[str], Callable[[str], bytes
 
 
 def listing_from_store(store) -> tuple[list[str], Callable[[str], bytes]]:
-    """Keys and reader of a `captioner.storage.Store` (local folder or S3 prefix)."""
+    """Keys and reader of a `captioner.io.storage.Store` (local folder or S3 prefix)."""
     return store.list(""), store.get_bytes
 
 

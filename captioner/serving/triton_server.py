@@ -1,6 +1,6 @@
 """The real tritonserver, run from the project: the server that the `nvidia-pytriton` wheel bundles
 (tritonserver 2.51.0 = NGC release 24.10, with the Python backend and S3 support), started
-with the flags the cluster's Deployment passes (captioner.deployment.triton_server_args), used
+with the flags the cluster's Deployment passes (captioner.core.deployment.triton_server_args), used
 by the tests and `make demo`; `captioner serve` stays the fallback where it cannot run.
 
 Everything lives in a cache folder (`$CAPTIONER_CACHE/triton`, default ~/.cache/captioner/triton),
@@ -15,7 +15,7 @@ never in site-packages or the project's environment:
 - per start, a run folder: the backend directory (the stub for that Python copied next to
   libtriton_python.so; a copied binary loses its RPATH-relative libraries, hence
   LD_LIBRARY_PATH to `nvidia_pytriton.libs`), the Python-based `onnxruntime` backend
-  (captioner/triton/onnxruntime_backend.py: the wheel has no onnxruntime backend), and a venv
+  (captioner/serving/triton/onnxruntime_backend.py: the wheel has no onnxruntime backend), and a venv
   without pip whose `.pth` puts this source tree and the cached environment on the models'
   path (the stub's embedded Python takes its prefix from the first `python3` on PATH;
   PYTHONPATH does not reach it).
@@ -37,15 +37,15 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner.deployment import TRITON_ONNXRUNTIME, TRITON_SERVER_VERSION, triton_server_args
+from captioner.core.deployment import TRITON_ONNXRUNTIME, TRITON_SERVER_VERSION, triton_server_args
 
-log = logging.getLogger("captioner.triton_server")
+log = logging.getLogger("captioner.serving.triton_server")
 
 PYTRITON_VERSION = "0.7.0"  # bundles tritonserver TRITON_SERVER_VERSION (2.51.0, release 24.10)
 WHEEL = f"nvidia_pytriton-{PYTRITON_VERSION}-py3-none-manylinux_2_35_x86_64.whl"
 WHEEL_SHA256 = "21f063ff93bb426d0c06b7a55e7eb9efcfe62c0dddd9a908e9877e18710128df"
 MIN_GLIBC = (2, 35)
-SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the tree whose `captioner` the models import
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the tree whose `captioner` the models import
 
 
 class TritonUnavailable(RuntimeError):

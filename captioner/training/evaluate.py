@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from captioner.checkpoint import load_checkpoint
-from captioner.config import save_config
-from captioner.data import DataSummary, ImageRecord, assign_splits, by_split, load_split_arrays, read_records
-from captioner.decoding import DecodeParams
-from captioner.inference import caption_arrays
-from captioner.metrics import score_captions
-from captioner.shards import is_shard_source, materialize, open_shard_source
+from captioner.core.config import save_config
+from captioner.core.decoding import DecodeParams
+from captioner.data.shards import is_shard_source, materialize, open_shard_source
+from captioner.data.sources import DataSummary, ImageRecord, assign_splits, by_split, load_split_arrays, read_records
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.modeling.inference import caption_arrays
+from captioner.training.metrics import score_captions
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,11 @@ def eval_folder_name(split: str, p: DecodeParams, model_limit: int, max_images: 
 
 def _check_source(src: str, from_checkpoint: bool) -> None:
     """A missing local data source: one line, and where the path came from."""
-    from captioner.storage import is_s3
+    from captioner.io.storage import is_s3
 
     if is_s3(src) or Path(src).exists():
         return
-    from captioner.errors import DataNotFoundError
+    from captioner.core.errors import DataNotFoundError
 
     if from_checkpoint:
         raise DataNotFoundError(f"data source not found: {src} (the path the run was trained on)",

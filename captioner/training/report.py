@@ -4,7 +4,7 @@ writes it and the pipeline's evaluate step outputs it for the Kubeflow UI, plus 
 the KFP run comparison shows (`RunReport.metrics`).
 
 It reads what training leaves in the run folder: the TensorBoard events (tb/, read with
-TensorBoard's own reader, captioner/train_board.py), config.yaml, data_summary.json, and
+TensorBoard's own reader, captioner/training/board.py), config.yaml, data_summary.json, and
 the evaluation's samples.html (the worst captions first) when there is one.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner import train_board as tb
+from captioner.training import board as tb
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.html"
@@ -50,7 +50,7 @@ class RunReport:
 
 # ------------------------------------------------------------------ reading a run
 def _fetch_run(run: str, into: Path, samples: str | None) -> RunData:
-    from captioner.storage import is_s3, open_store
+    from captioner.io.storage import is_s3, open_store
 
     if not is_s3(run) and Path(run).is_file():  # a checkpoint: its run folder
         run = str(Path(run).parent)
@@ -126,7 +126,7 @@ def run_metrics(d: RunData) -> dict:
 def _estimate(d: RunData, m: dict, t: dict):
     """What the cluster's cost guard (pytorchjob.estimate_cost) says for this run's size, at its
     default throughput, to compare with the measured cost."""
-    from captioner.pytorchjob import DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, estimate_cost
+    from captioner.cluster.pytorchjob import DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, estimate_cost
 
     data = d.data or {}
     images, captions = data.get("images") or 0, data.get("captions") or 0
@@ -241,7 +241,7 @@ def build_report(run: str, samples: str | None = None) -> RunReport:
 
 
 def default_path(run: str) -> Path:
-    from captioner.storage import is_s3
+    from captioner.io.storage import is_s3
 
     if is_s3(run):
         return Path.cwd() / (run.rstrip("/").rsplit("/", 1)[-1] + "-" + REPORT_FILE)

@@ -3,7 +3,7 @@
 Each image is encoded once per batch for all of its captions. The shape follows timm's
 train.py: `setup` builds everything, `EpochLoader` hides folder vs shard sources,
 `train_one_epoch` and `validate` do the work, and `CheckpointSaver`
-(captioner/checkpoint.py) owns the checkpoint format. Checkpoints carry optimizer,
+(captioner/modeling/checkpoint.py) owns the checkpoint format. Checkpoints carry optimizer,
 scheduler, per-rank RNG and data position, so `--resume` continues the exact same run
 (same data order, same losses), from the model store (`train.publish_uri`) when the local
 folder is gone (a restarted pod).
@@ -29,19 +29,19 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from captioner.checkpoint import (CheckpointSaver, TrainState, checkpoint_dict, rng_state, set_rng_state,
+from captioner.modeling.checkpoint import (CheckpointSaver, TrainState, checkpoint_dict, rng_state, set_rng_state,
                                   train_state)
-from captioner.config import ExperimentConfig, save_config
-from captioner.data import (CaptionImageDataset, DataSummary, ImageRecord, ResumableBatchSampler, assign_splits,
+from captioner.core.config import ExperimentConfig, save_config
+from captioner.data.sources import (CaptionImageDataset, DataSummary, ImageRecord, ResumableBatchSampler, assign_splits,
                             by_split, collate_grouped, read_records, summarize, verify_images)
-from captioner.decoding import DecodeParams
-from captioner.errors import UserError
-from captioner.evaluate import score_records
-from captioner.model import Captioner, count_params
-from captioner.preprocess import PreprocessConfig
-from captioner.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
-from captioner.tokenizer import CaptionTokenizer
-from captioner.train_board import TrainBoard, grad_norm
+from captioner.core.decoding import DecodeParams
+from captioner.core.errors import UserError
+from captioner.training.evaluate import score_records
+from captioner.modeling.model import Captioner, count_params
+from captioner.core.preprocess import PreprocessConfig
+from captioner.data.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
+from captioner.core.tokenizer import CaptionTokenizer
+from captioner.training.board import TrainBoard, grad_norm
 
 log = logging.getLogger(__name__)
 # one line per rank at start and end, whatever the rank's log level (the CLI quiets ranks > 0)
@@ -221,7 +221,7 @@ def config_changes(saved: dict, cfg: ExperimentConfig) -> list[str]:
 
 
 def _check_resume_config(ckpt: dict, cfg: ExperimentConfig, where: str) -> None:
-    from captioner.shards import is_shard_source
+    from captioner.data.shards import is_shard_source
 
     changed = config_changes(ckpt.get("config", {}), cfg)
     if is_shard_source(cfg.data.source):  # the dataset's own split is used, whatever these say
@@ -239,15 +239,15 @@ def _resolve_local_source(cfg: ExperimentConfig, main: bool = True) -> None:
     """Fail before anything is written when the data source is missing, and store local paths
     absolute, so that the run (its config.yaml and checkpoints) is usable from any folder.
     Only rank 0 reads a local source (the others get it broadcast), so only it checks."""
-    from captioner.storage import is_s3
+    from captioner.io.storage import is_s3
 
     d = cfg.data
     if is_s3(d.source):
         return
     src = Path(d.source)
     if main and not src.exists():
-        from captioner.data import LAYOUTS
-        from captioner.errors import DataNotFoundError
+        from captioner.data.sources import LAYOUTS
+        from captioner.core.errors import DataNotFoundError
 
         raise DataNotFoundError(f"data source not found: {d.source}",
                                 hint=f"point --data.source at {LAYOUTS}; to try things out first, "

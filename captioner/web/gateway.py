@@ -45,14 +45,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from captioner.client import TLS
-from captioner.names import BEAM_SIZE, CAPTION, ENSEMBLE, IMAGE
-from captioner.serve import MAX_IMAGE_BYTES
-from captioner.serving_core import MAX_BEAM, REQUEST_PIXEL_BUDGET
+from captioner.serving.client import TLS
+from captioner.core.names import BEAM_SIZE, CAPTION, ENSEMBLE, IMAGE
+from captioner.serving.server.app import MAX_IMAGE_BYTES
+from captioner.serving.core import MAX_BEAM, REQUEST_PIXEL_BUDGET
 
 log = logging.getLogger(__name__)
 
-STATIC = Path(__file__).with_name("web_static")
+STATIC = Path(__file__).with_name("static")
 MAX_IMAGES = 16
 MAX_BODY = 32 << 20  # a request of 16 phone JPEGs (~2 MB each)
 CAPTION_TIMEOUT_S = 60.0
@@ -518,7 +518,7 @@ def _check_images(images: list[tuple[str, memoryview]]) -> tuple[list, list[int]
     """Per image from its header, in upload order: (results with an error for each image refused
     here, indices of those to caption). Refused: empty, over MAX_IMAGE_BYTES, not an accepted
     format, over the per-image pixel cap or aspect ratio, beyond the request's pixel budget."""
-    from captioner.preprocess import SERVING_MAX_PIXELS, ImageError, open_image
+    from captioner.core.preprocess import SERVING_MAX_PIXELS, ImageError, open_image
 
     results: list[dict | None] = [None] * len(images)
     todo, pixels = [], 0
@@ -562,7 +562,7 @@ def run(url: str, host: str = "127.0.0.1", port: int = 8080, model: str = ENSEMB
         max_body: int = MAX_BODY, tls: TLS | None = None) -> None:
     import uvicorn
 
-    from captioner.http_server import HEADER_TIMEOUT_S, _protocol, bind, return_large_buffers_to_the_os
+    from captioner.serving.server.http import HEADER_TIMEOUT_S, _protocol, bind, return_large_buffers_to_the_os
 
     return_large_buffers_to_the_os()  # request buffers go back to the OS when freed (see there)
 
@@ -573,6 +573,6 @@ def run(url: str, host: str = "127.0.0.1", port: int = 8080, model: str = ENSEMB
     log.info("captioner web on http://%s:%d/ -> model server %s (model %s)", host, sock.getsockname()[1], url,
              model)
     # no limit_concurrency (it counts idle connections): the app admits work by memory; request
-    # heads must arrive within HEADER_TIMEOUT_S (captioner.http_server._protocol)
+    # heads must arrive within HEADER_TIMEOUT_S (captioner.serving.server.http._protocol)
     uvicorn.Server(uvicorn.Config(create_app(url, model, max_images, max_body, tls), log_level="info",
                                   http=_protocol(HEADER_TIMEOUT_S), timeout_keep_alive=30)).run(sockets=[sock])

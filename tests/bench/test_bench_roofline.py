@@ -11,7 +11,7 @@ ROOF = ("step_weight_bytes", "step_state_bytes", "encoder_ms", "step_ms", "floor
 
 @pytest.mark.slow
 def test_bench_latency_json_has_a_roofline_per_served_path(capsys):
-    from benchmarks.caption_latency import main
+    from captioner.bench.caption_latency import main
 
     main(["--config", "tiny-cpu", "--vocab", "40", "--runs", "1", "--batch", "2", "--served-only", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

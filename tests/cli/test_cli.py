@@ -47,7 +47,7 @@ def test_export_refuses_a_folder_it_did_not_write(kind, trained_run, tmp_path):
 
 
 def test_export_replaces_its_own_repository_and_force_replaces_anything(trained_run, exported_repo, tmp_path):
-    from captioner.export import REPOSITORY_MARKER
+    from captioner.export.exporter import REPOSITORY_MARKER
 
     repo = tmp_path / "models"
     shutil.copytree(exported_repo[0], repo)
@@ -205,9 +205,9 @@ def test_evaluate_reports_the_images_it_scored_and_a_worst_first_page(source, tr
 
 
 def test_samples_page_says_how_many_of_the_evaluated_images_it_shows(tmp_path):
-    from captioner.data import ImageRecord
-    from captioner.decoding import DecodeParams
-    from captioner.evaluate import samples_html
+    from captioner.core.decoding import DecodeParams
+    from captioner.data.sources import ImageRecord
+    from captioner.training.evaluate import samples_html
 
     recs = [ImageRecord(f"img{i}", str(tmp_path / f"{i}.jpg"), ["a cat"], "test") for i in range(5)]
     per_image = {f"img{i}": s for i, s in enumerate([0.9, 0.1, 2.0, 0.0, 0.5])}
@@ -261,7 +261,7 @@ def _subparsers(parser, path=()):
 
 
 def _commands():
-    from captioner.cli import build_parser
+    from captioner.cli.main import build_parser
 
     return [path for path, _ in _subparsers(build_parser())]
 
@@ -270,7 +270,7 @@ def _commands():
 def test_every_option_has_help_and_shows_its_default(path):
     import argparse
 
-    from captioner.cli import build_parser
+    from captioner.cli.main import build_parser
 
     parser = dict(_subparsers(build_parser()))[path]
     text = parser.format_help()
@@ -289,7 +289,7 @@ def test_every_option_has_help_and_shows_its_default(path):
 def test_train_help_lists_presets_and_config_keys_from_the_dataclasses():
     import dataclasses
 
-    from captioner.config import PRESET_DIR, ExperimentConfig
+    from captioner.core.config import PRESET_DIR, ExperimentConfig
 
     r = run_cli("train", "--help")
     assert r.returncode == 0
@@ -312,7 +312,6 @@ def test_pipeline_compile_help_shows_only_its_own_flags():
 
 def test_version():
     from captioner import __version__
-
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"captioner {__version__}"
 
@@ -442,7 +441,7 @@ def test_captioner_image_names_every_step(tmp_path):
 def test_readme_cost_table_matches_the_estimator():
     import yaml
 
-    from captioner.pytorchjob import estimate_cost
+    from captioner.cluster.pytorchjob import estimate_cost
 
     rows = re.findall(r"^\| `([\w-]+)` \| (\d+) \| (1 (?:GPU|A100)|2 workers × 8 [\w ()]+) \| ([\d.]+) h \| ([\d.]+) \| "
                       r"\$([\d.]+) \|$", README.read_text(), re.M)
@@ -457,7 +456,7 @@ def test_readme_cost_table_matches_the_estimator():
 def test_readme_commands_are_valid_command_lines():
     import shlex
 
-    from captioner.cli import build_parser
+    from captioner.cli.main import build_parser
 
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
     lines = [ln.split("#")[0].strip() for b in blocks for ln in b.splitlines()]
@@ -474,8 +473,7 @@ def test_readme_commands_are_valid_command_lines():
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
 def test_replace_folder_swaps_in_the_new_repository(exchange, tmp_path, monkeypatch):
-    from captioner import export
-
+    from captioner.export.exporter import exporter as export
     if not exchange:
         monkeypatch.setattr(export, "_exchange", lambda a, b: False)
     new, final = tmp_path / ".repo.new-1", tmp_path / "repo"

@@ -1,7 +1,7 @@
 """A newcomer's second hour: each numbered check runs the command a user typed (a real
 `python -m captioner` process) and checks what they should have seen; the new data forms go
 through ingest, train and evaluate. The local pipeline's rerun, summary and log are checked in
-tests/test_cli.py, next to the one local pipeline run they share."""
+tests/cli/test_cli.py, next to the one local pipeline run they share."""
 import csv
 import json
 import os
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TINY, free_port, pyproject
-from tests.test_cli import run_cli
+from tests.cli.test_cli import run_cli
 
 # the tiny model, training only a step or two, no validation: commands that must get past setup
 QUICK = [*TINY, "--train.val_max_images=0"]
@@ -38,7 +38,7 @@ def _train_retry(cluster: bool, tmp_path):
     import yaml
     from kfp import compiler
 
-    from pipelines.captioning import build_pipeline
+    from captioner.pipeline.captioning import build_pipeline
 
     out = tmp_path / f"p-{cluster}.yaml"
     compiler.Compiler().compile(build_pipeline(cluster=cluster), str(out))
@@ -105,7 +105,7 @@ def test_serve_only_venv_runs_http_metrics_and_the_web_page(lean_python, exporte
 
     http = free_port()
     source_on_path(monkeypatch)  # the lean venv imports this checkout's captioner
-    r = subprocess.run([lean_python, "-c", "import captioner.web, captioner.http_server, captioner.server_metrics"],
+    r = subprocess.run([lean_python, "-c", "import captioner.web.gateway, captioner.serving.server.http, captioner.serving.server.metrics"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-500:]
     p, _ = start_serve(exported_repo[0], tmp_path / "lean.log", "--http-port", str(http), python=lean_python)
@@ -143,9 +143,9 @@ def test_job_render_refuses_what_exists_only_on_this_machine(case, tmp_path):
 def test_demo_closing_hint_serves_the_finished_model(exported_repo, tmp_path):
     import shlex
 
-    from captioner.cli import build_parser
+    from captioner.cli.main import build_parser
 
-    code = f"from captioner.stack import front_door; front_door({str(exported_repo[0])!r}, False)"
+    code = f"from captioner.serving.stack import front_door; front_door({str(exported_repo[0])!r}, False)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     commands = [ln.strip() for ln in r.stdout.splitlines() if ln.strip().startswith("captioner ")]
@@ -158,7 +158,7 @@ def test_demo_closing_hint_serves_the_finished_model(exported_repo, tmp_path):
 
 # ----------------------------------------------------------------- 7. a run trained on a relative path, evaluated elsewhere
 def test_a_run_trained_on_a_relative_path_evaluates_from_another_folder(synth_dir, tmp_path, monkeypatch):
-    from captioner.train import train
+    from captioner.training.train import train
     from tests.helpers import tiny_cfg
 
     here, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
@@ -247,7 +247,7 @@ def test_evaluate_a_csv_gives_no_pickle_advice(synth_dir):
 
 
 def test_evaluate_with_other_decoding_keeps_the_first_result(trained_run, tmp_path):
-    from captioner.evaluate import evaluate
+    from captioner.training.evaluate import evaluate
 
     run = tmp_path / "run"
     shutil.copytree(trained_run.out_dir, run)
@@ -298,10 +298,10 @@ def test_generated_captions_use_an_before_a_vowel(tmp_path):
 # ----------------------------------------------------------------- your own data: ImageFolder metadata.jsonl, image,caption CSV
 @pytest.mark.parametrize("layout", ["imagefolder", "csv"])
 def test_own_data_forms_go_through_ingest_train_and_evaluate(layout, tmp_path):
-    from captioner.data import read_records
-    from captioner.evaluate import evaluate
-    from captioner.ingest import IngestOptions, ingest
-    from captioner.train import train
+    from captioner.data.sources import read_records
+    from captioner.training.evaluate import evaluate
+    from captioner.data.ingest import IngestOptions, ingest
+    from captioner.training.train import train
     from tests.helpers import tiny_cfg
 
     src = tmp_path / "src"
@@ -323,7 +323,7 @@ def test_own_data_forms_go_through_ingest_train_and_evaluate(layout, tmp_path):
 def test_simple_forms_count_bad_rows_and_refuse_a_headerless_csv(tmp_path):
     from PIL import Image
 
-    from captioner.data import read_records
+    from captioner.data.sources import read_records
 
     for n in ("a.jpg", "b.jpg"):
         Image.new("RGB", (8, 8)).save(tmp_path / n)
@@ -351,7 +351,7 @@ def test_simple_forms_count_bad_rows_and_refuse_a_headerless_csv(tmp_path):
 # ----------------------------------------------------------------- batch output, metrics with time and throughput, export report
 def test_caption_output_file(trained_run, synth_dir, tmp_path):
     """--output FILE.jsonl through the command; .csv through the same entry point in process."""
-    from captioner.cli import main
+    from captioner.cli.main import main
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
@@ -381,7 +381,7 @@ def test_metrics_jsonl_has_time_and_throughput(trained_run):
 def test_export_report_is_portable_and_says_what_passed(exported_repo):
     import onnx
 
-    from captioner.names import DECODE_LOOP
+    from captioner.core.names import DECODE_LOOP
 
     repo, _ = exported_repo
     text = (repo / "export_report.json").read_text()

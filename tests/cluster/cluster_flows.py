@@ -1,4 +1,4 @@
-"""Every network flow captioner needs on a cluster, in one place. tests/test_cluster_integrity.py
+"""Every network flow captioner needs on a cluster, in one place. tests/cluster/test_cluster_integrity.py
 checks, for every rendered overlay, that the NetworkPolicies allow each flow that applies and
 that every policy rule (peer x port) is used by some flow: nothing else is allowed.
 

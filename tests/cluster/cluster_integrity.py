@@ -9,7 +9,7 @@ object alone:
   and a Service selects some pod;
 - flow_allowed() / unused_rules(): NetworkPolicy semantics (networking.k8s.io/v1: a pod no
   policy selects for a direction is open in it; else some rule of a selecting policy must
-  match peer and port; both ends' policies must allow) over tests/cluster_flows.py.
+  match peer and port; both ends' policies must allow) over tests/cluster/cluster_flows.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from tests.cluster_flows import FLOWS, NEEDS, STEPS, Ext, Flow, Ours, Outside
+from tests.cluster.cluster_flows import FLOWS, NEEDS, STEPS, Ext, Flow, Ours, Outside
 
 WORKLOADS = ("Deployment", "StatefulSet", "Job", "DaemonSet")
 

@@ -9,8 +9,8 @@ import functools
 import jsonschema
 import yaml
 
+from tests.cluster.test_k8s import _strict
 from tests.conftest import ROOT
-from tests.test_k8s import _strict
 
 SHARED, VENDORED = ROOT.parent / "shared" / "schemas", ROOT / "k8s" / "crds"
 TRAINJOB_CRD = "trainer.kubeflow.org_trainjobs.v2.3.0.yaml"

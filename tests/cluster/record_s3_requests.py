@@ -1,9 +1,9 @@
 """Record the S3 requests our own clients make, per component, against moto_server on
 127.0.0.1 (through a recording proxy, also on 127.0.0.1), into
-tests/fixtures/s3_requests/<component>.json, the input of tests/test_minio_policy.py.
+tests/fixtures/s3_requests/<component>.json, the input of tests/cluster/test_minio_policy.py.
 
-    PYTHONPATH=. python -m tests.record_s3_requests            # all recorded components
-    PYTHONPATH=. python -m tests.record_s3_requests trainer    # one
+    PYTHONPATH=. python -m tests.cluster.record_s3_requests            # all recorded components
+    PYTHONPATH=. python -m tests.cluster.record_s3_requests trainer    # one
 
 Each component runs exactly as in the cluster, with the S3 settings its Secret gives it:
 - ingest: the pipeline's ingest step reading a raw dataset from s3://datasets/raw/ and
@@ -19,7 +19,7 @@ Each component runs exactly as in the cluster, with the S3 settings its Secret g
   Bucket.objects.filter(Prefix=<path>), then Bucket.download_file per object) on the
   InferenceService's storageUri.
 Triton's file, tests/fixtures/s3_requests/triton.json, is recorded elsewhere: from the real
-tritonserver (captioner.triton_server) loading the serving folder from moto_server, by
+tritonserver (captioner.serving.triton_server) loading the serving folder from moto_server, by
 tests/serving/test_real_triton.py (CAPTIONER_REGENERATE_FIXTURES=1 rewrites it).
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ def large_upload(moto: Moto, uri: str, key: str, tmp: Path) -> None:
     """What the component's store does with an object over storage.PART_SIZE (a real
     checkpoint, shard or ONNX graph): a multipart upload whose first attempt loses a part
     (the client aborts the upload and reports the error), then one that succeeds."""
-    from captioner.storage import PART_SIZE, StoreError, open_store
+    from captioner.io.storage import PART_SIZE, StoreError, open_store
 
     big = tmp / "big.bin"
     big.write_bytes(os.urandom(PART_SIZE + 1024))
@@ -166,7 +166,7 @@ def large_upload(moto: Moto, uri: str, key: str, tmp: Path) -> None:
 
 
 def record(which: set[str]) -> None:
-    from captioner.synthetic import generate
+    from captioner.data.synthetic import generate
 
     tmp = Path(tempfile.mkdtemp(prefix="captioner-s3rec-"))
     moto = Moto(tmp)
@@ -179,18 +179,17 @@ def record(which: set[str]) -> None:
             s3.create_bucket(Bucket=b)
         synth = tmp / "synth"
         generate(synth, images=60, seed=3, side=48, progress=False)
-        from captioner.storage import publish
+        from captioner.io.storage import publish
 
         publish(synth, RAW_URI)  # a user uploads the raw dataset (mc cp -r), not a component
 
-        from captioner import pipeline_steps as steps
-
+        from captioner.pipeline import steps
         moto.start()
         steps.ingest_step(RAW_URI, DATA_URI, shard_mb=0.05)
         large_upload(moto, DATA_URI, "shard-big.tar", tmp)
         reqs = moto.stop()
         if "ingest" in which:
-            _save("ingest", "recorded from captioner.pipeline_steps.ingest_step (minio client) against moto_server, "
+            _save("ingest", "recorded from captioner.pipeline.steps.ingest_step (minio client) against moto_server, "
                   "and one multipart upload of a shard over storage.PART_SIZE (one part refused, then a retry)",
                   reqs)
 
@@ -231,7 +230,7 @@ def record(which: set[str]) -> None:
         large_upload(moto, REPO_URI, "encoder/1/model.onnx", tmp)
         reqs = moto.stop()
         if "pipeline-steps" in which:
-            _save("pipeline-steps", "recorded from captioner.pipeline_steps evaluate_step, report_step, export_step, "
+            _save("pipeline-steps", "recorded from captioner.pipeline.steps evaluate_step, report_step, export_step, "
                   "champion_score and deploy_step (three versions) against moto_server, "
                   "and one multipart upload of an ONNX graph over storage.PART_SIZE (one part refused, then a "
                   "retry)", reqs)

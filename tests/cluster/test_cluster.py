@@ -1,5 +1,5 @@
 """Training on a real Kubeflow cluster, checked against the real systems' rules:
-the Training Operator's pod environment (tests/operator_contract.py, from its v1.9 source)."""
+the Training Operator's pod environment (tests/cluster/operator_contract.py, from its v1.9 source)."""
 import os
 import subprocess
 import sys
@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.deployment import TRAINER_S3_SECRET
-from captioner.pytorchjob import training_job
+from captioner.cluster.pytorchjob import training_job
+from captioner.core.deployment import TRAINER_S3_SECRET
+from tests.cluster.operator_contract import apply_defaults, operator_env, pod_env
+from tests.cluster.test_k8s import crd_validator  # noqa: F401 - fixture
 from tests.conftest import ROOT, TINY, free_port
-from tests.operator_contract import apply_defaults, operator_env, pod_env
-from tests.test_k8s import crd_validator  # noqa: F401 - fixture
 
 FAKE_SECRETS = {TRAINER_S3_SECRET: {"endpoint": "127.0.0.1:9", "access-key": "k", "secret-key": "s"}}
 
@@ -117,8 +117,8 @@ def _trainjob(data, store, **kw):
 
 
 def test_trainer_env_for_a_torch_distributed_trainjob(tmp_path):
-    from tests.crd_schemas import TORCH_RUNTIME, load
-    from tests.trainer_contract import check_runtime_ref, command, node_env
+    from tests.cluster.crd_schemas import TORCH_RUNTIME, load
+    from tests.cluster.trainer_contract import check_runtime_ref, command, node_env
 
     job, runtime = _trainjob(tmp_path, tmp_path / "store"), load(TORCH_RUNTIME)
     check_runtime_ref(job, runtime)
@@ -134,11 +134,11 @@ def test_trainer_env_for_a_torch_distributed_trainjob(tmp_path):
 
 def run_trainjob_nodes(job, tmp_path, cmd=None, secrets=FAKE_SECRETS, timeout=400):
     """Start each TrainJob node's container command with the env the Trainer v2.3.0 torch
-    plugin + kubelet give it (tests/trainer_contract.py). Differences from a cluster: the
+    plugin + kubelet give it (tests/cluster/trainer_contract.py). Differences from a cluster: the
     JobSet pod DNS name <job>-node-0-0.<job> of node 0 is 127.0.0.1 here and the master port
     a free one instead of 29500 (tests run in parallel); each pod has its own folder."""
-    from tests.crd_schemas import TORCH_RUNTIME, load
-    from tests.trainer_contract import check_runtime_ref, command, node_env
+    from tests.cluster.crd_schemas import TORCH_RUNTIME, load
+    from tests.cluster.trainer_contract import check_runtime_ref, command, node_env
 
     runtime, name = load(TORCH_RUNTIME), job["metadata"]["name"]
     check_runtime_ref(job, runtime)
@@ -175,8 +175,8 @@ def _render(*args):
 def test_job_render_prints_the_pipeline_job_and_validates_strictly(args, crd_validator):
     import yaml
 
-    from captioner.pytorchjob import job_name
-    from tests.test_k8s import _check
+    from captioner.cluster.pytorchjob import job_name
+    from tests.cluster.test_k8s import _check
 
     r = _render(*args)
     assert r.returncode == 0, r.stderr

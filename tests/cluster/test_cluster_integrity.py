@@ -2,19 +2,19 @@
 multi-user Kubeflow, Triton Deployment and KServe), plus the pods controllers make from our
 objects and the compiled pipeline's step pods, every reference resolves in the pod's own
 namespace, every Service host:port resolves in the same render, and the NetworkPolicies
-allow exactly the flows of tests/cluster_flows.py (tests/cluster_integrity.py)."""
+allow exactly the flows of tests/cluster/cluster_flows.py (tests/cluster/cluster_integrity.py)."""
 import re
 
 import pytest
 import yaml
 
-from captioner import kserve as ks
-from captioner.deployment import KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOUNT
-from tests.cluster_flows import FLOWS
-from tests.cluster_integrity import (_selects, applies, build_install, flow_allowed, host_ports, refs, service_refs,
+from captioner.cluster import kserve as ks
+from captioner.core.deployment import KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOUNT
+from tests.cluster.cluster_flows import FLOWS
+from tests.cluster.cluster_integrity import (_selects, applies, build_install, flow_allowed, host_ports, refs, service_refs,
                                      unused_rules)
 from tests.conftest import ROOT
-from tests.test_k8s import ALL_OVERLAYS, K8S, render
+from tests.cluster.test_k8s import ALL_OVERLAYS, K8S, render
 
 PROFILE = "kubeflow-user-example-com"  # the example profile of k8s/components/multi-user
 
@@ -42,7 +42,7 @@ def platform(tmp_path_factory):
     """The compiled pipeline's per-task Kubernetes settings (Secrets as env)."""
     from kfp import compiler
 
-    from pipelines.captioning import build_pipeline
+    from captioner.pipeline.captioning import build_pipeline
 
     out = tmp_path_factory.mktemp("kfp") / "p.yaml"
     compiler.Compiler().compile(build_pipeline(cluster=True), str(out))
@@ -53,7 +53,7 @@ def platform(tmp_path_factory):
 @pytest.fixture(scope="module")
 def training_jobs():
     """The jobs the train step launches (both APIs), as `captioner job render` prints them."""
-    from captioner.pytorchjob import training_job
+    from captioner.cluster.pytorchjob import training_job
 
     args = ("captioner-train-x", "vit-b16-a100", ["--data.source=s3://datasets/f/v1"], "s3://models/runs/r1")
     return [training_job(*args, api="pytorchjob"), training_job(*args, api="trainjob")]
@@ -127,7 +127,7 @@ def test_inferenceservice_runs_the_captioner_triton_image(overlay):
     base = yaml.safe_load_all((K8S / "base" / "triton.yaml").read_text())
     ours = next(d for d in base if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == ours, f"the predictor would run {image} (runtime {name}), not the captioner Triton image {ours}"
-    from tests.crd_schemas import SERVINGRUNTIME_CRD, errors
+    from tests.cluster.crd_schemas import SERVINGRUNTIME_CRD, errors
 
     assert errors(rt, SERVINGRUNTIME_CRD, "v1alpha1") == []
     fmt = isvc["spec"]["predictor"]["model"]["modelFormat"]
@@ -148,7 +148,7 @@ def test_storage_initializer_copies_only_the_serving_prefix(s3_server, monkeypat
     serving-old/ stays out of /mnt/models."""
     import boto3
 
-    from tests.record_s3_requests import kserve_download
+    from tests.cluster.record_s3_requests import kserve_download
 
     url = "http://" + s3_server["CAPTIONER_S3_ENDPOINT"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["AWS_ACCESS_KEY_ID"])
@@ -188,8 +188,8 @@ def test_deploy_urls_name_every_triton_replica():
 def test_steps_identity_may_do_its_work_in_the_job_namespace(overlay):
     """Whoever runs the steps in this install (single-user: kubeflow/pipeline-runner;
     multi-user: default-editor in the profile) may launch training jobs in `captioner` and,
-    with KServe, patch the InferenceService (tests/rbac_eval.py follows the RBAC authorizer)."""
-    from tests.rbac_eval import Rbac, Request, sa_user
+    with KServe, patch the InferenceService (tests/cluster/rbac_eval.py follows the RBAC authorizer)."""
+    from tests.cluster.rbac_eval import Rbac, Request, sa_user
 
     rbac, who = Rbac(render(overlay)), sa_user(*steps_identity(overlay))
     need = [("kubeflow.org", "pytorchjobs", "create"), ("trainer.kubeflow.org", "trainjobs", "create")]

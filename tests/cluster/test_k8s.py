@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from captioner.pytorchjob import (CLOUD_POOLS, ApiConflict, CostLimitExceeded, JobFailed, JobSpec, JobTimeout,
+from captioner.cluster.pytorchjob import (CLOUD_POOLS, ApiConflict, CostLimitExceeded, JobFailed, JobSpec, JobTimeout,
                                   build_pytorchjob, check_cost, estimate_cost, job_name, launch_and_wait,
                                   webhook_errors)
 
@@ -21,7 +21,7 @@ SHARED_CRD = ROOT.parent / "shared" / "schemas" / CRD_NAME
 VENDORED_CRD = ROOT / "k8s" / "crds" / CRD_NAME
 CRD = SHARED_CRD if SHARED_CRD.exists() else VENDORED_CRD
 K8S = ROOT / "k8s"
-# the kserve overlays replace the Triton Deployment: tests/test_kserve.py renders and checks them
+# the kserve overlays replace the Triton Deployment: tests/cluster/test_kserve.py renders and checks them
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml") if "kserve" not in p.parent.name)
 ALL_OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 

@@ -1,13 +1,13 @@
-"""Who may do what, and which Secret is where, in the rendered manifests (tests/rbac_eval.py
+"""Who may do what, and which Secret is where, in the rendered manifests (tests/cluster/rbac_eval.py
 follows the Kubernetes RBAC authorizer's rules)."""
 import pytest
 
-from captioner.deployment import (JOB_NAMESPACE, KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOUNT, S3_SECRET,
+from captioner.core.deployment import (JOB_NAMESPACE, KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOUNT, S3_SECRET,
                                   TRAINER_S3_SECRET, TRAINER_SERVICE_ACCOUNT)
-from captioner.pytorchjob import JobSpec, build_pytorchjob
-from tests.rbac_eval import Rbac, Request, sa_user
-from tests.test_k8s import OVERLAYS, render
-from tests.test_kserve import kserve_docs  # noqa: F401 - fixture
+from captioner.cluster.pytorchjob import JobSpec, build_pytorchjob
+from tests.cluster.rbac_eval import Rbac, Request, sa_user
+from tests.cluster.test_k8s import OVERLAYS, render
+from tests.cluster.test_kserve import kserve_docs  # noqa: F401 - fixture
 
 # where each overlay's pipeline steps run, and as whom (single-user KFP: kubeflow/pipeline-runner;
 # multi-user: default-editor in the profile namespace)
@@ -102,7 +102,7 @@ def test_missing_credentials_file_is_named(tmp_path):
     import shutil
     import subprocess
 
-    from tests.test_k8s import K8S
+    from tests.cluster.test_k8s import K8S
 
     shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("*.env"))
     r = subprocess.run(["kubectl", "kustomize", str(tmp_path / "k8s" / "overlays" / "kind")], capture_output=True,

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import yaml
 
-from captioner import kserve as ks
+from captioner.cluster import kserve as ks
+from tests.cluster.crd_schemas import SERVINGRUNTIME_CRD, TRITON_RUNTIME, errors, isvc_errors, load
 from tests.conftest import ROOT
-from tests.crd_schemas import SERVINGRUNTIME_CRD, TRITON_RUNTIME, errors, isvc_errors, load
 from tests.helpers import Clock
 
 PREV_URL = "http://prev-captioner-predictor.captioner.example.com"
@@ -230,7 +230,7 @@ def _serve(repo, tmp_path, name):
 def test_deploy_kserve_promotes_after_the_live_check_and_records_the_champion(exported_repo, s3_env, tmp_path,
                                                                                monkeypatch):
     """The "InferenceService endpoint" is a real `captioner serve` of the exported repository."""
-    import captioner.pipeline_steps as steps
+    import captioner.pipeline.steps as steps
 
     repo, _ = exported_repo
     api = _released(FakeKServe())
@@ -254,10 +254,10 @@ def test_deploy_kserve_rolls_back_on_a_caption_mismatch_and_keeps_the_champion(e
     tokens): the live check sees it, the canary is rolled back, the champion stays version 1
     and the serving prefix pins version 1 again (the old revision's pods copy it when they
     start)."""
-    import captioner.pipeline_steps as steps
-    from captioner.names import DECODE_FILE, DECODE_LOOP, ENSEMBLE
-    from captioner.storage import open_store
-    from captioner.triton_repo import listing_from_store, load_listing
+    import captioner.pipeline.steps as steps
+    from captioner.core.names import DECODE_FILE, DECODE_LOOP, ENSEMBLE
+    from captioner.io.storage import open_store
+    from captioner.serving.triton_repo import listing_from_store, load_listing
 
     repo, _ = exported_repo
     wrong = tmp_path / "wrong"
@@ -293,8 +293,8 @@ def test_published_repository_loads_in_the_runtime_mode(exported_repo, tmp_path)
     --model-control-mode: mode none, every model folder is loaded. After two versioned
     publishes (version policies `specific`, ensemble pinned to the newest) the storageUri
     folder loads as a whole, BLS target included."""
-    from captioner.storage import open_store
-    from captioner.triton_repo import listing_from_dir, load_listing, plan_load, publish_version
+    from captioner.io.storage import open_store
+    from captioner.serving.triton_repo import listing_from_dir, load_listing, plan_load, publish_version
 
     args = load(TRITON_RUNTIME)["spec"]["containers"][0]["args"]
     assert "--model-store=/mnt/models" in args and not any(a.startswith("--model-control-mode") for a in args)
@@ -344,7 +344,7 @@ def test_kserve_overlay_validates_strictly(kserve_docs):
 
     import kubernetes_validate
 
-    from tests.test_k8s import _k8s_version
+    from tests.cluster.test_k8s import _k8s_version
 
     docs, triton_env = kserve_docs
     by = {(d["kind"], d["metadata"]["name"]): d for d in docs}

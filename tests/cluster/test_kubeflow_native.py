@@ -1,15 +1,15 @@
 """Kubeflow-native APIs: Trainer v2.3.0 TrainJob beside PyTorchJob (one launcher, API discovery)
 and KServe v0.19.0 InferenceService. Every object is validated strictly against the vendored
-CRDs (tests/crd_schemas.py)."""
+CRDs (tests/cluster/crd_schemas.py)."""
 import copy
 import pytest
 import yaml
 
-from captioner.k8s_jobs import (PYTORCHJOB, TRAINJOB, ApiConflict, JobFailed, JobTimeout, launch_and_wait,
+from captioner.cluster.jobs import (PYTORCHJOB, TRAINJOB, ApiConflict, JobFailed, JobTimeout, launch_and_wait,
                                 served_kind)
-from captioner.pytorchjob import training_job
-from tests.test_cluster import _render
-from tests.crd_schemas import (RUNTIME_CRD, SERVINGRUNTIME_CRD, TORCH_RUNTIME, TRITON_RUNTIME, VENDORED_FILES,
+from captioner.cluster.pytorchjob import training_job
+from tests.cluster.test_cluster import _render
+from tests.cluster.crd_schemas import (RUNTIME_CRD, SERVINGRUNTIME_CRD, TORCH_RUNTIME, TRITON_RUNTIME, VENDORED_FILES,
                                SHARED, VENDORED, errors, load, trainjob_errors)
 from tests.helpers import Clock
 
@@ -63,7 +63,7 @@ def test_trainjob_schema_and_rules_reject_bad_jobs():
     assert trainjob_errors(bad)
     with pytest.raises(ValueError, match="no elastic training"):
         _tj(min_workers=1, max_workers=4)
-    from captioner.trainjob import webhook_errors
+    from captioner.cluster.trainjob import webhook_errors
 
     bad = copy.deepcopy(job)
     bad["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "3"})
@@ -215,7 +215,7 @@ def test_job_render_trainjob_is_the_pipeline_job():
 
 @pytest.fixture(scope="module")
 def ingested(synth_dir, tmp_path_factory):
-    from captioner.pipeline_steps import ingest_step
+    from captioner.pipeline.steps import ingest_step
 
     d = tmp_path_factory.mktemp("ingested") / "data"
     ingest_step(str(synth_dir), str(d))
@@ -228,8 +228,8 @@ def ingested(synth_dir, tmp_path_factory):
 def test_pipeline_cluster_mode_launches_the_chosen_api(ingested, tmp_path, monkeypatch, choice, served, kind):
     """train_step(mode=cluster) with --train.api: discovery picks the kind, the job the
     pipeline builds is created through the shared launcher and followed to its done state."""
-    import captioner.k8s_jobs as kj
-    from captioner.pipeline_steps import train_step
+    import captioner.cluster.jobs as kj
+    from captioner.pipeline.steps import train_step
 
     made = {}
 
@@ -246,8 +246,8 @@ def test_pipeline_cluster_mode_launches_the_chosen_api(ingested, tmp_path, monke
 
 
 def test_pipeline_cluster_mode_refuses_an_api_the_cluster_lacks(ingested, monkeypatch):
-    import captioner.k8s_jobs as kj
-    from captioner.pipeline_steps import train_step
+    import captioner.cluster.jobs as kj
+    from captioner.pipeline.steps import train_step
 
     monkeypatch.setattr(kj, "KubeApi", lambda k=None: type("D", (), {"discover": staticmethod(_served())})())
     with pytest.raises(RuntimeError, match=r"serves no PyTorchJob \(kubeflow.org/v1\)"):

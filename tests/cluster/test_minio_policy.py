@@ -1,17 +1,25 @@
 """Each component's MinIO user may do exactly what the component does: the policies of the
-rendered minio-policies ConfigMap, evaluated with MinIO's own semantics (tests/minio_policy.py,
+rendered minio-policies ConfigMap, evaluated with MinIO's own semantics (tests/cluster/minio_policy.py,
 from minio/minio cmd/ and minio/pkg policy/), against the S3 requests each component makes
 (tests/fixtures/s3_requests/: recorded against moto_server: our clients, and KServe's storage
-initializer as boto3 making the calls of its v0.19.0 source, by tests/record_s3_requests.py;
+initializer as boto3 making the calls of its v0.19.0 source, by tests/cluster/record_s3_requests.py;
 Triton's from the real tritonserver loading the serving folder from S3, by
 tests/serving/test_real_triton.py)."""
 import json
 
 import pytest
 
+from tests.cluster.minio_policy import (
+    Check,
+    condition_values,
+    describe,
+    is_allowed,
+    request_allowed,
+    route,
+    unused_grants,
+)
+from tests.cluster.test_k8s import render
 from tests.conftest import ROOT
-from tests.minio_policy import Check, condition_values, describe, is_allowed, request_allowed, route, unused_grants
-from tests.test_k8s import render
 
 FIXTURES = ROOT / "tests" / "fixtures" / "s3_requests"
 # which MinIO user each component signs with: the Secret it reads (k8s/base kustomization
@@ -109,11 +117,11 @@ def test_evaluator_follows_minio():
 def test_live_ingest_makes_only_recorded_kinds_of_request(policies, tmp_path, monkeypatch):
     """The fixtures stay true to the clients: ingest runs again now, through the recording
     proxy in front of moto_server, and every request it makes is allowed by its user's policy
-    and of an action the fixture already holds (else re-record: python -m tests.record_s3_requests)."""
-    from captioner.pipeline_steps import ingest_step
-    from captioner.storage import publish
-    from captioner.synthetic import generate
-    from tests.record_s3_requests import Moto
+    and of an action the fixture already holds (else re-record: python -m tests.cluster.record_s3_requests)."""
+    from captioner.data.synthetic import generate
+    from captioner.io.storage import publish
+    from captioner.pipeline.steps import ingest_step
+    from tests.cluster.record_s3_requests import Moto
 
     moto = Moto(tmp_path)
     try:

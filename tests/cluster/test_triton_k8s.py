@@ -7,10 +7,13 @@ import re
 import pytest
 import yaml
 
-from captioner import deployment, names, triton_repo
+from captioner.core import deployment
 
+from captioner.core import names
+
+from captioner.serving import triton_repo
 from tests.helpers import ROOT
-from tests.test_k8s import OVERLAYS, render
+from tests.cluster.test_k8s import OVERLAYS, render
 
 
 def _triton(docs):
@@ -45,7 +48,7 @@ def test_model_repository_protocol_is_restricted_by_the_secret_key(overlay):
     assert f"--grpc-restricted-protocol={want}" in c["args"]
     assert f"--http-restricted-api={want}" in c["args"]
     # one flag list: the container runs exactly what the real server in tests runs
-    # (captioner.triton_server starts tritonserver with deployment.triton_server_args too)
+    # (captioner.serving.triton_server starts tritonserver with deployment.triton_server_args too)
     assert c["args"] == ["tritonserver", *deployment.triton_server_args()]
     # the deploy step can reach every replica: a headless Service over the Triton pods
     hl = next(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None")
@@ -53,7 +56,7 @@ def test_model_repository_protocol_is_restricted_by_the_secret_key(overlay):
 
 
 def test_pipeline_deploy_step_gets_the_control_key():
-    text = (ROOT / "pipelines" / "captioning.py").read_text()
+    text = (ROOT / "captioner" / "pipeline" / "captioning.py").read_text()
     assert "CONTROL_SECRET" in text and "CONTROL_KEY_ENV" in text
 
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from tests.cluster.test_k8s import OVERLAYS, render
+from tests.cluster.test_triton_k8s import _allowed
 from tests.helpers import ROOT
-from tests.test_k8s import OVERLAYS, render
-from tests.test_triton_k8s import _allowed
 
 WEB = {"app.kubernetes.io/name": "captioner-web", "captioner/triton-client": "true"}
 TRITON = {"app.kubernetes.io/name": "triton"}
@@ -28,7 +28,7 @@ def _get(docs, kind, name="captioner-web"):
 def test_gateway_deployment(overlay):
     import kubernetes_validate
 
-    from tests.test_k8s import _k8s_version
+    from tests.cluster.test_k8s import _k8s_version
 
     docs = render(overlay)
     dep = _get(docs, "Deployment")
@@ -91,7 +91,7 @@ def test_gateway_network_policy(pod, direction, peer, peer_ns, port, allowed):
 def test_gateway_runs_without_the_training_stack():
     """docker/web.Dockerfile installs neither torch, onnxruntime nor timm: the gateway must not need them."""
     code = ("import sys\nfor m in ('torch', 'onnxruntime', 'timm', 'onnx', 'kfp'):\n    sys.modules[m] = None\n"
-            "import captioner.web, captioner.cli\ncaptioner.web.create_app('127.0.0.1:1')\n"
+            "import captioner.web.gateway, captioner.cli.main\ncaptioner.web.create_app('127.0.0.1:1')\n"
             "sys.argv = ['captioner', 'web', '--help']\ncaptioner.cli.main()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert r.returncode == 0 and "--url" in r.stdout, r.stderr

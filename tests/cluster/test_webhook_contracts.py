@@ -1,14 +1,14 @@
 """Admission webhooks, not only schemas: Kubeflow Trainer v2.3.0's TrainJob webhook
-(tests/trainer_contract.py webhook_errors) and Training Operator v1.9.0's PyTorchJob webhook
-(tests/operator_contract.py webhook_errors), ported from their Go sources, run on everything
+(tests/cluster/trainer_contract.py webhook_errors) and Training Operator v1.9.0's PyTorchJob webhook
+(tests/cluster/operator_contract.py webhook_errors), ported from their Go sources, run on everything
 `captioner job render` prints."""
 import copy
 
 import pytest
 import yaml
 
-from tests import operator_contract, trainer_contract
-from tests.crd_schemas import TORCH_RUNTIME, load
+from tests.cluster import operator_contract, trainer_contract
+from tests.cluster.crd_schemas import TORCH_RUNTIME, load
 
 RUNTIMES = {"torch-distributed": load(TORCH_RUNTIME)}  # what Trainer v2.3.0 installs
 BASE = ["--config", "vit-b16-a100", "--data", "s3://datasets/flickr30k/v1", "--model-uri", "s3://models/runs/r1"]
@@ -22,7 +22,7 @@ RENDERS = [
 
 
 def _render(capsys, args):
-    from captioner.cli import main
+    from captioner.cli.main import main
 
     capsys.readouterr()
     main(["job", "render", *BASE, *args])

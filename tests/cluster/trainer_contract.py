@@ -16,14 +16,14 @@ ClusterTrainingRuntime, written from its source (github.com/kubeflow/trainer, ta
     PET_MASTER_PORT    = "29500"                         (constants.ContainerTrainerPort)
   No PET_RDZV_ENDPOINT / PET_RDZV_BACKEND: torchrun uses its default static rendezvous on
   MASTER_ADDR:MASTER_PORT with the node rank given (torch/distributed/run.py), unlike the
-  Training Operator's elastic c10d (tests/operator_contract.py).
+  Training Operator's elastic c10d (tests/cluster/operator_contract.py).
 - torch.go Validate(): trainer.env must not set any of those five names.
 """
 from __future__ import annotations
 
 import math
 
-from tests.operator_contract import resolve_env
+from tests.cluster.operator_contract import resolve_env
 
 NODE, ANCESTOR_LABEL, MASTER_PORT = "node", "trainer.kubeflow.org/trainjob-ancestor-step", 29500
 RESERVED = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
@@ -106,7 +106,7 @@ def node_env(job: dict, runtime: dict, index: int, secrets: dict[str, dict[str, 
 #   in the runtime; spec.trainer.env has none of constants.TorchRunReservedEnvNames; the
 #   torchtune checks apply only to command ["tune", "run"] (constants.TorchTuneEntrypoint),
 #   which our jobs never use (refused here rather than modelled).
-# The CRD's own CEL rules are checked by tests/crd_schemas.py.
+# The CRD's own CEL rules are checked by tests/cluster/crd_schemas.py.
 import re  # noqa: E402
 
 DATASET_INIT, MODEL_INIT, VOLUME_INIT = "dataset-initializer", "model-initializer", "initializer"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from captioner.decoding import DecodeParams, beam_search, decode, greedy, log_softmax, sample
+from captioner.core.decoding import DecodeParams, beam_search, decode, greedy, log_softmax, sample
 
 BOS, EOS, V = 1, 2, 8
 

@@ -1,6 +1,6 @@
 import pytest
 
-from captioner.tokenizer import BOS_ID, EOS_ID, PAD_ID, CaptionTokenizer
+from captioner.core.tokenizer import BOS_ID, EOS_ID, PAD_ID, CaptionTokenizer
 
 CAPS = ["A red circle on the left .", "A blue square at the top .", "Two dogs play in the snow ."] * 3
 

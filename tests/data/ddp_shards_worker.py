@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_ingest.py: stream two epochs of training shards through
+"""Run under torchrun by tests/data/test_ingest.py: stream two epochs of training shards through
 DataLoader workers on each rank and report which items each rank saw."""
 import json
 import sys
@@ -6,9 +6,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from captioner.preprocess import PreprocessConfig
-from captioner.shards import ShardStream, open_shard_source
-from captioner.tokenizer import CaptionTokenizer
+from captioner.core.preprocess import PreprocessConfig
+from captioner.core.tokenizer import CaptionTokenizer
+from captioner.data.shards import ShardStream, open_shard_source
 
 uri, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")

@@ -3,9 +3,9 @@ dataset's manifest fixes (they used to fall back to generated scenes for such a 
 import subprocess
 import sys
 
-from captioner.checkpoint import load_checkpoint
-from captioner.export import held_out_records, sample_images
-from captioner.shards import open_shard_source
+from captioner.data.shards import open_shard_source
+from captioner.export.exporter import held_out_records, sample_images
+from captioner.modeling.checkpoint import load_checkpoint
 
 
 def test_held_out_images_of_a_shard_dataset_are_its_manifest_test_split(trained_run, synth_dir, tmp_path):

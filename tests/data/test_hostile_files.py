@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from captioner.ingest import IngestOptions, ingest
-from captioner.preprocess import ImageError, PreprocessConfig, preprocess_bytes
-from captioner.storage import open_store
+from captioner.data.ingest import IngestOptions, ingest
+from captioner.core.preprocess import ImageError, PreprocessConfig, preprocess_bytes
+from captioner.io.storage import open_store
 
 
 ENV = {**os.environ}
@@ -66,7 +66,7 @@ def _shard_store(root: Path, members: list, items: list) -> None:
 
 @pytest.mark.parametrize("attack", ["dotdot", "absolute"])
 def test_tar_members_and_manifest_keys_cannot_write_outside_the_cache(tmp_path, attack):
-    from captioner.shards import materialize, open_shard_source
+    from captioner.data.shards import materialize, open_shard_source
 
     outside = tmp_path / "outside"  # the attacker's target exists (think site-packages)
     outside.mkdir()
@@ -89,7 +89,7 @@ def test_tar_members_and_manifest_keys_cannot_write_outside_the_cache(tmp_path, 
 
 
 def test_valid_manifest_with_hostile_members_extracts_only_its_items(tmp_path):
-    from captioner.shards import materialize, open_shard_source
+    from captioner.data.shards import materialize, open_shard_source
 
     outside = tmp_path / "outside"
     good = _jpeg()
@@ -113,7 +113,7 @@ def test_valid_manifest_with_hostile_members_extracts_only_its_items(tmp_path):
     ("version", 99, "version"),
 ])
 def test_manifest_schema_is_validated_when_read(tmp_path, field, value, needle):
-    from captioner.shards import open_shard_source
+    from captioner.data.shards import open_shard_source
 
     _shard_store(tmp_path / "ds", [("k1.jpg", _jpeg())], [{"key": "k1", "ext": "jpg"}])
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
@@ -135,7 +135,7 @@ def test_manifest_schema_is_validated_when_read(tmp_path, field, value, needle):
 # ------------------------------------------------------------------ 10.3 object keys in storage.fetch
 @pytest.mark.parametrize("attack", ["absolute", "dotdot"])
 def test_fetch_skips_keys_that_would_land_outside(s3_server, monkeypatch, tmp_path, caplog, attack):
-    from captioner.storage import fetch
+    from captioner.io.storage import fetch
 
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
@@ -189,7 +189,7 @@ def test_csv_image_names_are_confined_to_the_image_root(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["coco", "karpathy"])
 def test_json_image_names_are_confined_to_the_image_root(tmp_path, fmt):
-    from captioner.data import read_records
+    from captioner.data.sources import read_records
 
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "x.jpg").write_bytes(_jpeg())
@@ -219,7 +219,7 @@ def _zip_dataset(path: Path, extra: list) -> None:
 
 
 def test_zip_total_uncompressed_size_is_capped(tmp_path, monkeypatch):
-    import captioner.ingest as ingest_mod
+    import captioner.data.ingest as ingest_mod
 
     monkeypatch.setattr(ingest_mod, "MAX_UNZIP_BYTES", 16 * 1024 * 1024, raising=False)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
@@ -234,7 +234,7 @@ def test_zip_total_uncompressed_size_is_capped(tmp_path, monkeypatch):
 
 
 def test_zip_member_count_is_capped_and_names_cannot_escape(tmp_path, monkeypatch):
-    import captioner.ingest as ingest_mod
+    import captioner.data.ingest as ingest_mod
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -268,7 +268,7 @@ def _gif_canvas(w: int, h: int) -> bytes:
 
 PROBE = r"""
 import json, resource, sys
-from captioner.preprocess import ImageError, PreprocessConfig, preprocess_bytes
+from captioner.core.preprocess import ImageError, PreprocessConfig, preprocess_bytes
 data = open(sys.argv[1], "rb").read()
 cfg = PreprocessConfig(input_size=(3, 32, 32), max_pixels=int(sys.argv[2]))
 preprocess_bytes(b"GIF89a", cfg) if False else None
@@ -305,7 +305,7 @@ def test_aspect_ratio_bomb_is_refused_before_decoding(tmp_path):
 
 
 def test_canvas_bomb_gif_is_refused_under_the_serving_cap(tmp_path):
-    from captioner.preprocess import DEFAULT_MAX_PIXELS, SERVING_MAX_PIXELS
+    from captioner.core.preprocess import DEFAULT_MAX_PIXELS, SERVING_MAX_PIXELS
 
     assert SERVING_MAX_PIXELS <= DEFAULT_MAX_PIXELS // 2
     data = _gif_canvas(7000, 7000)
@@ -373,7 +373,7 @@ def test_16_bit_images_are_scaled_not_clipped():
 
 @pytest.mark.parametrize("strip", [True, False])
 def test_ingest_strips_exif_and_gps_by_default(tmp_path, strip):
-    from captioner.storage import iter_tar_members
+    from captioner.io.storage import iter_tar_members
 
     src = tmp_path / "ds"
     (src / "flickr30k_images").mkdir(parents=True)
@@ -429,7 +429,7 @@ def test_mistyped_s3_uri_is_refused_and_nothing_is_written(synth_dir, tmp_path, 
 def test_written_files_respect_the_umask(synth_dir, tmp_path, umask):
     import torch
 
-    from captioner.checkpoint import atomic_save
+    from captioner.modeling.checkpoint import atomic_save
 
     old = os.umask(umask)
     try:
@@ -450,7 +450,7 @@ def test_written_files_respect_the_umask(synth_dir, tmp_path, umask):
 
 
 def test_exported_repository_respects_the_umask(trained_run, tmp_path):
-    from captioner.export import export
+    from captioner.export.exporter import export
 
     old = os.umask(0o027)
     try:
@@ -467,7 +467,7 @@ def test_exported_repository_respects_the_umask(trained_run, tmp_path):
 
 # ------------------------------------------------------------------ 10.12 secrets
 def test_s3_secret_never_appears_in_repr():
-    from captioner.storage import S3Settings
+    from captioner.io.storage import S3Settings
 
     s = S3Settings.from_env("127.0.0.1:9000", "AKIAPROBE", "s3cr3t-probe-value", False)
     assert s.secret_key == "s3cr3t-probe-value"
@@ -533,7 +533,7 @@ def _tls_server(pki: dict, tag: str = ""):
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    from captioner.names import CAPTION
+    from captioner.core.names import CAPTION
 
     class Echo(service_pb2_grpc.GRPCInferenceServiceServicer):
         def ServerLive(self, request, context):  # `caption --url` checks liveness once before any image

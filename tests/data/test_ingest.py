@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.ingest import MANIFEST, IngestOptions, ingest, verify
-from captioner.storage import TMP_PREFIX, open_store
+from captioner.data.ingest import MANIFEST, IngestOptions, ingest, verify
+from captioner.io.storage import TMP_PREFIX, open_store
 
 from tests.conftest import ROOT
 
@@ -68,7 +68,7 @@ def test_zip_source_and_resize(synth_dir, tmp_path):
             f.write(p, f"flickr30k_images/flickr30k_images/{p.name}")
     r = ingest(str(z), str(tmp_path / "out"), _opts(max_side=24))
     assert r["items"] == 10
-    from captioner.storage import iter_tar_members
+    from captioner.io.storage import iter_tar_members
     import io
 
     store = open_store(str(tmp_path / "out"))
@@ -155,7 +155,7 @@ def test_ddp_ranks_see_every_training_item_exactly_once(synth_dir, store_uri, tm
 
 
 def test_training_streams_shards(synth_dir, store_uri, tmp_path):
-    from captioner.train import train
+    from captioner.training.train import train
     from tests.conftest import tiny_cfg
 
     ingest(str(synth_dir), store_uri, _opts())
@@ -173,7 +173,7 @@ def test_large_objects_go_multipart_and_keep_their_checksum(s3_server, monkeypat
 
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
-    from captioner.storage import PART_SIZE
+    from captioner.io.storage import PART_SIZE
 
     big = tmp_path / "big.tar"
     big.write_bytes(os.urandom(PART_SIZE + 3 * 1024 * 1024))
@@ -189,8 +189,8 @@ def test_auto_shard_size_gives_every_reader_whole_shards_read_once(synth_dir, tm
     """`--shard-mb auto --target-workers 4`: at least two training shards per reader; an epoch over 2 ranks x 2
     workers then reads every shard byte once (the old item split read the one 64 MB shard 4 times). With one shard
     the trainer's loader warns and names the shard size to re-ingest with."""
-    from benchmarks.train_throughput import bytes_read_ratio
-    from captioner.shards import ShardStream, open_shard_source
+    from captioner.bench.train_throughput import bytes_read_ratio
+    from captioner.data.shards import ShardStream, open_shard_source
 
     ingest(str(synth_dir), str(tmp_path / "auto"), _opts(shard_mb="auto", target_workers=4))
     _, m = open_shard_source(str(tmp_path / "auto"))
@@ -215,11 +215,11 @@ def test_shard_stream_follows_its_batch_plan_and_tags_failed_batches(synth_dir, 
 
     import torch
 
-    from captioner.preprocess import PreprocessConfig
-    from captioner.shards import ItemEntry, ShardStream, open_shard_source
+    from captioner.core.preprocess import PreprocessConfig
+    from captioner.data.shards import ItemEntry, ShardStream, open_shard_source
 
     ingest(str(synth_dir), store_uri, _opts(shard_mb=0.03))
-    from captioner.tokenizer import CaptionTokenizer
+    from captioner.core.tokenizer import CaptionTokenizer
 
     store, m = open_shard_source(store_uri)
     pre = PreprocessConfig(input_size=(3, 16, 16))

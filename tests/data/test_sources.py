@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.data import (ResumableBatchSampler, assign_splits, read_records, summarize,
+from captioner.data.sources import (ResumableBatchSampler, assign_splits, read_records, summarize,
                             verify_images)
-from captioner.preprocess import ImageError, PreprocessConfig, load_image, preprocess_bytes
+from captioner.core.preprocess import ImageError, PreprocessConfig, load_image, preprocess_bytes
 
 
 def _img(path: Path, size=(40, 30), color=(200, 10, 10)):

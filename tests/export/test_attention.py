@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from captioner.checkpoint import load_checkpoint
-from captioner.model import Captioner, ModelConfig
-from captioner.names import ENCODER
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.modeling.model import Captioner, ModelConfig
+from captioner.core.names import ENCODER
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2)
 
@@ -38,7 +38,7 @@ def encoder_graph(request, tmp_path_factory):
         repo, _ = request.getfixturevalue("exported_repo")
         m = load_checkpoint(request.getfixturevalue("trained_run").out_dir).model.eval()
         return repo / ENCODER / "1" / "model.onnx", len(m.encoder.backbone.blocks), m
-    from captioner.export import export_encoder_graph
+    from captioner.export.exporter import export_encoder_graph
 
     depth = int(request.param.split("-")[1])
     m = vit_model(depth)
@@ -75,7 +75,7 @@ def test_export_report_lists_fused_attention_per_graph(exported_repo, trained_ru
 
 
 def test_export_report_fusions_are_what_the_graphs_hold(exported_repo):
-    from captioner.onnx_graphs import FUSED_OP_TYPES
+    from captioner.export.graphs import FUSED_OP_TYPES
 
     repo, _ = exported_repo
     fusions = json.loads((repo / "export_report.json").read_text())["fusions"]
@@ -92,7 +92,7 @@ def test_parity_holds_with_fused_attention(exported_repo, key, bound):
 
 @pytest.fixture(scope="module")
 def int8_repo(exported_repo, tmp_path_factory):
-    from captioner.export import quantize_int8
+    from captioner.export.exporter import quantize_int8
 
     repo = tmp_path_factory.mktemp("int8") / "models"
     shutil.copytree(exported_repo[0], repo)
@@ -113,7 +113,7 @@ def test_int8_encoder_keeps_attention_and_quantizes_matmuls(int8_repo, op, prese
 
 
 def test_int8_parity_runs_on_the_fused_encoder(int8_repo, trained_run):
-    from captioner.export import ParityReport, check_parity
+    from captioner.export.exporter import ParityReport, check_parity
 
     rep = check_parity(load_checkpoint(trained_run.out_dir), int8_repo, 2, fail=False)
     assert isinstance(rep, ParityReport) and rep.images == 2 and np.isfinite(rep.encoder_max_abs_diff)
@@ -132,7 +132,7 @@ ATTENTION_KINDS = {
 def test_only_plain_timm_attention_is_fused(kind):
     from timm.layers import Attention
 
-    from captioner.onnx_attention import fused_vit_attention
+    from captioner.export.attention import fused_vit_attention
 
     kwargs, fusable = ATTENTION_KINDS[kind]
     block = torch.nn.Sequential(Attention(16, num_heads=2, qkv_bias=True, **kwargs)).eval()
@@ -144,10 +144,10 @@ def test_only_plain_timm_attention_is_fused(kind):
 def test_attention_left_unfused_is_named_in_the_log(kind, caplog):
     from timm.layers import Attention
 
-    from captioner.onnx_attention import fused_vit_attention
+    from captioner.export.attention import fused_vit_attention
 
     block = torch.nn.Sequential(Attention(16, num_heads=2, **ATTENTION_KINDS[kind][0])).eval()
-    with caplog.at_level("INFO", logger="captioner.onnx_attention"), fused_vit_attention(block):
+    with caplog.at_level("INFO", logger="captioner.export.attention"), fused_vit_attention(block):
         pass
     assert any("attention 0 left unfused" in r.getMessage() for r in caplog.records), caplog.text
 
@@ -156,7 +156,7 @@ def test_attention_left_unfused_is_named_in_the_log(kind, caplog):
 def test_fused_forward_equals_timm_forward(heads):
     from timm.layers import Attention
 
-    from captioner.onnx_attention import fused_vit_attention
+    from captioner.export.attention import fused_vit_attention
 
     torch.manual_seed(heads)
     attn, x = Attention(16, num_heads=heads, qkv_bias=True).eval(), torch.randn(2, 5, 16)
@@ -169,7 +169,7 @@ def test_fused_forward_equals_timm_forward(heads):
 
 
 def test_original_forward_comes_back_after_an_error():
-    from captioner.onnx_attention import fused_vit_attention
+    from captioner.export.attention import fused_vit_attention
 
     m = vit_model(2)
     with pytest.raises(RuntimeError, match="boom"), fused_vit_attention(m.encoder) as fused:
@@ -185,8 +185,8 @@ def test_export_of_a_batchnorm_encoder_keeps_the_model_and_parity(tmp_path):
     PyTorch model export itself changed. (Failed before: encoder max|diff| 0.79 in `make demo`:
     torch.onnx.export restored a fresh wrapper's training mode onto the model, and the next
     shape probe ran BatchNorm in training mode.)"""
-    from benchmarks.caption_latency import random_model, save_random
-    from captioner.export import export
+    from captioner.bench.caption_latency import random_model, save_random
+    from captioner.export.exporter import export
 
     torch.manual_seed(0)
     cfg, model, tok, pre = random_model("tiny-cpu", 40)

@@ -1,4 +1,4 @@
-"""Issue 13 items 3 and 4: the decode loop's step graph (captioner.onnx_graphs) has fused
+"""Issue 13 items 3 and 4: the decode loop's step graph (captioner.export.graphs) has fused
 attention, keeps its KV cache in place (no copy of the past per step) and gives PyTorch's
 log-probs, through the same BoundDecoder that Triton's decode_loop model and `captioner serve` run."""
 import numpy as np
@@ -6,12 +6,12 @@ import onnx
 import pytest
 import torch
 
-from captioner import names
-from captioner.decoding import log_softmax
-from captioner.export import write_select_rows
-from captioner.model import CaptionDecoder, ModelConfig
-from captioner.onnx_graphs import attention_op_counts, build_decoder_step, cache_mode_for
-from captioner.onnx_runtime import BoundDecoder
+from captioner.core import names
+from captioner.core.decoding import log_softmax
+from captioner.export.exporter import write_select_rows
+from captioner.export.graphs import attention_op_counts, build_decoder_step, cache_mode_for
+from captioner.modeling.model import CaptionDecoder, ModelConfig
+from captioner.serving.onnx_runtime import BoundDecoder
 
 L, HEADS, D, V, MAX_LEN, P = 2, 4, 32, 40, 10, 6
 
@@ -129,7 +129,7 @@ def test_a_repository_from_an_older_export_is_refused_with_the_fix(tmp_path):
 
 
 def test_int8_and_an_fp16_decoder_are_refused_together_before_anything_is_written(tmp_path):
-    from captioner.export import export
+    from captioner.export.exporter import export
 
     with pytest.raises(ValueError, match="--quantize int8 .* --decoder-dtype float16"):
         export(str(tmp_path / "missing.pt"), str(tmp_path / "repo"), quantize="int8", decoder_dtype="float16")

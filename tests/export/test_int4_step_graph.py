@@ -6,13 +6,13 @@ import onnx
 import pytest
 import torch
 
-from captioner.checkpoint import load_checkpoint
-from captioner.decoding import DecodeParams, log_softmax
-from captioner.export import INT4_BLOCK_SIZE, sample_images
-from captioner.inference import caption_tensor
-from captioner.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER, LOGITS
-from captioner.onnx_graphs import op_type_counts, step_weight_bytes
-from captioner.serving_core import DecodeLoop, image_bytes_to_pixels
+from captioner.core.decoding import DecodeParams, log_softmax
+from captioner.core.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER, LOGITS
+from captioner.export.exporter import INT4_BLOCK_SIZE, sample_images
+from captioner.export.graphs import op_type_counts, step_weight_bytes
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.modeling.inference import caption_tensor
+from captioner.serving.core import DecodeLoop, image_bytes_to_pixels
 
 # Teacher-forced log-probs of the 4-bit step graph vs PyTorch fp32, max over every position,
 # row and vocabulary entry. Round-to-nearest 4-bit with a block of 32 input rows per scale
@@ -94,7 +94,7 @@ def test_int4_step_graph_log_probs_match_pytorch(int4_repo, trained_run):
 
 
 def test_export_refuses_an_unknown_quantization_before_anything_is_written(tmp_path):
-    from captioner.export import export
+    from captioner.export.exporter import export
 
     with pytest.raises(ValueError, match="--quantize must be one of int8, int4, got 'int3'"):
         export(str(tmp_path / "missing.pt"), str(tmp_path / "repo"), quantize="int3")

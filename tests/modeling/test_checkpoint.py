@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from captioner.checkpoint import CheckpointError, load_checkpoint, load_raw
+from captioner.modeling.checkpoint import CheckpointError, load_checkpoint, load_raw
 
 ENV = {**os.environ}
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from captioner.model import Captioner, EncoderWeightsError, ModelConfig
-from captioner.preprocess import PreprocessConfig
+from captioner.core.preprocess import PreprocessConfig
+from captioner.modeling.model import Captioner, EncoderWeightsError, ModelConfig
 
 CONFIGS = {
     "vit": ModelConfig(encoder="vit_tiny_patch16_224", d_model=32, n_layers=2, n_heads=4, max_len=12, vocab_size=50,

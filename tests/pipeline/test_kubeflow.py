@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from captioner import pipeline_steps as steps
-
+from captioner.pipeline import steps
 from tests.helpers import start_serve
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY_TRAIN = ["--model.encoder_kwargs={output_stride: 16, pretrained_cfg_overlay: {input_size: [3, 32, 32]}}",
               "--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--data.num_workers=0",
@@ -76,7 +75,7 @@ def test_retry_and_caching(compiled):
 def check_s3_secret_required_everywhere(spec, platform):
     """Defect 3: every step gets the S3 settings from the Secret, and not optionally (a
     missing Secret must stop the pod with its name, not fail later with "no S3 endpoint")."""
-    from captioner.deployment import S3_ENV, S3_SECRET
+    from captioner.core.deployment import S3_ENV, S3_SECRET
 
     for ex in set(spec["deploymentSpec"]["executors"]) - {"exec-gate"}:  # the gate only compares numbers
         sae = [s for s in platform.get(ex, {}).get("secretAsEnv", []) if s["secretName"] == S3_SECRET]
@@ -146,7 +145,7 @@ def test_train_in_pod_ir_asks_for_the_gpu(compiled_in_pod):
 def test_local_pipeline_has_no_secret():
     from kfp import compiler
 
-    from captioner.kfp_pipeline import _pipeline
+    from captioner.pipeline.runner import _pipeline
 
     import tempfile
     with tempfile.TemporaryDirectory() as d:
@@ -183,7 +182,7 @@ def _features(spec, platform) -> set[str]:
 
 
 def test_minimum_kfp_backend_is_documented(compiled, compiled_in_pod):
-    from captioner.deployment import MIN_KFP_BACKEND
+    from captioner.core.deployment import MIN_KFP_BACKEND
 
     used = _features(*compiled) | _features(*compiled_in_pod)
     unknown = used - set(BACKEND_FEATURES)
@@ -199,8 +198,8 @@ def test_minimum_kfp_backend_is_documented(compiled, compiled_in_pod):
 
 @pytest.mark.slow
 def test_local_pipeline_run_skips_deploy_below_gate_and_serves(synth_dir, tmp_path):
-    from captioner.client import caption_bytes
-    from captioner.kfp_pipeline import local_arguments, run_local
+    from captioner.serving.client import caption_bytes
+    from captioner.pipeline.runner import local_arguments, run_local
 
     args = local_arguments(tmp_path / "w", synth_dir, "tiny-cpu", TINY_TRAIN, min_cider=100.0,
                            val_fraction=0.15, test_fraction=0.15, shard_mb=0.05)
@@ -252,7 +251,7 @@ def test_champion_on_s3(exported_repo, s3_server, monkeypatch):
     repo, _ = exported_repo
     steps.deploy_step(str(repo), "s3://serving/captioner", 1.25)
     assert steps.champion_score("s3://serving/captioner") == 1.25
-    from captioner.storage import open_store
+    from captioner.io.storage import open_store
 
     keys = open_store("s3://serving/captioner").list()
     assert "captioner/config.pbtxt" in keys and "decoder/1/model.onnx" in keys
@@ -265,7 +264,7 @@ HOST_URIS = ["--source", "s3://raw/flickr30k", "--data-uri", "s3://datasets/flic
 def test_pipeline_run_host_passes_every_setting_and_credentials(tmp_path):
     """`pipeline run --host` against a recording KFP API stand-in: the profile namespace, the
     token and cookie as kfp.Client sends them, and every setting as a run parameter."""
-    from tests.kfp_api_double import KfpApiDouble
+    from tests.pipeline.kfp_api_double import KfpApiDouble
 
     with KfpApiDouble() as api:
         env = {**os.environ, "HOME": str(tmp_path), "KF_PIPELINES_TOKEN": "tok-123",
@@ -308,7 +307,7 @@ def test_ingest_step_reads_a_raw_dataset_from_the_store(synth_dir, s3_server, mo
     """--source s3://...: the raw dataset uploaded to the store is ingested from there."""
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
-    from captioner.storage import publish
+    from captioner.io.storage import publish
 
     publish(synth_dir, "s3://raw-src/synth")
     r = steps.ingest_step("s3://raw-src/synth", str(tmp_path / "ds"), shard_mb=0.05)

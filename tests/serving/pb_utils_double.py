@@ -11,7 +11,7 @@ deployment.TRITON_RELEASE pins; the cited parts are the same in r25.01), not our
 - A BLS request to a model (or version) that is not loaded fails with core's message
   (core src/model_repository_manager/model_repository_manager.cc `GetModel`): "Request for
   unknown model: '<name>' is not found".
-  What is loaded is decided by `captioner.triton_repo.plan_load` (explicit mode: the named
+  What is loaded is decided by `captioner.serving.triton_repo.plan_load` (explicit mode: the named
   models plus ensemble steps; BLS targets are not loaded for you).
 Requests are also checked against the callee's config.pbtxt (names, dtypes, shapes, batch).
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from captioner.onnx_runtime import session
-from captioner.triton_repo import ALL_MODELS, listing_from_dir, load_listing, plan_load
+from captioner.serving.onnx_runtime import session
+from captioner.serving.triton_repo import ALL_MODELS, listing_from_dir, load_listing, plan_load
 
 NP = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_STRING": np.object_}
 TRITONSERVER_MEMORY_CPU, TRITONSERVER_MEMORY_CPU_PINNED, TRITONSERVER_MEMORY_GPU = 0, 1, 2

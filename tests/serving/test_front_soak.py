@@ -31,10 +31,10 @@ import pytest
 import requests
 from PIL import Image
 
-from captioner import names
-from captioner.checkpoint import load_checkpoint
-from captioner.client import caption_bytes
-from captioner.export import sample_images
+from captioner.core import names
+from captioner.export.exporter import sample_images
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.serving.client import caption_bytes
 from tests.helpers import free_port, start_serve, start_web
 from tests.serving.test_http_hostile import _malformed, infer_body, post
 
@@ -401,8 +401,8 @@ def test_gateway_reaches_a_tls_model_server(tmp_path):
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    from captioner.client import TLS
-    from captioner.web import Model
+    from captioner.serving.client import TLS
+    from captioner.web.gateway import Model
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")

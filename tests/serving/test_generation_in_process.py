@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from captioner import names
-from captioner.checkpoint import load_checkpoint
-from captioner.export import sample_images
-from captioner.inference import caption_tensor
-from captioner.serving_core import DecodeSettings, image_bytes_to_pixels
+from captioner.core import names
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.export.exporter import sample_images
+from captioner.modeling.inference import caption_tensor
+from captioner.serving.core import DecodeSettings, image_bytes_to_pixels
 
 from tests.serving import pb_utils_double
 from tests.serving.test_repository import _load_model_py
@@ -22,7 +22,7 @@ from tests.serving.test_repository import _load_model_py
 
 @pytest.fixture(scope="module")
 def cross_and_want(trained_run):
-    from captioner.decoding import DecodeParams
+    from captioner.core.decoding import DecodeParams
 
     ck = load_checkpoint(trained_run.out_dir)
     pixels = torch.from_numpy(image_bytes_to_pixels(np.array([b for _, b in sample_images(ck, 3)], dtype=object),
@@ -69,7 +69,7 @@ def test_one_request_batch_makes_no_per_token_round_trips(exported_repo, cross_a
 
 
 def load_checkpoint_vocab(repo):
-    from captioner.triton_repo import read_config
+    from captioner.serving.triton_repo import read_config
 
     cfg = read_config(repo / names.DECODER / "config.pbtxt")
     return next(o.dims[-1] for o in cfg.output if o.name == names.LOGITS)
@@ -77,7 +77,7 @@ def load_checkpoint_vocab(repo):
 
 @pytest.fixture(scope="module")
 def fp16_repo(trained_run, tmp_path_factory):
-    from captioner.export import export
+    from captioner.export.exporter import export
 
     repo = tmp_path_factory.mktemp("fp16") / "models"
     export(str(trained_run.out_dir / "ckpt_best.pt"), str(repo), device="gpu", decoder_dtype="float16")

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from captioner import names
-from captioner.checkpoint import load_checkpoint
-from captioner.client import caption_bytes
-from captioner.export import sample_images
+from captioner.core import names
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.serving.client import caption_bytes
+from captioner.export.exporter import sample_images
 
 from tests.helpers import free_port, start_serve
 
@@ -190,7 +190,7 @@ def test_oversized_message_is_refused_by_grpc(server, good):
 def test_concurrent_rpcs_are_limited(exported_repo, heavy_png):
     """With maximum_concurrent_rpcs=2, the third and later concurrent calls are refused at once
     with RESOURCE_EXHAUSTED instead of queueing without bound."""
-    from captioner.serve import start_server
+    from captioner.serving.server.app import start_server
 
     server, repo, port = start_server(exported_repo[0], port=free_port(), max_concurrent_rpcs=2)
     try:
@@ -254,7 +254,7 @@ def test_abandoned_requests_are_not_decoded(server, heavy_png, good, how):
 
 def test_batcher_drops_expired_items_before_running(good):
     """An item whose deadline passed while queued never reaches the model function (the encoder)."""
-    from captioner.serve import Batcher, Deadline, Expired
+    from captioner.serving.server.app import Batcher, Deadline, Expired
 
     seen = []
     b = Batcher(lambda items: [seen.append(x) or x for x in items], max_batch=4, delay_s=0.01, name="t")
@@ -276,7 +276,7 @@ def test_batcher_stop_settles_every_pending_future():
     """Items queued when stop() is called are answered or failed, never left pending: here one item
     that does not fit the running batch (it used to be pushed back behind the stop signal), and one
     submitted after stop."""
-    from captioner.serve import Batcher
+    from captioner.serving.server.app import Batcher
 
     release = threading.Event()
 

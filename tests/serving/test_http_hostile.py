@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import names
-from captioner.checkpoint import load_checkpoint
-from captioner.export import sample_images
+from captioner.core import names
+from captioner.export.exporter import sample_images
+from captioner.modeling.checkpoint import load_checkpoint
 from tests.helpers import free_port, start_serve
 from tests.serving.test_http_metrics import scrape, total
 

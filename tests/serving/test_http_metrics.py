@@ -15,10 +15,10 @@ import tritonclient.http as httpclient
 from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
-from captioner import names
-from captioner.checkpoint import load_checkpoint
-from captioner.client import caption_bytes
-from captioner.export import sample_images
+from captioner.core import names
+from captioner.export.exporter import sample_images
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.serving.client import caption_bytes
 from tests.helpers import free_port, start_serve
 
 FAMILIES = ["nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
@@ -220,7 +220,7 @@ def test_listening_socket_passes_tcp_nodelay_to_connections():
     answer with a body then waited ~40 ms (Nagle + delayed ACK; measured 48 ms vs 6 ms)."""
     import socket
 
-    from captioner.http_server import bind
+    from captioner.serving.server.http import bind
 
     s = bind("127.0.0.1", 0)
     try:

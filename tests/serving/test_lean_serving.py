@@ -13,13 +13,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from captioner import names
-from captioner.deployment import TRITON_ONNXRUNTIME
+from captioner.core import names
+from captioner.core.deployment import TRITON_ONNXRUNTIME
 
 from tests.helpers import ROOT, pyproject, source_on_path, start_serve
 
-HEAVY = ("torch", "torchvision", "timm", "onnx", "onnxscript", "transformers", "captioner.export",
-         "captioner.model", "captioner.train", "captioner.checkpoint", "captioner.inference")
+HEAVY = ("torch", "torchvision", "timm", "onnx", "onnxscript", "transformers", "captioner.export.exporter",
+         "captioner.modeling.model", "captioner.training.train", "captioner.modeling.checkpoint", "captioner.modeling.inference")
 
 IMPORTS = textwrap.dedent("""
     import importlib.util, json, sys, types
@@ -29,7 +29,7 @@ IMPORTS = textwrap.dedent("""
         spec = importlib.util.spec_from_file_location("model", what)
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     elif what == "cli-serve":  # `captioner serve` through the whole CLI path, on a missing repository
-        from captioner import cli
+        from captioner.cli.main import main as cli
         try:
             cli.main(["serve", sys.argv[2]])
         except SystemExit as e:  # refused with a message: it ran the whole command
@@ -40,9 +40,9 @@ IMPORTS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("what", ["captioner.serve", "captioner.serving_core", "captioner.onnx_runtime",
-                                  "captioner.triton_repo", "captioner.client", "cli-serve",
-                                  "captioner/triton/decode_loop.py", "captioner/triton/preprocess.py"])
+@pytest.mark.parametrize("what", ["captioner.serving.server.app", "captioner.serving.core", "captioner.serving.onnx_runtime",
+                                  "captioner.serving.triton_repo", "captioner.serving.client", "cli-serve",
+                                  "captioner/serving/triton/decode_loop.py", "captioner/serving/triton/preprocess.py"])
 def test_serving_path_imports_no_torch_or_export_code(what, tmp_path):
     arg = str(ROOT / what) if what.endswith(".py") else what
     r = subprocess.run([sys.executable, "-c", IMPORTS, arg, str(tmp_path / "missing")], capture_output=True,
@@ -89,11 +89,11 @@ def test_lean_venv_has_no_torch(lean_python):
 def test_serve_captions_from_a_venv_without_torch(lean_python, exported_repo, trained_run, tmp_path, monkeypatch):
     """`captioner serve` run by the lean venv's Python (the package from this checkout via
     PYTHONPATH), queried with tritonclient: the same captions as the in-process decode loop here."""
-    from captioner.checkpoint import load_checkpoint
-    from captioner.client import caption_bytes
-    from captioner.export import sample_images
-    from captioner.onnx_runtime import OrtCaptioner
-    from captioner.serving_core import DecodeLoop, image_bytes_to_pixels, params_for
+    from captioner.modeling.checkpoint import load_checkpoint
+    from captioner.serving.client import caption_bytes
+    from captioner.export.exporter import sample_images
+    from captioner.serving.onnx_runtime import OrtCaptioner
+    from captioner.serving.core import DecodeLoop, image_bytes_to_pixels, params_for
 
     repo, _ = exported_repo
     ck = load_checkpoint(trained_run.out_dir)

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from captioner.checkpoint import load_checkpoint
-from captioner.client import caption_bytes
-from captioner.export import sample_images
+from captioner.export.exporter import sample_images
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.serving.client import caption_bytes
 from tests.helpers import ROOT, free_port, start_serve, start_web
 
 EXAMPLES = dict(re.findall(r"<!-- readme-example: (\S+) -->\n```bash\n(.*?)```", (ROOT / "README.md").read_text(),

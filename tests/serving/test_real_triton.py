@@ -1,5 +1,5 @@
 """The exported repository on the real tritonserver (2.51.0, release 24.10, from the nvidia-pytriton
-wheel; captioner.triton_server runs it with the cluster's flags) and `captioner serve` held to it.
+wheel; captioner.serving.triton_server runs it with the cluster's flags) and `captioner serve` held to it.
 
 Skips, naming the reason, where the wheel's server cannot run (not Linux x86_64 with glibc >=
 2.35, no network to fetch the wheel the first time, no shared-libpython Python with venv).
@@ -31,14 +31,16 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from captioner import names, triton_repo
-from captioner.checkpoint import load_checkpoint
-from captioner.client import caption_bytes
-from captioner.decoding import DecodeParams
-from captioner.deployment import CONTROL_HEADER, CONTROL_KEY_ENV, TRITON_SERVER_VERSION, control_headers
-from captioner.export import sample_images
-from captioner.inference import caption_tensor
-from captioner.serving_core import image_bytes_to_pixels
+from captioner.core import names
+
+from captioner.serving import triton_repo
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.serving.client import caption_bytes
+from captioner.core.decoding import DecodeParams
+from captioner.core.deployment import CONTROL_HEADER, CONTROL_KEY_ENV, TRITON_SERVER_VERSION, control_headers
+from captioner.export.exporter import sample_images
+from captioner.modeling.inference import caption_tensor
+from captioner.serving.core import image_bytes_to_pixels
 
 from tests.helpers import ROOT, free_port, start_moto, start_serve, start_stack
 
@@ -51,8 +53,7 @@ REGENERATE = os.environ.get("CAPTIONER_REGENERATE_FIXTURES") == "1"
 def triton_prepared():
     """The wheel, the models' environment and a Python for the stub, from the cache (built on
     first use: a download of 55 MB and a pip install)."""
-    from captioner import triton_server
-
+    from captioner.serving import triton_server
     why = triton_server.why_not_here()
     if why:
         pytest.skip(f"real Triton: {why}")
@@ -63,8 +64,7 @@ def triton_prepared():
 
 
 def _start(prepared, repo, run_dir, key, **kw):
-    from captioner import triton_server
-
+    from captioner.serving import triton_server
     return triton_server.start(repo, run_dir, key, prepared=prepared, **kw)
 
 
@@ -77,7 +77,7 @@ def key():
 def triton(triton_prepared, exported_repo, tmp_path_factory, key):
     """tritonserver over a serving folder holding the exported repository as version 1,
     started exactly as k8s/base/triton.yaml starts it (explicit, `captioner` loaded, restricted)."""
-    from captioner.storage import open_store
+    from captioner.io.storage import open_store
 
     serving = tmp_path_factory.mktemp("triton-serving") / "serving"
     triton_repo.publish_version(exported_repo[0], open_store(str(serving), create=True))
@@ -122,7 +122,7 @@ def test_metadata_config_index_and_readiness_match_captioner_serve(triton, local
     """Before any deploy: both serve version 1 of the same repository with the same flags.
     Model config: Triton answers its auto-completed config (core src/model_config_utils.cc
     NormalizeModelConfig / the backend's auto-complete); `captioner serve` answers the same
-    (captioner.triton_repo.autocomplete), except `runtime: model.py` which only the Python-based
+    (captioner.serving.triton_repo.autocomplete), except `runtime: model.py` which only the Python-based
     onnxruntime backend of the test server adds (README: differences table)."""
     from google.protobuf.json_format import MessageToDict
 
@@ -266,7 +266,7 @@ def test_web_gateway_behind_the_real_server_reports_a_bad_image_per_image(triton
 
 def test_demo_front_door_serves_page_and_metrics_from_the_real_server(triton_prepared, exported_repo, images,
                                                                      tmp_path):
-    """`captioner demo --serve`'s front door (captioner.stack) picks the real server where it runs:
+    """`captioner demo --serve`'s front door (captioner.serving.stack) picks the real server where it runs:
     the page captions through it and the printed metrics URL is tritonserver's own, which counts
     each model of the ensemble (`captioner serve`'s /metrics has no rows for `encoder`)."""
     import signal
@@ -332,7 +332,7 @@ def test_deploy_step_publishes_and_loads_through_the_restricted_api(triton, loca
     """The deploy step, unchanged, publishes version N+1 and loads it on the real server; the
     header is 'triton-grpc-protocol-<name>' over gRPC and the bare name over HTTP (server
     src/grpc/grpc_server.h kRestrictedProtocolHeaderTemplate, src/http_server.cc)."""
-    from captioner.pipeline_steps import deploy_step
+    from captioner.pipeline.steps import deploy_step
 
     c = grpcclient.InferenceServerClient(triton.url)
     for bad in (None, {CONTROL_HEADER: key}, control_headers("wrong", "grpc")):
@@ -365,7 +365,7 @@ def test_deploy_step_publishes_and_loads_through_the_restricted_api(triton, loca
 def variant(request, exported_repo, trained_run, tmp_path_factory):
     if request.param == "fp32":
         return request.param, exported_repo[0]
-    from captioner.export import export
+    from captioner.export.exporter import export
 
     out = tmp_path_factory.mktemp(f"repo-{request.param}") / "models"
     kw = {"quantize": "int8"} if request.param == "int8" else {"decoder_dtype": "float16"}
@@ -375,7 +375,7 @@ def variant(request, exported_repo, trained_run, tmp_path_factory):
 
 def _served_by_captioner_serve(repo, imgs, beams=(1, 3)) -> dict:
     """{beam: captions} from `captioner serve`'s repository runner over `repo`, in process."""
-    from captioner.serve import Repository
+    from captioner.serving.server.app import Repository
 
     r = Repository(repo, control="explicit", load=[names.ENSEMBLE])
     try:
@@ -391,7 +391,7 @@ def test_each_variant_loads_in_mode_none_and_explicit_with_the_same_captions(
     """Mode none loads every model of the variant (the decoder too); the deploy step loads the
     variant on the explicit-mode server as a new version; both caption greedy and beam 3 as
     `captioner serve` does over the same repository (and fp32 as PyTorch does)."""
-    from captioner.pipeline_steps import deploy_step
+    from captioner.pipeline.steps import deploy_step
 
     kind, repo = variant
     want = _served_by_captioner_serve(repo, images[:3])
@@ -430,7 +430,7 @@ def test_repository_is_loaded_from_s3_with_the_manifest_env_and_its_requests_are
     s3://127.0.0.1:PORT/bucket/prefix with the AWS_* variables k8s/base/triton.yaml sets. The
     requests it makes are kept in tests/fixtures/s3_requests/triton.json (the MinIO policy
     check's input); CAPTIONER_REGENERATE_FIXTURES=1 rewrites that file from this run."""
-    from captioner.storage import open_store
+    from captioner.io.storage import open_store
 
     log = tmp_path / "moto.log"
     moto, port = start_moto(log)
@@ -456,7 +456,7 @@ def test_repository_is_loaded_from_s3_with_the_manifest_env_and_its_requests_are
         moto.kill()
         moto.wait()
     assert {"method": "GET", "path": f"/models/serving/{names.ENSEMBLE}/config.pbtxt", "query": {}} in recorded
-    from captioner.deployment import TRITON_SERVER_VERSION
+    from captioner.core.deployment import TRITON_SERVER_VERSION
 
     if REGENERATE or not S3_FIXTURE.exists():
         S3_FIXTURE.parent.mkdir(parents=True, exist_ok=True)
@@ -509,7 +509,7 @@ def _identity(url):
 
 def test_the_stub_needs_numpy_1_and_the_built_environment_has_it(triton_prepared, tmp_path, key):
     """python_backend's stub in this release mis-reads NumPy 2 arrays; the environment
-    captioner.triton_server builds (numpy<2) passes an FP32 and a BYTES tensor through intact."""
+    captioner.serving.triton_server builds (numpy<2) passes an FP32 and a BYTES tensor through intact."""
     import sysconfig
 
     repo = tmp_path / "repo"

@@ -11,12 +11,12 @@ import pytest
 import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
-from captioner import names
-from captioner.checkpoint import load_checkpoint
-from captioner.export import sample_images
-from captioner.inference import caption_tensor
-from captioner.serving_core import DecodeSettings, image_bytes_to_pixels
-from captioner.triton_repo import LOAD_ORDER, VERSION_README, read_config
+from captioner.core import names
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.export.exporter import sample_images
+from captioner.modeling.inference import caption_tensor
+from captioner.serving.core import DecodeSettings, image_bytes_to_pixels
+from captioner.serving.triton_repo import LOAD_ORDER, VERSION_README, read_config
 
 from tests.serving import pb_utils_double
 
@@ -96,7 +96,7 @@ def _names_used(model_py: Path) -> set[str]:
     tree = ast.parse(model_py.read_text())
     used = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "captioner.names":
+        if isinstance(node, ast.ImportFrom) and node.module == "captioner.core.names":
             used |= {a.name for a in node.names}
     return {getattr(names, n) for n in used if n.isupper() and n not in ("DECODER",)}
 
@@ -159,7 +159,7 @@ def test_preprocess_model_py_refuses_a_request_over_the_pixel_budget(exported_re
 
     from PIL import Image
 
-    from captioner.serving_core import REQUEST_PIXEL_BUDGET
+    from captioner.serving.core import REQUEST_PIXEL_BUDGET
 
     repo, _ = exported_repo
     m = _load_model_py(repo, names.PREPROCESS, monkeypatch)

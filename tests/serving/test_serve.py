@@ -14,12 +14,12 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from captioner import names
-from captioner.checkpoint import load_checkpoint
-from captioner.client import caption_bytes, caption_files
-from captioner.export import sample_images
-from captioner.inference import caption_tensor
-from captioner.serving_core import image_bytes_to_pixels
+from captioner.core import names
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.serving.client import caption_bytes, caption_files
+from captioner.export.exporter import sample_images
+from captioner.modeling.inference import caption_tensor
+from captioner.serving.core import image_bytes_to_pixels
 
 from tests.helpers import start_serve
 

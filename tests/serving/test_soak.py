@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from captioner import names
-from captioner.checkpoint import load_checkpoint
-from captioner.export import sample_images
-from captioner.inference import caption_tensor
-from captioner.serving_core import image_bytes_to_pixels
+from captioner.core import names
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.export.exporter import sample_images
+from captioner.modeling.inference import caption_tensor
+from captioner.serving.core import image_bytes_to_pixels
 
 from tests.conftest import start_serve
 

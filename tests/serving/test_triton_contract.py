@@ -1,4 +1,4 @@
-"""The exported repository against Triton's own rules (captioner.triton_repo, which names the
+"""The exported repository against Triton's own rules (captioner.serving.triton_repo, which names the
 triton-inference-server/core files it follows) and python_backend's behaviour (the pb_utils
 double): each test guards one of the deployment defects of issue 8."""
 import json
@@ -13,10 +13,12 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from captioner import names, triton_repo
-from captioner.deployment import CONTROL_HEADER, CONTROL_KEY_ENV
-from captioner.serving_core import DecodeSettings
-from captioner.triton_repo import (ALL_MODELS, CONFIG, LOAD_ORDER, RepositoryError, listing_from_dir,
+from captioner.core import names
+
+from captioner.serving import triton_repo
+from captioner.core.deployment import CONTROL_HEADER, CONTROL_KEY_ENV
+from captioner.serving.core import DecodeSettings
+from captioner.serving.triton_repo import (ALL_MODELS, CONFIG, LOAD_ORDER, RepositoryError, listing_from_dir,
                                    listing_from_store, load_listing, plan_load)
 
 from tests.helpers import start_serve
@@ -36,7 +38,7 @@ def _listing(files: dict[str, bytes]):
 def test_s3_listing_of_the_exported_repository_loads_every_model(exported_repo, s3_server, monkeypatch):
     """Publish to the S3 test server, list it back (objects only) and apply Triton's rules:
     an empty `captioner/1/` would vanish on S3 and the ensemble would have no version."""
-    from captioner.storage import open_store, publish
+    from captioner.io.storage import open_store, publish
 
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
@@ -81,7 +83,7 @@ def test_ensemble_steps_must_resolve():
 
 
 def test_serve_refuses_a_repository_triton_would_refuse(exported_repo, tmp_path):
-    from captioner.serve import Repository
+    from captioner.serving.server.app import Repository
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo[0], repo)
@@ -167,7 +169,7 @@ class _FailOn:
 
 
 def test_publish_adds_a_version_and_switches_with_the_ensemble_config(exported_repo, store_uri):
-    from captioner.storage import open_store
+    from captioner.io.storage import open_store
 
     repo, _ = exported_repo
     store = open_store(store_uri, create=True)
@@ -197,8 +199,8 @@ def test_publish_adds_a_version_and_switches_with_the_ensemble_config(exported_r
 
 # ------------------------------------------------------------------ defect 4 + deploy: protected control API
 def test_deploy_loads_the_ensemble_through_the_protected_control_api(exported_repo, tmp_path, monkeypatch):
-    from captioner.pipeline_steps import deploy_step
-    from captioner.storage import open_store
+    from captioner.pipeline.steps import deploy_step
+    from captioner.io.storage import open_store
 
     serving = tmp_path / "serving"
     serving.mkdir()
@@ -222,7 +224,7 @@ def test_deploy_loads_the_ensemble_through_the_protected_control_api(exported_re
         from PIL import Image
 
         Image.new("RGB", (40, 40), (200, 30, 30)).save(img)
-        from captioner.client import caption_bytes
+        from captioner.serving.client import caption_bytes
 
         # the deploy step: new version, the ensemble loaded with the key from the env (the Secret)
         monkeypatch.setenv(CONTROL_KEY_ENV, key)
@@ -245,7 +247,7 @@ def test_deploy_loads_the_ensemble_through_the_protected_control_api(exported_re
 def test_serve_and_triton_decode_loop_answer_a_request_the_same_way(exported_repo, monkeypatch, beam, needle):
     """Both servers run serving_core.caption_requests: a request mixing BEAM_SIZE values is
     refused by both (Triton's model used to take the first value silently)."""
-    from captioner.serve import Repository
+    from captioner.serving.server.app import Repository
 
     repo, _ = exported_repo
     s = DecodeSettings.load(repo / names.DECODE_LOOP / "1")
@@ -268,8 +270,8 @@ def test_deploy_loads_every_replica_and_records_the_champion_only_after(exported
     """Defect 5: one load through the Service reaches one pod; here two servers (replicas of the
     same serving folder) both get the new version, and a replica that cannot be loaded leaves
     the champion record unchanged."""
-    from captioner.pipeline_steps import deploy_step, triton_endpoints
-    from captioner.storage import open_store
+    from captioner.pipeline.steps import deploy_step, triton_endpoints
+    from captioner.io.storage import open_store
     from tests.helpers import free_port
 
     serving = tmp_path / "serving"

@@ -1,11 +1,11 @@
 """Defect 8: the exported graphs must run in the onnxruntime that the pinned Triton release
-ships (captioner.deployment.TRITON_ONNXRUNTIME), not only in whatever this environment has.
+ships (captioner.core.deployment.TRITON_ONNXRUNTIME), not only in whatever this environment has.
 A throwaway venv gets exactly that onnxruntime wheel; the encoder, the decoder and the decode
-loop's step graph (both cache modes, driven through I/O binding as captioner.onnx_runtime.BoundStep
+loop's step graph (both cache modes, driven through I/O binding as captioner.serving.onnx_runtime.BoundStep
 drives it) are run there and compared with PyTorch. Attention is onnxruntime contrib ops
-(MultiHeadAttention in the encoder, captioner/onnx_attention.py; GroupQueryAttention /
-MultiHeadAttention in the step graph, captioner/onnx_graphs.py; MatMulNBits in the 4-bit
-step graph, captioner.export.quantize_int4), so this also checks that release has their kernels."""
+(MultiHeadAttention in the encoder, captioner/export/attention.py; GroupQueryAttention /
+MultiHeadAttention in the step graph, captioner/export/graphs.py; MatMulNBits in the 4-bit
+step graph, captioner.export.exporter.quantize_int4), so this also checks that release has their kernels."""
 import json
 import subprocess
 import sys
@@ -16,11 +16,11 @@ import onnx
 import pytest
 import torch
 
-from captioner.checkpoint import load_checkpoint
-from captioner.deployment import TRITON_ONNXRUNTIME, TRITON_RELEASE
-from captioner.export import sample_images
-from captioner.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER
-from captioner.serving_core import image_bytes_to_pixels
+from captioner.core.deployment import TRITON_ONNXRUNTIME, TRITON_RELEASE
+from captioner.core.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER
+from captioner.export.exporter import sample_images
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.serving.core import image_bytes_to_pixels
 
 RUN = textwrap.dedent("""
     import sys
@@ -37,7 +37,7 @@ RUN = textwrap.dedent("""
     print(ort.__version__)
 """)
 
-# the decode loop's step graph, bound as captioner.onnx_runtime.BoundStep binds it (no captioner import:
+# the decode loop's step graph, bound as captioner.serving.onnx_runtime.BoundStep binds it (no captioner import:
 # this venv has onnxruntime and numpy only)
 RUN_STEPS = textwrap.dedent("""
     import sys
@@ -136,7 +136,7 @@ def test_decode_loop_step_graph_runs_in_the_onnxruntime_triton_ships(device, dty
     gpu), MatMulNBits 4-bit weights (--quantize int4) - in the onnxruntime Triton ships
     (TRITON_ONNXRUNTIME): logits equal PyTorch's at every position (4-bit: equal to this
     environment's onnxruntime running the same graph)."""
-    from captioner.export import export
+    from captioner.export.exporter import export
 
     repo, _ = exported_repo
     if dtype == "int4":
@@ -164,11 +164,11 @@ def test_decode_loop_step_graph_runs_in_the_onnxruntime_triton_ships(device, dty
     if dtype != "int4":
         np.testing.assert_allclose(got, want.numpy(), atol=1e-3 if dtype == "float32" else 3e-2)
         return
-    from captioner.decoding import log_softmax
-    from captioner.onnx_graphs import op_type_counts
-    from captioner.serving_core import DecodeLoop
+    from captioner.core.decoding import log_softmax
+    from captioner.export.graphs import op_type_counts
+    from captioner.serving.core import DecodeLoop
 
-    # the graph's closeness to PyTorch is tests/serving/test_int4_step_graph.py's (on real captions;
+    # the graph's closeness to PyTorch is tests/export/test_int4_step_graph.py's (on real captions;
     # these random tokens put unlikely words far out in the tail); here: the pinned release runs
     # MatMulNBits as this environment's onnxruntime does. Log-probs measured apart: 1.20.1 vs 1.32
     # under 1e-3; 1.19.2 vs 1.32 9.6e-3 with asymmetric blocks (its int8-activation kernel applies

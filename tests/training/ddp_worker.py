@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_train.py (`torchrun -m tests.ddp_worker DATA OUT [OVERRIDES...]`, from the
+"""Run under torchrun by tests/training/test_train.py (`torchrun -m tests.training.ddp_worker DATA OUT [OVERRIDES...]`, from the
 repository root), or as a plain process for one rank: train (default 4 steps), save this rank's weights, and write
 the image ids of every micro-batch it trained on (None: a padding step) to OUT/rank{R}_batches.jsonl."""
 import json
@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import captioner.train as train_mod
+import captioner.training.train as train_mod
 from tests.helpers import tiny_cfg
 
 data, out, *extra = sys.argv[1:]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from captioner import train_board as tb
+from captioner.training import board as tb
 from tests.helpers import headless_chromium, tiny_cfg
 
 
@@ -52,7 +52,7 @@ def test_resume_continues_the_series_without_duplicates(synth_dir, tmp_path):
     """A run killed after logging steps past its last checkpoint, restarted on a new node (the
     run folder gone): the events come back from the model store with the checkpoint, and the
     restarted run replaces the steps after it instead of repeating them."""
-    from captioner.train import train
+    from captioner.training.train import train
 
     store = tmp_path / "store"
     small = ["--data.max_images=40", "--train.val_max_images=4", f"--train.publish_uri={store}"]
@@ -77,7 +77,7 @@ def test_resume_continues_the_series_without_duplicates(synth_dir, tmp_path):
 
 
 def test_report_renders_in_headless_chromium(trained_run, tmp_path):
-    from captioner.run_report import write_report
+    from captioner.training.report import write_report
 
     path, metrics = write_report(str(trained_run.out_dir), tmp_path / "report.html")
     assert {"train_loss", "val_loss", "val_CIDEr_best", "pairs_per_s_per_gpu", "cost_usd_measured",
@@ -108,9 +108,9 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
 
 def test_report_of_a_run_in_the_store(trained_run, s3_server, monkeypatch, tmp_path, capsys):
     """`captioner report s3://...`: the same numbers as for the local folder."""
-    from captioner.cli import main
-    from captioner.run_report import _fetch_run, run_metrics
-    from captioner.storage import publish
+    from captioner.cli.main import main
+    from captioner.training.report import _fetch_run, run_metrics
+    from captioner.io.storage import publish
 
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
@@ -134,8 +134,8 @@ def test_cluster_tensorboard_reads_the_runs_with_its_read_only_user(trained_run,
 
     import boto3
     from botocore.exceptions import ClientError
-    from captioner.storage import publish
-    from tests.test_k8s import render
+    from captioner.io.storage import publish
+    from tests.cluster.test_k8s import render
 
     docs = render("kind")
     dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "tensorboard")

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import ROOT, TINY, tiny_cfg
 
-from captioner.checkpoint import load_checkpoint
+from captioner.modeling.checkpoint import load_checkpoint
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -75,13 +75,13 @@ def test_kill_and_resume_matches_uninterrupted_run(synth_dir, tmp_path):
 def test_ddp_two_ranks_hold_identical_weights(synth_dir, tmp_path, source):
     data = synth_dir
     if source == "shards":  # streamed tar shards: ranks hold different item counts, pad with empty steps
-        from captioner.ingest import IngestOptions, ingest
+        from captioner.data.ingest import IngestOptions, ingest
 
         data = tmp_path / "shards"
         ingest(str(synth_dir), str(data), IngestOptions(shard_mb=0.03, progress=False, val_fraction=0.15,
                                                         test_fraction=0.15))
     torchrun = Path(sys.executable).with_name("torchrun")
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.ddp_worker",
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.training.ddp_worker",
                         str(data), str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -99,7 +99,7 @@ def test_ddp_two_ranks_hold_identical_weights(synth_dir, tmp_path, source):
 
 
 def test_bad_rows_are_skipped_and_training_goes_on(synth_copy, tmp_path):
-    from captioner.train import train
+    from captioner.training.train import train
 
     imgs = sorted((synth_copy / "flickr30k_images").glob("*.jpg"))
     imgs[0].write_bytes(imgs[0].read_bytes()[:200])  # unreadable JPEG
@@ -137,7 +137,7 @@ def test_evaluate_and_caption_cli(trained_run, synth_dir, tmp_path):
 
 
 def test_metrics_reward_correct_captions():
-    from captioner.metrics import caption_metrics
+    from captioner.training.metrics import caption_metrics
 
     refs = {"a": ["a red circle on the left", "a small red circle on the left side"],
             "b": ["a blue square at the top", "a big blue square near the top"]}
@@ -149,7 +149,7 @@ def test_metrics_reward_correct_captions():
 # ------------------------------------------------------------------ uneven inputs, elastic resume
 def _manifest(rng, n_items: int, n_shards: int):
     """An in-memory shard manifest: n_items train items over n_shards shards of random sizes."""
-    from captioner.shards import ItemEntry, Manifest, ShardEntry, SplitCount
+    from captioner.data.shards import ItemEntry, Manifest, ShardEntry, SplitCount
 
     cuts = sorted(rng.sample(range(1, n_items), n_shards - 1)) if n_shards > 1 else []
     sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n_items])]
@@ -162,7 +162,7 @@ def _manifest(rng, n_items: int, n_shards: int):
 
 
 def _stream(m, W, nw, bs, seed=5, buffer=7, rank=0):
-    from captioner.shards import ShardStream
+    from captioner.data.shards import ShardStream
 
     return ShardStream(None, m, "train", None, None, 16, bs, rank, W, seed, buffer, nw)
 
@@ -175,7 +175,7 @@ def test_loaders_property_every_pair_once_equal_steps_padding_and_elastic_resume
     at least once and at most W-1 wrap repeats, and a resume at any position with another W continues exactly."""
     import random
 
-    from captioner.data import ResumableBatchSampler
+    from captioner.data.sources import ResumableBatchSampler
 
     rng = random.Random(20)
     padded = by_shard = 0
@@ -225,10 +225,10 @@ def test_loaders_property_every_pair_once_equal_steps_padding_and_elastic_resume
 
 def _torchrun(tmp_path, data, out, *extra, nproc=2, timeout=150, flags=""):
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "tests.ddp_worker", str(data), str(out),
+    cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "tests.training.ddp_worker", str(data), str(out),
            *extra]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "tests.ddp_worker", str(data), str(out), *extra]
+        cmd = [sys.executable, "-m", "tests.training.ddp_worker", str(data), str(out), *extra]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_WORKER_FLAGS": flags})
     try:
@@ -253,8 +253,8 @@ def uneven_sets(tmp_path_factory):
     """The two uneven-input cases: 199 images in 0.05 MB shards (173 train items; batch 43 gives the ranks
     2 and 3 batches: a collective mismatch before), and 27 images in one shard (17 train items; batch 8 gives
     1 and 2 batches: a hang before)."""
-    from captioner.ingest import IngestOptions, ingest
-    from captioner.synthetic import generate
+    from captioner.data.ingest import IngestOptions, ingest
+    from captioner.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("uneven")
     sets = {}
@@ -296,11 +296,11 @@ def test_mid_epoch_resume_with_another_world_size_or_worker_count_continues_exac
     test_shard_stream_follows_its_batch_plan ties the plans to what the workers stream.)"""
     import shutil
 
-    from captioner.shards import open_shard_source
+    from captioner.data.shards import open_shard_source
 
     data = synth_dir
     if source == "shards":
-        from captioner.ingest import IngestOptions, ingest
+        from captioner.data.ingest import IngestOptions, ingest
 
         data = tmp_path / "shards"
         ingest(str(synth_dir), str(data), IngestOptions(shard_mb=0.03, progress=False, val_fraction=0.15,
@@ -314,7 +314,7 @@ def test_mid_epoch_resume_with_another_world_size_or_worker_count_continues_exac
     assert ck["step"] == 3 and ck["micro_in_epoch"] > 0, "the cut must fall inside the epoch"
     before = _epoch0_ids((cut, 0), (cut, 1))
     if source == "folder":
-        from captioner.data import assign_splits, read_records
+        from captioner.data.sources import assign_splits, read_records
 
         recs, _ = read_records(data)
         assign_splits(recs, 0.15, 0.15)

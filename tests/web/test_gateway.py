@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from captioner.checkpoint import load_checkpoint
-from captioner.client import caption_bytes
-from captioner.export import sample_images
+from captioner.export.exporter import sample_images
+from captioner.modeling.checkpoint import load_checkpoint
+from captioner.serving.client import caption_bytes
 from tests.helpers import free_port, headless_chromium, start_serve, start_stack, start_web
 
 MAX_IMAGES, MAX_BODY = 3, 200_000
@@ -151,7 +151,7 @@ def test_page_in_headless_chromium(stack, images, tmp_path):
 
 
 def test_demo_serve_keeps_both_running_until_ctrl_c(exported_repo, tmp_path, images):
-    """`captioner demo --serve`'s last step (captioner.stack) where the real Triton server cannot
+    """`captioner demo --serve`'s last step (captioner.serving.stack) where the real Triton server cannot
     run (switched off here; tests/serving/test_real_triton.py has the real one): the reason, then
     `captioner serve` + web up, URLs printed, Ctrl-C stops both."""
     import signal

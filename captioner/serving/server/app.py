@@ -3,7 +3,7 @@
 
 It serves the same model names, tensors and ModelConfig answers as Triton would for the
 repository, running the ONNX models in onnxruntime and the Python-backend logic in process
-(the same `captioner.serving_core` functions), so client code is identical against both.
+(the same `captioner.serving.core` functions), so client code is identical against both.
 Concurrent requests to a batching model are batched up to its `max_batch_size` within its
 dynamic-batching queue delay. Bad requests get INVALID_ARGUMENT / NOT_FOUND naming the
 problem; the server keeps serving.
@@ -33,15 +33,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
-from captioner import triton_repo
-from captioner.dataplane import (CANCELLED, DEADLINE, INTERNAL, INVALID_ARG, NOT_FOUND, UNAVAILABLE, BatchTimer,
+from captioner.serving import triton_repo
+from captioner.serving.server.dataplane import (CANCELLED, DEADLINE, INTERNAL, INVALID_ARG, NOT_FOUND, UNAVAILABLE, BatchTimer,
                                  DataPlane, DataPlaneError, InputTensor)
-from captioner.deployment import GRPC_RESTRICTED_HEADER_PREFIX
-from captioner.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE,
+from captioner.core.deployment import GRPC_RESTRICTED_HEADER_PREFIX
+from captioner.core.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE,
                              INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
-from captioner.onnx_runtime import session
-from captioner.preprocess import SERVING_MAX_PIXELS
-from captioner.serving_core import (REQUEST_PIXEL_BUDGET, DecodeLoop, RequestError, caption_requests,
+from captioner.serving.onnx_runtime import session
+from captioner.core.preprocess import SERVING_MAX_PIXELS
+from captioner.serving.core import (REQUEST_PIXEL_BUDGET, DecodeLoop, RequestError, caption_requests,
                                     check_pixel_budget, image_bytes_to_pixels, load_preprocess, params_for,
                                     request_int)
 
@@ -74,7 +74,7 @@ MAX_SEND_MESSAGE = 256 << 20  # our own answers (decoder logits/present K/V for 
 # RPCs in progress at once (handler threads); beyond it gRPC answers RESOURCE_EXHAUSTED at once.
 # Received requests held in memory are bounded by MAX_CONCURRENT_RPCS x MAX_RECEIVE_MESSAGE (544 MiB);
 # the HTTP/REST front admits as many inference requests at once (503 + Retry-After beyond), each
-# holding one copy of its body: another 544 MiB at most (captioner.http_server).
+# holding one copy of its body: another 544 MiB at most (captioner.serving.server.http).
 MAX_CONCURRENT_RPCS = 32
 
 
@@ -299,7 +299,7 @@ class Batcher:
 class Repository:
     """The models of an exported repository that Triton would load, runnable in process.
 
-    Loading follows `captioner.triton_repo` (Triton's rules, from the object listing):
+    Loading follows `captioner.serving.triton_repo` (Triton's rules, from the object listing):
     model-control mode "none" loads every model and refuses to start if Triton would refuse
     one (Triton's default --exit-on-error); "explicit" loads only what `load()` names plus
     ensemble steps. The decode loop runs its own in-process decoder session (the graph in
@@ -677,18 +677,18 @@ def start_server(repo: str | Path, host: str = "127.0.0.1", port: int = 8001, wo
 
 
 def start_fronts(r: Repository, host: str, http_port: int | None, metrics_port: int | None) -> list:
-    """Triton's other two ports over the same data plane: HTTP/REST (captioner.http_server) and
-    Prometheus /metrics (captioner.server_metrics). Returns the started servers (each has stop())."""
+    """Triton's other two ports over the same data plane: HTTP/REST (captioner.serving.server.http) and
+    Prometheus /metrics (captioner.serving.server.metrics). Returns the started servers (each has stop())."""
     started = []
     try:
         if http_port is not None:
-            from captioner.http_server import start_http_server
+            from captioner.serving.server.http import start_http_server
 
             h = start_http_server(r.plane, host, http_port, MAX_RECEIVE_MESSAGE, MAX_CONCURRENT_RPCS)
             log.info("HTTP/REST on %s:%d", host, h.port)
             started.append(h)
         if metrics_port is not None:
-            from captioner.server_metrics import start_metrics_server
+            from captioner.serving.server.metrics import start_metrics_server
 
             m, mport = start_metrics_server(r.plane, host, metrics_port)
             log.info("metrics on http://%s:%d/metrics", host, mport)

@@ -1,10 +1,10 @@
 """The data plane of `captioner serve`: one layer that every protocol front end hands off to
 (KServe's server layout: `kserve/protocol/dataplane.py` behind its REST and gRPC servers).
 
-The gRPC Servicer (captioner.serve) and the HTTP/REST app (captioner.http_server) only decode
+The gRPC Servicer (captioner.serving.server.app) and the HTTP/REST app (captioner.serving.server.http) only decode
 their wire format into `InputTensor`s and encode `InferResult`s back; validation against the
 model configuration, running the model and the statistics behind the Prometheus metrics
-(captioner.server_metrics) happen here, once. Errors are `DataPlaneError(code, message)` with
+(captioner.serving.server.metrics) happen here, once. Errors are `DataPlaneError(code, message)` with
 Triton's error codes; each front end maps the code to its status (gRPC StatusCode; HTTP status
 as Triton's src/http_server.cc `HttpCodeFromError`).
 """
@@ -19,8 +19,8 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from captioner import __version__
-from captioner.names import ENSEMBLE
-from captioner.serving_core import RequestError
+from captioner.core.names import ENSEMBLE
+from captioner.serving.core import RequestError
 
 # Triton error codes (TRITONSERVER_Error_Code) used here
 INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL, CANCELLED, DEADLINE = (
@@ -108,7 +108,7 @@ class BatchTimer:
 
 
 class DataPlane:
-    """Health, metadata, configuration and inference over a `captioner.serve.Repository`."""
+    """Health, metadata, configuration and inference over a `captioner.serving.server.app.Repository`."""
 
     def __init__(self, repo):
         self.repo = repo
@@ -127,7 +127,7 @@ class DataPlane:
                 "extensions": ["classification", "model_configuration", "binary_tensor_data", "statistics"]}
 
     def version(self, name: str, version: str = "") -> int:
-        from captioner.serve import NotFound
+        from captioner.serving.server.app import NotFound
 
         try:
             return self.repo.version(name, parse_version(version))
@@ -143,7 +143,7 @@ class DataPlane:
 
     def config(self, name: str, version: str = "") -> mc.ModelConfig:
         self.version(name, version)
-        from captioner.triton_repo import autocomplete
+        from captioner.serving.triton_repo import autocomplete
 
         return autocomplete(self.repo.models[name].config)  # what tritonserver answers after loading
 
@@ -163,7 +163,7 @@ class DataPlane:
               deadline=None, request_id: str = "") -> InferResult:
         """Validate `inputs` against the model's config, run it, return the requested outputs
         (all when `outputs` is empty). Every outcome is counted for the metrics."""
-        from captioner.serve import Deadline, Expired, ShuttingDown
+        from captioner.serving.server.app import Deadline, Expired, ShuttingDown
 
         t0 = time.monotonic()
         v = self.version(name, version)  # unknown model: not counted, as in Triton (no model to label)
@@ -282,7 +282,7 @@ def decode_inputs(cfg: mc.ModelConfig, inputs: list[InputTensor]) -> dict[str, n
     """Wire tensors -> arrays, checked against the config: names, datatypes, shapes, batch
     bounds, element counts (a BYTES payload's length prefixes are walked only up to the count
     its shape needs)."""
-    from captioner.serve import bytes_elements
+    from captioner.serving.server.app import bytes_elements
 
     spec = {t.name: t for t in cfg.input}
     batched = cfg.max_batch_size > 0

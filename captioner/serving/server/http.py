@@ -51,7 +51,7 @@ from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from captioner.dataplane import INVALID_ARG, DataPlane, DataPlaneError, InputTensor, parse_version
+from captioner.serving.server.dataplane import INVALID_ARG, DataPlane, DataPlaneError, InputTensor, parse_version
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def create_app(plane: DataPlane, max_body: int, max_in_flight: int = 32,
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from captioner.serve import Deadline
+    from captioner.serving.server.app import Deadline
 
     app = FastAPI(title="captioner serve (Triton HTTP/REST)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.in_flight = 0

@@ -3,7 +3,7 @@
 `captioner export` copies this file to `decode_loop/<version>/model.py`. The whole generation
 loop runs inside one `execute()`: `initialize` loads, once, an onnxruntime session over the
 decoder graph shipped in this model's own version folder (`decoder.onnx`, with
-`select_rows.onnx`), and every step runs in process through I/O binding (captioner.onnx_runtime
+`select_rows.onnx`), and every step runs in process through I/O binding (captioner.serving.onnx_runtime
 .BoundDecoder): no BLS `exec()` per token (Triton users measure 2-13 ms each: server issues
 #5174, #7413), the cross K/V copied to the device once per caption, the KV cache kept there.
 
@@ -23,14 +23,14 @@ out of the ensemble and replace decoding.py's beam search (GNMT length penalty, 
 blocking), so captions would no longer equal the reference.
 
 The request-level step (checks, BEAM_SIZE / MAX_TOKENS, batching, captions, per-request
-errors) is `captioner.serving_core.caption_requests`, the same function `captioner serve` runs.
+errors) is `captioner.serving.core.caption_requests`, the same function `captioner serve` runs.
 """
 import os
 
 import triton_python_backend_utils as pb_utils
 
-from captioner.names import BEAM_SIZE, CAPTION, CROSS_KV, MAX_TOKENS
-from captioner.serving_core import DecodeLoop, caption_requests, error_code
+from captioner.core.names import BEAM_SIZE, CAPTION, CROSS_KV, MAX_TOKENS
+from captioner.serving.core import DecodeLoop, caption_requests, error_code
 
 
 class TritonPythonModel:

@@ -1,5 +1,5 @@
 """A Python-based Triton backend named `onnxruntime`, for the tritonserver that runs in tests and
-`make demo` (captioner.triton_server): the nvidia-pytriton wheel bundles tritonserver with the
+`make demo` (captioner.serving.triton_server): the nvidia-pytriton wheel bundles tritonserver with the
 Python backend only, so a model with `backend: "onnxruntime"` (our `encoder` and `decoder`)
 finds no `libtriton_onnxruntime.so`. Triton then looks for `<backend-directory>/onnxruntime/
 model.py` and runs it through the Python backend ("Python-based backends": core
@@ -7,7 +7,7 @@ src/backend_model.cc, TritonModel::ResolveBackendConfigs / LocateBackendLibrary 
 the python backend when the backend folder holds model.py; python_backend README
 "Python-based Backends"), so the exported repository stays byte-identical.
 
-`captioner.triton_server` copies this file to `<backend-directory>/onnxruntime/model.py`. It
+`captioner.serving.triton_server` copies this file to `<backend-directory>/onnxruntime/model.py`. It
 honours what the config says: inputs and outputs by name (only the outputs a request asks
 for), `max_batch_size` (> 0: every request carries the batch dimension and the requests of one
 execution, as Triton's dynamic batcher gathered them, run as one batch and are split back; 0:

@@ -1,7 +1,7 @@
 """Triton Python backend: IMAGE (encoded bytes, TYPE_STRING [1]) -> pixel_values FP32 [3,H,W].
 
 `captioner export` copies this file to `preprocess/<version>/model.py`.
-A thin shell: decoding and preprocessing are `captioner.serving_core.image_bytes_to_pixels`,
+A thin shell: decoding and preprocessing are `captioner.serving.core.image_bytes_to_pixels`,
 the same function training, export and the local server use; the numbers come from
 preprocess.json, which `captioner export` writes from the encoder's timm data config.
 """
@@ -9,8 +9,8 @@ import os
 
 import triton_python_backend_utils as pb_utils
 
-from captioner.names import IMAGE, PIXEL_VALUES
-from captioner.serving_core import (REQUEST_PIXEL_BUDGET, check_pixel_budget, error_code, image_bytes_to_pixels,
+from captioner.core.names import IMAGE, PIXEL_VALUES
+from captioner.serving.core import (REQUEST_PIXEL_BUDGET, check_pixel_budget, error_code, image_bytes_to_pixels,
                                     load_preprocess)
 
 

@@ -71,10 +71,10 @@ def _port_forward(ctx, target, remote):
 
 
 def test_tiny_pytorchjob_then_triton_captions(cluster, tmp_path):
-    from captioner.client import caption_bytes, wait_ready
-    from captioner.ingest import IngestOptions, ingest
-    from captioner.pytorchjob import KubeApi, launch_and_wait, training_job
-    from captioner.synthetic import generate
+    from captioner.cluster.pytorchjob import KubeApi, launch_and_wait, training_job
+    from captioner.data.ingest import IngestOptions, ingest
+    from captioner.data.synthetic import generate
+    from captioner.serving.client import caption_bytes, wait_ready
 
     ctx = cluster
     pf, port = _port_forward(ctx, "svc/minio", 9000)
@@ -90,7 +90,7 @@ def test_tiny_pytorchjob_then_triton_captions(cluster, tmp_path):
                            memory="2Gi", shm_size="256Mi")
         os.environ["KUBECONFIG"] = os.environ.get("KUBECONFIG", os.path.expanduser("~/.kube/config"))
         launch_and_wait(KubeApi(), job, timeout_s=1800, poll_s=10)
-        from captioner.pipeline_steps import deploy_step, export_step
+        from captioner.pipeline.steps import deploy_step, export_step
 
         export_step("s3://models/runs/e2e/ckpt_best.pt", "s3://models/repos/e2e", device="cpu")
         deploy_step("s3://models/repos/e2e", "s3://models/serving", 0.0)
