@@ -40,7 +40,8 @@ def caption_repo(repo: Path, recs, pre, batch: int = 16) -> dict[str, str]:
 
 
 def run(checkpoint: str, max_images: int = 0, work: str | None = None, kinds: tuple[str, ...] = KINDS) -> dict:
-    from captioner.export.exporter import export, held_out_records
+    from captioner.data.samples import held_out_records
+    from captioner.export.exporter import export
     from captioner.modeling.checkpoint import load_checkpoint
     from captioner.training.metrics import caption_metrics
 
@@ -49,7 +50,7 @@ def run(checkpoint: str, max_images: int = 0, work: str | None = None, kinds: tu
         raise ValueError(f"--kinds takes a comma-separated subset of {','.join(KINDS)}, got {','.join(kinds)!r}")
     work_dir = Path(work or tempfile.mkdtemp(prefix="captioner-quality-"))
     ck = load_checkpoint(checkpoint)
-    recs = held_out_records(ck, max_images, work_dir / "images")
+    recs = held_out_records(ck.config.data, max_images, work_dir / "images")
     if not recs:
         raise ValueError(f"no held-out test images for {checkpoint}")
     refs = {r.image_id: r.captions for r in recs}

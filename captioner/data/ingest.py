@@ -28,10 +28,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from captioner.data.sources import DataSummary, ImageRecord, assign_splits, read_records, SPLITS
 from captioner.core.preprocess import DEFAULT_MAX_PIXELS, FORMAT_EXT, ImageError, load_image, open_image
 from captioner.data.shards import MANIFEST, ItemEntry, Manifest, ShardEntry, SplitCount
-from captioner.io.storage import Store, open_store, sha256_file
+from captioner.data.sources import SPLITS, DataSummary, ImageRecord, assign_splits, read_records
+from captioner.io.files import sha256_file
+from captioner.io.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 # A zip source is extracted only while it stays under these (Flickr30k: ~32k members, 4.4 GB;

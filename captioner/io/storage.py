@@ -7,7 +7,8 @@ instead of becoming a local folder. Credentials come from
 flags or the environment (`CAPTIONER_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `CAPTIONER_S3_SECURE`), never from code, and never reach logs.
 Writes never leave a partial object under its final name: local files are written to a
-hidden temp name and renamed (created with the process umask, like any other tool's files);
+hidden temp name and renamed (captioner.io.files.atomic_write: created with the process umask,
+like any other tool's files);
 S3 objects appear only when the (multipart) upload completes. Object keys are untrusted:
 `fetch` writes only keys that stay inside its folder.
 """
@@ -18,52 +19,21 @@ import io
 import logging
 import os
 import re
-import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from captioner.io.files import TMP_PREFIX, atomic_write, sha256_file
+
 log = logging.getLogger(__name__)
 SHA_META = "sha256"  # object metadata key holding the content's sha256
-TMP_PREFIX = ".tmp-"
 PART_SIZE = 16 * 1024 * 1024  # multipart part size for large objects
 
 
 class StoreError(RuntimeError):
     """Storage unreachable, refused or inconsistent; the message names the endpoint/object."""
-
-
-def atomic_write(dst: str | Path, write, prefix: str = TMP_PREFIX) -> None:
-    """Write a local file through a hidden temp file in the same folder + fsync + rename,
-    so a crash never leaves a partial file under the final name."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    while True:  # not mkstemp: it creates 0600 files; O_EXCL + 0666 lets the umask decide, as for open()
-        tmp = dst.parent / f"{prefix}{dst.name}.{secrets.token_hex(6)}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 ACCEPTED_FORMS = "a local path or s3://bucket/prefix"

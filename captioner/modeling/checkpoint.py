@@ -25,7 +25,7 @@ from captioner.core.deployment import CKPT_BEST, CKPT_LATEST
 from captioner.core.errors import NotACheckpointError
 from captioner.core.preprocess import PreprocessConfig
 from captioner.core.tokenizer import CaptionTokenizer
-from captioner.io.storage import atomic_write
+from captioner.io.files import atomic_copy, atomic_write
 from captioner.modeling.model import Captioner
 
 log = logging.getLogger(__name__)
@@ -134,13 +134,6 @@ def load_raw(path: str | Path, map_location: str = "cpu") -> dict:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    def copy(f):
-        with open(src, "rb") as s:
-            shutil.copyfileobj(s, f, 1 << 20)
-    atomic_write(dst, copy)
 
 
 def _download(store, key: str, path: Path) -> None:

@@ -47,7 +47,7 @@ def test_export_refuses_a_folder_it_did_not_write(kind, trained_run, tmp_path):
 
 
 def test_export_replaces_its_own_repository_and_force_replaces_anything(trained_run, exported_repo, tmp_path):
-    from captioner.export.exporter import REPOSITORY_MARKER
+    from captioner.serving.triton_repo import REPOSITORY_MARKER
 
     repo = tmp_path / "models"
     shutil.copytree(exported_repo[0], repo)
@@ -473,14 +473,14 @@ def test_readme_commands_are_valid_command_lines():
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
 def test_replace_folder_swaps_in_the_new_repository(exchange, tmp_path, monkeypatch):
-    from captioner.export.exporter import exporter as export
+    from captioner.io import files
     if not exchange:
-        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     new, final = tmp_path / ".repo.new-1", tmp_path / "repo"
     new.mkdir()
     (new / "model.onnx").write_text("new")
     final.mkdir()
     (final / "model.onnx").write_text("old")
-    export.replace_folder(new, final)
+    files.replace_folder(new, final)
     assert (final / "model.onnx").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]

@@ -3,8 +3,8 @@ dataset's manifest fixes (they used to fall back to generated scenes for such a 
 import subprocess
 import sys
 
+from captioner.data.samples import held_out_records, sample_images
 from captioner.data.shards import open_shard_source
-from captioner.export.exporter import held_out_records, sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 
 
@@ -18,7 +18,7 @@ def test_held_out_images_of_a_shard_dataset_are_its_manifest_test_split(trained_
     ck.config.data.source = str(data)
     _, manifest = open_shard_source(str(data))
     test_keys = [f"{it.key}.{it.ext}" for it in manifest.items_in("test")]  # image ids: the file names
-    recs = held_out_records(ck, 0, tmp_path / "cache")
+    recs = held_out_records(ck.config.data, 0, tmp_path / "cache")
     assert sorted(r.image_id for r in recs) == sorted(test_keys) and all(r.captions for r in recs)
-    got = sample_images(ck, 4)
+    got = sample_images(ck.config.data, 4)
     assert len(got) == 4 and {n for n, _ in got} <= set(test_keys), [n for n, _ in got]

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from captioner.data.ingest import MANIFEST, IngestOptions, ingest, verify
-from captioner.io.storage import TMP_PREFIX, open_store
-
+from captioner.io.files import TMP_PREFIX
+from captioner.io.storage import open_store
 from tests.conftest import ROOT
 
 
@@ -68,8 +68,9 @@ def test_zip_source_and_resize(synth_dir, tmp_path):
             f.write(p, f"flickr30k_images/flickr30k_images/{p.name}")
     r = ingest(str(z), str(tmp_path / "out"), _opts(max_side=24))
     assert r["items"] == 10
-    from captioner.io.storage import iter_tar_members
     import io
+
+    from captioner.io.storage import iter_tar_members
 
     store = open_store(str(tmp_path / "out"))
     name = json.loads(store.get_bytes(MANIFEST))["shards"][0]["name"]

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from captioner.core.names import ENCODER
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.modeling.model import Captioner, ModelConfig
-from captioner.core.names import ENCODER
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2)
 
@@ -38,7 +38,7 @@ def encoder_graph(request, tmp_path_factory):
         repo, _ = request.getfixturevalue("exported_repo")
         m = load_checkpoint(request.getfixturevalue("trained_run").out_dir).model.eval()
         return repo / ENCODER / "1" / "model.onnx", len(m.encoder.backbone.blocks), m
-    from captioner.export.exporter import export_encoder_graph
+    from captioner.export.torch_graphs import export_encoder_graph
 
     depth = int(request.param.split("-")[1])
     m = vit_model(depth)
@@ -92,7 +92,7 @@ def test_parity_holds_with_fused_attention(exported_repo, key, bound):
 
 @pytest.fixture(scope="module")
 def int8_repo(exported_repo, tmp_path_factory):
-    from captioner.export.exporter import quantize_int8
+    from captioner.export.optimize import quantize_int8
 
     repo = tmp_path_factory.mktemp("int8") / "models"
     shutil.copytree(exported_repo[0], repo)
@@ -113,7 +113,7 @@ def test_int8_encoder_keeps_attention_and_quantizes_matmuls(int8_repo, op, prese
 
 
 def test_int8_parity_runs_on_the_fused_encoder(int8_repo, trained_run):
-    from captioner.export.exporter import ParityReport, check_parity
+    from captioner.export.parity import ParityReport, check_parity
 
     rep = check_parity(load_checkpoint(trained_run.out_dir), int8_repo, 2, fail=False)
     assert isinstance(rep, ParityReport) and rep.images == 2 and np.isfinite(rep.encoder_max_abs_diff)

@@ -8,8 +8,8 @@ import torch
 
 from captioner.core import names
 from captioner.core.decoding import log_softmax
-from captioner.export.exporter import write_select_rows
 from captioner.export.graphs import attention_op_counts, build_decoder_step, cache_mode_for
+from captioner.export.torch_graphs import write_select_rows
 from captioner.modeling.model import CaptionDecoder, ModelConfig
 from captioner.serving.onnx_runtime import BoundDecoder
 

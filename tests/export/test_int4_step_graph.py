@@ -8,8 +8,9 @@ import torch
 
 from captioner.core.decoding import DecodeParams, log_softmax
 from captioner.core.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER, LOGITS
-from captioner.export.exporter import INT4_BLOCK_SIZE, sample_images
+from captioner.data.samples import sample_images
 from captioner.export.graphs import op_type_counts, step_weight_bytes
+from captioner.export.optimize import INT4_BLOCK_SIZE
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.modeling.inference import caption_tensor
 from captioner.serving.core import DecodeLoop, image_bytes_to_pixels
@@ -71,7 +72,7 @@ def test_int4_step_graph_log_probs_match_pytorch(int4_repo, trained_run):
     repo, _ = int4_repo
     ck = load_checkpoint(trained_run.out_dir)
     m = ck.model.eval()
-    pixels = image_bytes_to_pixels(np.array([b for _, b in sample_images(ck, 4)], dtype=object), ck.preprocess)
+    pixels = image_bytes_to_pixels(np.array([b for _, b in sample_images(ck.config.data, 4)], dtype=object), ck.preprocess)
     x = torch.from_numpy(pixels)
     with torch.no_grad():
         _, cross = m.encode_for_decoding(x)

@@ -32,7 +32,7 @@ import requests
 from PIL import Image
 
 from captioner.core import names
-from captioner.export.exporter import sample_images
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
 from tests.helpers import free_port, start_serve, start_web
@@ -100,7 +100,7 @@ def stack(exported_repo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def light(trained_run):
     """(name, bytes) of held-out images."""
-    return sample_images(load_checkpoint(trained_run.out_dir), 4)
+    return sample_images(load_checkpoint(trained_run.out_dir).config.data, 4)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from captioner.core import names
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
-from captioner.export.exporter import sample_images
 from captioner.modeling.inference import caption_tensor
 from captioner.serving.core import DecodeSettings, image_bytes_to_pixels
-
 from tests.serving import pb_utils_double
 from tests.serving.test_repository import _load_model_py
 
@@ -25,7 +24,7 @@ def cross_and_want(trained_run):
     from captioner.core.decoding import DecodeParams
 
     ck = load_checkpoint(trained_run.out_dir)
-    pixels = torch.from_numpy(image_bytes_to_pixels(np.array([b for _, b in sample_images(ck, 3)], dtype=object),
+    pixels = torch.from_numpy(image_bytes_to_pixels(np.array([b for _, b in sample_images(ck.config.data, 3)], dtype=object),
                                                     ck.preprocess))
     with torch.no_grad():
         _, cross = ck.model.encode_for_decoding(pixels)

@@ -19,10 +19,9 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from captioner.core import names
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
-from captioner.export.exporter import sample_images
-
 from tests.helpers import free_port, start_serve
 
 # An image just under the serving cap of 16 megapixels; two of them fill a request's pixel budget.
@@ -38,7 +37,7 @@ def heavy_png() -> bytes:
 
 @pytest.fixture(scope="module")
 def good(trained_run) -> bytes:
-    return sample_images(load_checkpoint(trained_run.out_dir), 1)[0][1]
+    return sample_images(load_checkpoint(trained_run.out_dir).config.data, 1)[0][1]
 
 
 def _serve(repo, tmp_path_factory, name):

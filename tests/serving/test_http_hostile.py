@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from captioner.core import names
-from captioner.export.exporter import sample_images
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from tests.helpers import free_port, start_serve
 from tests.serving.test_http_metrics import scrape, total
@@ -43,7 +43,7 @@ def server(exported_repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image(trained_run) -> bytes:
-    return sample_images(load_checkpoint(trained_run.out_dir), 1)[0][1]
+    return sample_images(load_checkpoint(trained_run.out_dir).config.data, 1)[0][1]
 
 
 @pytest.fixture(scope="module")

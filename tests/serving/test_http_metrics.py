@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
 from captioner.core import names
-from captioner.export.exporter import sample_images
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
 from tests.helpers import free_port, start_serve
@@ -39,7 +39,7 @@ def server(exported_repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(trained_run):
-    return [b for _, b in sample_images(load_checkpoint(trained_run.out_dir), 4)]
+    return [b for _, b in sample_images(load_checkpoint(trained_run.out_dir).config.data, 4)]
 
 
 def _http_caption(url, imgs, binary_in=True, binary_out=True, beam=None):

@@ -15,7 +15,6 @@ import pytest
 
 from captioner.core import names
 from captioner.core.deployment import TRITON_ONNXRUNTIME
-
 from tests.helpers import ROOT, pyproject, source_on_path, start_serve
 
 HEAVY = ("torch", "torchvision", "timm", "onnx", "onnxscript", "transformers", "captioner.export.exporter",
@@ -89,15 +88,15 @@ def test_lean_venv_has_no_torch(lean_python):
 def test_serve_captions_from_a_venv_without_torch(lean_python, exported_repo, trained_run, tmp_path, monkeypatch):
     """`captioner serve` run by the lean venv's Python (the package from this checkout via
     PYTHONPATH), queried with tritonclient: the same captions as the in-process decode loop here."""
+    from captioner.data.samples import sample_images
     from captioner.modeling.checkpoint import load_checkpoint
     from captioner.serving.client import caption_bytes
-    from captioner.export.exporter import sample_images
-    from captioner.serving.onnx_runtime import OrtCaptioner
     from captioner.serving.core import DecodeLoop, image_bytes_to_pixels, params_for
+    from captioner.serving.onnx_runtime import OrtCaptioner
 
     repo, _ = exported_repo
     ck = load_checkpoint(trained_run.out_dir)
-    imgs = [b for _, b in sample_images(ck, 3)]
+    imgs = [b for _, b in sample_images(ck.config.data, 3)]
     source_on_path(monkeypatch)  # the lean venv imports this checkout's captioner
     p, url = start_serve(repo, tmp_path / "lean.log", python=lean_python)
     try:

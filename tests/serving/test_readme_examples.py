@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from captioner.export.exporter import sample_images
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
 from tests.helpers import ROOT, free_port, start_serve, start_web
@@ -29,7 +29,7 @@ def stack(exported_repo, trained_run, tmp_path_factory):
     hp, mp = free_port(), free_port()
     serve, grpc_url = start_serve(repo, d / "serve.log", "--http-port", str(hp), "--metrics-port", str(mp))
     web, base = start_web(grpc_url, d / "web.log")
-    img = sample_images(load_checkpoint(trained_run.out_dir), 1)[0][1]  # a held-out demo image
+    img = sample_images(load_checkpoint(trained_run.out_dir).config.data, 1)[0][1]  # a held-out demo image
     (d / "shapes.jpg").write_bytes(img)
     ports = {"8000": str(hp), "8002": str(mp), "8080": base.rsplit(":", 1)[1]}
     yield {"dir": d, "ports": ports, "grpc": grpc_url, "img": img}

@@ -12,12 +12,11 @@ import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
 from captioner.core import names
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
-from captioner.export.exporter import sample_images
 from captioner.modeling.inference import caption_tensor
 from captioner.serving.core import DecodeSettings, image_bytes_to_pixels
 from captioner.serving.triton_repo import LOAD_ORDER, VERSION_README, read_config
-
 from tests.serving import pb_utils_double
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.INT64: mc.TYPE_INT64}
@@ -137,7 +136,7 @@ def test_preprocess_model_py(exported_repo, trained_run, monkeypatch):
     repo, _ = exported_repo
     m = _load_model_py(repo, names.PREPROCESS, monkeypatch)
     ck = load_checkpoint(trained_run.out_dir)
-    imgs = [b for _, b in sample_images(ck, 3)]
+    imgs = [b for _, b in sample_images(ck.config.data, 3)]
     R = pb_utils_double.FakeRequest
     reqs = [R(IMAGE=np.array([[imgs[0]], [imgs[1]]], dtype=object)), R(IMAGE=np.array([[b"garbage"]], dtype=object)),
             R(IMAGE=np.array([[imgs[2][:100]]], dtype=object)), R(IMAGE=np.array([[b""]], dtype=object)),
@@ -178,7 +177,7 @@ def test_decode_loop_model_py_matches_pytorch(exported_repo, trained_run, monkey
     batches, make_step = [], m.loop.make_step
     m.loop.make_step = lambda cross: batches.append(cross.shape[0]) or make_step(cross)
     ck = load_checkpoint(trained_run.out_dir)
-    imgs = [b for _, b in sample_images(ck, 4)]
+    imgs = [b for _, b in sample_images(ck.config.data, 4)]
     pixels = image_bytes_to_pixels(np.array(imgs, dtype=object), ck.preprocess)
     with torch.no_grad():
         _, cross = ck.model.encode_for_decoding(torch.from_numpy(pixels))

@@ -15,12 +15,11 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from captioner.core import names
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
-from captioner.serving.client import caption_bytes, caption_files
-from captioner.export.exporter import sample_images
 from captioner.modeling.inference import caption_tensor
+from captioner.serving.client import caption_bytes, caption_files
 from captioner.serving.core import image_bytes_to_pixels
-
 from tests.helpers import start_serve
 
 
@@ -52,7 +51,7 @@ def test_health_metadata_and_config(server, exported_repo):
 def test_captions_equal_pytorch_greedy(server, trained_run):
     url, _ = server
     ck = load_checkpoint(trained_run.out_dir)
-    imgs = [b for _, b in sample_images(ck, 6)]
+    imgs = [b for _, b in sample_images(ck.config.data, 6)]
     pixels = torch.from_numpy(image_bytes_to_pixels(np.array(imgs, dtype=object), ck.preprocess))
     want = caption_tensor(ck.model, ck.tokenizer, pixels)
     assert caption_bytes(url, imgs) == want  # one batched request
@@ -64,7 +63,7 @@ def test_captions_equal_pytorch_greedy(server, trained_run):
 def test_encoder_and_decoder_are_served_directly(server, trained_run):
     url, _ = server
     ck = load_checkpoint(trained_run.out_dir)
-    imgs = [b for _, b in sample_images(ck, 2)]
+    imgs = [b for _, b in sample_images(ck.config.data, 2)]
     x = image_bytes_to_pixels(np.array(imgs, dtype=object), ck.preprocess)
     c = grpcclient.InferenceServerClient(url)
     i = grpcclient.InferInput(names.PIXEL_VALUES, list(x.shape), "FP32")
@@ -78,7 +77,7 @@ def test_encoder_and_decoder_are_served_directly(server, trained_run):
 def test_200_requests_at_concurrency_16_without_errors(server, trained_run):
     url, _ = server
     ck = load_checkpoint(trained_run.out_dir)
-    imgs = [b for _, b in sample_images(ck, 8)]
+    imgs = [b for _, b in sample_images(ck.config.data, 8)]
     expected = {}
     with ThreadPoolExecutor(16) as ex:
         results = list(ex.map(lambda k: (k % 8, caption_bytes(url, [imgs[k % 8]])[0]), range(200)))
@@ -123,7 +122,7 @@ def _png(w, h):
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, trained_run, case, needle, code):
     url, proc = server
     ck = load_checkpoint(trained_run.out_dir)
-    good = sample_images(ck, 1)[0][1]
+    good = sample_images(ck.config.data, 1)[0][1]
     model, inputs = names.ENSEMBLE, None
     if case == "empty":
         inputs = [_image_input(b"")]

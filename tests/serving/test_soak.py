@@ -24,11 +24,10 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from captioner.core import names
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
-from captioner.export.exporter import sample_images
 from captioner.modeling.inference import caption_tensor
 from captioner.serving.core import image_bytes_to_pixels
-
 from tests.conftest import start_serve
 
 SOAK_S = float(os.environ.get("CAPTIONER_SOAK_S", "60"))
@@ -156,7 +155,7 @@ def _hwm_mib(pid) -> float:
 @pytest.mark.skipif(SOAK_S <= 0, reason="CAPTIONER_SOAK_S=0")
 def test_soak_mixed_good_and_hostile_requests(exported_repo, trained_run, tmp_path):
     ck = load_checkpoint(trained_run.out_dir)
-    imgs = [b for _, b in sample_images(ck, 8)]
+    imgs = [b for _, b in sample_images(ck.config.data, 8)]
     heavy = _png((3900, 3900), "RGB", (40, 120, 200))
     with torch.no_grad():
         caps = caption_tensor(ck.model, ck.tokenizer, torch.from_numpy(

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from captioner.export.exporter import sample_images
+from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
 from tests.helpers import free_port, headless_chromium, start_serve, start_stack, start_web
@@ -29,7 +29,7 @@ def stack(exported_repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(trained_run):
-    return sample_images(load_checkpoint(trained_run.out_dir), 3)  # held-out (test split) images
+    return sample_images(load_checkpoint(trained_run.out_dir).config.data, 3)  # held-out (test split) images
 
 
 def _files(items):
