@@ -23,16 +23,18 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     import numpy as np
     import torch
 
-    from captioner.modeling.checkpoint import load_checkpoint
-    from captioner.core.deployment import CKPT_BEST, CONTROL_KEY_ENV
-    from captioner.serving.client import caption_bytes, wait_ready
-    from captioner.modeling.inference import caption_tensor
-    from captioner.pipeline.runner import local_arguments
-    from captioner.pipeline.local_run import run_pipeline_here
-    from captioner.serving.core import image_bytes_to_pixels
+    from captioner.core.deployment import CONTROL_KEY_ENV
+    from captioner.core.runs import CKPT_BEST
     from captioner.data.shards import materialize, open_shard_source
-    from captioner.serving.stack import ModelServer
     from captioner.data.synthetic import attribute_accuracy, generate
+    from captioner.export.report import ExportReport
+    from captioner.modeling.checkpoint import load_checkpoint
+    from captioner.modeling.inference import caption_tensor
+    from captioner.pipeline.local_run import run_pipeline_here
+    from captioner.pipeline.runner import local_arguments
+    from captioner.serving.client import caption_bytes, wait_ready
+    from captioner.serving.core import image_bytes_to_pixels
+    from captioner.serving.stack import ModelServer
     from captioner.serving.triton_repo import LOAD_ORDER
 
     t0 = time.time()
@@ -98,12 +100,12 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     for r, cap, tc in zip(held_out, served, torch_caps):
         same = "same as PyTorch" if cap == tc else f"PyTorch: {tc!r}"
         print(f"{r.image_id}: {cap!r} ({same})\n    reference: {r.captions[0]!r}")
-    report = json.loads((Path(args["repo_uri"]) / "export_report.json").read_text())
-    p = report["parity"]
-    print(f"\nONNX parity: encoder max|diff| {p['encoder_max_abs_diff']:.1e}, logits max|diff| "
-          f"{p['logits_max_abs_diff']:.1e}, decode loop's step graph (cache {report.get('kv_cache', '?')}) "
-          f"log-probs max|diff| {p.get('loop_logprobs_max_abs_diff', 0):.1e}, greedy captions equal "
-          f"{p['captions_equal']}/{p['images']}")
+    report = ExportReport.load(args["repo_uri"])
+    p = report.parity
+    print(f"\nONNX parity: encoder max|diff| {p.encoder_max_abs_diff:.1e}, logits max|diff| "
+          f"{p.logits_max_abs_diff:.1e}, decode loop's step graph (cache {report.kv_cache or '?'}) "
+          f"log-probs max|diff| {p.loop_logprobs_max_abs_diff:.1e}, greedy captions equal "
+          f"{p.captions_equal}/{p.images}")
     print(f"\n=== test metrics ({int(metrics.get('images', len(held_out)))} held-out images, greedy, pycocoevalcap) ===")
     print(json.dumps({k: v for k, v in metrics.items() if k != "images"}, indent=2))
     acc = attribute_accuracy({r.image_id: r.captions for r in held_out},

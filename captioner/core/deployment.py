@@ -12,7 +12,7 @@ TRAINER_S3_SECRET = "captioner-trainer-s3"  # PyTorchJob workers
 S3_ENV = {"endpoint": "CAPTIONER_S3_ENDPOINT", "access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
 BUCKETS = ("datasets", "models")  # created by the minio-users Job
 
-# --- training on the cluster (images, node pools, checkpoint files) ---
+# --- training on the cluster (images, node pools) ---
 TRAINER_IMAGE = "ghcr.io/captioner/trainer:0.1.0"  # also the KFP components' base image
 JOB_NAMESPACE = "captioner"  # where PyTorchJobs, MinIO and Triton run
 TRAINER_SERVICE_ACCOUNT = "captioner-trainer"  # no RBAC bindings, token not mounted
@@ -31,7 +31,6 @@ NODE_POOLS = {
     "aks": ({"agentpool": "a100"}, [{"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]),
     "kind": ({}, []),
 }
-CKPT_LATEST, CKPT_BEST = "ckpt_latest.pt", "ckpt_best.pt"
 # Oldest KFP backend that runs the compiled IR correctly (tests/pipeline/test_kubeflow.py derives it
 # from the IR): the driver resolves `{{$.pipeline_job_uuid}}` (the train step's run id) only
 # since 2.5.0 (kubeflow/pipelines PR #11599), which also reads secretNameParameter.

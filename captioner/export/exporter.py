@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import onnx
@@ -19,7 +18,6 @@ import onnx
 from captioner.core.config import save_config
 from captioner.core.errors import UnsafeOutputError
 from captioner.core.names import (
-    DECODE_FILE,
     DECODE_LOOP,
     DECODER,
     DECODER_GRAPH_FILE,
@@ -28,12 +26,15 @@ from captioner.core.names import (
     PREPROCESS_FILE,
     TOKENIZER_FILE,
 )
+from captioner.core.runs import CONFIG_FILE
 from captioner.export.graphs import DTYPES, fused_operator_counts
 from captioner.export.optimize import QUANTIZE, optimize_decoder_step, optimize_graphs, quantize_int4, quantize_int8
 from captioner.export.parity import check_parity
+from captioner.export.report import ExportReport
 from captioner.export.torch_graphs import export_onnx, write_decoder_step
 from captioner.io.files import replace_folder, sibling_folder
 from captioner.modeling.checkpoint import LoadedCheckpoint, load_checkpoint
+from captioner.serving.core import DecodeSettings
 from captioner.serving.triton_repo import (
     ALL_MODELS,
     MAX_BATCH,
@@ -76,7 +77,7 @@ def onnx_versions(repo: Path) -> dict:
 
 
 def library_versions() -> dict:
-    """The versions that wrote and checked a repository (its export_report.json)."""
+    """The versions that wrote and checked a repository (ExportReport.versions)."""
     import importlib.metadata as md
     import platform
 
@@ -92,7 +93,7 @@ def library_versions() -> dict:
 # ------------------------------------------------------------------ entry point
 def export(checkpoint: str, out: str, device: str = "gpu", quantize: str | None = None, verify: bool = True,
            parity_images: int = 8, max_batch: int = MAX_BATCH, optimize: bool = True, force: bool = False,
-           decoder_dtype: str = "float32") -> dict:
+           decoder_dtype: str = "float32") -> ExportReport:
     """Write the repository beside `out` and rename it into place. `out` must be new, empty or a
     repository written by export (it holds REPOSITORY_MARKER), unless `force`. `decoder_dtype`
     float16 writes the decode loop's step graph in fp16 (for GPUs: half the bytes per step and
@@ -137,7 +138,8 @@ def check_output_folder(out: Path, force: bool = False) -> None:
 
 
 def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: str | None, verify: bool,
-                      parity_images: int, max_batch: int, optimize: bool, decoder_dtype: str = "float32") -> dict:
+                      parity_images: int, max_batch: int, optimize: bool,
+                      decoder_dtype: str = "float32") -> ExportReport:
     d = export_onnx(ck, repo)
     cfgs = build_configs(d, "KIND_GPU" if device == "gpu" else "KIND_CPU", max_batch)
     write_configs(repo, cfgs)
@@ -145,38 +147,37 @@ def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: s
         shutil.copyfile(SOURCES / f"{name}.py", repo / name / "1" / "model.py")
     (repo / PREPROCESS / "1" / PREPROCESS_FILE).write_text(json.dumps(ck.preprocess.to_dict(), indent=2))
     ck.tokenizer.save(repo / DECODE_LOOP / "1" / TOKENIZER_FILE)
-    (repo / DECODE_LOOP / "1" / DECODE_FILE).write_text(json.dumps({
-        "bos_id": ck.tokenizer.bos_id, "eos_id": ck.tokenizer.eos_id, "max_new_tokens": ck.model.cfg.max_new_tokens,
-        "n_layers": d.L, "n_heads": d.heads, "head_dim": d.Dh}, indent=2))
+    DecodeSettings(bos_id=ck.tokenizer.bos_id, eos_id=ck.tokenizer.eos_id, max_new_tokens=ck.model.cfg.max_new_tokens,
+                   n_layers=d.L, n_heads=d.heads, head_dim=d.Dh).save(repo / DECODE_LOOP / "1")
     # no absolute paths: the report travels with the repository (to S3, other machines)
-    report = {"checkpoint": ck.path.name, "step": ck.step, "dims": asdict(d), "device": device,
-              "onnx": onnx_versions(repo), "versions": library_versions()}
+    report = ExportReport(checkpoint=ck.path.name, step=ck.step, dims=d, device=device, onnx=onnx_versions(repo),
+                          versions=library_versions())
     if optimize:
-        report["fusions"] = optimize_graphs(repo, ck)
-    report["kv_cache"] = write_decoder_step(ck, repo, device, d.P, decoder_dtype)
-    report["decoder_dtype"] = decoder_dtype
+        report.fusions = optimize_graphs(repo, ck)
+    report.kv_cache = write_decoder_step(ck, repo, device, d.P, decoder_dtype)
+    report.decoder_dtype = decoder_dtype
     step = repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE
     # the optimizer rewrites an fp16 graph's attention nodes with attributes that Triton 24.10's
     # onnxruntime 1.19.2 refuses (its GroupQueryAttention schema has no k_quant_type): fp16 ships as written
-    report.setdefault("fusions", {})[DECODE_LOOP] = optimize_decoder_step(repo, ck) \
+    report.fusions[DECODE_LOOP] = optimize_decoder_step(repo, ck) \
         if optimize and decoder_dtype == "float32" else fused_operator_counts(step)
     if verify:
-        report["parity"] = asdict(check_parity(ck, repo, parity_images))
+        report.parity = check_parity(ck, repo, parity_images)
     if quantize in QUANTIZE:
         if quantize == "int8":
             quantize_int8(repo)
         else:
-            report["step_graph_int4"] = quantize_int4(repo)
+            report.step_graph_int4 = quantize_int4(repo)
         q = check_parity(ck, repo, parity_images, fail=False)
-        report[f"parity_{quantize}"] = asdict(q)
+        setattr(report, f"parity_{quantize}", q)
         log.info("%s parity: greedy captions equal %d/%d, logits max|diff| %.3f, decode loop log-probs "
                  "max|diff| %.3f (report only)", quantize, q.captions_equal, q.images, q.logits_max_abs_diff,
                  q.loop_logprobs_max_abs_diff)
     elif quantize:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
-    report["onnx"] = onnx_versions(repo)  # after optimisation/quantisation: what Triton will load
-    (repo / "export_report.json").write_text(json.dumps(report, indent=2))
-    save_config(ck.config, repo / "config.yaml")
+    report.onnx = onnx_versions(repo)  # after optimisation/quantisation: what Triton will load
+    report.save(repo)
+    save_config(ck.config, repo / CONFIG_FILE)
     write_marker(repo, {"checkpoint": str(ck.path), "step": ck.step})
     check_repository(repo)  # what Triton would refuse, refused here
     return report

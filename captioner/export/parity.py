@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ import torch
 from captioner.core.decoding import DecodeParams
 from captioner.core.names import DECODE_LOOP
 from captioner.data.samples import sample_images
+from captioner.export.report import ParityReport
 from captioner.modeling.checkpoint import LoadedCheckpoint
 from captioner.modeling.inference import caption_tensor
 from captioner.serving.core import DecodeLoop, image_bytes_to_pixels
@@ -27,19 +28,6 @@ class ParityError(RuntimeError):
 # An fp16 step graph's log-probs may differ from PyTorch's fp32 by fp16 rounding (~1e-3 relative
 # per op); beyond this the graph is wrong, not rounded.
 FP16_LOGPROB_ATOL = 0.1
-
-
-@dataclass
-class ParityReport:
-    images: int = 0
-    encoder_max_abs_diff: float = 0.0
-    logits_max_abs_diff: float = 0.0
-    loop_logprobs_max_abs_diff: float = 0.0  # the decode loop's step graph, teacher-forced
-    captions_equal: int = 0
-    mismatches: list = field(default_factory=list)
-    quantized: dict | None = None
-    tolerances: dict = field(default_factory=dict)  # the max|diff| each check allows
-    passed: bool = True
 
 
 def check_parity(ck: LoadedCheckpoint, repo: Path, n_images: int = 8, atol: float = 1e-3,

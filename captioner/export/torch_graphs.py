@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -30,6 +29,7 @@ from captioner.core.names import (
 )
 from captioner.export.attention import fused_vit_attention
 from captioner.export.graphs import DTYPES, build_decoder_step, cache_mode_for
+from captioner.export.report import Dims
 from captioner.modeling.checkpoint import LoadedCheckpoint
 
 log = logging.getLogger(__name__)
@@ -51,19 +51,6 @@ class _DecoderGraph(torch.nn.Module):
 
     def forward(self, input_ids, cross_kv, past_kv):
         return self.m.decode_step(input_ids, cross_kv, past_kv)
-
-
-@dataclass
-class Dims:
-    C: int
-    H: int
-    W: int
-    P: int
-    D: int
-    L: int
-    heads: int
-    Dh: int
-    V: int
 
 
 def _dims(ck: LoadedCheckpoint) -> Dims:

@@ -21,28 +21,22 @@ import numpy as np
 import torch
 
 from captioner.core.config import ExperimentConfig, config_from_dict
-from captioner.core.deployment import CKPT_BEST, CKPT_LATEST
 from captioner.core.errors import NotACheckpointError
 from captioner.core.preprocess import PreprocessConfig
+from captioner.core.runs import CKPT_BEST, CKPT_LATEST, LOG_INDEX, RUN_LOG_DIRS, RUN_LOGS
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.io.files import atomic_copy, atomic_write
 from captioner.modeling.model import Captioner
 
 log = logging.getLogger(__name__)
-LATEST, BEST = CKPT_LATEST, CKPT_BEST
 FORMAT = 2  # 2: no pickled objects (RNG states as tensors/lists)
-RUN_LOGS = ("metrics.jsonl", "val_metrics.jsonl")  # travel with the checkpoint to the store
-RUN_LOG_DIRS = ("tb",)  # so do these folders' files (TensorBoard events, captioner/training/board.py)
-# The store's list of those files: the trainer's MinIO user may read and write objects under
-# models/runs/ but not list them (k8s/base/minio.yaml), so a restarted pod finds them here.
-LOG_INDEX = "run_log_files.json"
 
 
 class CheckpointError(NotACheckpointError):
     """A file that is not a loadable captioner checkpoint; the message names it."""
 
     def __init__(self, message: str,
-                 hint: str = "give a ckpt_best.pt / ckpt_latest.pt written by `captioner train`, or its run folder"):
+                 hint: str = f"give a {CKPT_BEST} / {CKPT_LATEST} written by `captioner train`, or its run folder"):
         super().__init__(message, hint)
 
 
@@ -158,41 +152,41 @@ class CheckpointSaver:
 
     def existing(self) -> str | None:
         """Where a previous run's checkpoint is (a local path or the store URI), else None."""
-        if (self.out / LATEST).exists():
-            return str(self.out / LATEST)
-        if self.store_uri and self._store().exists(LATEST):
-            return f"{self.store_uri.rstrip('/')}/{LATEST}"
+        if (self.out / CKPT_LATEST).exists():
+            return str(self.out / CKPT_LATEST)
+        if self.store_uri and self._store().exists(CKPT_LATEST):
+            return f"{self.store_uri.rstrip('/')}/{CKPT_LATEST}"
         return None
 
     def restore(self) -> dict | None:
         """The latest checkpoint (local first, else downloaded from the store with the run's
         logs), loaded safely; None when there is none."""
-        p = self.out / LATEST
+        p = self.out / CKPT_LATEST
         if not p.exists() and self.store_uri:
             store = self._store()
-            if store.exists(LATEST):
+            if store.exists(CKPT_LATEST):
                 if self.main:
-                    for name in (LATEST, BEST, *RUN_LOGS):
+                    for name in (CKPT_LATEST, CKPT_BEST, *RUN_LOGS):
                         if store.exists(name):
                             _download(store, name, self.out / name)
                     for key in self._stored_log_dir_files(store):
                         _download(store, key, self.out / key)
-                    log.info("fetched %s from the model store %s", LATEST, self.store_uri)
+                    log.info("fetched %s from the model store %s", CKPT_LATEST, self.store_uri)
                 else:  # other ranks read their own copy (no shared filesystem between nodes)
-                    _download(store, LATEST, p)
+                    _download(store, CKPT_LATEST, p)
         return load_raw(p) if p.exists() else None
 
     def clear(self) -> None:
         """--overwrite: forget the previous run here and in the store."""
         if not self.main:
             return
-        for name in (LATEST, BEST, *RUN_LOGS):
+        for name in (CKPT_LATEST, CKPT_BEST, *RUN_LOGS):
             (self.out / name).unlink(missing_ok=True)
         for d in RUN_LOG_DIRS:
             shutil.rmtree(self.out / d, ignore_errors=True)
         if self.store_uri:
             store = self._store()
-            for name in (LATEST, BEST, *RUN_LOGS):
+            for name in (CKPT_LATEST, CKPT_BEST, *RUN_LOGS):
                 if store.exists(name):
                     store.delete(name)
             for key in self._stored_log_dir_files(store):
@@ -207,13 +201,14 @@ class CheckpointSaver:
     def save(self, ckpt: dict, is_best: bool = False) -> None:
         if not self.main:
             return
-        atomic_save(ckpt, self.out / LATEST)
+        atomic_save(ckpt, self.out / CKPT_LATEST)
         if is_best:
-            atomic_copy(self.out / LATEST, self.out / BEST)
-        log.info("checkpoint saved: %s (step %d)%s", self.out / LATEST, ckpt["step"], " (new best)" if is_best else "")
+            atomic_copy(self.out / CKPT_LATEST, self.out / CKPT_BEST)
+        log.info("checkpoint saved: %s (step %d)%s", self.out / CKPT_LATEST, ckpt["step"],
+                 " (new best)" if is_best else "")
         if self.store_uri:
             store = self._store(create=True)
-            for name in (LATEST, *((BEST,) if is_best else ()), *RUN_LOGS):
+            for name in (CKPT_LATEST, *((CKPT_BEST,) if is_best else ()), *RUN_LOGS):
                 if (self.out / name).exists():
                     store.put_file(name, self.out / name)
             keys = set(self._stored_log_dir_files(store))  # a resumed run's earlier files stay listed
@@ -228,8 +223,8 @@ class CheckpointSaver:
         """No validation ran: the last checkpoint is also the best; publish the whole run."""
         if not self.main:
             return
-        if not (self.out / BEST).exists() and (self.out / LATEST).exists():
-            atomic_copy(self.out / LATEST, self.out / BEST)
+        if not (self.out / CKPT_BEST).exists() and (self.out / CKPT_LATEST).exists():
+            atomic_copy(self.out / CKPT_LATEST, self.out / CKPT_BEST)
         if self.store_uri:
             from captioner.io.storage import publish
 
@@ -241,10 +236,10 @@ class CheckpointSaver:
 def resolve_checkpoint_path(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
-        for name in (BEST, LATEST):
+        for name in (CKPT_BEST, CKPT_LATEST):
             if (p / name).exists():
                 return p / name
-        raise FileNotFoundError(f"no {BEST} or {LATEST} in {p}")
+        raise FileNotFoundError(f"no {CKPT_BEST} or {CKPT_LATEST} in {p}")
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     return p

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from captioner.core.errors import UserError
+from captioner.core.runs import PIPELINE_SAMPLES_FILE, PIPELINE_SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -183,8 +184,6 @@ def _step_error(lines: list[str]) -> tuple[str, str] | None:
 
 
 # ----------------------------------------------------------------------------- results you can find
-SUMMARY = "summary.json"
-REPORT = "samples.html"
 
 
 def _latest_run(root: Path) -> Path | None:
@@ -244,8 +243,8 @@ def write_summary(workdir: str | Path, pipeline_root: str | Path, arguments: dic
     if samples is not None:
         import shutil
 
-        shutil.copyfile(samples, wd / REPORT)
-        report = REPORT
+        shutil.copyfile(samples, wd / PIPELINE_SAMPLES_FILE)
+        report = PIPELINE_SAMPLES_FILE
 
     def rel(p):
         if not p:
@@ -273,8 +272,8 @@ def write_summary(workdir: str | Path, pipeline_root: str | Path, arguments: dic
         "pipeline_root": rel(pipeline_root),
     }
     summary.update(extra or {})
-    (wd / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    summary["_path"] = str(wd / SUMMARY)
+    (wd / PIPELINE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    summary["_path"] = str(wd / PIPELINE_SUMMARY_FILE)
     return summary
 
 

@@ -10,9 +10,10 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
-from captioner.core.deployment import CKPT_BEST
+from captioner.core.runs import CKPT_BEST
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion.json"
@@ -77,8 +78,15 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
     """Launch the run as a PyTorchJob or a TrainJob (--train.api; auto = the kind the cluster
     serves), after the cost guard, and wait for it. `api`: a KubeApi-like factory (tests)."""
     from captioner.cluster.jobs import KubeApi, served_kind
-    from captioner.cluster.pytorchjob import (DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, check_cost,
-                                      estimate_cost, job_name, launch_and_wait, training_job)
+    from captioner.cluster.pytorchjob import (
+        DEFAULT_PAIRS_PER_S_PER_GPU,
+        DEFAULT_PRICE_PER_GPU_HOUR,
+        check_cost,
+        estimate_cost,
+        job_name,
+        launch_and_wait,
+        training_job,
+    )
     from captioner.data.shards import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)
@@ -101,8 +109,8 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
 
 
 def evaluate_step(checkpoint_uri: str, data_uri: str, out_dir: str, split: str = "test", max_images: int = 0) -> dict:
-    from captioner.training.evaluate import evaluate
     from captioner.io.storage import fetch
+    from captioner.training.evaluate import evaluate
 
     with tempfile.TemporaryDirectory(prefix="captioner-eval-") as tmp:
         ck = fetch(checkpoint_uri, tmp)
@@ -130,7 +138,7 @@ def export_step(checkpoint_uri: str, repo_uri: str, device: str = "gpu") -> dict
         local = Path(tmp) / "repo"
         report = export(str(ck), str(local), device=device)
         publish(local, repo_uri)
-    return {"repo_uri": repo_uri, "parity": report.get("parity", {})}
+    return {"repo_uri": repo_uri, "parity": asdict(report.parity) if report.parity else {}}
 
 
 def champion_score(serving_uri: str) -> float:

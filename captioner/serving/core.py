@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -93,6 +93,9 @@ def check_pixel_budget(images: np.ndarray, budget: int, max_pixels: int | None =
 
 @dataclass
 class DecodeSettings:
+    """The decode loop's settings, its version folder's decode.json (written by `captioner
+    export`, read by the decode loop wherever it runs): special token ids, the token limit,
+    the cache shape, and the beam search scoring options."""
     bos_id: int
     eos_id: int
     max_new_tokens: int
@@ -101,10 +104,16 @@ class DecodeSettings:
     head_dim: int
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
-    decoder_version: int = -1  # unused since the loop owns its decoder; kept so older decode.json files load
+
+    def save(self, d: str | Path) -> Path:
+        """Write d/decode.json (d: a decode_loop version folder); returns the file."""
+        path = Path(d) / DECODE_FILE
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
 
     @classmethod
     def load(cls, d: str | Path) -> "DecodeSettings":
+        """Read d/decode.json (d: a decode_loop version folder)."""
         return cls(**json.loads((Path(d) / DECODE_FILE).read_text()))
 
 

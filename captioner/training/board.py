@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from captioner.core.runs import TB_DIR  # under the run folder, mirrored to the model store with the checkpoints
+
 log = logging.getLogger(__name__)
-TB_DIR = "tb"  # under the run folder, mirrored to the model store with the checkpoints
 N_SAMPLES = 4  # held-out images shown with their captions at every validation
 # Tags, defined once: train.py writes them, the run report and the tests read them.
 LOSS, LR, GRAD_NORM = "train/loss", "train/lr", "train/grad_norm"

@@ -14,6 +14,7 @@ from PIL import Image
 
 from captioner.core.config import save_config
 from captioner.core.decoding import DecodeParams
+from captioner.core.runs import CONFIG_FILE, EVAL_CAPTIONS_FILE, EVAL_DIR_PREFIX, EVAL_METRICS_FILE, EVAL_SAMPLES_FILE
 from captioner.data.shards import is_shard_source, materialize, open_shard_source
 from captioner.data.sources import DataSummary, ImageRecord, assign_splits, by_split, load_split_arrays, read_records
 from captioner.modeling.checkpoint import load_checkpoint
@@ -100,7 +101,7 @@ def eval_folder_name(split: str, p: DecodeParams, model_limit: int, max_images: 
         parts.append(f"max{p.max_new_tokens}")
     if max_images:
         parts.append(f"first{max_images}")
-    return "_".join([f"eval_{split}", *parts])
+    return "_".join([f"{EVAL_DIR_PREFIX}{split}", *parts])
 
 
 def _check_source(src: str, from_checkpoint: bool) -> None:
@@ -130,7 +131,7 @@ def evaluate(checkpoint: str, split: str = "test", out_dir: str | None = None, d
     _check_source(src, from_checkpoint=not data_source)
     out = Path(out_dir or Path(ck.path).parent / eval_folder_name(split, params, ck.model.cfg.max_new_tokens,
                                                                    max_images))
-    if (out / "metrics.json").exists():
+    if (out / EVAL_METRICS_FILE).exists():
         log.info("replacing the earlier evaluation with the same settings in %s", out)
     out.mkdir(parents=True, exist_ok=True)
     if is_shard_source(src):  # a dataset written by `captioner ingest`: its split is fixed
@@ -156,11 +157,11 @@ def evaluate(checkpoint: str, split: str = "test", out_dir: str | None = None, d
         data["source_summary"] = summary.to_dict()
     report = {"checkpoint": str(ck.path), "step": ck.step, "split": split, "images": len(kept),
               "decode": vars(params), "metrics": metrics, "data": data}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    (out / "captions.json").write_text(json.dumps(hyps, indent=2))
-    (out / "samples.html").write_text(samples_html(kept, hyps, metrics, f"{split} samples, step {ck.step}",
+    (out / EVAL_METRICS_FILE).write_text(json.dumps(report, indent=2))
+    (out / EVAL_CAPTIONS_FILE).write_text(json.dumps(hyps, indent=2))
+    (out / EVAL_SAMPLES_FILE).write_text(samples_html(kept, hyps, metrics, f"{split} samples, step {ck.step}",
                                                    per_image, params))
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, out / CONFIG_FILE)
     return {"metrics": metrics, "out_dir": str(out), "captions": hyps, "records": kept}
 
 

@@ -20,13 +20,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from captioner.core.runs import CONFIG_FILE, DATA_SUMMARY_FILE, EVAL_DIR_PREFIX, EVAL_SAMPLES_FILE, REPORT_FILE, TB_DIR
 from captioner.training import board as tb
 
 log = logging.getLogger(__name__)
-REPORT_FILE = "report.html"
 WORST_SAMPLES = 8
 # Download only these from a store (never the checkpoints).
-_WANTED = ("config.yaml", "data_summary.json")
+_WANTED = (CONFIG_FILE, DATA_SUMMARY_FILE)
 
 
 class ReportError(ValueError):
@@ -58,22 +58,22 @@ def _fetch_run(run: str, into: Path, samples: str | None) -> RunData:
         raise ReportError(f"report: {run!r} is neither a run folder nor an s3:// run URI")
     store = open_store(run)
     keys = store.list()
-    events = [k for k in keys if k.startswith(tb.TB_DIR + "/")]
+    events = [k for k in keys if k.startswith(TB_DIR + "/")]
     if not events:
-        raise ReportError(f"report: no TensorBoard events under {run.rstrip('/')}/{tb.TB_DIR}/ (a run trained by "
+        raise ReportError(f"report: no TensorBoard events under {run.rstrip('/')}/{TB_DIR}/ (a run trained by "
                           "`captioner train` with train.tensorboard on, or its model store URI)")
     for k in [*events, *(k for k in _WANTED if k in keys)]:
         store.download(k, into / k)
-    d = RunData(run, tb.read_scalars(into / tb.TB_DIR))
-    if (into / "config.yaml").exists():
-        d.config = (into / "config.yaml").read_text()
-    if (into / "data_summary.json").exists():
-        d.data = json.loads((into / "data_summary.json").read_text())
+    d = RunData(run, tb.read_scalars(into / TB_DIR))
+    if (into / CONFIG_FILE).exists():
+        d.config = (into / CONFIG_FILE).read_text()
+    if (into / DATA_SUMMARY_FILE).exists():
+        d.data = json.loads((into / DATA_SUMMARY_FILE).read_text())
     if samples:
         d.samples_html = Path(samples).read_text()
     else:  # `captioner evaluate RUN` writes RUN/eval_<split>/samples.html; prefer the test split
-        found = sorted((k for k in keys if re.fullmatch(r"eval_[^/]+/samples\.html", k)),
-                       key=lambda k: (k != "eval_test/samples.html", k))
+        found = sorted((k for k in keys if re.fullmatch(rf"{EVAL_DIR_PREFIX}[^/]+/{re.escape(EVAL_SAMPLES_FILE)}", k)),
+                       key=lambda k: (k != f"{EVAL_DIR_PREFIX}test/{EVAL_SAMPLES_FILE}", k))
         if found:
             d.samples_html = store.get_bytes(found[0]).decode()
     return d

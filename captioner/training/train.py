@@ -10,12 +10,12 @@ folder is gone (a restarted pod).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
-import functools
-import hashlib
 import random
 import time
 from contextlib import nullcontext
@@ -29,19 +29,36 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from captioner.modeling.checkpoint import (CheckpointSaver, TrainState, checkpoint_dict, rng_state, set_rng_state,
-                                  train_state)
 from captioner.core.config import ExperimentConfig, save_config
-from captioner.data.sources import (CaptionImageDataset, DataSummary, ImageRecord, ResumableBatchSampler, assign_splits,
-                            by_split, collate_grouped, read_records, summarize, verify_images)
 from captioner.core.decoding import DecodeParams
 from captioner.core.errors import UserError
-from captioner.training.evaluate import score_records
-from captioner.modeling.model import Captioner, count_params
 from captioner.core.preprocess import PreprocessConfig
-from captioner.data.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
+from captioner.core.runs import CONFIG_FILE, DATA_SUMMARY_FILE, METRICS_LOG, VAL_METRICS_LOG
 from captioner.core.tokenizer import CaptionTokenizer
+from captioner.data.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
+from captioner.data.sources import (
+    CaptionImageDataset,
+    DataSummary,
+    ImageRecord,
+    ResumableBatchSampler,
+    assign_splits,
+    by_split,
+    collate_grouped,
+    read_records,
+    summarize,
+    verify_images,
+)
+from captioner.modeling.checkpoint import (
+    CheckpointSaver,
+    TrainState,
+    checkpoint_dict,
+    rng_state,
+    set_rng_state,
+    train_state,
+)
+from captioner.modeling.model import Captioner, count_params
 from captioner.training.board import TrainBoard, grad_norm
+from captioner.training.evaluate import score_records
 
 log = logging.getLogger(__name__)
 # one line per rank at start and end, whatever the rank's log level (the CLI quiets ranks > 0)
@@ -246,8 +263,8 @@ def _resolve_local_source(cfg: ExperimentConfig, main: bool = True) -> None:
         return
     src = Path(d.source)
     if main and not src.exists():
-        from captioner.data.sources import LAYOUTS
         from captioner.core.errors import DataNotFoundError
+        from captioner.data.sources import LAYOUTS
 
         raise DataNotFoundError(f"data source not found: {d.source}",
                                 hint=f"point --data.source at {LAYOUTS}; to try things out first, "
@@ -548,9 +565,9 @@ def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
     pre = PreprocessConfig.from_model(model.encoder.backbone)
     model.to(di.device)
     if di.main:
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / CONFIG_FILE)
         tok.save(out / "tokenizer.json")
-        (out / "data_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+        (out / DATA_SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
         log.info("model: %s encoder + %d-layer decoder, %.2fM params; vocab %d; input %s",
                  cfg.model.encoder, cfg.model.n_layers, count_params(model) / 1e6, tok.vocab_size, pre.input_size)
 
@@ -569,8 +586,8 @@ def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
         state.micro_in_epoch = _resume_data(loader, state, int(ckpt.get("world_size", di.world)))
         set_rng_state(state.rng[di.rank] if di.rank < len(state.rng) else state.rng[0])
         if di.main:
-            _truncate_jsonl(out / "metrics.jsonl", state.step)
-            _truncate_jsonl(out / "val_metrics.jsonl", state.step)
+            _truncate_jsonl(out / METRICS_LOG, state.step)
+            _truncate_jsonl(out / VAL_METRICS_LOG, state.step)
     else:
         torch.manual_seed(t.seed + di.rank)  # different dropout masks per rank
         saver.clear()  # logs of an earlier, replaced run
@@ -633,7 +650,7 @@ def validate(r: Run) -> dict | None:
         metrics, hyps, _ = score_records(r.raw_model, r.tok, r.pre, r.val_recs, params, r.di.device, meteor=False)
         r.raw_model.train()
         res = {"step": r.state.step, **metrics}
-        with open(r.out / "val_metrics.jsonl", "a") as f:
+        with open(r.out / VAL_METRICS_LOG, "a") as f:
             f.write(json.dumps(res) + "\n")
         log.info("val step %d: %s | e.g. %s: %r", r.state.step, " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
                  *next(iter(hyps.items())))
@@ -743,7 +760,7 @@ def _log_step(out: Path, step: int, epoch: int, loss: float, lr: float, now: flo
     row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
            "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
            "images_per_s": round(images_per_s, 2), "pairs_per_s": round(pairs_per_s, 2)}
-    with open(out / "metrics.jsonl", "a") as f:
+    with open(out / METRICS_LOG, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 

@@ -197,4 +197,4 @@ def test_export_of_a_batchnorm_encoder_keeps_the_model_and_parity(tmp_path):
                 mod.running_var.uniform_(0.5, 2)
     ck = save_random(tmp_path, cfg, model, tok, pre)
     report = export(str(ck), str(tmp_path / "repo"), device="cpu", parity_images=2)  # raises ParityError
-    assert report["parity"]["encoder_max_abs_diff"] < 1e-4
+    assert report.parity.encoder_max_abs_diff < 1e-4

@@ -112,11 +112,11 @@ def test_exported_decode_loop_graph_is_fused_and_listed_in_the_report(exported_r
     repo, report = exported_repo
     m = onnx.load(str(repo / names.DECODE_LOOP / "1" / names.DECODER_GRAPH_FILE))
     ops = attention_op_counts(m)
-    n_layers = int(report["dims"]["L"])
+    n_layers = report.dims.L
     assert ops == {"GroupQueryAttention": n_layers, "MultiHeadAttention": n_layers}, ops  # a cpu export
-    assert report["kv_cache"] == "in_place"
-    assert report["fusions"][names.DECODE_LOOP]["GroupQueryAttention"] == n_layers
-    assert report["fusions"][names.DECODE_LOOP].get("SkipLayerNormalization", 0) >= 2 * n_layers
+    assert report.kv_cache == "in_place"
+    assert report.fusions[names.DECODE_LOOP]["GroupQueryAttention"] == n_layers
+    assert report.fusions[names.DECODE_LOOP].get("SkipLayerNormalization", 0) >= 2 * n_layers
 
 
 def test_a_repository_from_an_older_export_is_refused_with_the_fix(tmp_path):

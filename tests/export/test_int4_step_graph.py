@@ -39,7 +39,7 @@ def test_every_step_graph_matmul_is_4bit_vocabulary_projection_included(int4_rep
     counts = op_type_counts(g)
     # per block: qkv, self-attention out, cross query, cross-attention out, MLP in and out; then the head
     assert counts["MatMul"] == 0 and counts["MatMulNBits"] == 6 * c.n_layers + 1, counts
-    assert report["step_graph_int4"] == {"MatMul": 0, "MatMulNBits": 6 * c.n_layers + 1}
+    assert report.step_graph_int4 == {"MatMul": 0, "MatMulNBits": 6 * c.n_layers + 1}
     head = next(n for n in g.graph.node if LOGITS in n.output)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
     assert head.op_type == "MatMulNBits" and head.domain == "com.microsoft"

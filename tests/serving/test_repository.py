@@ -209,6 +209,6 @@ def test_decode_loop_model_py_matches_pytorch(exported_repo, trained_run, monkey
 
 def test_export_parity_report(exported_repo):
     _, report = exported_repo
-    p = report["parity"]
-    assert p["encoder_max_abs_diff"] < 1e-3 and p["logits_max_abs_diff"] < 1e-2
-    assert p["captions_equal"] == p["images"] > 0
+    p = report.parity
+    assert p.encoder_max_abs_diff < 1e-3 and p.logits_max_abs_diff < 1e-2
+    assert p.captions_equal == p.images > 0

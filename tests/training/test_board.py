@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from captioner.core.runs import TB_DIR
 from captioner.training import board as tb
 from tests.helpers import headless_chromium, tiny_cfg
 
@@ -23,7 +24,7 @@ def _acc(logdir):
 
 
 def test_events_hold_every_scalar_at_every_step(trained_run):
-    acc = _acc(trained_run.out_dir / tb.TB_DIR)
+    acc = _acc(trained_run.out_dir / TB_DIR)
     steps = list(range(1, trained_run.step + 1))
     for tag in tb.TRAIN_SCALARS:
         assert [e.step for e in acc.Scalars(tag)] == steps, tag
@@ -63,7 +64,7 @@ def test_resume_continues_the_series_without_duplicates(synth_dir, tmp_path):
     shutil.copy(tmp_path / "ckpt_at_epoch_1.pt", store / "ckpt_latest.pt")
     again = train(tiny_cfg(synth_dir, tmp_path / "b", "--train.epochs=2", *small), resume=True, progress=False)
     assert again.step == first.step
-    acc = _acc(tmp_path / "b" / tb.TB_DIR)
+    acc = _acc(tmp_path / "b" / TB_DIR)
     steps = [e.step for e in acc.Scalars(tb.LOSS)]
     assert steps == list(range(1, first.step + 1)), steps
     assert [e.value for e in acc.Scalars(tb.LOSS)][-len(first.losses):] == pytest.approx(
@@ -109,8 +110,8 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
 def test_report_of_a_run_in_the_store(trained_run, s3_server, monkeypatch, tmp_path, capsys):
     """`captioner report s3://...`: the same numbers as for the local folder."""
     from captioner.cli.main import main
-    from captioner.training.report import _fetch_run, run_metrics
     from captioner.io.storage import publish
+    from captioner.training.report import _fetch_run, run_metrics
 
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
@@ -134,6 +135,7 @@ def test_cluster_tensorboard_reads_the_runs_with_its_read_only_user(trained_run,
 
     import boto3
     from botocore.exceptions import ClientError
+
     from captioner.io.storage import publish
     from tests.cluster.test_k8s import render
 
@@ -175,7 +177,7 @@ def test_cluster_tensorboard_reads_the_runs_with_its_read_only_user(trained_run,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = json.loads(out.stdout.strip().splitlines()[-1])
-    run = run_uri[len(logdir) + 1:] + "/" + tb.TB_DIR
+    run = run_uri[len(logdir) + 1:] + "/" + TB_DIR
     assert runs.get(run) == list(range(1, trained_run.step + 1)), runs
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(k, pod_env[k])
