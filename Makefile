@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # pip on this machine prints one harmless warning per missing local index folder
 QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean model-repository
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# model_repository/: the seed-vit768 repository as `captioner export` writes it, without the
+# ONNX graphs (tests/export/test_model_repository.py keeps it up to date)
+model-repository: $(VENV)/.installed
+	$(PY) -m captioner.export.repository model_repository
 
 clean:
 	rm -rf demo_out runs .pytest_cache

@@ -8,7 +8,6 @@ This module assembles the repository and writes it beside `--out`, then swaps it
 (fusions, int8/int4), parity (onnxruntime against PyTorch)."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -22,31 +21,25 @@ from captioner.core.names import (
     DECODER,
     DECODER_GRAPH_FILE,
     ENCODER,
-    PREPROCESS,
-    PREPROCESS_FILE,
-    TOKENIZER_FILE,
 )
 from captioner.core.runs import CONFIG_FILE
 from captioner.export.graphs import DTYPES, fused_operator_counts
 from captioner.export.optimize import QUANTIZE, optimize_decoder_step, optimize_graphs, quantize_int4, quantize_int8
 from captioner.export.parity import check_parity
 from captioner.export.report import ExportReport
+from captioner.export.repository import write_serving_files
 from captioner.export.torch_graphs import export_onnx, write_decoder_step
 from captioner.io.files import replace_folder, sibling_folder
 from captioner.modeling.checkpoint import LoadedCheckpoint, load_checkpoint
-from captioner.serving.core import DecodeSettings
 from captioner.serving.triton_repo import (
     ALL_MODELS,
     MAX_BATCH,
     REPOSITORY_MARKER,
-    build_configs,
     check_repository,
-    write_configs,
     write_marker,
 )
 
 log = logging.getLogger(__name__)
-SOURCES = Path(__file__).resolve().parents[1] / "serving" / "triton"  # the Python-backend models, copied in as model.py
 
 
 def _node_domains(graph) -> set[str]:
@@ -141,14 +134,7 @@ def _write_repository(ck: LoadedCheckpoint, repo: Path, device: str, quantize: s
                       parity_images: int, max_batch: int, optimize: bool,
                       decoder_dtype: str = "float32") -> ExportReport:
     d = export_onnx(ck, repo)
-    cfgs = build_configs(d, "KIND_GPU" if device == "gpu" else "KIND_CPU", max_batch)
-    write_configs(repo, cfgs)
-    for name in (PREPROCESS, DECODE_LOOP):
-        shutil.copyfile(SOURCES / f"{name}.py", repo / name / "1" / "model.py")
-    (repo / PREPROCESS / "1" / PREPROCESS_FILE).write_text(json.dumps(ck.preprocess.to_dict(), indent=2))
-    ck.tokenizer.save(repo / DECODE_LOOP / "1" / TOKENIZER_FILE)
-    DecodeSettings(bos_id=ck.tokenizer.bos_id, eos_id=ck.tokenizer.eos_id, max_new_tokens=ck.model.cfg.max_new_tokens,
-                   n_layers=d.L, n_heads=d.heads, head_dim=d.Dh).save(repo / DECODE_LOOP / "1")
+    write_serving_files(repo, d, device, max_batch, ck.preprocess, ck.tokenizer, ck.model.cfg.max_new_tokens)
     # no absolute paths: the report travels with the repository (to S3, other machines)
     report = ExportReport(checkpoint=ck.path.name, step=ck.step, dims=d, device=device, onnx=onnx_versions(repo),
                           versions=library_versions())

@@ -53,10 +53,12 @@ class _DecoderGraph(torch.nn.Module):
         return self.m.decode_step(input_ids, cross_kv, past_kv)
 
 
-def _dims(ck: LoadedCheckpoint) -> Dims:
-    m = ck.model.eval()  # a BatchNorm in training mode would move its running statistics here
+def graph_dims(model, input_size: tuple[int, int, int]) -> Dims:
+    """The dimensions of the graphs export writes for `model` on images of `input_size` (C, H, W):
+    the encoder's positions P are counted by running it once."""
+    m = model.eval()  # a BatchNorm in training mode would move its running statistics here
     c = m.cfg
-    C, H, W = ck.preprocess.input_size
+    C, H, W = input_size
     with torch.no_grad():
         P = m.encode(torch.zeros(1, C, H, W)).shape[1]
     return Dims(C, H, W, P, c.d_model, c.n_layers, c.n_heads, c.d_model // c.n_heads, c.vocab_size)
@@ -65,7 +67,7 @@ def _dims(ck: LoadedCheckpoint) -> Dims:
 def export_onnx(ck: LoadedCheckpoint, repo: Path, opset: int = 17) -> Dims:
     """Write encoder/1/model.onnx and decoder/1/model.onnx (weights inline). Dummy inputs
     use batch 2, 2 new tokens and 3 past positions so no dynamic axis is traced as 1."""
-    d = _dims(ck)
+    d = graph_dims(ck.model, ck.preprocess.input_size)
     m = ck.model.eval()
     (repo / ENCODER / "1").mkdir(parents=True, exist_ok=True)
     (repo / DECODER / "1").mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,8 @@ def test_int4_step_graph_log_probs_match_pytorch(int4_repo, trained_run):
     repo, _ = int4_repo
     ck = load_checkpoint(trained_run.out_dir)
     m = ck.model.eval()
-    pixels = image_bytes_to_pixels(np.array([b for _, b in sample_images(ck.config.data, 4)], dtype=object), ck.preprocess)
+    images = [b for _, b in sample_images(ck.config.data, 4)]
+    pixels = image_bytes_to_pixels(np.array(images, dtype=object), ck.preprocess)
     x = torch.from_numpy(pixels)
     with torch.no_grad():
         _, cross = m.encode_for_decoding(x)

@@ -24,8 +24,8 @@ def cross_and_want(trained_run):
     from captioner.core.decoding import DecodeParams
 
     ck = load_checkpoint(trained_run.out_dir)
-    pixels = torch.from_numpy(image_bytes_to_pixels(np.array([b for _, b in sample_images(ck.config.data, 3)], dtype=object),
-                                                    ck.preprocess))
+    images = [b for _, b in sample_images(ck.config.data, 3)]
+    pixels = torch.from_numpy(image_bytes_to_pixels(np.array(images, dtype=object), ck.preprocess))
     with torch.no_grad():
         _, cross = ck.model.encode_for_decoding(pixels)
     greedy = caption_tensor(ck.model, ck.tokenizer, pixels)

@@ -102,7 +102,8 @@ def test_exported_graphs_run_in_the_onnxruntime_triton_ships(exported_repo, trai
     # the contrib op must be in the graph Triton's release runs, or this checks nothing about it
     assert "MultiHeadAttention" in {n.op_type for n in onnx.load(str(repo / ENCODER / "1" / "model.onnx")).graph.node}
     ck = load_checkpoint(trained_run.out_dir)
-    pixels = image_bytes_to_pixels(np.array([b for _, b in sample_images(ck.config.data, 3)], dtype=object), ck.preprocess)
+    images = [b for _, b in sample_images(ck.config.data, 3)]
+    pixels = image_bytes_to_pixels(np.array(images, dtype=object), ck.preprocess)
     m, c = ck.model.eval(), ck.model.cfg
     ids = np.array([[ck.tokenizer.bos_id]] * 3, np.int64)
     past = np.zeros((3, 2 * c.n_layers, c.n_heads, 0, c.d_model // c.n_heads), np.float32)
@@ -148,7 +149,8 @@ def test_decode_loop_step_graph_runs_in_the_onnxruntime_triton_ships(device, dty
     graph = repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE
     ck = load_checkpoint(trained_run.out_dir)
     m = ck.model.eval()
-    pixels = image_bytes_to_pixels(np.array([b for _, b in sample_images(ck.config.data, 2)], dtype=object), ck.preprocess)
+    images = [b for _, b in sample_images(ck.config.data, 2)]
+    pixels = image_bytes_to_pixels(np.array(images, dtype=object), ck.preprocess)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, m.cfg.vocab_size, (2, m.cfg.max_len - 2), generator=g)
     tokens[:, 0] = ck.tokenizer.bos_id
