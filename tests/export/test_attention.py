@@ -1,4 +1,4 @@
-"""Issue 13: attention in the exported encoder graph is fused: one com.microsoft.MultiHeadAttention
+"""Attention in the exported encoder graph is fused: one com.microsoft.MultiHeadAttention
 node per ViT block instead of the MatMul/Softmax decomposition (onnxruntime's transformer
 optimizer does not fuse timm's attention subgraph), the export report lists it per graph, the
 numbers still match PyTorch, and the int8 path keeps it."""

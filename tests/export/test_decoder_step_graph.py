@@ -1,4 +1,4 @@
-"""Issue 13 items 3 and 4: the decode loop's step graph (captioner.export.graphs) has fused
+"""The decode loop's step graph (captioner.export.graphs) has fused
 attention, keeps its KV cache in place (no copy of the past per step) and gives PyTorch's
 log-probs, through the same BoundDecoder that Triton's decode_loop model and `captioner serve` run."""
 import numpy as np

@@ -71,9 +71,9 @@ def test_retry_and_caching(compiled):
                      "gate": False}
 
 
-# ---- checks on the compiled IR, one per defect of issue 9 (each takes (spec, platform))
+# ---- checks on the compiled IR, one per way a compiled pipeline failed on a cluster (each takes (spec, platform))
 def check_s3_secret_required_everywhere(spec, platform):
-    """Defect 3: every step gets the S3 settings from the Secret, and not optionally (a
+    """Every step gets the S3 settings from the Secret, and not optionally (a
     missing Secret must stop the pod with its name, not fail later with "no S3 endpoint")."""
     from captioner.core.deployment import S3_ENV, S3_SECRET
 
@@ -85,7 +85,7 @@ def check_s3_secret_required_everywhere(spec, platform):
 
 
 def check_train_run_id_is_the_pipeline_job_id(spec, platform):
-    """Defect 4: the launcher sets only KFP_POD_NAME/KFP_POD_UID (backend/src/v2/component/
+    """The launcher sets only KFP_POD_NAME/KFP_POD_UID (backend/src/v2/component/
     constants.go), which change on every retry; the job id must come from the placeholder."""
     from kfp import dsl
 
@@ -104,7 +104,7 @@ def _quantity(q: str) -> float:
 
 
 def check_watcher_is_a_small_cpu_task(spec, platform):
-    """Defect 6: launching and watching the PyTorchJob needs no GPU and little CPU/memory."""
+    """Launching and watching the PyTorchJob needs no GPU and little CPU/memory."""
     res = spec["deploymentSpec"]["executors"]["exec-train"]["container"].get("resources", {})
     assert "accelerator" not in res, "the watcher asks for a GPU"
     assert _quantity(res["resourceCpuLimit"]) <= 1 and _quantity(res["resourceMemoryLimit"]) <= 4 * 2**30, res
@@ -112,7 +112,7 @@ def check_watcher_is_a_small_cpu_task(spec, platform):
 
 
 def check_no_runtime_pip_install(spec, platform):
-    """Defect 7: no component installs packages when it starts."""
+    """No component installs packages when it starts (the cluster may have no package index to reach)."""
     for name, ex in spec["deploymentSpec"]["executors"].items():
         text = " ".join(ex["container"].get("command", []) + ex["container"].get("args", []))
         assert "pip install" not in text and "pip3 install" not in text, f"{name} installs packages at start"
