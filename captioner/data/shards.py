@@ -31,7 +31,8 @@ import torch
 
 from captioner.core.preprocess import ImageError, PreprocessConfig, preprocess_bytes
 from captioner.data.sources import SPLITS, ImageRecord, collate_grouped
-from captioner.io.storage import Store, is_s3, iter_tar_members, open_store, split_uri
+from captioner.io.storage import Store, is_s3, open_store, split_uri
+from captioner.io.tar import iter_tar_members
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from captioner.io.files import TMP_PREFIX, atomic_write, sha256_file
 
@@ -429,18 +429,3 @@ def split_uri(uri: str) -> tuple[str, str]:
     u = str(uri).rstrip("/")
     head, _, tail = u.rpartition("/")
     return head, tail
-
-
-def iter_tar_members(stream: BinaryIO, want: Callable[[str], bool] | None = None) -> Iterator:
-    """(member, bytes) for each regular file of a tar stream; with `want`, only the members
-    whose name it accepts are read into memory. On a seekable file (a local store) the data
-    of unwanted members is seeked over, not read (tarfile's "r:" mode seeks from header to
-    header); a network stream ("r|" mode) has to read past it. A caller that has what it
-    needs stops iterating and reads no further."""
-    import tarfile
-
-    seekable = want is not None and getattr(stream, "seekable", lambda: False)()
-    with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tf:
-        for m in tf:
-            if m.isfile() and (want is None or want(m.name)):
-                yield m, tf.extractfile(m).read()

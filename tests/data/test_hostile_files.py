@@ -373,7 +373,7 @@ def test_16_bit_images_are_scaled_not_clipped():
 
 @pytest.mark.parametrize("strip", [True, False])
 def test_ingest_strips_exif_and_gps_by_default(tmp_path, strip):
-    from captioner.io.storage import iter_tar_members
+    from captioner.io.tar import iter_tar_members
 
     src = tmp_path / "ds"
     (src / "flickr30k_images").mkdir(parents=True)

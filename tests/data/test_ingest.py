@@ -70,7 +70,7 @@ def test_zip_source_and_resize(synth_dir, tmp_path):
     assert r["items"] == 10
     import io
 
-    from captioner.io.storage import iter_tar_members
+    from captioner.io.tar import iter_tar_members
 
     store = open_store(str(tmp_path / "out"))
     name = json.loads(store.get_bytes(MANIFEST))["shards"][0]["name"]
