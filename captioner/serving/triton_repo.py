@@ -36,6 +36,7 @@ from typing import Callable, Iterable
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from captioner.core.limits import MAX_BATCH, MAX_BEAM
 from captioner.core.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE,
                              ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV,
                              PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV, SELECT_ROWS_FILE)
@@ -43,8 +44,6 @@ from captioner.core.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DEC
 CONFIG = "config.pbtxt"
 REPOSITORY_MARKER = "captioner-repository.json"  # at the root of every repository `captioner export` writes
 VERSION_README = "README.md"  # in every version folder, so the folder exists on S3 (defect: empty `captioner/1/`)
-MAX_BATCH = 8  # images per batch for the encoder, preprocess, decode loop and the ensemble
-MAX_BEAM = 8
 ALL_MODELS = (ENSEMBLE, PREPROCESS, ENCODER, DECODER, DECODE_LOOP)
 # Models a Python-backend model calls through BLS (`pb_utils.InferenceRequest(model_name=...)`).
 # Triton does not know about these edges, so they would have to be loaded explicitly, before

@@ -15,7 +15,7 @@ Limits (the memory bound is stated next to the pod's limit in k8s/base/web.yaml)
 - Admission by memory: a request reserves COPIES x its Content-Length from `memory_budget`
   before its body is read (the received tensor, the upstream gRPC message, gRPC's send buffer);
   when it does not fit, or MAX_IN_FLIGHT requests are in progress, 503 with Retry-After.
-- The model server's per-request pixel budget (serving_core.REQUEST_PIXEL_BUDGET) applies to
+- The model server's per-request pixel budget (captioner.core.limits.REQUEST_PIXEL_BUDGET) applies to
   the whole gateway request: images are checked from their headers in upload order and those
   beyond the budget get their own error; the rest go upstream as few requests as the server's
   message limit allows, one after another, so one gateway request is at most one model-server
@@ -47,25 +47,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from captioner.serving.client import TLS
 from captioner.core.names import BEAM_SIZE, CAPTION, ENSEMBLE, IMAGE
-from captioner.serving.server.app import MAX_IMAGE_BYTES
-from captioner.serving.core import MAX_BEAM, REQUEST_PIXEL_BUDGET
+from captioner.core.limits import (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S, CAPTION_TIMEOUT_S, COPIES, HEADER_TIMEOUT_S,
+                                   MAX_BEAM, MAX_BODY, MAX_IMAGE_BYTES, MAX_IMAGES, MAX_IN_FLIGHT, MEMORY_BUDGET,
+                                   REQUEST_PIXEL_BUDGET, UPSTREAM_MAX_BYTES, WEB_RETRY_AFTER_S)
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-MAX_IMAGES = 16
-MAX_BODY = 32 << 20  # a request of 16 phone JPEGs (~2 MB each)
-CAPTION_TIMEOUT_S = 60.0
-# Memory admission. COPIES: a request's bytes are held at most three times at once (the received
-# tensor buffer, the upstream message built from it, gRPC's copy while sending). MEMORY_BUDGET:
-# what admitted requests may hold together: 3 max-size (32 MiB) requests; with the process's own
-# ~120 MiB that stays under 75% of the pod's 768Mi (k8s/base/web.yaml).
-COPIES = 3
-MEMORY_BUDGET = 320 << 20
-MAX_IN_FLIGHT = 32  # requests in progress whatever their size (= the model server's concurrent RPCs)
-RETRY_AFTER_S = 2
-UPSTREAM_MAX_BYTES = MAX_IMAGE_BYTES  # images per upstream message: `captioner serve` receives 17 MiB at most
-BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S = 15.0, 120.0
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})  # metric label values
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
                     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"}
@@ -420,7 +408,7 @@ def create_app(url: str, model: str = ENSEMBLE, max_images: int = MAX_IMAGES, ma
             # the connection stays open: uvicorn reads and drops the unread body, so the client
             # (still sending) gets this answer rather than a reset
             return JSONResponse({"detail": "the gateway is busy: retry shortly"}, 503,
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
+                                headers={"Retry-After": str(WEB_RETRY_AFTER_S)})
         try:
             return await _caption(request, int(length))
         except BadUpload as e:  # a stalled upload's connection is closed; others drain as above
@@ -428,7 +416,7 @@ def create_app(url: str, model: str = ENSEMBLE, max_images: int = MAX_IMAGES, ma
             return JSONResponse({"detail": str(e)}, e.status, headers=close)
         except Upstream as e:
             return JSONResponse({"detail": str(e)}, e.status,
-                                headers={"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None)
+                                headers={"Retry-After": str(WEB_RETRY_AFTER_S)} if e.status == 503 else None)
         finally:
             admission.give(cost)
 
@@ -562,7 +550,7 @@ def run(url: str, host: str = "127.0.0.1", port: int = 8080, model: str = ENSEMB
         max_body: int = MAX_BODY, tls: TLS | None = None) -> None:
     import uvicorn
 
-    from captioner.serving.server.http import HEADER_TIMEOUT_S, _protocol, bind, return_large_buffers_to_the_os
+    from captioner.serving.server.http import _protocol, bind, return_large_buffers_to_the_os
 
     return_large_buffers_to_the_os()  # request buffers go back to the OS when freed (see there)
 

@@ -159,7 +159,7 @@ def test_preprocess_model_py_refuses_a_request_over_the_pixel_budget(exported_re
 
     from PIL import Image
 
-    from captioner.serving.core import REQUEST_PIXEL_BUDGET
+    from captioner.core.limits import REQUEST_PIXEL_BUDGET
 
     repo, _ = exported_repo
     m = _load_model_py(repo, names.PREPROCESS, monkeypatch)

@@ -41,9 +41,11 @@ from captioner.core.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENC
                              INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
 from captioner.serving.onnx_runtime import session
 from captioner.core.preprocess import SERVING_MAX_PIXELS
-from captioner.serving.core import (REQUEST_PIXEL_BUDGET, DecodeLoop, RequestError, caption_requests,
-                                    check_pixel_budget, image_bytes_to_pixels, load_preprocess, params_for,
-                                    request_int)
+from captioner.core.limits import (HEAVY_DECODERS, LIGHT_DECODERS, LIGHT_REQUEST_PIXELS, MAX_CONCURRENT_RPCS,
+                                   MAX_RECEIVE_MESSAGE, MAX_SEND_MESSAGE, REQUEST_PIXEL_BUDGET)
+from captioner.serving.core import (DecodeLoop, caption_requests, check_pixel_budget, image_bytes_to_pixels,
+                                    load_preprocess, params_for, request_int)
+from captioner.serving.errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +57,6 @@ GRPC_STATUS = {INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT, NOT_FOUND: grpc.St
 
 class NotFound(Exception):
     pass
-
-
-# -- serving limits (issue 10 items 5 and 6) -------------------------------------------------------
-# Per image: preprocess.SERVING_MAX_PIXELS (16 MP, a phone photo; ingest accepts up to 50). Per
-# request: serving_core.REQUEST_PIXEL_BUDGET (32 MP), shared with the Triton preprocess model.
-# Requests of at most this many pixels in total decode in the light lane, larger ones in the heavy
-# lane; each lane is a fixed pool, so decoding memory is bounded by the lanes' sizes whatever the
-# number of concurrent requests: at most 2 x 4 MP + 1 x 32 MP decoded at a time.
-LIGHT_REQUEST_PIXELS = 4_000_000
-LIGHT_DECODERS, HEAVY_DECODERS = 2, 1
-# Receive limit: the largest image we accept encoded, 16 MP at 1 byte/pixel (any JPEG photo up to
-# quality 95, a PNG photo up to ~8 MP), plus 1 MiB for the other inputs and protobuf framing.
-# gRPC refuses larger messages with RESOURCE_EXHAUSTED before our code sees them.
-MAX_IMAGE_BYTES = 16 << 20
-MAX_RECEIVE_MESSAGE = MAX_IMAGE_BYTES + (1 << 20)
-MAX_SEND_MESSAGE = 256 << 20  # our own answers (decoder logits/present K/V for a full batch)
-# RPCs in progress at once (handler threads); beyond it gRPC answers RESOURCE_EXHAUSTED at once.
-# Received requests held in memory are bounded by MAX_CONCURRENT_RPCS x MAX_RECEIVE_MESSAGE (544 MiB);
-# the HTTP/REST front admits as many inference requests at once (503 + Retry-After beyond), each
-# holding one copy of its body: another 544 MiB at most (captioner.serving.server.http).
-MAX_CONCURRENT_RPCS = 32
 
 
 class Expired(Exception):

@@ -20,7 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from captioner import __version__
 from captioner.core.names import ENSEMBLE
-from captioner.serving.core import RequestError
+from captioner.serving.errors import RequestError
 
 # Triton error codes (TRITONSERVER_Error_Code) used here
 INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL, CANCELLED, DEADLINE = (

@@ -51,19 +51,13 @@ from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from captioner.core.limits import (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_JSON_HEADER,
+                                   MAX_TIMEOUT_US, RETRY_AFTER_S)
 from captioner.serving.server.dataplane import INVALID_ARG, DataPlane, DataPlaneError, InputTensor, parse_version
 
 log = logging.getLogger(__name__)
 
 HEADER = "inference-header-content-length"
-MAX_JSON_HEADER = 1 << 20  # the JSON part of a request (tensor metadata; JSON tensors are small here)
-# Read timeouts (nginx's client_header_timeout / client_body_timeout are per read, 60 s; ours
-# are shorter: the largest body is 17 MiB).
-HEADER_TIMEOUT_S = 10.0  # a request head complete within this of the connection / its first byte
-BODY_IDLE_TIMEOUT_S = 15.0  # longest pause between two reads of a body
-BODY_TIMEOUT_S = 120.0  # a whole body (17 MiB at 150 kB/s)
-MAX_TIMEOUT_US = 86_400 * 10**6  # parameters.timeout beyond a day: no deadline (Triton's uint64 has no use for more)
-RETRY_AFTER_S = 1
 
 
 def _error(status: int, msg: str, headers: dict | None = None) -> JSONResponse:

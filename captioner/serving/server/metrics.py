@@ -20,6 +20,8 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from captioner.core.limits import SCRAPE_READ_TIMEOUT_S
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ FAMILIES = [  # (name, help, _Stats attribute)
                                                "(does not include cached requests)", "compute_us"),
 ]
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
-SCRAPE_READ_TIMEOUT_S = 10
 
 
 class TritonCollector:
