@@ -42,14 +42,29 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.requests import ClientDisconnect
 
-from captioner.serving.client import TLS
+from captioner.core.limits import (
+    BODY_IDLE_TIMEOUT_S,
+    BODY_TIMEOUT_S,
+    CAPTION_TIMEOUT_S,
+    COPIES,
+    HEADER_TIMEOUT_S,
+    MAX_BEAM,
+    MAX_BODY,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGES,
+    MAX_IN_FLIGHT,
+    MEMORY_BUDGET,
+    REQUEST_PIXEL_BUDGET,
+    UPSTREAM_MAX_BYTES,
+    WEB_RETRY_AFTER_S,
+)
 from captioner.core.names import BEAM_SIZE, CAPTION, ENSEMBLE, IMAGE
-from captioner.core.limits import (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S, CAPTION_TIMEOUT_S, COPIES, HEADER_TIMEOUT_S,
-                                   MAX_BEAM, MAX_BODY, MAX_IMAGE_BYTES, MAX_IMAGES, MAX_IN_FLIGHT, MEMORY_BUDGET,
-                                   REQUEST_PIXEL_BUDGET, UPSTREAM_MAX_BYTES, WEB_RETRY_AFTER_S)
+from captioner.serving.client import TLS
+from captioner.serving.errors import RequestError
+from captioner.serving.server.codec import LENGTH, bytes_elements, bytes_parts, infer_request
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +102,10 @@ def _classify(code, details: str) -> Upstream | None:
     return Upstream(502, "the model server is unreachable or failing")
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 class Model:
-    """The model server over grpc.aio: ModelInfer with the request message written here (its
-    metadata by protobuf, each raw_input_contents entry appended as field 7, length-delimited)
-    so the images are copied once into the message, not three times as through tritonclient."""
+    """The model server over grpc.aio: ModelInfer with the request message written by the wire
+    codec (captioner.serving.server.codec.infer_request: the images are copied once into the
+    message, not three times as through tritonclient)."""
 
     def __init__(self, url: str, model: str, tls: TLS | None):
         self.url, self.model, self.tls = url, model, tls
@@ -149,33 +155,22 @@ class Model:
         return None
 
     def message(self, images: list[memoryview], beam: int) -> bytes:
-        from tritonclient.grpc import service_pb2
-
-        req = service_pb2.ModelInferRequest(model_name=self.model)
-        req.inputs.add(name=IMAGE, datatype="BYTES", shape=[len(images), 1])
-        if beam != 1:  # BEAM_SIZE after IMAGE: raw_input_contents follow the inputs' order
-            req.inputs.add(name=BEAM_SIZE, datatype="INT32", shape=[len(images), 1])
-        req.outputs.add(name=CAPTION)
-        # one join: the images are copied once, straight into the message
-        parts = [req.SerializeToString(), b"\x3a", _varint(sum(4 + len(im) for im in images))]
-        for im in images:
-            parts += [struct.pack("<I", len(im)), im]
-        if beam != 1:
-            beams = struct.pack("<i", beam) * len(images)
-            parts += [b"\x3a", _varint(len(beams)), beams]  # field 7 (raw_input_contents), wire type 2
-        return b"".join(parts)
+        inputs = [(IMAGE, "BYTES", [len(images), 1], bytes_parts(images))]
+        if beam != 1:  # greedy is the model's default: BEAM_SIZE is sent only for beam search
+            inputs.append((BEAM_SIZE, "INT32", [len(images), 1], [struct.pack("<i", beam) * len(images)]))
+        return infer_request(self.model, inputs, [CAPTION])
 
     async def caption(self, images: list[memoryview], beam: int) -> list[str]:
         """Captions, or grpc.aio.AioRpcError as the model server answered."""
         msg = await asyncio.to_thread(self.message, images, beam)  # a copy of up to 16 MiB: off the loop
         res = await self._open()["infer"](msg, timeout=CAPTION_TIMEOUT_S)
         del msg
-        raw, out, off = res.raw_output_contents[0], [], 0
-        while off < len(raw):
-            (k,) = struct.unpack_from("<I", raw, off)
-            out.append(raw[off + 4:off + 4 + k].decode("utf-8", "replace"))
-            off += 4 + k
-        return out
+        try:
+            captions = bytes_elements(res.raw_output_contents[0], None, CAPTION)
+        except RequestError as e:  # a malformed answer: the model server is failing
+            log.warning("model server %s answered a malformed %s: %s", self.url, CAPTION, e)
+            raise Upstream(502, "the model server is unreachable or failing") from None
+        return [c.decode("utf-8", "replace") for c in captions]
 
 
 class BadUpload(Exception):
@@ -246,7 +241,7 @@ class Upload:
 
     def _end(self):
         if self._field and self._field[0] == "file":
-            struct.pack_into("<I", self.buf, self._start - 4, self.n - self._start)
+            LENGTH.pack_into(self.buf, self._start - 4, self.n - self._start)
             self.files.append((self._field[1], self._start, self.n))
         elif self._field:
             self.fields[self._field[1]] = self._value

@@ -192,9 +192,9 @@ def test_concurrent_rpcs_are_limited(exported_repo, heavy_png):
     with RESOURCE_EXHAUSTED instead of queueing without bound."""
     from captioner.serving.server.app import start_server
 
-    server, repo, port = start_server(exported_repo[0], port=free_port(), max_concurrent_rpcs=2)
+    s = start_server(exported_repo[0], port=free_port(), max_concurrent_rpcs=2)
     try:
-        url = f"127.0.0.1:{port}"
+        url = f"127.0.0.1:{s.port}"
 
         def call(_):
             try:
@@ -207,8 +207,7 @@ def test_concurrent_rpcs_are_limited(exported_repo, heavy_png):
             codes = list(ex.map(call, range(6)))
         assert "RESOURCE_EXHAUSTED" in codes and "ok" in codes, codes
     finally:
-        server.stop(0).wait()
-        repo.close()
+        s.stop(grace=0)
 
 
 # -- 10.7: deadlines and cancellation ---------------------------------------------------------------
@@ -254,7 +253,8 @@ def test_abandoned_requests_are_not_decoded(server, heavy_png, good, how):
 
 def test_batcher_drops_expired_items_before_running(good):
     """An item whose deadline passed while queued never reaches the model function (the encoder)."""
-    from captioner.serving.server.app import Batcher, Deadline, Expired
+    from captioner.serving.server.batching import Batcher
+    from captioner.serving.server.errors import Deadline, Expired
 
     seen = []
     b = Batcher(lambda items: [seen.append(x) or x for x in items], max_batch=4, delay_s=0.01, name="t")
@@ -276,7 +276,7 @@ def test_batcher_stop_settles_every_pending_future():
     """Items queued when stop() is called are answered or failed, never left pending: here one item
     that does not fit the running batch (it used to be pushed back behind the stop signal), and one
     submitted after stop."""
-    from captioner.serving.server.app import Batcher
+    from captioner.serving.server.batching import Batcher
 
     release = threading.Event()
 

@@ -83,7 +83,7 @@ def test_ensemble_steps_must_resolve():
 
 
 def test_serve_refuses_a_repository_triton_would_refuse(exported_repo, tmp_path):
-    from captioner.serving.server.app import Repository
+    from captioner.serving.server.runtime import Repository
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo[0], repo)
@@ -247,7 +247,7 @@ def test_deploy_loads_the_ensemble_through_the_protected_control_api(exported_re
 def test_serve_and_triton_decode_loop_answer_a_request_the_same_way(exported_repo, monkeypatch, beam, needle):
     """Both servers run serving_core.caption_requests: a request mixing BEAM_SIZE values is
     refused by both (Triton's model used to take the first value silently)."""
-    from captioner.serving.server.app import Repository
+    from captioner.serving.server.runtime import Repository
 
     repo, _ = exported_repo
     s = DecodeSettings.load(repo / names.DECODE_LOOP / "1")

@@ -44,16 +44,23 @@ import socket
 import threading
 import time
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from captioner.core.limits import (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_JSON_HEADER,
-                                   MAX_TIMEOUT_US, RETRY_AFTER_S)
-from captioner.serving.server.dataplane import INVALID_ARG, DataPlane, DataPlaneError, InputTensor, parse_version
+from captioner.core.limits import (
+    BODY_IDLE_TIMEOUT_S,
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    MAX_JSON_HEADER,
+    MAX_TIMEOUT_US,
+    RETRY_AFTER_S,
+)
+from captioner.serving.server.codec import InputTensor, raw_contents
+from captioner.serving.server.dataplane import INVALID_ARG, DataPlane, DataPlaneError, parse_version
+from captioner.serving.server.errors import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +232,7 @@ def encode_infer_response(res, req: dict, outs: list[dict]) -> Response:
     for name, dt, arr in res.outputs:
         o = {"name": name, "datatype": dt, "shape": list(arr.shape)}
         if want_binary.get(name, default_binary):
-            if dt == "BYTES":
-                from tritonclient.utils import serialize_byte_tensor
-
-                blob = serialize_byte_tensor(arr).item() if arr.size else b""
-            else:
-                blob = np.ascontiguousarray(arr).tobytes()
+            blob = raw_contents(dt, arr)
             o["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif dt == "BYTES":
@@ -270,8 +272,6 @@ def create_app(plane: DataPlane, max_body: int, max_in_flight: int = 32,
                body_timeouts: tuple[float, float] = (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S)) -> FastAPI:
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from captioner.serving.server.app import Deadline
 
     app = FastAPI(title="captioner serve (Triton HTTP/REST)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.in_flight = 0
