@@ -66,7 +66,7 @@ class Repository:
             raise triton_repo.RepositoryError(f"failed to stat file {self.path}: the model repository does not exist")
         if control == "none":
             keys, read = triton_repo.listing_from_dir(self.path)
-            self.load(sorted(triton_repo.load_listing(keys, read)), bls_check=True)
+            self.load(sorted(triton_repo.load_listing(keys, read)))
         elif control == "explicit":
             for name in load:
                 self.load([name])
@@ -78,11 +78,11 @@ class Repository:
         return {n: self.models[n].config for n in self.loaded}
 
     # -- model control (Triton re-reads the repository on every load)
-    def load(self, names: list[str], bls_check: bool = False) -> list[str]:
+    def load(self, names: list[str]) -> list[str]:
         keys, read = triton_repo.listing_from_dir(self.path)
         models = triton_repo.load_listing(keys, read)
         with self.lock:
-            order = triton_repo.plan_load(models, names, read, bls=bls_check)
+            order = triton_repo.plan_load(models, names, read)
             for n in order:  # build every runner before switching, so a failed load changes nothing
                 for v in models[n].selected:
                     self._runner(n, v, models, fresh=True)
