@@ -43,7 +43,7 @@ from captioner.core.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DEC
 
 CONFIG = "config.pbtxt"
 REPOSITORY_MARKER = "captioner-repository.json"  # at the root of every repository `captioner export` writes
-VERSION_README = "README.md"  # in every version folder, so the folder exists on S3 (defect: empty `captioner/1/`)
+VERSION_README = "README.md"  # in every version folder, so the folder exists on S3 (an empty `captioner/1/` is no object)
 ALL_MODELS = (ENSEMBLE, PREPROCESS, ENCODER, DECODER, DECODE_LOOP)
 # Files a Python-backend model's `initialize` opens from its own version folder; without them
 # Triton's load of that model fails (python_backend: an exception in initialize fails the load).
@@ -166,7 +166,8 @@ def autocomplete(cfg: mc.ModelConfig) -> mc.ModelConfig:
 
 def write_configs(repo: Path, cfgs: dict[str, mc.ModelConfig], version: int = 1) -> None:
     """Each model's config.pbtxt, and a README in its version folder: S3 has no empty folders,
-    and Triton needs at least one version folder per model (defect 1)."""
+    and Triton needs at least one version folder per model (else it refuses the model: no version
+    available under the version policy)."""
     for name, cfg in cfgs.items():
         vdir = repo / name / str(version)
         vdir.mkdir(parents=True, exist_ok=True)

@@ -32,16 +32,14 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from captioner.core import names
-
-from captioner.serving import triton_repo
-from captioner.modeling.checkpoint import load_checkpoint
-from captioner.serving.client import caption_bytes
 from captioner.core.decoding import DecodeParams
 from captioner.core.deployment import CONTROL_HEADER, CONTROL_KEY_ENV, TRITON_SERVER_VERSION, control_headers
 from captioner.export.exporter import sample_images
+from captioner.modeling.checkpoint import load_checkpoint
 from captioner.modeling.inference import caption_tensor
+from captioner.serving import triton_repo
+from captioner.serving.client import caption_bytes
 from captioner.serving.core import image_bytes_to_pixels
-
 from tests.helpers import ROOT, free_port, start_moto, start_serve, start_stack
 
 pytestmark = pytest.mark.slow
