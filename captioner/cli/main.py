@@ -86,7 +86,7 @@ PORT = int_range(1, 65535)
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:
-    from captioner.serving.core import MAX_BEAM
+    from captioner.core.limits import MAX_BEAM
 
     g = p.add_argument_group("decoding")
     g.add_argument("--beam", type=int_range(1, MAX_BEAM), default=1, help="beam size (1 = greedy)")

@@ -30,7 +30,8 @@ from captioner.core.names import (CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, D
 from captioner.export.attention import fused_vit_attention
 from captioner.export.graphs import DTYPES, build_decoder_step, cache_mode_for, fused_operator_counts, op_type_counts
 from captioner.serving.core import DecodeLoop, image_bytes_to_pixels
-from captioner.serving.triton_repo import (ALL_MODELS, MAX_BATCH, REPOSITORY_MARKER, build_configs, check_repository,
+from captioner.core.limits import MAX_BATCH
+from captioner.serving.triton_repo import (ALL_MODELS, REPOSITORY_MARKER, build_configs, check_repository,
                                    write_configs, write_marker)
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def run_cli(*args, cwd=None, timeout=600, env=None):
@@ -97,7 +97,7 @@ def test_out_of_range_values_are_refused_by_the_parser(args, bad, tmp_path):
 # ----------------------------------------------------------------- 14.4 caption --url passes or refuses every option
 @pytest.fixture(scope="module")
 def served(exported_repo, tmp_path_factory):
-    from tests.conftest import start_serve
+    from tests.helpers import start_serve
 
     p, url = start_serve(exported_repo[0], tmp_path_factory.mktemp("serve") / "serve.log")
     yield url
@@ -411,7 +411,7 @@ def test_export_hides_onnxruntime_optimizer_internals(verbose, trained_run, tmp_
 
 
 def test_progress_bar_and_log_lines_do_not_interleave(synth_dir, tmp_path):
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     r = run_cli("train", *TINY, f"--data.source={synth_dir}", f"--train.out_dir={tmp_path / 'run'}",
                 "--train.epochs=2", "--train.log_every=1")

@@ -10,7 +10,7 @@ import jsonschema
 import yaml
 
 from tests.cluster.test_k8s import _strict
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SHARED, VENDORED = ROOT.parent / "shared" / "schemas", ROOT / "k8s" / "crds"
 TRAINJOB_CRD = "trainer.kubeflow.org_trainjobs.v2.3.0.yaml"

@@ -12,7 +12,7 @@ from captioner.cluster.pytorchjob import training_job
 from captioner.core.deployment import TRAINER_S3_SECRET
 from tests.cluster.operator_contract import apply_defaults, operator_env, pod_env
 from tests.cluster.test_k8s import crd_validator  # noqa: F401 - fixture
-from tests.conftest import ROOT, TINY, free_port
+from tests.helpers import ROOT, TINY, free_port
 
 FAKE_SECRETS = {TRAINER_S3_SECRET: {"endpoint": "127.0.0.1:9", "access-key": "k", "secret-key": "s"}}
 

@@ -13,7 +13,7 @@ from captioner.core.deployment import KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOU
 from tests.cluster.cluster_flows import FLOWS
 from tests.cluster.cluster_integrity import (_selects, applies, build_install, flow_allowed, host_ports, refs, service_refs,
                                      unused_rules)
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.cluster.test_k8s import ALL_OVERLAYS, K8S, render
 
 PROFILE = "kubeflow-user-example-com"  # the example profile of k8s/components/multi-user

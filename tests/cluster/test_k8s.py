@@ -13,8 +13,7 @@ from captioner.cluster.pytorchjob import (CLOUD_POOLS, ApiConflict, CostLimitExc
                                   build_pytorchjob, check_cost, estimate_cost, job_name, launch_and_wait,
                                   webhook_errors)
 
-from tests.conftest import ROOT
-from tests.helpers import Clock
+from tests.helpers import ROOT, Clock
 
 CRD_NAME = "kubeflow.org_pytorchjobs.v1.9.0.yaml"
 SHARED_CRD = ROOT.parent / "shared" / "schemas" / CRD_NAME

@@ -10,8 +10,7 @@ import yaml
 
 from captioner.cluster import kserve as ks
 from tests.cluster.crd_schemas import SERVINGRUNTIME_CRD, TRITON_RUNTIME, errors, isvc_errors, load
-from tests.conftest import ROOT
-from tests.helpers import Clock
+from tests.helpers import ROOT, Clock
 
 PREV_URL = "http://prev-captioner-predictor.captioner.example.com"
 LATEST_URL = "http://latest-captioner-predictor.captioner.example.com"
@@ -320,7 +319,7 @@ def kserve_docs():
 
     import yaml
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     kubectl = shutil.which("kubectl")
     if not kubectl:
@@ -378,7 +377,7 @@ def test_kserve_overlay_validates_strictly(kserve_docs):
 def test_overlay_inferenceservice_is_the_builder_output():
     import yaml
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     committed = yaml.safe_load((ROOT / "k8s/overlays/kserve/inferenceservice.yaml").read_text())
     assert committed == ks.build_inferenceservice(ks.IsvcSpec("s3://models/serving", 0))

@@ -27,13 +27,13 @@ def _args(docs):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_explicit_mode_loads_what_serves_a_caption(overlay, exported_repo):
     """Defect 2: a model reached through BLS is never loaded by the ensemble; since issue 13 the
-    decode loop makes no BLS call, so the ensemble alone must be enough (plan_load checks BLS targets)."""
+    decode loop makes no BLS call, so the ensemble alone must be enough."""
     args = _args(render(overlay))
     assert "--model-control-mode=explicit" in args
     loads = [a.split("=", 1)[1] for a in args if a.startswith("--load-model=")]
     assert loads == list(triton_repo.LOAD_ORDER)
     keys, read = triton_repo.listing_from_dir(exported_repo[0])
-    triton_repo.plan_load(triton_repo.load_listing(keys, read), loads, read)  # BLS targets loaded too
+    triton_repo.plan_load(triton_repo.load_listing(keys, read), loads, read)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -32,16 +32,14 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from captioner.core import names
-
-from captioner.serving import triton_repo
-from captioner.modeling.checkpoint import load_checkpoint
-from captioner.serving.client import caption_bytes
 from captioner.core.decoding import DecodeParams
 from captioner.core.deployment import CONTROL_HEADER, CONTROL_KEY_ENV, TRITON_SERVER_VERSION, control_headers
 from captioner.export.exporter import sample_images
+from captioner.modeling.checkpoint import load_checkpoint
 from captioner.modeling.inference import caption_tensor
+from captioner.serving import triton_repo
+from captioner.serving.client import caption_bytes
 from captioner.serving.core import image_bytes_to_pixels
-
 from tests.helpers import ROOT, free_port, start_moto, start_serve, start_stack
 
 pytestmark = pytest.mark.slow
@@ -375,7 +373,7 @@ def variant(request, exported_repo, trained_run, tmp_path_factory):
 
 def _served_by_captioner_serve(repo, imgs, beams=(1, 3)) -> dict:
     """{beam: captions} from `captioner serve`'s repository runner over `repo`, in process."""
-    from captioner.serving.server.app import Repository
+    from captioner.serving.server.runtime import Repository
 
     r = Repository(repo, control="explicit", load=[names.ENSEMBLE])
     try:
