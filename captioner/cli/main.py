@@ -480,7 +480,8 @@ def cmd_job(a, overrides):
     import yaml
 
     from captioner.core.config import load_config
-    from captioner.cluster.pytorchjob import job_name, training_job
+    from captioner.cluster.jobs import training_job
+    from captioner.cluster.jobspec import job_name
 
     _check_for_pods("job render", a.config, {"--data": a.data, "--model-uri": a.model_uri})
     load_config(a.config, [f"--data.source={a.data}", *overrides])  # fail here, not in the pods

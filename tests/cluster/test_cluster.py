@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.cluster.pytorchjob import training_job
+from captioner.cluster.jobs import training_job
 from captioner.core.deployment import TRAINER_S3_SECRET
 from tests.cluster.operator_contract import apply_defaults, operator_env, pod_env
 from tests.cluster.test_k8s import crd_validator  # noqa: F401 - fixture
@@ -175,7 +175,7 @@ def _render(*args):
 def test_job_render_prints_the_pipeline_job_and_validates_strictly(args, crd_validator):
     import yaml
 
-    from captioner.cluster.pytorchjob import job_name
+    from captioner.cluster.jobspec import job_name
     from tests.cluster.test_k8s import _check
 
     r = _render(*args)

@@ -53,7 +53,7 @@ def platform(tmp_path_factory):
 @pytest.fixture(scope="module")
 def training_jobs():
     """The jobs the train step launches (both APIs), as `captioner job render` prints them."""
-    from captioner.cluster.pytorchjob import training_job
+    from captioner.cluster.jobs import training_job
 
     args = ("captioner-train-x", "vit-b16-a100", ["--data.source=s3://datasets/f/v1"], "s3://models/runs/r1")
     return [training_job(*args, api="pytorchjob"), training_job(*args, api="trainjob")]

@@ -9,10 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
-from captioner.cluster.pytorchjob import (CLOUD_POOLS, ApiConflict, CostLimitExceeded, JobFailed, JobSpec, JobTimeout,
-                                  build_pytorchjob, check_cost, estimate_cost, job_name, launch_and_wait,
-                                  webhook_errors)
-
+from captioner.cluster.jobs import ApiConflict, JobFailed, JobTimeout, launch_and_wait
+from captioner.cluster.jobspec import CLOUD_POOLS, JobSpec, job_name
+from captioner.cluster.pytorchjob import CostLimitExceeded, build_pytorchjob, check_cost, estimate_cost, webhook_errors
 from tests.conftest import ROOT
 from tests.helpers import Clock
 

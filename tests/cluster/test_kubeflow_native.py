@@ -2,15 +2,25 @@
 and KServe v0.19.0 InferenceService. Every object is validated strictly against the vendored
 CRDs (tests/cluster/crd_schemas.py)."""
 import copy
+
 import pytest
 import yaml
 
-from captioner.cluster.jobs import (PYTORCHJOB, TRAINJOB, ApiConflict, JobFailed, JobTimeout, launch_and_wait,
-                                served_kind)
-from captioner.cluster.pytorchjob import training_job
+from captioner.cluster.jobs import ApiConflict, JobFailed, JobTimeout, launch_and_wait, served_kind, training_job
+from captioner.cluster.jobspec import PYTORCHJOB, TRAINJOB
+from tests.cluster.crd_schemas import (
+    RUNTIME_CRD,
+    SERVINGRUNTIME_CRD,
+    SHARED,
+    TORCH_RUNTIME,
+    TRITON_RUNTIME,
+    VENDORED,
+    VENDORED_FILES,
+    errors,
+    load,
+    trainjob_errors,
+)
 from tests.cluster.test_cluster import _render
-from tests.cluster.crd_schemas import (RUNTIME_CRD, SERVINGRUNTIME_CRD, TORCH_RUNTIME, TRITON_RUNTIME, VENDORED_FILES,
-                               SHARED, VENDORED, errors, load, trainjob_errors)
 from tests.helpers import Clock
 
 

@@ -91,8 +91,8 @@ def test_gateway_network_policy(pod, direction, peer, peer_ns, port, allowed):
 def test_gateway_runs_without_the_training_stack():
     """docker/web.Dockerfile installs neither torch, onnxruntime nor timm: the gateway must not need them."""
     code = ("import sys\nfor m in ('torch', 'onnxruntime', 'timm', 'onnx', 'kfp'):\n    sys.modules[m] = None\n"
-            "import captioner.web.gateway, captioner.cli.main\ncaptioner.web.create_app('127.0.0.1:1')\n"
-            "sys.argv = ['captioner', 'web', '--help']\ncaptioner.cli.main()\n")
+            "import captioner.web.gateway, captioner.cli.main\ncaptioner.web.gateway.create_app('127.0.0.1:1')\n"
+            "sys.argv = ['captioner', 'web', '--help']\ncaptioner.cli.main.main()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert r.returncode == 0 and "--url" in r.stdout, r.stderr
     docker = (ROOT / "docker" / "web.Dockerfile").read_text()
