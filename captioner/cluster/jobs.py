@@ -1,6 +1,7 @@
 """One launcher for both Kubeflow training APIs: build the job with the chosen API's builder
 (`training_job`), create it, follow its conditions and the first node's log, re-attach on 409
-(a KFP retry of the same run), delete it at the end.
+(a KFP retry of the same run), delete it at the end. Before any of it the pipeline asks the
+cost guard (`check_cost`).
 
 - PyTorchJob (kubeflow.org/v1, Training Operator v1.9): done when condition `Succeeded` is
   True (pkg/apis/kubeflow.org/v1/common_types.go JobSucceeded/JobFailed).
@@ -22,6 +23,7 @@ from typing import Callable, Protocol
 
 from captioner.cluster import pytorchjob, trainjob
 from captioner.cluster.jobspec import APIS, KINDS, PYTORCHJOB, TRAINJOB, JobKind, JobSpec, training_spec
+from captioner.core.cost import CostEstimate
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,20 @@ def training_job(name: str, config: str, overrides: list[str], model_uri: str, *
     return job
 
 
+# ------------------------------------------------------------------ cost guard
+class CostLimitExceeded(RuntimeError):
+    pass
+
+
+def check_cost(est: CostEstimate, max_cost: float, override: bool = False) -> None:
+    """Refuse to launch a run whose estimate (captioner.core.cost) is over the limit, unless overridden."""
+    log.info("cost guard: %s (limit $%.2f)", est.text(), max_cost)
+    if est.cost > max_cost and not override:
+        raise CostLimitExceeded(f"refusing to launch: {est.text()} exceeds max_cost ${max_cost:,.2f} "
+                                "(raise max_cost or pass the override)")
+
+
+# ------------------------------------------------------------------ launcher
 def kind_of(job: dict) -> JobKind:
     k = job.get("kind")
     if k not in KINDS or job.get("apiVersion") != KINDS[k].api_version:

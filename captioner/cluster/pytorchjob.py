@@ -4,9 +4,7 @@ validating webhook rules. `captioner.cluster.jobs` picks this API or the TrainJo
 """
 from __future__ import annotations
 
-import logging
 import re
-from dataclasses import dataclass
 
 from captioner.cluster.jobspec import (
     PYTORCHJOB,
@@ -20,7 +18,6 @@ from captioner.cluster.jobspec import (
 )
 from captioner.core.deployment import RDZV_PORT, RDZV_PORT_NAME
 
-log = logging.getLogger(__name__)
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -97,42 +94,3 @@ def webhook_errors(job: dict) -> list[str]:
     if npn is not None and not (isinstance(npn, str) and (npn in ("auto", "cpu", "gpu") or npn.isdigit())):
         errs.append(f"nprocPerNode {npn!r} must be a string: auto, cpu, gpu or a number")
     return errs
-
-
-# ------------------------------------------------------------------ cost guard
-DEFAULT_PAIRS_PER_S_PER_GPU = 900.0  # the pipeline's cost guard default (cluster settings override it)
-DEFAULT_PRICE_PER_GPU_HOUR = 3.0
-
-
-@dataclass
-class CostEstimate:
-    gpus: int
-    hours: float
-    gpu_hours: float
-    cost: float
-    price_per_gpu_hour: float
-
-    def text(self) -> str:
-        return (f"estimated {self.gpu_hours:.1f} GPU-hours ({self.gpus} GPUs x {self.hours:.2f} h) "
-                f"= ${self.cost:,.2f} at ${self.price_per_gpu_hour:.2f}/GPU-hour")
-
-
-def estimate_cost(pairs_per_epoch: int, epochs: int, pairs_per_s_per_gpu: float, gpus: int,
-                  price_per_gpu_hour: float, scaling_efficiency: float = 0.9) -> CostEstimate:
-    """Hours from measured per-GPU throughput; multi-GPU runs rarely scale perfectly."""
-    if pairs_per_s_per_gpu <= 0 or gpus <= 0:
-        raise ValueError("pairs_per_s_per_gpu and gpus must be positive")
-    eff = 1.0 if gpus == 1 else scaling_efficiency
-    hours = pairs_per_epoch * epochs / (pairs_per_s_per_gpu * gpus * eff) / 3600
-    return CostEstimate(gpus, hours, hours * gpus, hours * gpus * price_per_gpu_hour, price_per_gpu_hour)
-
-
-class CostLimitExceeded(RuntimeError):
-    pass
-
-
-def check_cost(est: CostEstimate, max_cost: float, override: bool = False) -> None:
-    log.info("cost guard: %s (limit $%.2f)", est.text(), max_cost)
-    if est.cost > max_cost and not override:
-        raise CostLimitExceeded(f"refusing to launch: {est.text()} exceeds max_cost ${max_cost:,.2f} "
-                                "(raise max_cost or pass the override)")

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from captioner.cluster.pytorchjob import DEFAULT_PRICE_PER_GPU_HOUR
+from captioner.core.cost import DEFAULT_PRICE_PER_GPU_HOUR
 from captioner.modeling.model import ModelConfig
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"

@@ -441,7 +441,7 @@ def test_captioner_image_names_every_step(tmp_path):
 def test_readme_cost_table_matches_the_estimator():
     import yaml
 
-    from captioner.cluster.pytorchjob import estimate_cost
+    from captioner.core.cost import estimate_cost
 
     rows = re.findall(r"^\| `([\w-]+)` \| (\d+) \| (1 (?:GPU|A100)|2 workers × 8 [\w ()]+) \| ([\d.]+) h \| ([\d.]+) \| "
                       r"\$([\d.]+) \|$", README.read_text(), re.M)

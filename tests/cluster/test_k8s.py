@@ -9,9 +9,10 @@ import jsonschema
 import pytest
 import yaml
 
-from captioner.cluster.jobs import ApiConflict, JobFailed, JobTimeout, launch_and_wait
+from captioner.cluster.jobs import ApiConflict, CostLimitExceeded, JobFailed, JobTimeout, check_cost, launch_and_wait
 from captioner.cluster.jobspec import CLOUD_POOLS, JobSpec, job_name
-from captioner.cluster.pytorchjob import CostLimitExceeded, build_pytorchjob, check_cost, estimate_cost, webhook_errors
+from captioner.cluster.pytorchjob import build_pytorchjob, webhook_errors
+from captioner.core.cost import estimate_cost
 from tests.conftest import ROOT
 from tests.helpers import Clock
 
