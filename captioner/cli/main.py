@@ -931,7 +931,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(a.verbose)
     from captioner.core.errors import UserError
-    from captioner.io.storage import StoreError  # (config.ConfigError is a ValueError: importing config loads torch)
+    from captioner.io.storage import StoreError  # (config.ConfigError is a ValueError)
 
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:
