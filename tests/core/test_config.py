@@ -1,5 +1,6 @@
 import pytest
-from captioner.core.config import ConfigError, PRESET_DIR, load_config, save_config
+
+from captioner.core.config import PRESET_DIR, ConfigError, load_config, save_config
 
 
 def test_defaults_yaml_then_overrides(tmp_path):
