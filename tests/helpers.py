@@ -29,6 +29,12 @@ def tiny_cfg(data: Path, out: Path, *extra: str):
     return load_config(None, [*TINY, f"--data.source={data}", f"--train.out_dir={out}", *extra])
 
 
+def run_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """`python -m captioner ARGS` as a user runs it; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

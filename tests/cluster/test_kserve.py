@@ -343,7 +343,7 @@ def test_kserve_overlay_validates_strictly(kserve_docs):
 
     import kubernetes_validate
 
-    from tests.cluster.test_k8s import _k8s_version
+    from tests.cluster.manifests import k8s_version
 
     docs, triton_env = kserve_docs
     by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
@@ -354,7 +354,7 @@ def test_kserve_overlay_validates_strictly(kserve_docs):
         if d["kind"] == "ServingRuntime":
             assert errors(d, SERVINGRUNTIME_CRD, "v1alpha1") == []
         elif d["kind"] != "InferenceService":
-            kubernetes_validate.validate(d, _k8s_version(), strict=True)
+            kubernetes_validate.validate(d, k8s_version(), strict=True)
         if d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") in ("captioner", "kubeflow"), d["metadata"]["name"]
     p = isvc["spec"]["predictor"]

@@ -109,8 +109,8 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
 def test_report_of_a_run_in_the_store(trained_run, s3_server, monkeypatch, tmp_path, capsys):
     """`captioner report s3://...`: the same numbers as for the local folder."""
     from captioner.cli.main import main
-    from captioner.training.report import _fetch_run, run_metrics
     from captioner.io.storage import publish
+    from captioner.training.report import _fetch_run, run_metrics
 
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
@@ -134,8 +134,9 @@ def test_cluster_tensorboard_reads_the_runs_with_its_read_only_user(trained_run,
 
     import boto3
     from botocore.exceptions import ClientError
+
     from captioner.io.storage import publish
-    from tests.cluster.test_k8s import render
+    from tests.cluster.manifests import render
 
     docs = render("kind")
     dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "tensorboard")
