@@ -10,8 +10,7 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# shared helpers live in tests/helpers.py; re-exported here for older imports
-from tests.helpers import ROOT, TINY, free_port, pyproject, start_moto, start_serve, tiny_cfg  # noqa: E402,F401
+from tests.helpers import pyproject, start_moto, tiny_cfg  # noqa: E402 - after the environment default above
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Helpers shared by several test files (fixtures stay in conftest.py): the tiny model
-config, a free port, and `captioner serve`, `captioner web` and the demo's front door started as
-real processes."""
+config, a free port, `captioner serve`, `captioner web` and the demo's front door started as
+real processes, and the serving tests' clients (a Triton Python model loaded as python_backend
+does, raw REST infer requests, Prometheus scrapes)."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,12 @@ def tiny_cfg(data: Path, out: Path, *extra: str):
     from captioner.core.config import load_config
 
     return load_config(None, [*TINY, f"--data.source={data}", f"--train.out_dir={out}", *extra])
+
+
+def run_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """`python -m captioner ARGS` as a user runs it; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def free_port() -> int:
@@ -179,3 +186,152 @@ def headless_chromium(window: str = "1000,800"):
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", f"--window-size={window}"):
         opts.add_argument(a)
     return webdriver.Chrome(options=opts, service=Service(found[1]))
+
+
+# -- serving: Triton Python models, raw REST requests, metrics -----------------------------------
+def load_model_py(repo, model, monkeypatch, load=None, version=1):
+    """Import <model>/<version>/model.py the way python_backend does, with Triton holding the
+    models an explicit-mode load of `load` (default: triton_repo.LOAD_ORDER) gives
+    (triton_repo.plan_load); returns its initialized TritonPythonModel."""
+    import importlib.util
+
+    from captioner.serving.triton_repo import LOAD_ORDER
+    from tests.serving import pb_utils_double
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils",
+                        pb_utils_double.make_module(repo, LOAD_ORDER if load is None else load))
+    spec = importlib.util.spec_from_file_location(f"triton_{model}", Path(repo) / model / str(version) / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    inst = mod.TritonPythonModel()
+    inst.initialize(pb_utils_double.model_args(repo, model, version))
+    return inst
+
+
+def infer_body(images: list[bytes], extra_inputs=(), outputs=None, parameters=None, raw_json=None):
+    """A binary-data REST infer request -> (body, headers): IMAGE as binary BYTES, `extra_inputs`
+    as JSON tensors; `raw_json` replaces the JSON part as written."""
+    import json
+    import struct
+
+    from captioner.core import names
+
+    blob = b"".join(struct.pack("<I", len(b)) + b for b in images)
+    head = {"inputs": [{"name": names.IMAGE, "datatype": "BYTES", "shape": [len(images), 1],
+                        "parameters": {"binary_data_size": len(blob)}}, *extra_inputs]}
+    if outputs is not None:
+        head["outputs"] = outputs
+    if parameters is not None:
+        head["parameters"] = parameters
+    text = (raw_json or json.dumps(head)).encode()
+    return text + blob, {"Inference-Header-Content-Length": str(len(text)), "Content-Type": "application/octet-stream"}
+
+
+def post(url, body: bytes, headers: dict, timeout=60) -> tuple[int, dict, dict]:
+    """POST -> (status, headers, JSON answer, or {"raw": bytes} when it is not JSON)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), {"raw": r.read()}
+    except urllib.error.HTTPError as e:
+        raw = e.read() or b"{}"
+        try:
+            return e.code, dict(e.headers), json.loads(raw)
+        except ValueError:
+            return e.code, dict(e.headers), {"raw": raw}
+
+
+def _with_beam(value_json: str) -> str:
+    """The request JSON with BEAM_SIZE's data written as raw JSON text (Infinity, 1e308...)."""
+    import json
+
+    from captioner.core import names
+
+    head = {"inputs": [{"name": names.IMAGE, "datatype": "BYTES", "shape": [1, 1],
+                        "parameters": {"binary_data_size": "__SIZE__"}},
+                       {"name": names.BEAM_SIZE, "datatype": "INT32", "shape": [1, 1], "data": ["__BEAM__"]}]}
+    return json.dumps(head).replace('["__BEAM__"]', f"[{value_json}]")
+
+
+def malformed_rest_requests(image: bytes) -> dict:
+    """REST infer requests with one malformed or lax value each: {what: ((URL version suffix or
+    None, body, headers), the text the 400 answer must contain)}."""
+    import json
+
+    from captioner.core import names
+
+    size = len(image) + 4
+    big = "1" * 5000
+
+    def raw(text, version=None):
+        return version, *infer_body([image], raw_json=text.replace('"__SIZE__"', str(size)))
+
+    def j(version=None, **kw):
+        return version, *infer_body([image], **kw)
+
+    return {
+        "request parameters a list": (j(parameters=[1]), "request: 'parameters' must be a JSON object"),
+        "request parameters a string": (j(parameters="x"), "request: 'parameters' must be a JSON object"),
+        "input parameters a list": (raw(json.dumps({"inputs": [{"name": names.IMAGE, "datatype": "BYTES",
+                                                                "shape": [1, 1], "parameters": ["x"]}]})),
+                                    "input 'IMAGE': 'parameters' must be a JSON object"),
+        "output parameters a string": (j(outputs=[{"name": names.CAPTION, "parameters": "binary"}]),
+                                       "output 'CAPTION': 'parameters' must be a JSON object"),
+        "5000-digit integer": (raw(_with_beam(big)), "integer of 5000 digits"),
+        "BEAM_SIZE 2**32+3": (raw(_with_beam(str(2**32 + 3))), "INT32 elements must be integers"),
+        "BEAM_SIZE 2**40": (raw(_with_beam(str(2**40))), "INT32 elements must be integers"),
+        "BEAM_SIZE Infinity": (raw(_with_beam("Infinity")), "Infinity is not valid JSON"),
+        "BEAM_SIZE 1e308": (raw(_with_beam("1e308")), "INT32 elements must be integers"),
+        "BEAM_SIZE 3.7": (raw(_with_beam("3.7")), "got 3.7"),
+        "BEAM_SIZE true": (raw(_with_beam("true")), "got True"),
+        "timeout 1e19": (j(parameters={"timeout": 1e19}), "parameter 'timeout' (microseconds) must be an integer"),
+        "timeout 2**65": (j(parameters={"timeout": 2**65}), "parameter 'timeout' (microseconds) must be an integer"),
+        "binary_data 'false'": (j(outputs=[{"name": names.CAPTION, "parameters": {"binary_data": "false"}}]),
+                                "parameter 'binary_data' must be true or false"),
+        "binary_data_output 1": (j(parameters={"binary_data_output": 1}),
+                                 "parameter 'binary_data_output' must be true or false"),
+        "id an object": (raw(json.dumps({"id": {"a": 1}, "inputs": [{"name": names.IMAGE, "datatype": "BYTES",
+                                         "shape": [1, 1], "parameters": {"binary_data_size": size}}]})),
+                         "'id' must be a string"),
+        "version '  1'": (j(version="%20%201"), "version should be an integral value"),
+        "version '-1'": (j(version="-1"), "version should be an integral value"),
+        "version 'abc'": (j(version="abc"), "version should be an integral value"),
+    }
+
+
+def scrape(url) -> tuple[dict, dict]:
+    """(samples {(name, labels...): value}, types {name: type}) of Triton's families, parsed from
+    the text as Prometheus reads it (a sample's name must be its family's name)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    samples = {}
+    for name, labels, value in re.findall(r"^(nv_\w+)\{([^}]*)\} (\S+)$", text, re.M):
+        samples[(name, tuple(sorted(re.findall(r'(\w+)="([^"]*)"', labels))))] = float(value)
+    return samples, types
+
+
+def total(samples, name, model: str | None = None) -> float:
+    """The sum of a family's samples for `model` (default: the ensemble)."""
+    from captioner.core import names
+
+    model = model or names.ENSEMBLE
+    return sum(v for (n, labels), v in samples.items() if n == name and ("model", model) in labels)
+
+
+class Served:
+    """A `captioner serve` process started by the serving tests' `server` fixture, with its HTTP/REST
+    and metrics ports: `grpc` and `http_host` are HOST:PORT, `http` and `metrics` URLs."""
+
+    def __init__(self, proc, grpc_url: str, http_port: int, metrics_port: int, log: Path):
+        self.proc, self.grpc, self.log = proc, grpc_url, log
+        self.port, self.mport = http_port, metrics_port
+        self.http_host = f"127.0.0.1:{http_port}"
+        self.http = f"http://{self.http_host}"
+        self.metrics = f"http://127.0.0.1:{metrics_port}/metrics"

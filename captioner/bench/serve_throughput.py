@@ -116,7 +116,7 @@ def main(argv=None):
         export(str(ck), str(work / "repo"), device="cpu", verify=False, quantize=a.quantize,
                **({"max_batch": a.max_batch} if a.max_batch else {}))
         from captioner.serving.core import image_bytes_to_pixels
-        from captioner.serving.triton_repo import MAX_BATCH
+        from captioner.core.limits import MAX_BATCH
 
         images = _images(32, pre.input_size[1])
         batch = a.max_batch or MAX_BATCH

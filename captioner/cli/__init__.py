@@ -1,0 +1,1 @@
+"""`captioner` commands: argument parsing and thin command functions over the packages."""

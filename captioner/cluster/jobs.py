@@ -1,5 +1,7 @@
-"""One launcher for both Kubeflow training APIs: create the job, follow its conditions and
-the first node's log, re-attach on 409 (a KFP retry of the same run), delete it at the end.
+"""One launcher for both Kubeflow training APIs: build the job with the chosen API's builder
+(`training_job`), create it, follow its conditions and the first node's log, re-attach on 409
+(a KFP retry of the same run), delete it at the end. Before any of it the pipeline asks the
+cost guard (`check_cost`).
 
 - PyTorchJob (kubeflow.org/v1, Training Operator v1.9): done when condition `Succeeded` is
   True (pkg/apis/kubeflow.org/v1/common_types.go JobSucceeded/JobFailed).
@@ -17,44 +19,55 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable, Protocol
+
+from captioner.cluster import pytorchjob, trainjob
+from captioner.cluster.jobspec import APIS, KINDS, PYTORCHJOB, TRAINJOB, JobKind, JobSpec, training_spec
+from captioner.core.cost import CostEstimate
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class JobKind:
-    api: str  # the name users pick it by (--train.api)
-    group: str
-    version: str
-    plural: str
-    kind: str
-    done: str  # the condition type that means success
-    container: str  # the training container, whose log is streamed
-    first_pod: str  # label selector of node 0's pod; {name} is the job's name
-
-    def errors(self, job: dict) -> list[str]:
-        if self.kind == "PyTorchJob":
-            from captioner.cluster.pytorchjob import webhook_errors
-        else:
-            from captioner.cluster.trainjob import webhook_errors
-        return webhook_errors(job)
+# What each API's admission webhook would refuse, checked before anything is created.
+WEBHOOK_ERRORS: dict[str, Callable[[dict], list[str]]] = {PYTORCHJOB.kind: pytorchjob.webhook_errors,
+                                                          TRAINJOB.kind: trainjob.webhook_errors}
+BUILDERS: dict[str, Callable[[JobSpec], dict]] = {PYTORCHJOB.api: pytorchjob.build_pytorchjob,
+                                                  TRAINJOB.api: trainjob.build_trainjob}
 
 
-PYTORCHJOB = JobKind("pytorchjob", "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob", "Succeeded", "pytorch",
-                     "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-index=0")
-# JobSet labels its pods with the JobSet (= TrainJob) name; the Job controller labels each
-# indexed pod with its completion index (Kubernetes >= 1.28).
-TRAINJOB = JobKind("trainjob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob", "Complete", "node",
-                   "jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0")
-KINDS = {k.kind: k for k in (PYTORCHJOB, TRAINJOB)}
-APIS = {k.api: k for k in (PYTORCHJOB, TRAINJOB)}
+def training_job(name: str, config: str, overrides: list[str], model_uri: str, *, api: str = "pytorchjob",
+                 **spec) -> dict:
+    """The training job for one run, as the pipeline's train step and `captioner job render`
+    both build it: a PyTorchJob (api="pytorchjob") or a Trainer v2 TrainJob on the
+    torch-distributed runtime (api="trainjob"), from one JobSpec (`jobspec.training_spec`:
+    `spec` are its keyword arguments). Refused here if the API's webhook would refuse it."""
+    s = training_spec(name, config, overrides, model_uri, **spec)
+    if api not in BUILDERS:
+        raise ValueError(f"training api {api!r}: one of {', '.join(BUILDERS)}")
+    job = BUILDERS[api](s)
+    errs = WEBHOOK_ERRORS[job["kind"]](job)
+    if errs:
+        raise ValueError(f"{job['kind']} {name} would be rejected: {'; '.join(errs)}")
+    return job
 
 
+# ------------------------------------------------------------------ cost guard
+class CostLimitExceeded(RuntimeError):
+    pass
+
+
+def check_cost(est: CostEstimate, max_cost: float, override: bool = False) -> None:
+    """Refuse to launch a run whose estimate (captioner.core.cost) is over the limit, unless overridden."""
+    log.info("cost guard: %s (limit $%.2f)", est.text(), max_cost)
+    if est.cost > max_cost and not override:
+        raise CostLimitExceeded(f"refusing to launch: {est.text()} exceeds max_cost ${max_cost:,.2f} "
+                                "(raise max_cost or pass the override)")
+
+
+# ------------------------------------------------------------------ launcher
 def kind_of(job: dict) -> JobKind:
     k = job.get("kind")
-    if k not in KINDS or job.get("apiVersion") != f"{KINDS[k].group}/{KINDS[k].version}":
+    if k not in KINDS or job.get("apiVersion") != KINDS[k].api_version:
         raise ValueError(f"not a training job this launcher knows: {job.get('apiVersion')} {k}")
     return KINDS[k]
 
@@ -95,7 +108,7 @@ def launch_and_wait(api: JobApi, job: dict, timeout_s: float = 24 * 3600, poll_s
                     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> dict:
     k = kind_of(job)
     ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
-    errs = k.errors(job)
+    errs = WEBHOOK_ERRORS[k.kind](job)
     if errs:
         raise ValueError(f"{k.kind} {name} would be rejected: {'; '.join(errs)}")
     try:

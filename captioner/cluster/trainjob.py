@@ -1,7 +1,8 @@
 """Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1, Trainer v2.3.0): a pure
 builder for a run on the `torch-distributed` ClusterTrainingRuntime and the admission rules
-that apply to it. It is built from the same `JobSpec` as the PyTorchJob, so both APIs run the
-same container command, arguments, Secret-backed env, volumes and node pool.
+that apply to it. It is built from the same `JobSpec` (captioner/cluster/jobspec.py) as the
+PyTorchJob, so both APIs run the same container command, arguments, Secret-backed env, volumes
+and node pool.
 
 What the Trainer does with it (github.com/kubeflow/trainer, tag v2.3.0):
 - manifests torch-distributed runtime: one replicatedJob `node` (ancestor label `trainer`)
@@ -20,10 +21,21 @@ What the Trainer does with it (github.com/kubeflow/trainer, tag v2.3.0):
 """
 from __future__ import annotations
 
+import re
 
-GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+from captioner.cluster.jobspec import (
+    TRAINER_CONTAINER_SECURITY,
+    TRAINJOB,
+    JobSpec,
+    job_metadata,
+    pod_metadata,
+    trainer_limits_and_env,
+    trainer_pod_spec,
+)
+
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Trainer v2.3.0 ships
-CONTAINER, REPLICATED_JOB = "node", "node"  # constants.Node in pkg/constants/constants.go
+CONTAINER = TRAINJOB.container  # the `node` container: constants.Node in pkg/constants/constants.go
+REPLICATED_JOB = "node"  # the runtime's one replicatedJob, also named constants.Node
 MASTER_PORT = 29500  # constants.ContainerTrainerPort
 RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 # runtimePatches are keyed by manager, which v2.3.0's webhook checks with
@@ -32,11 +44,9 @@ RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER
 PATCH_MANAGER = "captioner.dev/launcher"
 
 
-def build_trainjob(s) -> dict:
-    """The TrainJob for `s` (a pytorchjob.JobSpec). TrainJob v2.3.0 has no elastic range:
-    min_workers/max_workers must equal workers."""
-    from captioner.cluster.pytorchjob import TRAINER_CONTAINER_SECURITY, trainer_limits_and_env, trainer_pod_spec
-
+def build_trainjob(s: JobSpec) -> dict:
+    """The TrainJob for `s`. TrainJob v2.3.0 has no elastic range: min_workers/max_workers
+    must equal workers."""
     if (s.min_workers, s.max_workers) != (s.workers, s.workers):
         raise ValueError(f"TrainJob (Trainer v2.3.0) has no elastic training: min/max nodes "
                          f"{s.min_workers}/{s.max_workers} must equal --nodes {s.workers}")
@@ -50,14 +60,14 @@ def build_trainjob(s) -> dict:
     patch = {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
         "name": REPLICATED_JOB,
         "template": {"spec": {"template": {
-            "metadata": {"labels": {"app.kubernetes.io/name": "captioner-trainer", "captioner/job": s.name}},
+            "metadata": pod_metadata(s),
             "spec": pod}}}}]}}}}
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
-        "metadata": {"name": s.name, "namespace": s.namespace, "labels": {"app.kubernetes.io/part-of": "captioner"}},
+        "apiVersion": TRAINJOB.api_version,
+        "kind": TRAINJOB.kind,
+        "metadata": job_metadata(s),
         "spec": {
-            "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": RUNTIME},
+            "runtimeRef": {"apiGroup": TRAINJOB.group, "kind": "ClusterTrainingRuntime", "name": RUNTIME},
             "activeDeadlineSeconds": s.active_deadline_seconds,
             "trainer": trainer,
             "runtimePatches": [patch],
@@ -71,8 +81,6 @@ def webhook_errors(job: dict) -> list[str]:
     domain-prefixed path; no env on the patched `node` container) and the torch plugin's
     Validate (no reserved PET_* in trainer.env). tests/cluster/trainer_contract.py ports the whole
     webhook and runs it on what `captioner job render` prints."""
-    import re
-
     errs = []
     name = job.get("metadata", {}).get("name", "")
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:

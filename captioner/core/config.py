@@ -15,8 +15,7 @@ from typing import Any
 
 import yaml
 
-from captioner.cluster.pytorchjob import DEFAULT_PRICE_PER_GPU_HOUR
-from captioner.modeling.model import ModelConfig
+from captioner.core.cost import DEFAULT_PRICE_PER_GPU_HOUR
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -25,35 +24,61 @@ class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names it."""
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING):
+    """A config key with what it means: `captioner train --help` lists every key with its
+    default and the first sentence of `help`."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = setting("vit_base_patch16_224", "Any timm model name. ViTs give patch tokens; CNN feature maps are "
+                           "flattened.")
+    pretrained: bool = setting(False, "ImageNet weights help a lot on real photos; the Hub must be reachable or "
+                               "`encoder_weights` must name a local file.")
+    encoder_weights: str = setting("", "Local weights file (.safetensors/.pth/.bin) for the encoder; implies "
+                                   "pretrained.")
+    encoder_kwargs: dict = setting(default_factory=dict, help="Extra timm.create_model kwargs (img_size, patch_size, "
+                                   "depth, embed_dim, ...).")
+    freeze_encoder: bool = setting(False, "Freeze the encoder (linear-probe style) when data is tiny and weights are "
+                                   "good.")
+    d_model: int = setting(512, "Decoder width; 512 is the usual small captioner width, a tenth of the encoder FLOPs.")
+    n_layers: int = 6
+    n_heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = setting(0.1, "Captions are short and datasets small: dropout is the main regulariser.")
+    max_len: int = setting(32, "Maximum caption length in tokens, BOS and EOS included (Flickr30k: 95% under 30 "
+                           "words).")
+    vocab_size: int = setting(0, 'Filled from the trained tokenizer; 0 means "not set yet".')
+    pad_id: int = 0
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Longest caption the model was trained to produce: max_len minus BOS and EOS."""
+        return self.max_len - 2
+
+
 @dataclass
 class DataConfig:
-    # Where the captioned images are: a Kaggle Flickr30k folder (results.csv +
-    # flickr30k_images/), an image folder with a metadata.jsonl (file_name, text), a CSV
-    # with an image,caption header, a Karpathy split JSON, a COCO captions JSON, or a shard
-    # manifest written by `captioner ingest` (local path or s3:// URI).
-    source: str = "data/flickr30k"
-    # Image folder for JSON sources; empty = guess from the layout next to the JSON.
-    image_root: str = ""
-    # "auto" detects the layout from `source`; else flickr30k|karpathy|coco|imagefolder|csv.
-    format: str = "auto"
-    # Fractions of *images* (never caption rows) held out when the source has no split.
-    val_fraction: float = 0.05
+    source: str = setting("data/flickr30k", "Where the captioned images are: a Kaggle Flickr30k folder (results.csv + "
+                          "flickr30k_images/), an image folder with a metadata.jsonl (file_name, text), a CSV with an "
+                          "image,caption header, a Karpathy split JSON, a COCO captions JSON, or a shard manifest "
+                          "written by `captioner ingest` (local path or s3:// URI).")
+    image_root: str = setting("", "Image folder for JSON sources; empty = guess from the layout next to the JSON.")
+    format: str = setting("auto", '"auto" detects the layout from `source`; else '
+                          'flickr30k|karpathy|coco|imagefolder|csv.')
+    val_fraction: float = setting(0.05, "Fractions of *images* (never caption rows) held out when the source has no "
+                                  "split.")
     test_fraction: float = 0.05
-    # Seed of the split hash: changing it reshuffles which images are held out.
-    split_seed: int = 0
-    # Tokenizer: "wordlevel" is exact and tiny for small vocabularies; "bpe" copes with
-    # open vocabularies (real Flickr30k has ~18k word types, many seen once).
-    tokenizer: str = "wordlevel"
+    split_seed: int = setting(0, "Seed of the split hash: changing it reshuffles which images are held out.")
+    tokenizer: str = setting("wordlevel", 'Tokenizer: "wordlevel" is exact and tiny for small vocabularies; "bpe" '
+                             'copes with open vocabularies (real Flickr30k has ~18k word types, many seen once).')
     vocab_size: int = 10000
-    # Words seen fewer times than this in training captions become [UNK] (wordlevel).
-    min_word_freq: int = 1
-    # Cap on the number of images read (0 = all); useful for smoke runs on big sets.
-    max_images: int = 0
-    # DataLoader workers per rank; 0 decodes images in the training process.
-    num_workers: int = 2
+    min_word_freq: int = setting(1, "Words seen fewer times than this in training captions become [UNK] (wordlevel).")
+    max_images: int = setting(0, "Cap on the number of images read (0 = all); useful for smoke runs on big sets.")
+    num_workers: int = setting(2, "DataLoader workers per rank; 0 decodes images in the training process.")
     pin_memory: bool = True
-    # Shuffle buffer (items) when streaming tar shards.
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = setting(1000, "Shuffle buffer (items) when streaming tar shards.")
 
 
 @dataclass
@@ -61,50 +86,40 @@ class TrainConfig:
     out_dir: str = "runs/default"
     seed: int = 1337
     epochs: int = 10
-    # Stop after this many optimizer steps (0 = run all epochs); the LR schedule uses it.
-    max_steps: int = 0
-    # Images per rank per micro-batch; every image brings all of its captions, so the
-    # decoder sees batch_size * captions_per_image rows while the encoder runs once per image.
-    batch_size: int = 32
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0 = run all epochs); the LR schedule uses it.")
+    batch_size: int = setting(32, "Images per rank per micro-batch; every image brings all of its captions, so the "
+                              "decoder sees batch_size * captions_per_image rows while the encoder runs once per "
+                              "image.")
     grad_accum_steps: int = 1
     lr: float = 3e-4
-    # The encoder gets lr * encoder_lr_scale: pretrained encoders want a smaller step.
-    encoder_lr_scale: float = 1.0
+    encoder_lr_scale: float = setting(1.0, "The encoder gets lr * encoder_lr_scale: pretrained encoders want a smaller "
+                                      "step.")
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.98)
     warmup_steps: int = 100
-    # Cosine decays to lr * min_lr_ratio rather than zero so late steps still learn.
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = setting(0.1, "Cosine decays to lr * min_lr_ratio rather than zero so late steps still learn.")
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
-    # "auto" = bf16 autocast on CUDA, fp32 on CPU; "fp32" or "bf16" to force.
-    precision: str = "auto"
+    precision: str = setting("auto", '"auto" = bf16 autocast on CUDA, fp32 on CPU; "fp32" or "bf16" to force.')
     compile: bool = False
-    # Checkpoint every N optimizer steps (0 = only at epoch ends and the end).
-    ckpt_every: int = 0
+    ckpt_every: int = setting(0, "Checkpoint every N optimizer steps (0 = only at epoch ends and the end).")
     log_every: int = 10
-    # Validation (caption metrics) each epoch; 0 images = skip.
-    val_max_images: int = 200
+    val_max_images: int = setting(200, "Validation (caption metrics) each epoch; 0 images = skip.")
     val_beam_size: int = 1
-    # Caption metric used to keep the best checkpoint.
-    best_metric: str = "CIDEr"
-    # Backend for torch.distributed; "auto" = nccl on CUDA, gloo otherwise.
-    dist_backend: str = "auto"
-    # The model store for this run: a folder or s3:// prefix. Every checkpoint is mirrored
-    # here as it is written, `--resume` continues from here when out_dir has none (a
-    # restarted pod), and the finished run is copied here. Empty = keep local.
-    publish_uri: str = ""
-    # Which run the checkpoints belong to (the pipeline sets its KFP job id): --resume
-    # refuses a checkpoint of another run instead of silently continuing it.
-    run_id: str = ""
-    # The pipeline's cluster mode: which Kubeflow training API runs the job -- pytorchjob
-    # (Training Operator v1.9), trainjob (Trainer v2.3 TrainJob) or auto (the one the
-    # cluster serves, by API discovery; TrainJob when both are).
-    api: str = "auto"
-    # TensorBoard events under out_dir/tb/ (rank 0): curves, held-out samples, config.
-    tensorboard: bool = True
-    # For the "cost so far" curve and the run report: one GPU per rank.
-    price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR
+    best_metric: str = setting("CIDEr", "Caption metric used to keep the best checkpoint.")
+    dist_backend: str = setting("auto", 'Backend for torch.distributed; "auto" = nccl on CUDA, gloo otherwise.')
+    publish_uri: str = setting("", "The model store for this run: a folder or s3:// prefix. Every checkpoint is "
+                               "mirrored here as it is written, `--resume` continues from here when out_dir has none "
+                               "(a restarted pod), and the finished run is copied here. Empty = keep local.")
+    run_id: str = setting("", "Which run the checkpoints belong to (the pipeline sets its KFP job id): --resume "
+                          "refuses a checkpoint of another run instead of silently continuing it.")
+    api: str = setting("auto", "The pipeline's cluster mode: which Kubeflow training API runs the job -- pytorchjob "
+                       "(Training Operator v1.9), trainjob (Trainer v2.3 TrainJob) or auto (the one the cluster "
+                       "serves, by API discovery; TrainJob when both are).")
+    tensorboard: bool = setting(True, "TensorBoard events under out_dir/tb/ (rank 0): curves, held-out samples, "
+                                "config.")
+    price_per_gpu_hour: float = setting(DEFAULT_PRICE_PER_GPU_HOUR, 'For the "cost so far" curve and the run report: '
+                                        'one GPU per rank.')
 
 
 @dataclass

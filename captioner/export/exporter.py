@@ -16,6 +16,7 @@ import onnx
 
 from captioner.core.config import save_config
 from captioner.core.errors import UnsafeOutputError
+from captioner.core.limits import MAX_BATCH
 from captioner.core.names import (
     DECODE_LOOP,
     DECODER,
@@ -33,7 +34,6 @@ from captioner.io.files import replace_folder, sibling_folder
 from captioner.modeling.checkpoint import LoadedCheckpoint, load_checkpoint
 from captioner.serving.triton_repo import (
     ALL_MODELS,
-    MAX_BATCH,
     REPOSITORY_MARKER,
     check_repository,
     write_marker,

@@ -25,7 +25,7 @@ does not fuse its attention. Here:
   - cross-attention is `com.microsoft.MultiHeadAttention` with key/value given per layer in
     [B, H, P, Dh] (BNSH), bound once per caption, never sliced per step;
   - only the last position exists, so the vocabulary projection is [B, 1, V].
-Model file stays free of export code; `captioner.export.exporter` checks this graph against PyTorch
+Model file stays free of export code; `captioner.export.parity` checks this graph against PyTorch
 (teacher-forced log-probs and captions) before anything is published.
 """
 from __future__ import annotations

@@ -21,6 +21,7 @@ import json
 import shutil
 from pathlib import Path
 
+from captioner.core.limits import MAX_BATCH
 from captioner.core.names import DECODE_LOOP, PREPROCESS, PREPROCESS_FILE, TOKENIZER_FILE
 from captioner.core.preprocess import PreprocessConfig
 from captioner.core.runs import CONFIG_FILE
@@ -28,7 +29,7 @@ from captioner.core.tokenizer import CaptionTokenizer
 from captioner.export.report import EXPORT_REPORT_FILE, Dims
 from captioner.io.files import replace_folder, sibling_folder
 from captioner.serving.core import DecodeSettings
-from captioner.serving.triton_repo import MAX_BATCH, REPOSITORY_MARKER, build_configs, write_configs
+from captioner.serving.triton_repo import REPOSITORY_MARKER, build_configs, write_configs
 
 SOURCES = Path(__file__).resolve().parents[1] / "serving" / "triton"  # the Python-backend models, copied in as model.py
 EXAMPLE_PRESET = "seed-vit768"

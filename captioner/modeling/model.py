@@ -13,48 +13,13 @@ Row 2i holds layer i's keys, row 2i+1 its values.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from captioner.core.config import ModelConfig
 from captioner.core.errors import WeightsUnavailableError
 
-
-@dataclass
-class ModelConfig:
-    # Any timm model name. ViTs give patch tokens; CNN feature maps are flattened.
-    encoder: str = "vit_base_patch16_224"
-    # ImageNet weights help a lot on real photos; the Hub must be reachable or
-    # `encoder_weights` must name a local file.
-    pretrained: bool = False
-    # Local weights file (.safetensors/.pth/.bin) for the encoder; implies pretrained.
-    encoder_weights: str = ""
-    # Extra timm.create_model kwargs (img_size, patch_size, depth, embed_dim, ...).
-    encoder_kwargs: dict = field(default_factory=dict)
-    # Freeze the encoder (linear-probe style) when data is tiny and weights are good.
-    freeze_encoder: bool = False
-    # Decoder width; 512 is the usual small captioner width, a tenth of the encoder FLOPs.
-    d_model: int = 512
-    n_layers: int = 6
-    n_heads: int = 8
-    mlp_ratio: float = 4.0
-    # Captions are short and datasets small: dropout is the main regulariser.
-    dropout: float = 0.1
-    # Maximum caption length in tokens, BOS and EOS included (Flickr30k: 95% under 30 words).
-    max_len: int = 32
-    # Filled from the trained tokenizer; 0 means "not set yet".
-    vocab_size: int = 0
-    pad_id: int = 0
-
-    @property
-    def max_new_tokens(self) -> int:
-        """Longest caption the model was trained to produce: max_len minus BOS and EOS."""
-        return self.max_len - 2
-
-
-# ---------------------------------------------------------------------------------------
 EncoderWeightsError = WeightsUnavailableError  # the older name
 
 

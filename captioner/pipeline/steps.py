@@ -77,16 +77,9 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
                    api=None) -> dict:
     """Launch the run as a PyTorchJob or a TrainJob (--train.api; auto = the kind the cluster
     serves), after the cost guard, and wait for it. `api`: a KubeApi-like factory (tests)."""
-    from captioner.cluster.jobs import KubeApi, served_kind
-    from captioner.cluster.pytorchjob import (
-        DEFAULT_PAIRS_PER_S_PER_GPU,
-        DEFAULT_PRICE_PER_GPU_HOUR,
-        check_cost,
-        estimate_cost,
-        job_name,
-        launch_and_wait,
-        training_job,
-    )
+    from captioner.cluster.jobs import KubeApi, check_cost, launch_and_wait, served_kind, training_job
+    from captioner.cluster.jobspec import job_name
+    from captioner.core.cost import DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, estimate_cost
     from captioner.data.shards import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)

@@ -15,19 +15,27 @@ from typing import Callable
 import numpy as np
 
 from captioner.core.decoding import CachedStep, DecodeParams, decode
-from captioner.core.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODER_GRAPH_FILE, MAX_TOKENS,
-                             PREPROCESS_FILE, SELECT_ROWS_FILE, TOKENIZER_FILE)
-from captioner.core.preprocess import ACCEPTED_FORMATS, SERVING_MAX_PIXELS, ImageError, PreprocessConfig, preprocess_bytes
+from captioner.core.limits import MAX_BEAM
+from captioner.core.names import (
+    BEAM_SIZE,
+    CAPTION,
+    CROSS_KV,
+    DECODE_FILE,
+    DECODER_GRAPH_FILE,
+    MAX_TOKENS,
+    PREPROCESS_FILE,
+    SELECT_ROWS_FILE,
+    TOKENIZER_FILE,
+)
+from captioner.core.preprocess import (
+    ACCEPTED_FORMATS,
+    SERVING_MAX_PIXELS,
+    ImageError,
+    PreprocessConfig,
+    preprocess_bytes,
+)
 from captioner.core.tokenizer import CaptionTokenizer
-
-MAX_BEAM = 8
-# One request's images together: two images at the per-image cap (preprocess.SERVING_MAX_PIXELS),
-# which bounds one request's decoding to ~1 s of one core and ~150 MiB (issue 10 item 5).
-REQUEST_PIXEL_BUDGET = 32_000_000
-
-
-class RequestError(ValueError):
-    """Bad input in one request; the message names the problem (-> INVALID_ARGUMENT)."""
+from captioner.serving.errors import RequestError
 
 
 def error_code(e: BaseException) -> str:

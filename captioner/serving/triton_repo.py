@@ -36,20 +36,15 @@ from typing import Callable, Iterable
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from captioner.core.limits import MAX_BATCH, MAX_BEAM
 from captioner.core.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE,
                              ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV,
                              PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV, SELECT_ROWS_FILE)
 
 CONFIG = "config.pbtxt"
 REPOSITORY_MARKER = "captioner-repository.json"  # at the root of every repository `captioner export` writes
-VERSION_README = "README.md"  # in every version folder, so the folder exists on S3 (defect: empty `captioner/1/`)
-MAX_BATCH = 8  # images per batch for the encoder, preprocess, decode loop and the ensemble
-MAX_BEAM = 8
+VERSION_README = "README.md"  # in every version folder, so the folder exists on S3 (an empty `captioner/1/` is no object)
 ALL_MODELS = (ENSEMBLE, PREPROCESS, ENCODER, DECODER, DECODE_LOOP)
-# Models a Python-backend model calls through BLS (`pb_utils.InferenceRequest(model_name=...)`).
-# Triton does not know about these edges, so they would have to be loaded explicitly, before
-# the caller. None since issue 13: decode_loop runs its decoder in process (no per-token BLS).
-BLS_TARGETS: dict[str, tuple[str, ...]] = {}
 # Files a Python-backend model's `initialize` opens from its own version folder; without them
 # Triton's load of that model fails (python_backend: an exception in initialize fails the load).
 VERSION_FILES = {DECODE_LOOP: (DECODER_GRAPH_FILE, SELECT_ROWS_FILE, DECODE_FILE), PREPROCESS: (PREPROCESS_FILE,)}
@@ -171,7 +166,8 @@ def autocomplete(cfg: mc.ModelConfig) -> mc.ModelConfig:
 
 def write_configs(repo: Path, cfgs: dict[str, mc.ModelConfig], version: int = 1) -> None:
     """Each model's config.pbtxt, and a README in its version folder: S3 has no empty folders,
-    and Triton needs at least one version folder per model (defect 1)."""
+    and Triton needs at least one version folder per model (else it refuses the model: no version
+    available under the version policy)."""
     for name, cfg in cfgs.items():
         vdir = repo / name / str(version)
         vdir.mkdir(parents=True, exist_ok=True)
@@ -274,13 +270,10 @@ def listing_from_store(store) -> tuple[list[str], Callable[[str], bytes]]:
     return store.list(""), store.get_bytes
 
 
-def plan_load(models: dict[str, Model], requested: Iterable[str], read: Callable[[str], bytes] | None = None,
-              already: Iterable[str] = (), bls: bool = True) -> list[str]:
+def plan_load(models: dict[str, Model], requested: Iterable[str], read: Callable[[str], bytes] | None = None) -> list[str]:
     """Models Triton loads for `requested` (explicit mode: the named models plus ensemble
-    steps, dependencies first), or RepositoryError with Triton's reason. Also checks what
-    Triton checks only at the first request: every BLS target of a loaded model is loaded,
-    since Triton does not load BLS targets itself.
-    bls=False: exactly what Triton itself does (loads, and fails at the first BLS call)."""
+    steps, dependencies first), or RepositoryError with Triton's reason. No model calls another
+    through BLS (decode_loop runs its decoder in process), so nothing else needs loading."""
     order: list[str] = []
 
     def visit(name: str, path: tuple[str, ...]) -> None:
@@ -306,14 +299,6 @@ def plan_load(models: dict[str, Model], requested: Iterable[str], read: Callable
 
     for name in requested:
         visit(name, ())
-    loaded = set(order) | set(already)
-    for caller in order if bls else ():
-        for target in BLS_TARGETS.get(caller, ()):
-            if target not in loaded:
-                raise RepositoryError(
-                    f"'{caller}' calls '{target}' through BLS, but '{target}' is not loaded: in explicit model-control "
-                    f"mode Triton loads an ensemble's steps, not BLS targets; load '{target}' too "
-                    f"(--load-model={target}, before '{caller}')")
     return order
 
 

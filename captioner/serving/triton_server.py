@@ -322,7 +322,7 @@ def start(repository: str | Path, run_dir: str | Path, key: str, mode: str = "ex
     (backends / "onnxruntime").mkdir(parents=True)
     shutil.copytree(tree / "backends" / "python", backends / "python")
     shutil.copy2(tree / "python_backend_stubs" / p["version"] / "triton_python_backend_stub", backends / "python")
-    shutil.copy2(SOURCE_ROOT / "captioner" / "triton" / "onnxruntime_backend.py", backends / "onnxruntime" / "model.py")
+    shutil.copy2(Path(__file__).with_name("triton") / "onnxruntime_backend.py", backends / "onnxruntime" / "model.py")
     # the models' interpreter: a pip-less venv whose .pth lists this source tree, then the packages
     overlay = run / "python"
     if not (overlay / "bin" / "python3").exists():

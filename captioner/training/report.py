@@ -124,9 +124,9 @@ def run_metrics(d: RunData) -> dict:
 
 
 def _estimate(d: RunData, m: dict, t: dict):
-    """What the cluster's cost guard (pytorchjob.estimate_cost) says for this run's size, at its
-    default throughput, to compare with the measured cost."""
-    from captioner.cluster.pytorchjob import DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, estimate_cost
+    """What the cluster's cost guard (captioner.core.cost.estimate_cost) says for this run's size, at
+    its default throughput, to compare with the measured cost."""
+    from captioner.core.cost import DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, estimate_cost
 
     data = d.data or {}
     images, captions = data.get("images") or 0, data.get("captions") or 0

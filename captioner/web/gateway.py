@@ -15,7 +15,7 @@ Limits (the memory bound is stated next to the pod's limit in k8s/base/web.yaml)
 - Admission by memory: a request reserves COPIES x its Content-Length from `memory_budget`
   before its body is read (the received tensor, the upstream gRPC message, gRPC's send buffer);
   when it does not fit, or MAX_IN_FLIGHT requests are in progress, 503 with Retry-After.
-- The model server's per-request pixel budget (serving_core.REQUEST_PIXEL_BUDGET) applies to
+- The model server's per-request pixel budget (captioner.core.limits.REQUEST_PIXEL_BUDGET) applies to
   the whole gateway request: images are checked from their headers in upload order and those
   beyond the budget get their own error; the rest go upstream as few requests as the server's
   message limit allows, one after another, so one gateway request is at most one model-server
@@ -42,30 +42,33 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.requests import ClientDisconnect
 
-from captioner.serving.client import TLS
+from captioner.core.limits import (
+    BODY_IDLE_TIMEOUT_S,
+    BODY_TIMEOUT_S,
+    CAPTION_TIMEOUT_S,
+    COPIES,
+    HEADER_TIMEOUT_S,
+    MAX_BEAM,
+    MAX_BODY,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGES,
+    MAX_IN_FLIGHT,
+    MEMORY_BUDGET,
+    REQUEST_PIXEL_BUDGET,
+    UPSTREAM_MAX_BYTES,
+    WEB_RETRY_AFTER_S,
+)
 from captioner.core.names import BEAM_SIZE, CAPTION, ENSEMBLE, IMAGE
-from captioner.serving.server.app import MAX_IMAGE_BYTES
-from captioner.serving.core import MAX_BEAM, REQUEST_PIXEL_BUDGET
+from captioner.serving.client import TLS
+from captioner.serving.errors import RequestError
+from captioner.serving.server.codec import LENGTH, bytes_elements, bytes_parts, infer_request
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-MAX_IMAGES = 16
-MAX_BODY = 32 << 20  # a request of 16 phone JPEGs (~2 MB each)
-CAPTION_TIMEOUT_S = 60.0
-# Memory admission. COPIES: a request's bytes are held at most three times at once (the received
-# tensor buffer, the upstream message built from it, gRPC's copy while sending). MEMORY_BUDGET:
-# what admitted requests may hold together: 3 max-size (32 MiB) requests; with the process's own
-# ~120 MiB that stays under 75% of the pod's 768Mi (k8s/base/web.yaml).
-COPIES = 3
-MEMORY_BUDGET = 320 << 20
-MAX_IN_FLIGHT = 32  # requests in progress whatever their size (= the model server's concurrent RPCs)
-RETRY_AFTER_S = 2
-UPSTREAM_MAX_BYTES = MAX_IMAGE_BYTES  # images per upstream message: `captioner serve` receives 17 MiB at most
-BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S = 15.0, 120.0
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})  # metric label values
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
                     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"}
@@ -99,19 +102,10 @@ def _classify(code, details: str) -> Upstream | None:
     return Upstream(502, "the model server is unreachable or failing")
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 class Model:
-    """The model server over grpc.aio: ModelInfer with the request message written here (its
-    metadata by protobuf, each raw_input_contents entry appended as field 7, length-delimited)
-    so the images are copied once into the message, not three times as through tritonclient."""
+    """The model server over grpc.aio: ModelInfer with the request message written by the wire
+    codec (captioner.serving.server.codec.infer_request: the images are copied once into the
+    message, not three times as through tritonclient)."""
 
     def __init__(self, url: str, model: str, tls: TLS | None):
         self.url, self.model, self.tls = url, model, tls
@@ -161,33 +155,22 @@ class Model:
         return None
 
     def message(self, images: list[memoryview], beam: int) -> bytes:
-        from tritonclient.grpc import service_pb2
-
-        req = service_pb2.ModelInferRequest(model_name=self.model)
-        req.inputs.add(name=IMAGE, datatype="BYTES", shape=[len(images), 1])
-        if beam != 1:  # BEAM_SIZE after IMAGE: raw_input_contents follow the inputs' order
-            req.inputs.add(name=BEAM_SIZE, datatype="INT32", shape=[len(images), 1])
-        req.outputs.add(name=CAPTION)
-        # one join: the images are copied once, straight into the message
-        parts = [req.SerializeToString(), b"\x3a", _varint(sum(4 + len(im) for im in images))]
-        for im in images:
-            parts += [struct.pack("<I", len(im)), im]
-        if beam != 1:
-            beams = struct.pack("<i", beam) * len(images)
-            parts += [b"\x3a", _varint(len(beams)), beams]  # field 7 (raw_input_contents), wire type 2
-        return b"".join(parts)
+        inputs = [(IMAGE, "BYTES", [len(images), 1], bytes_parts(images))]
+        if beam != 1:  # greedy is the model's default: BEAM_SIZE is sent only for beam search
+            inputs.append((BEAM_SIZE, "INT32", [len(images), 1], [struct.pack("<i", beam) * len(images)]))
+        return infer_request(self.model, inputs, [CAPTION])
 
     async def caption(self, images: list[memoryview], beam: int) -> list[str]:
         """Captions, or grpc.aio.AioRpcError as the model server answered."""
         msg = await asyncio.to_thread(self.message, images, beam)  # a copy of up to 16 MiB: off the loop
         res = await self._open()["infer"](msg, timeout=CAPTION_TIMEOUT_S)
         del msg
-        raw, out, off = res.raw_output_contents[0], [], 0
-        while off < len(raw):
-            (k,) = struct.unpack_from("<I", raw, off)
-            out.append(raw[off + 4:off + 4 + k].decode("utf-8", "replace"))
-            off += 4 + k
-        return out
+        try:
+            captions = bytes_elements(res.raw_output_contents[0], None, CAPTION)
+        except RequestError as e:  # a malformed answer: the model server is failing
+            log.warning("model server %s answered a malformed %s: %s", self.url, CAPTION, e)
+            raise Upstream(502, "the model server is unreachable or failing") from None
+        return [c.decode("utf-8", "replace") for c in captions]
 
 
 class BadUpload(Exception):
@@ -258,7 +241,7 @@ class Upload:
 
     def _end(self):
         if self._field and self._field[0] == "file":
-            struct.pack_into("<I", self.buf, self._start - 4, self.n - self._start)
+            LENGTH.pack_into(self.buf, self._start - 4, self.n - self._start)
             self.files.append((self._field[1], self._start, self.n))
         elif self._field:
             self.fields[self._field[1]] = self._value
@@ -420,7 +403,7 @@ def create_app(url: str, model: str = ENSEMBLE, max_images: int = MAX_IMAGES, ma
             # the connection stays open: uvicorn reads and drops the unread body, so the client
             # (still sending) gets this answer rather than a reset
             return JSONResponse({"detail": "the gateway is busy: retry shortly"}, 503,
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
+                                headers={"Retry-After": str(WEB_RETRY_AFTER_S)})
         try:
             return await _caption(request, int(length))
         except BadUpload as e:  # a stalled upload's connection is closed; others drain as above
@@ -428,7 +411,7 @@ def create_app(url: str, model: str = ENSEMBLE, max_images: int = MAX_IMAGES, ma
             return JSONResponse({"detail": str(e)}, e.status, headers=close)
         except Upstream as e:
             return JSONResponse({"detail": str(e)}, e.status,
-                                headers={"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None)
+                                headers={"Retry-After": str(WEB_RETRY_AFTER_S)} if e.status == 503 else None)
         finally:
             admission.give(cost)
 
@@ -562,7 +545,7 @@ def run(url: str, host: str = "127.0.0.1", port: int = 8080, model: str = ENSEMB
         max_body: int = MAX_BODY, tls: TLS | None = None) -> None:
     import uvicorn
 
-    from captioner.serving.server.http import HEADER_TIMEOUT_S, _protocol, bind, return_large_buffers_to_the_os
+    from captioner.serving.server.http import _protocol, bind, return_large_buffers_to_the_os
 
     return_large_buffers_to_the_os()  # request buffers go back to the OS when freed (see there)
 

@@ -1,28 +1,20 @@
-"""Issue 14, "a newcomer's first hour": each test runs the command a user typed and checks
+"""A newcomer's first hour: each test runs the command a user typed and checks
 what they should have seen. Commands run as real `python -m captioner` processes."""
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-
-
-def run_cli(*args, cwd=None, timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+from tests.helpers import ROOT, run_cli
 
 
 def _listing(d: Path) -> dict:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-# ----------------------------------------------------------------- 14.1 export --out never deletes data
+# ----------------------------------------------------------------- export --out never deletes data
 @pytest.mark.parametrize("kind", ["training_run", "notes", "cwd"])
 def test_export_refuses_a_folder_it_did_not_write(kind, trained_run, tmp_path):
     if kind == "training_run":  # a copy: the shared run must survive the old code too
@@ -68,7 +60,7 @@ def test_export_replaces_its_own_repository_and_force_replaces_anything(trained_
     assert not (notes / "notes.txt").exists() and (notes / REPOSITORY_MARKER).is_file()
 
 
-# ----------------------------------------------------------------- 14.7 / 14.4 ranges refused by the parser
+# ----------------------------------------------------------------- ranges refused by the parser
 @pytest.mark.parametrize("args, bad", [
     (["generate-data", "{out}", "--images", "-5"], "--images"),
     (["generate-data", "{out}", "--images", "0"], "--images"),
@@ -94,10 +86,10 @@ def test_out_of_range_values_are_refused_by_the_parser(args, bad, tmp_path):
     assert "wrote" not in r.stdout and not out.exists()
 
 
-# ----------------------------------------------------------------- 14.4 caption --url passes or refuses every option
+# ----------------------------------------------------------------- caption --url passes or refuses every option
 @pytest.fixture(scope="module")
 def served(exported_repo, tmp_path_factory):
-    from tests.conftest import start_serve
+    from tests.helpers import start_serve
 
     p, url = start_serve(exported_repo[0], tmp_path_factory.mktemp("serve") / "serve.log")
     yield url
@@ -138,7 +130,7 @@ def test_caption_checkpoint_and_url_together_is_an_error(served, trained_run, sy
     assert r.returncode == 2 and "not allowed with" in r.stderr and r.stdout == ""
 
 
-# ----------------------------------------------------------------- 14.6 one line and a hint, traceback with -v
+# ----------------------------------------------------------------- one line and a hint, traceback with -v
 MISTAKES = {
     "unknown_encoder": (["train", "--data.source={synth}", "--train.out_dir={tmp}/run", "--model.encoder=resnet_nope"],
                         "unknown timm encoder 'resnet_nope'"),
@@ -169,7 +161,7 @@ def test_common_mistakes_get_one_line_and_a_hint(mistake, verbose, synth_dir, tm
     assert not (tmp_path / "run").exists() and not (tmp_path / "repo").exists()
 
 
-# ----------------------------------------------------------------- 14.12 / 14.13 metrics.json and samples.html
+# ----------------------------------------------------------------- metrics.json and samples.html
 @pytest.fixture(scope="module")
 def shards(synth_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("shards") / "data"
@@ -188,7 +180,7 @@ def test_evaluate_reports_the_images_it_scored_and_a_worst_first_page(source, tr
     out = tmp_path / "ev"
     r = run_cli("evaluate", trained_run.out_dir, "--data", data, "--out", out, "--beam", "2", "--no-meteor")
     assert r.returncode == 0, r.stderr
-    assert "PTBTokenizer tokenized" not in r.stderr  # 14.10: pycocoevalcap's Java chatter goes to the debug log
+    assert "PTBTokenizer tokenized" not in r.stderr  # pycocoevalcap's Java chatter goes to the debug log
     m = json.loads((out / "metrics.json").read_text())
     n = len(json.loads((out / "captions.json").read_text()))
     assert n > 0 and m["images"] == n
@@ -218,7 +210,7 @@ def test_samples_page_says_how_many_of_the_evaluated_images_it_shows(tmp_path):
     assert "greedy, at most 7 new tokens" in page
 
 
-# ----------------------------------------------------------------- 14.15 caption DIR, non-images skipped
+# ----------------------------------------------------------------- caption DIR, non-images skipped
 @pytest.fixture
 def mixed_folder(synth_dir, tmp_path):
     d = tmp_path / "photos"
@@ -249,7 +241,7 @@ def test_caption_with_nothing_but_non_images_is_an_error(tmp_path):
     assert r.returncode == 2 and "no image files" in r.stderr and r.stdout == ""
 
 
-# ----------------------------------------------------------------- 14.8 --help explains
+# ----------------------------------------------------------------- --help explains
 def _subparsers(parser, path=()):
     import argparse
 
@@ -326,7 +318,7 @@ def test_overrides_a_command_ignores_are_an_error(args, tmp_path):
     assert not out.exists()
 
 
-# ----------------------------------------------------------------- 14.10 quieter output
+# ----------------------------------------------------------------- quieter output
 TINY_PIPELINE = ["--model.encoder=vit_tiny_patch16_224",
                  "--model.encoder_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
                  "--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--model.max_len=16",
@@ -355,7 +347,7 @@ def test_pipeline_run_local_prints_one_line_per_step(local_pipeline):
     assert len(out.splitlines()) < 15, out
     details = (wd / "pipeline.log").read_text()
     assert "Executing task" in details and "Fused" in details  # everything is kept, just not on the terminal
-    # 14.13: the HTML artifact has its .html name (kfp_pipeline output artifacts are written by the component)
+    # the HTML artifact has its .html name (kfp_pipeline output artifacts are written by the component)
     assert [p.suffix for p in (wd / "pipeline_root").rglob("evaluate/samples*")] == [".html"]
 
 
@@ -411,7 +403,7 @@ def test_export_hides_onnxruntime_optimizer_internals(verbose, trained_run, tmp_
 
 
 def test_progress_bar_and_log_lines_do_not_interleave(synth_dir, tmp_path):
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     r = run_cli("train", *TINY, f"--data.source={synth_dir}", f"--train.out_dir={tmp_path / 'run'}",
                 "--train.epochs=2", "--train.log_every=1")
@@ -422,7 +414,7 @@ def test_progress_bar_and_log_lines_do_not_interleave(synth_dir, tmp_path):
     assert logs and all(re.match(r"\d\d:\d\d:\d\d ", s) for s in logs), [s for s in logs if not s[:1].isdigit()]
 
 
-# ----------------------------------------------------------------- 14.9 the README's laptop-to-cluster path
+# ----------------------------------------------------------------- the README's laptop-to-cluster path
 README = ROOT / "README.md"
 
 
@@ -441,7 +433,7 @@ def test_captioner_image_names_every_step(tmp_path):
 def test_readme_cost_table_matches_the_estimator():
     import yaml
 
-    from captioner.cluster.pytorchjob import estimate_cost
+    from captioner.core.cost import estimate_cost
 
     rows = re.findall(r"^\| `([\w-]+)` \| (\d+) \| (1 (?:GPU|A100)|2 workers × 8 [\w ()]+) \| ([\d.]+) h \| ([\d.]+) \| "
                       r"\$([\d.]+) \|$", README.read_text(), re.M)

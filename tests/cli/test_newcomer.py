@@ -1,4 +1,4 @@
-"""A newcomer's second hour: each numbered check runs the command a user typed (a real
+"""A newcomer's second hour: each check runs the command a user typed (a real
 `python -m captioner` process) and checks what they should have seen; the new data forms go
 through ingest, train and evaluate. The local pipeline's rerun, summary and log are checked in
 tests/cli/test_cli.py, next to the one local pipeline run they share."""
@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, free_port, pyproject
-from tests.cli.test_cli import run_cli
+from tests.helpers import TINY, free_port, pyproject, run_cli
 
 # the tiny model, training only a step or two, no validation: commands that must get past setup
 QUICK = [*TINY, "--train.val_max_images=0"]
@@ -33,7 +32,7 @@ def _one_error(r, *needles):
     return errors
 
 
-# ----------------------------------------------------------------- 1. a permanent refusal is not retried
+# ----------------------------------------------------------------- a permanent refusal is not retried
 def _train_retry(cluster: bool, tmp_path):
     import yaml
     from kfp import compiler
@@ -53,7 +52,7 @@ def test_local_pipeline_does_not_retry_train_and_a_cluster_run_does(tmp_path):
     assert _train_retry(True, tmp_path)["maxRetryCount"] == 2
 
 
-# ----------------------------------------------------------------- 2. Ctrl-C during train
+# ----------------------------------------------------------------- Ctrl-C during train
 def test_ctrl_c_in_train_says_where_it_stopped_and_how_to_continue(synth_dir, tmp_path):
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "captioner", "train", *QUICK, f"--data.source={synth_dir}",
@@ -82,7 +81,7 @@ def test_ctrl_c_in_train_says_where_it_stopped_and_how_to_continue(synth_dir, tm
     assert " INFO captioner" in err and "[rank0]" not in err
 
 
-# ----------------------------------------------------------------- 3. resume with changed settings
+# ----------------------------------------------------------------- resume with changed settings
 def test_resume_with_other_settings_names_the_keys_in_one_line(trained_run, synth_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run.out_dir, run)
@@ -95,7 +94,7 @@ def test_resume_with_other_settings_names_the_keys_in_one_line(trained_run, synt
 
 
 
-# ----------------------------------------------------------------- 4. the serve extra covers HTTP, metrics and the page
+# ----------------------------------------------------------------- the serve extra covers HTTP, metrics and the page
 def test_serve_only_venv_runs_http_metrics_and_the_web_page(lean_python, exported_repo, tmp_path, monkeypatch):
     """A venv with the base and the `serve` extra only (read from pyproject.toml): the page's and
     the HTTP/metrics front's modules import, and `captioner serve --http-port` answers."""
@@ -124,7 +123,7 @@ def test_web_extra_is_the_gateway_s_dependencies():
     assert set(extras["web"]) <= set(extras["serve"]) and set(extras["web"]) <= set(extras["serve-gpu"])
 
 
-# ----------------------------------------------------------------- 5. job render: only what the pods can read
+# ----------------------------------------------------------------- job render: only what the pods can read
 @pytest.mark.parametrize("case", ["local_data", "local_model_uri", "local_yaml"])
 def test_job_render_refuses_what_exists_only_on_this_machine(case, tmp_path):
     cfg = tmp_path / "my.yaml"
@@ -139,7 +138,7 @@ def test_job_render_refuses_what_exists_only_on_this_machine(case, tmp_path):
     assert "kind:" not in r.stdout
 
 
-# ----------------------------------------------------------------- 6. the demo's closing hint serves, not retrains
+# ----------------------------------------------------------------- the demo's closing hint serves, not retrains
 def test_demo_closing_hint_serves_the_finished_model(exported_repo, tmp_path):
     import shlex
 
@@ -156,7 +155,7 @@ def test_demo_closing_hint_serves_the_finished_model(exported_repo, tmp_path):
     assert web.url == f"127.0.0.1:{serve.grpc_port}"
 
 
-# ----------------------------------------------------------------- 7. a run trained on a relative path, evaluated elsewhere
+# ----------------------------------------------------------------- a run trained on a relative path, evaluated elsewhere
 def test_a_run_trained_on_a_relative_path_evaluates_from_another_folder(synth_dir, tmp_path, monkeypatch):
     from captioner.training.train import train
     from tests.helpers import tiny_cfg
@@ -178,14 +177,14 @@ def test_a_run_trained_on_a_relative_path_evaluates_from_another_folder(synth_di
     _one_error(r, "data source not found", "pass --data")
 
 
-# ----------------------------------------------------------------- 8. a first train in an empty folder
+# ----------------------------------------------------------------- a first train in an empty folder
 def test_first_train_in_an_empty_folder_suggests_generate_data_and_writes_nothing(tmp_path):
     r = run_cli("train", cwd=tmp_path)
     _one_error(r, "data source not found: data/synth", "captioner generate-data data/synth")
     assert list(tmp_path.iterdir()) == []
 
 
-# ----------------------------------------------------------------- 9. client connection errors: once, and what to do
+# ----------------------------------------------------------------- client connection errors: once, and what to do
 @pytest.fixture(scope="module")
 def http_only_port():
     """A plain HTTP/1.1 server: what Triton's HTTP port looks like to a gRPC client."""
@@ -218,7 +217,7 @@ def test_web_refuses_a_url_with_a_scheme_at_start():
     _one_error(r, "expected HOST:PORT", "--url 127.0.0.1:8001")
 
 
-# ----------------------------------------------------------------- 10. the split a run records is the one it used
+# ----------------------------------------------------------------- the split a run records is the one it used
 def test_training_from_shards_records_the_dataset_split(synth_dir, tmp_path):
     data = tmp_path / "shards"
     r = run_cli("ingest", synth_dir, data, "--no-progress")  # ingest's defaults: 5% + 5%
@@ -239,7 +238,7 @@ def test_pipeline_run_splits_as_its_preset_says():
     assert "default: the --config preset's data.val_fraction" in " ".join(r.stdout.split())
 
 
-# ----------------------------------------------------------------- 12. evaluate: not a checkpoint; no silent overwrite
+# ----------------------------------------------------------------- evaluate: not a checkpoint; no silent overwrite
 def test_evaluate_a_csv_gives_no_pickle_advice(synth_dir):
     r = run_cli("evaluate", synth_dir / "results.csv")
     _one_error(r, "not a captioner checkpoint")
@@ -260,7 +259,7 @@ def test_evaluate_with_other_decoding_keeps_the_first_result(trained_run, tmp_pa
     assert (json.loads(first)["decode"]["strategy"], beam["decode"]["strategy"]) == ("greedy", "beam")
 
 
-# ----------------------------------------------------------------- 13. pipeline compile names the image it wrote
+# ----------------------------------------------------------------- pipeline compile names the image it wrote
 def test_pipeline_compile_says_which_image_every_step_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CAPTIONER_IMAGE"}
     r = subprocess.run([sys.executable, "-m", "captioner", "pipeline", "compile", str(tmp_path / "p.yaml")],
@@ -269,7 +268,7 @@ def test_pipeline_compile_says_which_image_every_step_runs(tmp_path):
     assert "CAPTIONER_IMAGE is not set" in r.stderr and "ghcr.io/captioner/trainer:0.1.0" in r.stdout
 
 
-# ----------------------------------------------------------------- 14. polish
+# ----------------------------------------------------------------- polish
 def test_train_help_shows_whole_preset_sentences():
     r = run_cli("train", "--help")
     block = r.stdout.split("presets (--config NAME):")[1].split("config keys")[0]
@@ -298,9 +297,9 @@ def test_generated_captions_use_an_before_a_vowel(tmp_path):
 # ----------------------------------------------------------------- your own data: ImageFolder metadata.jsonl, image,caption CSV
 @pytest.mark.parametrize("layout", ["imagefolder", "csv"])
 def test_own_data_forms_go_through_ingest_train_and_evaluate(layout, tmp_path):
+    from captioner.data.ingest import IngestOptions, ingest
     from captioner.data.sources import read_records
     from captioner.training.evaluate import evaluate
-    from captioner.data.ingest import IngestOptions, ingest
     from captioner.training.train import train
     from tests.helpers import tiny_cfg
 

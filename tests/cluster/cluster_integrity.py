@@ -219,6 +219,34 @@ def _selects(sel: dict, labels: dict) -> bool:
     return True
 
 
+def policy_allows(policies, direction, pod, peer, port, peer_ns="captioner", peer_ns_labels=None):
+    """Kubernetes NetworkPolicy semantics, for one namespace: a flow is allowed when some
+    policy selecting `pod` for `direction` has a rule whose peers and ports match; a pod no
+    policy selects for that direction is unrestricted (here default-deny selects every pod)."""
+    ns_labels = {"kubernetes.io/metadata.name": peer_ns, **(peer_ns_labels or {})}
+    key = "ingress" if direction == "Ingress" else "egress"
+    peers_key = "from" if key == "ingress" else "to"
+    selecting = [p for p in policies if direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], pod)]
+    if not selecting:
+        return True
+    for p in selecting:
+        for rule in p["spec"].get(key, []):
+            ports = rule.get("ports")
+            if ports and not any(x.get("port") == port for x in ports):
+                continue
+            peers = rule.get(peers_key)
+            if not peers:
+                return True
+            for pe in peers:
+                if "ipBlock" in pe:
+                    continue
+                ns_ok = _selects(pe["namespaceSelector"], ns_labels) if "namespaceSelector" in pe else peer_ns == "captioner"
+                pod_ok = _selects(pe["podSelector"], peer) if "podSelector" in pe else True
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
 def _service_port(inst: Install, ns: str, name: str, port: int | None, port_name: str | None = None) -> bool:
     if (ns, name) in inst.virtual_services:
         return port is None or port in inst.virtual_services[(ns, name)]

@@ -9,10 +9,10 @@ import functools
 import jsonschema
 import yaml
 
-from tests.cluster.test_k8s import _strict
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SHARED, VENDORED = ROOT.parent / "shared" / "schemas", ROOT / "k8s" / "crds"
+PYTORCHJOB_CRD = "kubeflow.org_pytorchjobs.v1.9.0.yaml"
 TRAINJOB_CRD = "trainer.kubeflow.org_trainjobs.v2.3.0.yaml"
 RUNTIME_CRD = "trainer.kubeflow.org_clustertrainingruntimes.v2.3.0.yaml"
 TORCH_RUNTIME = "torch-distributed-runtime.v2.3.0.yaml"
@@ -20,6 +20,22 @@ ISVC_CRD = "serving.kserve.io_inferenceservices.v0.19.0.yaml"
 SERVINGRUNTIME_CRD = "serving.kserve.io_servingruntimes.v0.19.0.yaml"
 TRITON_RUNTIME = "kserve-tritonserver-runtime.v0.19.0.yaml"
 VENDORED_FILES = (TRAINJOB_CRD, RUNTIME_CRD, TORCH_RUNTIME, ISVC_CRD, SERVINGRUNTIME_CRD, TRITON_RUNTIME)
+
+
+def strict(schema):
+    """The CRD's openAPIV3Schema as JSON Schema that rejects unknown fields."""
+    if isinstance(schema, dict):
+        s = {k: strict(v) for k, v in schema.items()}
+        if s.get("type") == "object" and "properties" in s and "additionalProperties" not in s \
+                and not s.get("x-kubernetes-preserve-unknown-fields"):
+            s["additionalProperties"] = False
+        if s.get("x-kubernetes-int-or-string"):
+            s.pop("type", None)
+            s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        return s
+    if isinstance(schema, list):
+        return [strict(x) for x in schema]
+    return schema
 
 
 def path(name: str):
@@ -34,7 +50,7 @@ def load(name: str) -> dict:
 def validator(name: str, version: str) -> jsonschema.Draft7Validator:
     crd = load(name)
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft7Validator(_strict(schema))
+    return jsonschema.Draft7Validator(strict(schema))
 
 
 def errors(obj: dict, name: str, version: str) -> list[str]:
@@ -48,3 +64,12 @@ def trainjob_errors(obj: dict) -> list[str]:
 
 def isvc_errors(obj: dict) -> list[str]:
     return errors(obj, ISVC_CRD, "v1beta1")
+
+
+def check_pytorchjob(job: dict, validator: jsonschema.Draft7Validator) -> None:
+    """The PyTorchJob passes the Training Operator v1.9.0 CRD (unknown fields rejected) and its webhook's rules."""
+    from captioner.cluster.pytorchjob import webhook_errors
+
+    errs = sorted(validator.iter_errors(job), key=lambda e: list(e.path))
+    assert not errs, [f"{list(e.path)}: {e.message}" for e in errs][:5]
+    assert webhook_errors(job) == []

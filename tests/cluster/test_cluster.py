@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.cluster.pytorchjob import training_job
+from captioner.cluster.jobs import training_job
 from captioner.core.deployment import TRAINER_S3_SECRET
 from tests.cluster.operator_contract import apply_defaults, operator_env, pod_env
-from tests.cluster.test_k8s import crd_validator  # noqa: F401 - fixture
-from tests.conftest import ROOT, TINY, free_port
+from tests.helpers import ROOT, TINY, free_port, run_cli
 
 FAKE_SECRETS = {TRAINER_S3_SECRET: {"endpoint": "127.0.0.1:9", "access-key": "k", "secret-key": "s"}}
 
@@ -163,25 +162,19 @@ JOB_RENDER = ["--config", "vit-b16-a100", "--nodes", "2", "--gpus-per-node", "8"
               "--max-nodes", "4"]
 
 
-def _render(*args):
-    r = subprocess.run([sys.executable, "-m", "captioner", "job", "render", *args], capture_output=True, text=True,
-                       env={**os.environ})
-    return r
-
-
 @pytest.mark.parametrize("args", [JOB_RENDER, ["--config", "tiny-cpu", "--nodes", "1", "--gpus-per-node", "0",
                                                "--data", "s3://datasets/x", "--model-uri", "s3://models/runs/t", "--cloud",
                                                "kind", "--train.max_steps=5"]])
 def test_job_render_prints_the_pipeline_job_and_validates_strictly(args, crd_validator):
     import yaml
 
-    from captioner.cluster.pytorchjob import job_name
-    from tests.cluster.test_k8s import _check
+    from captioner.cluster.jobspec import job_name
+    from tests.cluster.crd_schemas import check_pytorchjob
 
-    r = _render(*args)
+    r = run_cli("job", "render", *args)
     assert r.returncode == 0, r.stderr
     job = yaml.safe_load(r.stdout)
-    _check(job, crd_validator)  # the vendored v1.9.0 CRD, unknown fields rejected, and the webhook's rules
+    check_pytorchjob(job, crd_validator)  # the vendored v1.9.0 CRD, unknown fields rejected, and the webhook's rules
     a = dict(zip(args[::2], args[1::2]))
     same = training_job(a.get("--name") or job_name("captioner-train", a["--model-uri"]), a["--config"],
                         [f"--data.source={a['--data']}", *[x for x in args if x.startswith("--train.")]],
@@ -196,7 +189,7 @@ def test_job_render_prints_the_pipeline_job_and_validates_strictly(args, crd_val
 def test_template_is_the_render_output():
     import yaml
 
-    r = _render(*JOB_RENDER)
+    r = run_cli("job", "render", *JOB_RENDER)
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load((ROOT / "k8s" / "pytorchjob-template.yaml").read_text()) == yaml.safe_load(r.stdout)
 
@@ -207,5 +200,5 @@ def test_job_render_refuses_bad_input(bad, msg):
     args = list(JOB_RENDER)
     for i in range(0, len(bad), 2):
         args[args.index(bad[i]) + 1] = bad[i + 1]
-    r = _render(*args)
+    r = run_cli("job", "render", *args)
     assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

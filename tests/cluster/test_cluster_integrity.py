@@ -11,10 +11,18 @@ import yaml
 from captioner.cluster import kserve as ks
 from captioner.core.deployment import KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOUNT
 from tests.cluster.cluster_flows import FLOWS
-from tests.cluster.cluster_integrity import (_selects, applies, build_install, flow_allowed, host_ports, refs, service_refs,
-                                     unused_rules)
-from tests.conftest import ROOT
-from tests.cluster.test_k8s import ALL_OVERLAYS, K8S, render
+from tests.cluster.cluster_integrity import (
+    _selects,
+    applies,
+    build_install,
+    flow_allowed,
+    host_ports,
+    refs,
+    service_refs,
+    unused_rules,
+)
+from tests.cluster.manifests import ALL_OVERLAYS, K8S, render
+from tests.helpers import ROOT
 
 PROFILE = "kubeflow-user-example-com"  # the example profile of k8s/components/multi-user
 
@@ -53,7 +61,7 @@ def platform(tmp_path_factory):
 @pytest.fixture(scope="module")
 def training_jobs():
     """The jobs the train step launches (both APIs), as `captioner job render` prints them."""
-    from captioner.cluster.pytorchjob import training_job
+    from captioner.cluster.jobs import training_job
 
     args = ("captioner-train-x", "vit-b16-a100", ["--data.source=s3://datasets/f/v1"], "s3://models/runs/r1")
     return [training_job(*args, api="pytorchjob"), training_job(*args, api="trainjob")]

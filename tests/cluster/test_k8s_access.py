@@ -2,11 +2,18 @@
 follows the Kubernetes RBAC authorizer's rules)."""
 import pytest
 
-from captioner.core.deployment import (JOB_NAMESPACE, KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOUNT, S3_SECRET,
-                                  TRAINER_S3_SECRET, TRAINER_SERVICE_ACCOUNT)
-from captioner.cluster.pytorchjob import JobSpec, build_pytorchjob
+from captioner.cluster.jobspec import JobSpec
+from captioner.cluster.pytorchjob import build_pytorchjob
+from captioner.core.deployment import (
+    JOB_NAMESPACE,
+    KFP_STEP_NAMESPACE,
+    KFP_STEP_SERVICE_ACCOUNT,
+    S3_SECRET,
+    TRAINER_S3_SECRET,
+    TRAINER_SERVICE_ACCOUNT,
+)
+from tests.cluster.manifests import OVERLAYS, render
 from tests.cluster.rbac_eval import Rbac, Request, sa_user
-from tests.cluster.test_k8s import OVERLAYS, render
 from tests.cluster.test_kserve import kserve_docs  # noqa: F401 - fixture
 
 # where each overlay's pipeline steps run, and as whom (single-user KFP: kubeflow/pipeline-runner;
@@ -20,7 +27,9 @@ RESOURCES = [("kubeflow.org", "pytorchjobs"), ("", "pods"), ("", "pods/log"), ("
 
 
 def answers(docs, step_ns, step_sa):
-    """The three questions of issue 9, answered from the manifests."""
+    """Answered from the manifests: may the identity running the pipeline steps create, follow and
+    delete the training job (and read its pods' logs); what may the trainer's own account do; is
+    each S3 Secret, with its three keys, in the namespace of the pods that read it."""
     rbac = Rbac(docs)
     runner = sa_user(step_ns, step_sa)
     launcher_ok = all(rbac.allowed(Request(runner, v, "kubeflow.org", "pytorchjobs", JOB_NAMESPACE))
@@ -102,7 +111,7 @@ def test_missing_credentials_file_is_named(tmp_path):
     import shutil
     import subprocess
 
-    from tests.cluster.test_k8s import K8S
+    from tests.cluster.manifests import K8S
 
     shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("*.env"))
     r = subprocess.run(["kubectl", "kustomize", str(tmp_path / "k8s" / "overlays" / "kind")], capture_output=True,

@@ -10,8 +10,7 @@ import yaml
 
 from captioner.cluster import kserve as ks
 from tests.cluster.crd_schemas import SERVINGRUNTIME_CRD, TRITON_RUNTIME, errors, isvc_errors, load
-from tests.conftest import ROOT
-from tests.helpers import Clock
+from tests.helpers import ROOT, Clock
 
 PREV_URL = "http://prev-captioner-predictor.captioner.example.com"
 LATEST_URL = "http://latest-captioner-predictor.captioner.example.com"
@@ -320,7 +319,7 @@ def kserve_docs():
 
     import yaml
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     kubectl = shutil.which("kubectl")
     if not kubectl:
@@ -344,7 +343,7 @@ def test_kserve_overlay_validates_strictly(kserve_docs):
 
     import kubernetes_validate
 
-    from tests.cluster.test_k8s import _k8s_version
+    from tests.cluster.manifests import k8s_version
 
     docs, triton_env = kserve_docs
     by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
@@ -355,7 +354,7 @@ def test_kserve_overlay_validates_strictly(kserve_docs):
         if d["kind"] == "ServingRuntime":
             assert errors(d, SERVINGRUNTIME_CRD, "v1alpha1") == []
         elif d["kind"] != "InferenceService":
-            kubernetes_validate.validate(d, _k8s_version(), strict=True)
+            kubernetes_validate.validate(d, k8s_version(), strict=True)
         if d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") in ("captioner", "kubeflow"), d["metadata"]["name"]
     p = isvc["spec"]["predictor"]
@@ -378,7 +377,7 @@ def test_kserve_overlay_validates_strictly(kserve_docs):
 def test_overlay_inferenceservice_is_the_builder_output():
     import yaml
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     committed = yaml.safe_load((ROOT / "k8s/overlays/kserve/inferenceservice.yaml").read_text())
     assert committed == ks.build_inferenceservice(ks.IsvcSpec("s3://models/serving", 0))

@@ -2,16 +2,25 @@
 and KServe v0.19.0 InferenceService. Every object is validated strictly against the vendored
 CRDs (tests/cluster/crd_schemas.py)."""
 import copy
+
 import pytest
 import yaml
 
-from captioner.cluster.jobs import (PYTORCHJOB, TRAINJOB, ApiConflict, JobFailed, JobTimeout, launch_and_wait,
-                                served_kind)
-from captioner.cluster.pytorchjob import training_job
-from tests.cluster.test_cluster import _render
-from tests.cluster.crd_schemas import (RUNTIME_CRD, SERVINGRUNTIME_CRD, TORCH_RUNTIME, TRITON_RUNTIME, VENDORED_FILES,
-                               SHARED, VENDORED, errors, load, trainjob_errors)
-from tests.helpers import Clock
+from captioner.cluster.jobs import ApiConflict, JobFailed, JobTimeout, launch_and_wait, served_kind, training_job
+from captioner.cluster.jobspec import PYTORCHJOB, TRAINJOB
+from tests.cluster.crd_schemas import (
+    RUNTIME_CRD,
+    SERVINGRUNTIME_CRD,
+    SHARED,
+    TORCH_RUNTIME,
+    TRITON_RUNTIME,
+    VENDORED,
+    VENDORED_FILES,
+    errors,
+    load,
+    trainjob_errors,
+)
+from tests.helpers import Clock, run_cli
 
 
 @pytest.mark.parametrize("name", VENDORED_FILES)
@@ -26,48 +35,6 @@ def test_shipped_runtimes_validate_against_their_crds():
     InferenceServices reference) validate strictly; so the validators are not vacuous."""
     assert errors(load(TORCH_RUNTIME), RUNTIME_CRD, "v1alpha1") == []
     assert errors(load(TRITON_RUNTIME), SERVINGRUNTIME_CRD, "v1alpha1") == []
-
-
-def _tj(**kw):
-    args = dict(workers=2, gpus_per_worker=8)
-    args.update(kw)
-    return training_job("captioner-train-tj", "vit-b16-a100", ["--data.source=s3://datasets/f/v1"],
-                        "s3://models/runs/r1", api="trainjob", **args)
-
-
-@pytest.mark.parametrize("kw", [{}, {"gpus_per_worker": 0, "cloud": "kind", "cpu": "2"},
-                                {"cloud": "eks", "workers": 4}, {"cloud": "aks", "gpus_per_worker": 4}],
-                         ids=["gke", "kind-cpu", "eks", "aks"])
-def test_trainjob_validates_strictly(kw):
-    job = _tj(**kw)
-    assert trainjob_errors(job) == []
-    tr = job["spec"]["trainer"]
-    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed" and tr["numNodes"] == kw.get("workers", 2)
-    assert tr["numProcPerNode"] == (kw.get("gpus_per_worker", 8) or 1)
-    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
-        "template"]["spec"]["template"]["spec"]
-    assert bool(pod.get("nodeSelector")) == (kw.get("cloud") != "kind")
-    assert all("secretKeyRef" in e["valueFrom"] for e in tr["env"] if e["name"].startswith(("AWS_", "CAPTIONER_S3")))
-
-
-def test_trainjob_schema_and_rules_reject_bad_jobs():
-    job = _tj()
-    bad = copy.deepcopy(job)
-    bad["spec"]["trainer"]["gpus"] = 8
-    assert trainjob_errors(bad), "unknown field must be rejected"
-    bad = copy.deepcopy(job)
-    bad["spec"]["podTemplateOverrides"] = []  # a later Trainer's field, not v2.3.0's
-    assert trainjob_errors(bad)
-    bad = copy.deepcopy(job)
-    bad["spec"]["trainer"]["numProcPerNode"] = "auto"  # an integer in v2.3.0
-    assert trainjob_errors(bad)
-    with pytest.raises(ValueError, match="no elastic training"):
-        _tj(min_workers=1, max_workers=4)
-    from captioner.cluster.trainjob import webhook_errors
-
-    bad = copy.deepcopy(job)
-    bad["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "3"})
-    assert any("reserved envs" in e for e in webhook_errors(bad))
 
 
 # ------------------------------------------------------------------ one launcher, both kinds
@@ -201,15 +168,16 @@ def test_api_discovery_refuses_clearly(choice, served, msg):
 
 
 def test_job_render_trainjob_is_the_pipeline_job():
-    r = _render("--api", "trainjob", "--config", "vit-b16-a100", "--nodes", "2", "--gpus-per-node", "8", "--data",
-                "s3://datasets/flickr30k/v1", "--model-uri", "s3://models/runs/manual", "--name", "captioner-train-m")
+    r = run_cli("job", "render", "--api", "trainjob", "--config", "vit-b16-a100", "--nodes", "2", "--gpus-per-node", "8",
+                "--data", "s3://datasets/flickr30k/v1", "--model-uri", "s3://models/runs/manual", "--name",
+                "captioner-train-m")
     assert r.returncode == 0, r.stderr
     job = yaml.safe_load(r.stdout)
     assert trainjob_errors(job) == []
     assert job == training_job("captioner-train-m", "vit-b16-a100", ["--data.source=s3://datasets/flickr30k/v1"],
                                "s3://models/runs/manual", workers=2, gpus_per_worker=8, api="trainjob")
-    r = _render("--api", "trainjob", "--config", "vit-b16-a100", "--nodes", "2", "--gpus-per-node", "8", "--data",
-                "s3://datasets/x", "--model-uri", "s3://models/runs/m", "--max-nodes", "4")
+    r = run_cli("job", "render", "--api", "trainjob", "--config", "vit-b16-a100", "--nodes", "2", "--gpus-per-node", "8",
+                "--data", "s3://datasets/x", "--model-uri", "s3://models/runs/m", "--max-nodes", "4")
     assert r.returncode != 0 and "no elastic training" in r.stderr and "Traceback" not in r.stderr
 
 

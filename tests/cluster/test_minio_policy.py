@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from tests.cluster.manifests import render
 from tests.cluster.minio_policy import (
     Check,
     condition_values,
@@ -18,8 +19,7 @@ from tests.cluster.minio_policy import (
     route,
     unused_grants,
 )
-from tests.cluster.test_k8s import render
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "s3_requests"
 # which MinIO user each component signs with: the Secret it reads (k8s/base kustomization

@@ -7,13 +7,11 @@ import re
 import pytest
 import yaml
 
-from captioner.core import deployment
-
-from captioner.core import names
-
+from captioner.core import deployment, names
 from captioner.serving import triton_repo
+from tests.cluster.cluster_integrity import policy_allows
+from tests.cluster.manifests import OVERLAYS, render
 from tests.helpers import ROOT
-from tests.cluster.test_k8s import OVERLAYS, render
 
 
 def _triton(docs):
@@ -26,19 +24,20 @@ def _args(docs):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_explicit_mode_loads_what_serves_a_caption(overlay, exported_repo):
-    """Defect 2: a model reached through BLS is never loaded by the ensemble; since issue 13 the
-    decode loop makes no BLS call, so the ensemble alone must be enough (plan_load checks BLS targets)."""
+    """In explicit mode Triton loads only the listed models and the ensemble's steps: a model
+    reached only through BLS would never be loaded. The decode loop makes no BLS call (it runs
+    the step graph itself), so the ensemble alone must be enough."""
     args = _args(render(overlay))
     assert "--model-control-mode=explicit" in args
     loads = [a.split("=", 1)[1] for a in args if a.startswith("--load-model=")]
     assert loads == list(triton_repo.LOAD_ORDER)
     keys, read = triton_repo.listing_from_dir(exported_repo[0])
-    triton_repo.plan_load(triton_repo.load_listing(keys, read), loads, read)  # BLS targets loaded too
+    triton_repo.plan_load(triton_repo.load_listing(keys, read), loads, read)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_model_repository_protocol_is_restricted_by_the_secret_key(overlay):
-    """Defect 4: without a restriction any pod reaching 8000/8001 can load or unload models."""
+    """Without a restriction any pod reaching 8000/8001 could load or unload models."""
     docs = render(overlay)
     c = _triton(docs)["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in c["env"]}
@@ -62,7 +61,8 @@ def test_pipeline_deploy_step_gets_the_control_key():
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_hpa_metric_is_produced_by_the_shipped_adapter_rule(overlay):
-    """Defect 6: nothing provided custom.metrics.k8s.io for the HPA's metric."""
+    """The HPA scales on a custom metric: the shipped Prometheus adapter rule must produce it
+    (custom.metrics.k8s.io), as a per-request rate of the cumulative counters."""
     hpa = next(d for d in render(overlay) if d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"] == "triton")
     rules = yaml.safe_load((ROOT / "k8s" / "prometheus-adapter" / "values.yaml").read_text())["rules"]["custom"]
     produced = {r["name"]["as"]: r for r in rules}
@@ -77,47 +77,9 @@ def test_hpa_metric_is_produced_by_the_shipped_adapter_rule(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pdb_allows_a_drain_at_any_replica_count(overlay):
-    """Defect 7: minAvailable: 1 with one replica allows zero evictions."""
+    """minAvailable: 1 with one replica would allow zero evictions (a node drain would hang)."""
     pdb = next(d for d in render(overlay) if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "triton")
     assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
-
-
-def _selects(sel: dict, labels: dict) -> bool:
-    for k, v in sel.get("matchLabels", {}).items():
-        if labels.get(k) != v:
-            return False
-    for e in sel.get("matchExpressions", []):
-        if e["operator"] == "In" and labels.get(e["key"]) not in e["values"]:
-            return False
-    return True
-
-
-def _allowed(policies, direction, pod, peer, port, peer_ns="captioner", peer_ns_labels=None):
-    """Kubernetes NetworkPolicy semantics, for one namespace: a flow is allowed when some
-    policy selecting `pod` for `direction` has a rule whose peers and ports match; a pod no
-    policy selects for that direction is unrestricted (here default-deny selects every pod)."""
-    ns_labels = {"kubernetes.io/metadata.name": peer_ns, **(peer_ns_labels or {})}
-    key = "ingress" if direction == "Ingress" else "egress"
-    peers_key = "from" if key == "ingress" else "to"
-    selecting = [p for p in policies if direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], pod)]
-    if not selecting:
-        return True
-    for p in selecting:
-        for rule in p["spec"].get(key, []):
-            ports = rule.get("ports")
-            if ports and not any(x.get("port") == port for x in ports):
-                continue
-            peers = rule.get(peers_key)
-            if not peers:
-                return True
-            for pe in peers:
-                if "ipBlock" in pe:
-                    continue
-                ns_ok = _selects(pe["namespaceSelector"], ns_labels) if "namespaceSelector" in pe else peer_ns == "captioner"
-                pod_ok = _selects(pe["podSelector"], peer) if "podSelector" in pe else True
-                if ns_ok and pod_ok:
-                    return True
-    return False
 
 
 TRITON = {"app.kubernetes.io/name": "triton"}
@@ -151,7 +113,7 @@ def test_network_policies_default_deny_and_allow_exactly_the_needed_flows(pod, d
     pols = [d for d in render(OVERLAYS[0]) if d["kind"] == "NetworkPolicy"]
     assert any(p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
                and not p["spec"].get("ingress") and not p["spec"].get("egress") for p in pols)
-    assert _allowed(pols, direction, pod, peer, port, peer_ns) is allowed
+    assert policy_allows(pols, direction, pod, peer, port, peer_ns) is allowed
 
 
 def test_trainer_internet_egress_excludes_cluster_ranges():

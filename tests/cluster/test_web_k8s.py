@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tests.cluster.test_k8s import OVERLAYS, render
-from tests.cluster.test_triton_k8s import _allowed
+from tests.cluster.cluster_integrity import policy_allows
+from tests.cluster.manifests import OVERLAYS, render
 from tests.helpers import ROOT
 
 WEB = {"app.kubernetes.io/name": "captioner-web", "captioner/triton-client": "true"}
@@ -28,13 +28,13 @@ def _get(docs, kind, name="captioner-web"):
 def test_gateway_deployment(overlay):
     import kubernetes_validate
 
-    from tests.cluster.test_k8s import _k8s_version
+    from tests.cluster.manifests import k8s_version
 
     docs = render(overlay)
     dep = _get(docs, "Deployment")
     for kind in ("Deployment", "Service", "Ingress", "HorizontalPodAutoscaler", "NetworkPolicy",
                  "PodDisruptionBudget"):
-        kubernetes_validate.validate(_get(docs, kind), _k8s_version(), strict=True)
+        kubernetes_validate.validate(_get(docs, kind), k8s_version(), strict=True)
     pod = dep["spec"]["template"]
     assert pod["metadata"]["labels"] == WEB  # the label Triton's ingress policy admits
     spec = pod["spec"]
@@ -85,14 +85,14 @@ def test_ingress_hpa_and_service(overlay):
 ])
 def test_gateway_network_policy(pod, direction, peer, peer_ns, port, allowed):
     pols = [d for d in render(OVERLAYS[0]) if d["kind"] == "NetworkPolicy"]
-    assert _allowed(pols, direction, pod, peer, port, peer_ns) is allowed
+    assert policy_allows(pols, direction, pod, peer, port, peer_ns) is allowed
 
 
 def test_gateway_runs_without_the_training_stack():
     """docker/web.Dockerfile installs neither torch, onnxruntime nor timm: the gateway must not need them."""
     code = ("import sys\nfor m in ('torch', 'onnxruntime', 'timm', 'onnx', 'kfp'):\n    sys.modules[m] = None\n"
-            "import captioner.web.gateway, captioner.cli.main\ncaptioner.web.create_app('127.0.0.1:1')\n"
-            "sys.argv = ['captioner', 'web', '--help']\ncaptioner.cli.main()\n")
+            "import captioner.web.gateway, captioner.cli.main\ncaptioner.web.gateway.create_app('127.0.0.1:1')\n"
+            "sys.argv = ['captioner', 'web', '--help']\ncaptioner.cli.main.main()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert r.returncode == 0 and "--url" in r.stdout, r.stderr
     docker = (ROOT / "docker" / "web.Dockerfile").read_text()

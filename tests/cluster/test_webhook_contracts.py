@@ -92,7 +92,7 @@ def test_pytorchjob_webhook_refuses_what_v190_refuses(capsys):
 
 
 def test_shipped_template_passes_the_webhook():
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     job = yaml.safe_load((ROOT / "k8s" / "pytorchjob-template.yaml").read_text())
     assert operator_contract.webhook_errors(job) == []

@@ -1,5 +1,6 @@
 import pytest
-from captioner.core.config import ConfigError, PRESET_DIR, load_config, save_config
+
+from captioner.core.config import PRESET_DIR, ConfigError, load_config, save_config
 
 
 def test_defaults_yaml_then_overrides(tmp_path):
@@ -49,3 +50,14 @@ def test_required_presets_exist():
     assert seed.model.encoder_kwargs["depth"] == 6 and not seed.model.pretrained
     a100 = load_config("vit-b16-a100")
     assert a100.model.encoder == "vit_base_patch16_224" and a100.model.pretrained
+
+
+def test_config_imports_without_torch():
+    """ModelConfig lives in core/config.py, so reading or validating a config never loads torch
+    (`captioner web --help`, the pipeline compiler and ingest import it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, captioner.core.config\nassert 'torch' not in sys.modules, 'torch imported'\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

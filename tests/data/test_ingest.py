@@ -13,7 +13,7 @@ from PIL import Image
 from captioner.data.ingest import MANIFEST, IngestOptions, ingest, verify
 from captioner.io.files import TMP_PREFIX
 from captioner.io.storage import open_store
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def _damage(src: Path) -> dict:
@@ -157,7 +157,7 @@ def test_ddp_ranks_see_every_training_item_exactly_once(synth_dir, store_uri, tm
 
 def test_training_streams_shards(synth_dir, store_uri, tmp_path):
     from captioner.training.train import train
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     ingest(str(synth_dir), store_uri, _opts())
     res = train(tiny_cfg(store_uri, tmp_path / "run", "--train.epochs=2", "--train.val_max_images=8"),

@@ -13,9 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from captioner.core.config import ModelConfig
 from captioner.core.names import ENCODER
 from captioner.modeling.checkpoint import load_checkpoint
-from captioner.modeling.model import Captioner, ModelConfig
+from captioner.modeling.model import Captioner
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2)
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from captioner.core import names
+from captioner.core.config import ModelConfig
 from captioner.core.decoding import log_softmax
 from captioner.export.graphs import attention_op_counts, build_decoder_step, cache_mode_for
 from captioner.export.torch_graphs import write_select_rows
-from captioner.modeling.model import CaptionDecoder, ModelConfig
+from captioner.modeling.model import CaptionDecoder
 from captioner.serving.onnx_runtime import BoundDecoder
 
 L, HEADS, D, V, MAX_LEN, P = 2, 4, 32, 40, 10, 6

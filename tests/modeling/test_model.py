@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from captioner.core.config import ModelConfig
 from captioner.core.preprocess import PreprocessConfig
-from captioner.modeling.model import Captioner, EncoderWeightsError, ModelConfig
+from captioner.modeling.model import Captioner, EncoderWeightsError
 
 CONFIGS = {
     "vit": ModelConfig(encoder="vit_tiny_patch16_224", d_model=32, n_layers=2, n_heads=4, max_len=12, vocab_size=50,

@@ -114,7 +114,7 @@ class _Backend:
         self.repo = Path(repo)
         keys, read = listing_from_dir(self.repo)
         self.models = load_listing(keys, read)
-        self.loaded = {n: self.models[n].selected for n in plan_load(self.models, load, bls=False)}
+        self.loaded = {n: self.models[n].selected for n in plan_load(self.models, load)}
         self.sessions, self.calls = {}, []
         self.bls_bytes = 0  # bytes crossing a BLS exec() (inputs and outputs), since the last reset
 

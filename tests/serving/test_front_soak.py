@@ -35,8 +35,7 @@ from captioner.core import names
 from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
-from tests.helpers import free_port, start_serve, start_web
-from tests.serving.test_http_hostile import _malformed, infer_body, post
+from tests.helpers import free_port, infer_body, malformed_rest_requests, post, start_serve, start_web
 
 SOAK_S = float(os.environ.get("CAPTIONER_FRONT_SOAK_S", "12"))
 WEB_LIMIT_MIB = 768  # k8s/base/web.yaml: the gateway container's memory limit
@@ -288,7 +287,7 @@ def test_soak_http_fronts(stack, light, heavy_gif, big_pngs):
         for s in live:
             s.close()
 
-    malformed = list(_malformed(light[0][1]).values())
+    malformed = list(malformed_rest_requests(light[0][1]).values())
 
     def rest_user(seed):
         r = random.Random(seed)

@@ -1,4 +1,4 @@
-"""Issue 13, design change: the generation loop runs inside one execution of `decode_loop`.
+"""The generation loop runs inside one execution of `decode_loop` (not one BLS call per token).
 
 Triton users measure 2-13 ms per BLS `exec()` (server issues #5174, #7413), so a decode loop
 that calls the `decoder` model once per token spends 40-260 ms per caption on round trips.
@@ -15,8 +15,8 @@ from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.modeling.inference import caption_tensor
 from captioner.serving.core import DecodeSettings, image_bytes_to_pixels
+from tests.helpers import load_model_py
 from tests.serving import pb_utils_double
-from tests.serving.test_repository import _load_model_py
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_one_request_batch_makes_no_per_token_round_trips(exported_repo, cross_a
     per caption and the KV cache never crosses."""
     repo, _ = exported_repo
     cross, greedy, want_beam = cross_and_want
-    m = _load_model_py(repo, names.DECODE_LOOP, monkeypatch)
+    m = load_model_py(repo, names.DECODE_LOOP, monkeypatch)
     backend = sys.modules["triton_python_backend_utils"].backend
     meter = pb_utils_double.TransferMeter(monkeypatch)
     backend.reset_counts()
@@ -89,7 +89,7 @@ def test_decode_loop_model_runs_an_fp16_step_graph(fp16_repo, cross_and_want, mo
     the request is converted once, the fp16 cache stays in place, and the captions are the
     reference's (this model's log-probs are 4e-4 from PyTorch's, far from any near-tie)."""
     cross, greedy, want_beam = cross_and_want
-    m = _load_model_py(fp16_repo, names.DECODE_LOOP, monkeypatch)
+    m = load_model_py(fp16_repo, names.DECODE_LOOP, monkeypatch)
     out = m.execute([pb_utils_double.FakeRequest(cross_kv=cross, BEAM_SIZE=np.full((len(cross), 1), beam, np.int32))])
     assert not out[0].has_error(), out[0].error().message()
     assert _captions(out[0]) == (greedy if beam == 1 else want_beam)

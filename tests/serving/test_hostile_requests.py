@@ -1,4 +1,5 @@
-"""Hostile requests against `captioner serve` (issue 10 items 5-8, issue 14 item 2).
+"""Hostile requests against `captioner serve`: heavy images, malformed BYTES tensors and oversized
+messages, clients that give up, shutdown, and a second server started on a busy port.
 
 Each test performs one attack and checks the bounded outcome: refused with a clear error, other
 clients unaffected, memory bounded, abandoned work skipped. Probe images are generated here.
@@ -46,14 +47,6 @@ def _serve(repo, tmp_path_factory, name):
     return p, url, log
 
 
-@pytest.fixture(scope="module")
-def server(exported_repo, tmp_path_factory):
-    p, url, log = _serve(exported_repo[0], tmp_path_factory, "hostile")
-    yield url, p, log
-    p.kill()
-    p.wait()
-
-
 def bytes_tensor(items: list[bytes]) -> bytes:
     """The KServe v2 / Triton raw BYTES layout: each element a 4-byte little-endian length, then the bytes."""
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
@@ -80,13 +73,13 @@ def assert_no_traceback(log):
     assert "Traceback" not in text, text[-3000:]
 
 
-# -- 10.5: heavy images -----------------------------------------------------------------------------
+# -- heavy images -----------------------------------------------------------------------------------
 
 def test_heavy_requests_do_not_stall_a_small_one(server, heavy_png, good):
     """Four clients send two 15-megapixel images each; a fifth sends one small image after them.
     The small request must not wait behind their decoding (today it waits in the batcher thread
     behind all of them): it completes before at least three of the four heavy requests."""
-    url, _, _ = server
+    url = server.grpc
     done: list[str] = []
     lock = threading.Lock()
 
@@ -107,7 +100,7 @@ def test_heavy_requests_do_not_stall_a_small_one(server, heavy_png, good):
 
 def test_request_pixel_budget_refuses_many_heavy_images(server, heavy_png, good):
     """Three 15-megapixel images (45 MP) exceed the per-request budget: refused before decoding."""
-    url, p, log = server
+    url, p, log = server.grpc, server.proc, server.log
     with pytest.raises(grpc.RpcError) as ei:
         infer_raw(url, names.ENSEMBLE, image_request([heavy_png] * 3))
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
@@ -147,10 +140,10 @@ def test_memory_bounded_under_three_concurrent_heavy_requests(exported_repo, tmp
         p.wait()
 
 
-# -- 10.6: BYTES tensors and message limits -----------------------------------------------------------
+# -- BYTES tensors and message limits ----------------------------------------------------------------
 
 def test_malformed_length_prefix_is_invalid_argument(server, good):
-    url, p, log = server
+    url, p, log = server.grpc, server.proc, server.log
     raw = struct.pack("<I", 1000) + b"only ten b"  # declares 1000 bytes, holds 10
     with pytest.raises(grpc.RpcError) as ei:
         infer_raw(url, names.ENSEMBLE, [(names.IMAGE, "BYTES", [1, 1], raw)])
@@ -167,7 +160,7 @@ def test_malformed_length_prefix_is_invalid_argument(server, good):
 def test_bytes_element_count_is_checked_while_walking(server, good):
     """Two million empty elements for a [1, 1] tensor: the server stops at the second element
     (its answer says 'more than 1'), instead of deserialising all of them first."""
-    url, p, log = server
+    url, p, log = server.grpc, server.proc, server.log
     with pytest.raises(grpc.RpcError) as ei:
         infer_raw(url, names.ENSEMBLE, [(names.IMAGE, "BYTES", [1, 1], b"\x00\x00\x00\x00" * 2_000_000)])
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
@@ -178,7 +171,7 @@ def test_bytes_element_count_is_checked_while_walking(server, good):
 def test_oversized_message_is_refused_by_grpc(server, good):
     """A 40 MiB request is over the receive limit sized for the largest accepted image (17 MiB):
     gRPC refuses it before the server reads it."""
-    url, p, _ = server
+    url, p = server.grpc, server.proc
     payload = bytes_tensor([b"\x00" * (40 << 20)])
     with pytest.raises(grpc.RpcError) as ei:
         infer_raw(url, names.ENSEMBLE, [(names.IMAGE, "BYTES", [1, 1], payload)], max_send=64 << 20)
@@ -191,9 +184,9 @@ def test_concurrent_rpcs_are_limited(exported_repo, heavy_png):
     with RESOURCE_EXHAUSTED instead of queueing without bound."""
     from captioner.serving.server.app import start_server
 
-    server, repo, port = start_server(exported_repo[0], port=free_port(), max_concurrent_rpcs=2)
+    s = start_server(exported_repo[0], port=free_port(), max_concurrent_rpcs=2)
     try:
-        url = f"127.0.0.1:{port}"
+        url = f"127.0.0.1:{s.port}"
 
         def call(_):
             try:
@@ -206,11 +199,10 @@ def test_concurrent_rpcs_are_limited(exported_repo, heavy_png):
             codes = list(ex.map(call, range(6)))
         assert "RESOURCE_EXHAUSTED" in codes and "ok" in codes, codes
     finally:
-        server.stop(0).wait()
-        repo.close()
+        s.stop(grace=0)
 
 
-# -- 10.7: deadlines and cancellation ---------------------------------------------------------------
+# -- deadlines and cancellation --------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
 def test_abandoned_requests_are_not_decoded(server, heavy_png, good, how):
@@ -218,7 +210,7 @@ def test_abandoned_requests_are_not_decoded(server, heavy_png, good, how):
     cancelling the call. The server must drop their work instead of decoding it for nobody: its log
     counts the skipped images, and at least the three requests queued behind the first in the heavy
     lane are skipped whole (6 images). The next request is served."""
-    url, p, log = server
+    url, p, log = server.grpc, server.proc, server.log
     before = len(re.findall(r"skipped decoding (\d+) of 2 image", log.read_text()))
     with grpc.insecure_channel(url) as ch:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
@@ -253,7 +245,8 @@ def test_abandoned_requests_are_not_decoded(server, heavy_png, good, how):
 
 def test_batcher_drops_expired_items_before_running(good):
     """An item whose deadline passed while queued never reaches the model function (the encoder)."""
-    from captioner.serving.server.app import Batcher, Deadline, Expired
+    from captioner.serving.server.batching import Batcher
+    from captioner.serving.server.errors import Deadline, Expired
 
     seen = []
     b = Batcher(lambda items: [seen.append(x) or x for x in items], max_batch=4, delay_s=0.01, name="t")
@@ -269,13 +262,13 @@ def test_batcher_drops_expired_items_before_running(good):
         b.stop()
 
 
-# -- 10.8: shutdown ---------------------------------------------------------------------------------
+# -- shutdown --------------------------------------------------------------------------------------
 
 def test_batcher_stop_settles_every_pending_future():
     """Items queued when stop() is called are answered or failed, never left pending: here one item
     that does not fit the running batch (it used to be pushed back behind the stop signal), and one
     submitted after stop."""
-    from captioner.serving.server.app import Batcher
+    from captioner.serving.server.batching import Batcher
 
     release = threading.Event()
 
@@ -300,10 +293,10 @@ def test_batcher_stop_settles_every_pending_future():
     assert late.done() and "shutting down" in str(late.exception())
 
 
-# -- 14.2: a second server on a busy port ------------------------------------------------------------
+# -- a second server on a busy port -----------------------------------------------------------------
 
 def test_second_server_on_busy_port_exits_nonzero(server, exported_repo, good):
-    url, p, _ = server
+    url, p = server.grpc, server.proc
     port = url.rsplit(":", 1)[1]
     r = subprocess.run([sys.executable, "-m", "captioner", "serve", str(exported_repo[0]), "--grpc-port", port],
                        capture_output=True, text=True, timeout=90, env=dict(__import__("os").environ))

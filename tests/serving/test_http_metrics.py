@@ -19,22 +19,11 @@ from captioner.core import names
 from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
-from tests.helpers import free_port, start_serve
+from tests.helpers import scrape, total
 
 FAMILIES = ["nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
             "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
             "nv_inference_compute_infer_duration_us"]
-
-
-@pytest.fixture(scope="module")
-def server(exported_repo, tmp_path_factory):
-    repo, _ = exported_repo
-    hp, mp = free_port(), free_port()
-    p, url = start_serve(repo, tmp_path_factory.mktemp("serve") / "serve.log", "--http-port", str(hp),
-                         "--metrics-port", str(mp))
-    yield {"grpc": url, "http": f"127.0.0.1:{hp}", "metrics": f"http://127.0.0.1:{mp}/metrics", "proc": p}
-    if p.poll() is None:
-        p.kill()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def _http_caption(url, imgs, binary_in=True, binary_out=True, beam=None):
 
 
 def test_health_metadata_and_config_match_grpc(server):
-    h, g = httpclient.InferenceServerClient(server["http"]), grpcclient.InferenceServerClient(server["grpc"])
+    h, g = httpclient.InferenceServerClient(server.http_host), grpcclient.InferenceServerClient(server.grpc)
     assert h.is_server_live() and h.is_server_ready()
     assert h.is_model_ready(names.ENSEMBLE) and not h.is_model_ready("nope")
     assert "binary_tensor_data" in h.get_server_metadata()["extensions"]
@@ -72,10 +61,10 @@ def test_health_metadata_and_config_match_grpc(server):
 # binary_in: BEAM_SIZE as binary data or as JSON `data`; binary_out: CAPTION as binary data or JSON
 @pytest.mark.parametrize("binary_in,binary_out", [(True, True), (False, False), (True, False), (False, True)])
 def test_http_captions_equal_grpc(server, images, binary_in, binary_out):
-    want = caption_bytes(server["grpc"], images)
-    assert _http_caption(server["http"], images, binary_in, binary_out) == want
-    assert _http_caption(server["http"], images[:2], binary_in, binary_out, beam=3) == \
-        caption_bytes(server["grpc"], images[:2], beam=3)
+    want = caption_bytes(server.grpc, images)
+    assert _http_caption(server.http_host, images, binary_in, binary_out) == want
+    assert _http_caption(server.http_host, images[:2], binary_in, binary_out, beam=3) == \
+        caption_bytes(server.grpc, images[:2], beam=3)
 
 
 def _post(url, body: bytes, headers: dict) -> tuple[int, dict]:
@@ -140,51 +129,36 @@ def test_errors_map_to_the_same_statuses_as_grpc(server, images, case, status, g
     elif case == "deep-json":
         body, headers = b'{"inputs": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", {}
     if case == "too-large":  # refused from the headers alone, before the client sends the body
-        got, err = _headers_only(server["http"], f"/v2/models/{model}/infer", len(body), headers)
+        got, err = _headers_only(server.http_host, f"/v2/models/{model}/infer", len(body), headers)
     else:
-        got, err = _post(f"http://{server['http']}/v2/models/{model}/infer", body, headers)
+        got, err = _post(f"{server.http}/v2/models/{model}/infer", body, headers)
     assert got == status and needle in err.get("error", ""), (got, err)
     if grpc_code and case != "bad-shape":  # the same request over gRPC gets the matching status
         g = grpcclient.InferInput(names.IMAGE, [1, 1], "BYTES")
         g.set_data_from_numpy(np.array([[img]], dtype=object))
         with pytest.raises(InferenceServerException) as ei:
-            grpcclient.InferenceServerClient(server["grpc"]).infer(model, [g])
+            grpcclient.InferenceServerClient(server.grpc).infer(model, [g])
         assert grpc_code in str(ei.value.status())
-    assert server["proc"].poll() is None
-    assert _http_caption(server["http"], [good])  # still serving
-
-
-def scrape(url) -> tuple[dict, dict]:
-    """(samples {(name, labels...): value}, types {name: type}) of Triton's families, parsed from
-    the text as Prometheus reads it (a sample's name must be its family's name)."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
-    samples = {}
-    for name, labels, value in re.findall(r"^(nv_\w+)\{([^}]*)\} (\S+)$", text, re.M):
-        samples[(name, tuple(sorted(re.findall(r'(\w+)="([^"]*)"', labels))))] = float(value)
-    return samples, types
-
-
-def total(samples, name, model=names.ENSEMBLE) -> float:
-    return sum(v for (n, labels), v in samples.items() if n == name and ("model", model) in labels)
+    assert server.proc.poll() is None
+    assert _http_caption(server.http_host, [good])  # still serving
 
 
 def test_metrics_add_up_after_load(server, images):
-    before, _ = scrape(server["metrics"])
+    before, _ = scrape(server.metrics)
     n_ok, n_bad = 48, 5
 
     def one(k):
         if k < n_bad:
             body, headers = _binary_request(b"not an image")
-            return _post(f"http://{server['http']}/v2/models/{names.ENSEMBLE}/infer", body, headers)[0]
+            return _post(f"{server.http}/v2/models/{names.ENSEMBLE}/infer", body, headers)[0]
         if k % 2:
-            return len(_http_caption(server["http"], [images[k % 4]]))
-        return len(caption_bytes(server["grpc"], [images[k % 4]]))
+            return len(_http_caption(server.http_host, [images[k % 4]]))
+        return len(caption_bytes(server.grpc, [images[k % 4]]))
 
     with ThreadPoolExecutor(16) as ex:
         res = list(ex.map(one, range(n_ok + n_bad)))
     assert res[:n_bad] == [400] * n_bad and res[n_bad:] == [1] * n_ok
-    after, types = scrape(server["metrics"])
+    after, types = scrape(server.metrics)
     for f in FAMILIES:  # Triton's names, no _total suffix, typed counter
         assert types.get(f) == "counter", (f, types)
         assert any(n == f and ("version", "1") in lab for (n, lab) in after), f
@@ -210,7 +184,7 @@ def test_adapter_rule_queries_names_the_server_exposes(server):
 
     rule = yaml.safe_load((Path(__file__).resolve().parents[2] / "k8s/prometheus-adapter/values.yaml")
                           .read_text())["rules"]["custom"][0]
-    _, types = scrape(server["metrics"])
+    _, types = scrape(server.metrics)
     used = set(re.findall(r"\b(nv_\w+)\{", rule["metricsQuery"] + rule["seriesQuery"]))
     assert used and used <= {k for k, t in types.items() if t == "counter"}, (used, types)
 

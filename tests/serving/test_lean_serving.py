@@ -1,4 +1,4 @@
-"""Lean serving (issue 13): what the Triton Python models and `captioner serve` import needs
+"""Lean serving: what the Triton Python models and `captioner serve` import needs
 neither torch nor the ONNX export code, the `serve` extra installs no such thing, and the
 Triton image installs the serving extra only."""
 from __future__ import annotations
@@ -28,9 +28,9 @@ IMPORTS = textwrap.dedent("""
         spec = importlib.util.spec_from_file_location("model", what)
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     elif what == "cli-serve":  # `captioner serve` through the whole CLI path, on a missing repository
-        from captioner.cli.main import main as cli
+        from captioner.cli.main import main
         try:
-            cli.main(["serve", sys.argv[2]])
+            main(["serve", sys.argv[2]])
         except SystemExit as e:  # refused with a message: it ran the whole command
             assert e.code not in (0, None), e.code
     else:
@@ -51,6 +51,26 @@ def test_serving_path_imports_no_torch_or_export_code(what, tmp_path):
     loaded = json.loads(r.stdout.strip().splitlines()[-1])
     heavy = sorted(m for m in loaded if m in HEAVY or m.split(".")[0] in HEAVY)
     assert not heavy, f"importing {what} loads {heavy[:10]}"
+
+
+# What the web gateway's image lacks (docker/web.Dockerfile): the gateway, the HTTP front it borrows
+# its listener from and the wire codec must import without them, and without the server's runtime.
+GATEWAY_LACKS = ("torch", "onnxruntime", "tokenizers", "timm", "onnx", "captioner.serving.core",
+                 "captioner.serving.server.runtime", "captioner.serving.server.batching",
+                 "captioner.serving.server.app")
+
+
+@pytest.mark.parametrize("what", ["captioner.web.gateway", "captioner.serving.server.http",
+                                  "captioner.serving.server.codec"])
+def test_gateway_path_imports_no_tokenizers_or_onnxruntime(what):
+    code = ("import importlib, json, sys\nfor m in ('torch', 'onnxruntime', 'tokenizers'):\n    sys.modules[m] = None\n"
+            f"importlib.import_module({what!r})\n"
+            "print(json.dumps(sorted(m for m, v in sys.modules.items() if v is not None)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=os.environ.copy(), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not [m for m in loaded if m in GATEWAY_LACKS or m.split(".")[0] in GATEWAY_LACKS], what
 
 
 def _req_name(req: str) -> str:

@@ -373,7 +373,7 @@ def variant(request, exported_repo, trained_run, tmp_path_factory):
 
 def _served_by_captioner_serve(repo, imgs, beams=(1, 3)) -> dict:
     """{beam: captions} from `captioner serve`'s repository runner over `repo`, in process."""
-    from captioner.serving.server.app import Repository
+    from captioner.serving.server.runtime import Repository
 
     r = Repository(repo, control="explicit", load=[names.ENSEMBLE])
     try:

@@ -1,7 +1,6 @@
 """The exported Triton repository is exact: configs parse, agree with the ONNX graphs and
 with each other, and the Python-backend models run through a pb_utils test double."""
 import ast
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.modeling.inference import caption_tensor
 from captioner.serving.core import DecodeSettings, image_bytes_to_pixels
-from captioner.serving.triton_repo import LOAD_ORDER, VERSION_README, read_config
+from captioner.serving.triton_repo import VERSION_README, read_config
+from tests.helpers import load_model_py
 from tests.serving import pb_utils_double
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.INT64: mc.TYPE_INT64}
@@ -120,21 +120,9 @@ def test_bls_tensor_names_exist_in_called_configs(exported_repo):
     assert {i.name for i in shipped.get_inputs()} == {names.INPUT_IDS, names.PAST_LENGTH, *per_layer}
 
 
-def _load_model_py(repo, model, monkeypatch, load=LOAD_ORDER, version=1):
-    """Import <model>/<version>/model.py the way python_backend does, with Triton holding the
-    models an explicit-mode load of `load` gives (triton_repo.plan_load)."""
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils_double.make_module(repo, load))
-    spec = importlib.util.spec_from_file_location(f"triton_{model}", repo / model / str(version) / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    inst = mod.TritonPythonModel()
-    inst.initialize(pb_utils_double.model_args(repo, model, version))
-    return inst
-
-
 def test_preprocess_model_py(exported_repo, trained_run, monkeypatch):
     repo, _ = exported_repo
-    m = _load_model_py(repo, names.PREPROCESS, monkeypatch)
+    m = load_model_py(repo, names.PREPROCESS, monkeypatch)
     ck = load_checkpoint(trained_run.out_dir)
     imgs = [b for _, b in sample_images(ck.config.data, 3)]
     R = pb_utils_double.FakeRequest
@@ -152,16 +140,16 @@ def test_preprocess_model_py(exported_repo, trained_run, monkeypatch):
 
 
 def test_preprocess_model_py_refuses_a_request_over_the_pixel_budget(exported_repo, monkeypatch):
-    """Issue 10.5 in the Triton model too: three 12-megapixel PNGs (each under the per-image cap)
+    """The request pixel budget in the Triton model too: three 12-megapixel PNGs (each under the per-image cap)
     are refused together from their headers, before any of them is decoded."""
     import io
 
     from PIL import Image
 
-    from captioner.serving.core import REQUEST_PIXEL_BUDGET
+    from captioner.core.limits import REQUEST_PIXEL_BUDGET
 
     repo, _ = exported_repo
-    m = _load_model_py(repo, names.PREPROCESS, monkeypatch)
+    m = load_model_py(repo, names.PREPROCESS, monkeypatch)
     buf = io.BytesIO()
     Image.new("L", (4000, 3000)).save(buf, format="PNG")  # 12 MP, a few KB compressed
     big = buf.getvalue()
@@ -172,7 +160,7 @@ def test_preprocess_model_py_refuses_a_request_over_the_pixel_budget(exported_re
 
 def test_decode_loop_model_py_matches_pytorch(exported_repo, trained_run, monkeypatch):
     repo, _ = exported_repo
-    m = _load_model_py(repo, names.DECODE_LOOP, monkeypatch)
+    m = load_model_py(repo, names.DECODE_LOOP, monkeypatch)
     backend = sys.modules["triton_python_backend_utils"].backend
     batches, make_step = [], m.loop.make_step
     m.loop.make_step = lambda cross: batches.append(cross.shape[0]) or make_step(cross)

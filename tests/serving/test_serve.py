@@ -23,17 +23,8 @@ from captioner.serving.core import image_bytes_to_pixels
 from tests.helpers import start_serve
 
 
-@pytest.fixture(scope="module")
-def server(exported_repo, tmp_path_factory):
-    repo, _ = exported_repo
-    p, url = start_serve(repo, tmp_path_factory.mktemp("serve") / "serve.log")
-    yield url, p
-    if p.poll() is None:
-        p.kill()
-
-
 def test_health_metadata_and_config(server, exported_repo):
-    url, _ = server
+    url = server.grpc
     c = grpcclient.InferenceServerClient(url)
     assert c.is_server_live() and c.is_server_ready()
     for m in (names.ENSEMBLE, names.ENCODER, names.DECODER):
@@ -49,7 +40,7 @@ def test_health_metadata_and_config(server, exported_repo):
 
 
 def test_captions_equal_pytorch_greedy(server, trained_run):
-    url, _ = server
+    url = server.grpc
     ck = load_checkpoint(trained_run.out_dir)
     imgs = [b for _, b in sample_images(ck.config.data, 6)]
     pixels = torch.from_numpy(image_bytes_to_pixels(np.array(imgs, dtype=object), ck.preprocess))
@@ -61,7 +52,7 @@ def test_captions_equal_pytorch_greedy(server, trained_run):
 
 
 def test_encoder_and_decoder_are_served_directly(server, trained_run):
-    url, _ = server
+    url = server.grpc
     ck = load_checkpoint(trained_run.out_dir)
     imgs = [b for _, b in sample_images(ck.config.data, 2)]
     x = image_bytes_to_pixels(np.array(imgs, dtype=object), ck.preprocess)
@@ -75,7 +66,7 @@ def test_encoder_and_decoder_are_served_directly(server, trained_run):
 
 
 def test_200_requests_at_concurrency_16_without_errors(server, trained_run):
-    url, _ = server
+    url = server.grpc
     ck = load_checkpoint(trained_run.out_dir)
     imgs = [b for _, b in sample_images(ck.config.data, 8)]
     expected = {}
@@ -120,7 +111,7 @@ def _png(w, h):
     ("missing-input", "missing required input(s): IMAGE", "INVALID_ARGUMENT"),
 ])
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, trained_run, case, needle, code):
-    url, proc = server
+    url, proc = server.grpc, server.proc
     ck = load_checkpoint(trained_run.out_dir)
     good = sample_images(ck.config.data, 1)[0][1]
     model, inputs = names.ENSEMBLE, None
@@ -162,7 +153,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, train
 
 
 def test_caption_cli_against_server(server, synth_dir, tmp_path):
-    url, _ = server
+    url = server.grpc
     imgs = sorted((synth_dir / "flickr30k_images").glob("*.jpg"))[:3]
     bad = tmp_path / "x.jpg"
     bad.write_bytes(b"\x00\x01")

@@ -1,4 +1,4 @@
-"""Soak: mixed good and hostile requests at concurrency 16 against `captioner serve` (issue 10).
+"""Soak: mixed good and hostile requests at concurrency 16 against `captioner serve`.
 
 For CAPTIONER_SOAK_S seconds (default 60) sixteen clients send, at random, good requests (one or two
 held-out images, and a 15-megapixel image), and hostile ones: pixel and canvas bombs, a request over
@@ -28,7 +28,7 @@ from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.modeling.inference import caption_tensor
 from captioner.serving.core import image_bytes_to_pixels
-from tests.conftest import start_serve
+from tests.helpers import start_serve
 
 SOAK_S = float(os.environ.get("CAPTIONER_SOAK_S", "60"))
 CONCURRENCY = 16
@@ -152,6 +152,7 @@ def _hwm_mib(pid) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", open(f"/proc/{pid}/status").read()).group(1)) / 1024
 
 
+@pytest.mark.slow  # CAPTIONER_SOAK_S seconds (60) of load; `make test` runs it (no marker filter)
 @pytest.mark.skipif(SOAK_S <= 0, reason="CAPTIONER_SOAK_S=0")
 def test_soak_mixed_good_and_hostile_requests(exported_repo, trained_run, tmp_path):
     ck = load_checkpoint(trained_run.out_dir)

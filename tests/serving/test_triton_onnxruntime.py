@@ -1,4 +1,4 @@
-"""Defect 8: the exported graphs must run in the onnxruntime that the pinned Triton release
+"""The exported graphs must run in the onnxruntime that the pinned Triton release
 ships (captioner.core.deployment.TRITON_ONNXRUNTIME), not only in whatever this environment has.
 A throwaway venv gets exactly that onnxruntime wheel; the encoder, the decoder and the decode
 loop's step graph (both cache modes, driven through I/O binding as captioner.serving.onnx_runtime.BoundStep

@@ -137,7 +137,7 @@ def test_cluster_tensorboard_reads_the_runs_with_its_read_only_user(trained_run,
     from botocore.exceptions import ClientError
 
     from captioner.io.storage import publish
-    from tests.cluster.test_k8s import render
+    from tests.cluster.manifests import render
 
     docs = render("kind")
     dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "tensorboard")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, tiny_cfg
+from tests.helpers import ROOT, TINY, tiny_cfg
 
 from captioner.modeling.checkpoint import load_checkpoint
 

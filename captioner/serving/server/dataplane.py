@@ -1,26 +1,34 @@
 """The data plane of `captioner serve`: one layer that every protocol front end hands off to
 (KServe's server layout: `kserve/protocol/dataplane.py` behind its REST and gRPC servers).
 
-The gRPC Servicer (captioner.serving.server.app) and the HTTP/REST app (captioner.serving.server.http) only decode
-their wire format into `InputTensor`s and encode `InferResult`s back; validation against the
-model configuration, running the model and the statistics behind the Prometheus metrics
-(captioner.serving.server.metrics) happen here, once. Errors are `DataPlaneError(code, message)` with
+The gRPC Servicer (captioner.serving.server.grpc) and the HTTP/REST app
+(captioner.serving.server.http) get a DataPlane and only decode their wire format into
+`InputTensor`s and encode `InferResult`s back; validation against the model configuration,
+running the model, model statistics, the model-repository protocol (index, load, unload) and
+the request outcomes behind the Prometheus metrics (captioner.serving.server.metrics) happen
+here, once. It imports nothing of the fronts nor of the runtime (its `repo` is given), so the
+HTTP front needs neither onnxruntime nor tokenizers to import. Errors are `DataPlaneError(code, message)` with
 Triton's error codes; each front end maps the code to its status (gRPC StatusCode; HTTP status
 as Triton's src/http_server.cc `HttpCodeFromError`).
 """
 from __future__ import annotations
 
-import math
-import threading
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from captioner import __version__
 from captioner.core.names import ENSEMBLE
-from captioner.serving.core import RequestError
+from captioner.serving import triton_repo
+from captioner.serving.errors import RequestError
+from captioner.serving.server.codec import InputTensor, decode_inputs, dtype_of
+from captioner.serving.server.errors import Deadline, Expired, NotFound, ShuttingDown
+from captioner.serving.server.stats import TIMING, ModelStats
+
+log = logging.getLogger(__name__)
 
 # Triton error codes (TRITONSERVER_Error_Code) used here
 INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL, CANCELLED, DEADLINE = (
@@ -33,10 +41,6 @@ HTTP_STATUS = {INVALID_ARG: 400, NOT_FOUND: 404, UNAVAILABLE: 503, INTERNAL: 500
 REASONS = {INVALID_ARG: "REJECTED", NOT_FOUND: "REJECTED", UNAVAILABLE: "REJECTED", CANCELLED: "CANCELED",
            DEADLINE: "CANCELED", INTERNAL: "BACKEND"}
 
-DTYPES = {  # config enum name -> (protocol datatype, numpy dtype)
-    "TYPE_FP32": ("FP32", np.float32), "TYPE_INT64": ("INT64", np.int64), "TYPE_INT32": ("INT32", np.int32),
-    "TYPE_STRING": ("BYTES", np.object_), "TYPE_FP16": ("FP16", np.float16), "TYPE_BOOL": ("BOOL", np.bool_),
-}
 PLATFORM = {"onnxruntime": "onnxruntime_onnx", "python": "python"}
 
 
@@ -50,21 +54,6 @@ class DataPlaneError(Exception):
         return HTTP_STATUS[self.code]
 
 
-def dtype_of(t) -> tuple[str, type]:
-    return DTYPES[mc.DataType.Name(t.data_type)]
-
-
-@dataclass
-class InputTensor:
-    """One input as its wire delivered it: `raw` bytes (gRPC raw_input_contents, HTTP binary
-    data) or `data`, a flat list of elements (gRPC typed contents, HTTP JSON)."""
-    name: str
-    datatype: str
-    shape: list[int]
-    raw: bytes | memoryview | None = None
-    data: list | None = None
-
-
 @dataclass
 class InferResult:
     model: str
@@ -73,47 +62,12 @@ class InferResult:
     outputs: list[tuple[str, str, np.ndarray]]  # (name, datatype, array)
 
 
-@dataclass
-class _Stats:  # Triton's per-model statistics behind its nv_inference_* metrics
-    success: int = 0
-    failure: dict = field(default_factory=dict)  # reason -> count
-    inference_count: int = 0
-    exec_count: int = 0
-    request_us: int = 0
-    queue_us: int = 0
-    compute_us: int = 0
-
-
-class BatchTimer:
-    """Wraps a batcher function: records, on each batched item, when its batch started and
-    how long it ran (queue time = start - submit; compute time = the batch's run time), and
-    counts executions."""
-
-    KEY = "__timing__"
-
-    def __init__(self, fn):
-        self.fn, self.executions = fn, 0
-
-    def __call__(self, items: list[dict]):
-        t0 = time.monotonic()
-        self.executions += 1
-        try:
-            return self.fn(items)
-        finally:
-            t1 = time.monotonic()
-            for it in items:
-                tm = it.get(self.KEY)
-                if tm is not None:
-                    tm.update(start=t0, end=t1)
-
-
 class DataPlane:
-    """Health, metadata, configuration and inference over a `captioner.serving.server.app.Repository`."""
+    """Health, metadata, configuration, statistics, model control and inference over a
+    `captioner.serving.server.runtime.Repository`."""
 
     def __init__(self, repo):
         self.repo = repo
-        self._lock = threading.Lock()
-        self._stats: dict[tuple[str, str], _Stats] = {}
 
     # -- health and metadata
     def live(self) -> bool:
@@ -127,8 +81,6 @@ class DataPlane:
                 "extensions": ["classification", "model_configuration", "binary_tensor_data", "statistics"]}
 
     def version(self, name: str, version: str = "") -> int:
-        from captioner.serving.server.app import NotFound
-
         try:
             return self.repo.version(name, parse_version(version))
         except NotFound as e:
@@ -143,9 +95,7 @@ class DataPlane:
 
     def config(self, name: str, version: str = "") -> mc.ModelConfig:
         self.version(name, version)
-        from captioner.serving.triton_repo import autocomplete
-
-        return autocomplete(self.repo.models[name].config)  # what tritonserver answers after loading
+        return triton_repo.autocomplete(self.repo.models[name].config)  # what tritonserver answers after loading
 
     def model_metadata(self, name: str, version: str = "") -> dict:
         cfg = self.config(name, version)
@@ -158,16 +108,77 @@ class DataPlane:
                 "platform": cfg.platform or PLATFORM.get(cfg.backend, cfg.backend),
                 "inputs": [t(x) for x in cfg.input], "outputs": [t(x) for x in cfg.output]}
 
+    def model_statistics(self, name: str = "", version: str = "") -> list[dict]:
+        """Triton's ModelStatistics: one entry per loaded model (or the one named), at its latest
+        loaded version: inference_count (batch items), execution_count (model runs; the ensemble's
+        are its dynamic batches), last_inference (ms since the epoch)."""
+        if name:
+            self.config(name, version)  # NOT_FOUND / INVALID_ARG as the config RPC
+        out = []
+        for n in [name] if name else sorted(self.repo.loaded):
+            v = str(max(self.repo.loaded[n]))
+            st = self.repo.stats.of(n, v)
+            out.append({"name": n, "version": v, "inference_count": st.inference_count,
+                        "execution_count": st.exec_count, "last_inference": st.last_inference})
+        return out
+
+    # -- model repository protocol (Triton's RepositoryIndex / RepositoryModelLoad / RepositoryModelUnload)
+    def repository_index(self, ready: bool = False) -> list[dict]:
+        """Every model of the repository (re-read now), as tritonserver lists it."""
+        keys, read = triton_repo.listing_from_dir(self.repo.path)
+        out = []
+        for n, m in sorted(triton_repo.load_listing(keys, read).items()):
+            if n in self.repo.loaded:
+                out += [{"name": n, "version": str(v), "state": "READY"} for v in self.repo.loaded[n]]
+            elif ready:
+                continue
+            elif n in self.repo.unloaded:  # as tritonserver: unloaded models say so, with the version
+                out += [{"name": n, "version": str(v), "state": "UNAVAILABLE", "reason": "unloaded"}
+                        for v in self.repo.unloaded[n]]
+            else:  # never loaded: tritonserver lists the name only (no version, state or reason)
+                out.append({"name": n})
+        return out
+
+    def _explicit(self) -> None:
+        if self.repo.control != "explicit":
+            raise DataPlaneError(UNAVAILABLE, "explicit model load / unload is not allowed if polling is "
+                                              "enabled or model control mode is none")
+
+    def load_model(self, name: str, parameters: bool = False) -> None:
+        """Load `name` (and its ensemble steps) from the repository as it is now. `parameters`:
+        the request carried load parameters (config/file overrides), which are refused."""
+        if parameters:
+            raise DataPlaneError(INVALID_ARG, "load parameters (config/file overrides) are not supported")
+        self._explicit()
+        try:
+            self.repo.load([name])
+        except triton_repo.RepositoryError as e:
+            # tritonserver's codes and leading words (checked against it in tests/serving/test_real_triton.py):
+            # a version policy selecting nothing is INVALID_ARGUMENT; anything found while polling the
+            # repository is INTERNAL "failed to poll from model repository" (ours adds the reason, which
+            # tritonserver writes to its log only)
+            if triton_repo.NO_VERSION in str(e):
+                raise DataPlaneError(INVALID_ARG, str(e)) from None
+            raise DataPlaneError(INTERNAL, f"failed to load '{name}', failed to poll from model repository: {e}") \
+                from None
+        except Exception as e:  # noqa: BLE001 - a bad model fails its load, never the server
+            log.exception("load of %s failed", name)
+            raise DataPlaneError(INTERNAL, f"failed to load '{name}': {type(e).__name__}: {e}") from None
+
+    def unload_model(self, name: str) -> None:
+        self._explicit()
+        try:
+            self.repo.unload(name)
+        except NotFound:
+            raise DataPlaneError(NOT_FOUND, f"failed to unload '{name}': not loaded") from None
+
     # -- inference
     def infer(self, name: str, version: str, inputs: list[InputTensor], outputs: list[str] | None = None,
-              deadline=None, request_id: str = "") -> InferResult:
+              deadline: Deadline | None = None, request_id: str = "") -> InferResult:
         """Validate `inputs` against the model's config, run it, return the requested outputs
         (all when `outputs` is empty). Every outcome is counted for the metrics."""
-        from captioner.serving.server.app import Deadline, Expired, ShuttingDown
-
         t0 = time.monotonic()
         v = self.version(name, version)  # unknown model: not counted, as in Triton (no model to label)
-        key = (name, str(v))
         timing: dict = {}
         try:
             cfg = self.repo.models[name].config
@@ -176,62 +187,45 @@ class DataPlane:
             for t in inputs:  # the wire buffers (an HTTP body's memoryviews) are released once decoded
                 t.raw = t.data = None
             if name == ENSEMBLE:
-                arrays[BatchTimer.KEY] = timing
+                arrays[TIMING] = timing
             out = self.repo.run(name, arrays, v, deadline or Deadline())
             result = InferResult(name, version or "", request_id, select_outputs(cfg, out, outputs))
         except DataPlaneError as e:
-            self._count(key, t0, error=e.code)
+            self._count(name, v, t0, error=e.code)
             raise
         except Expired as e:
             code = CANCELLED if str(e) == "cancelled" else DEADLINE
-            self._count(key, t0, error=code)
+            self._count(name, v, t0, error=code)
             raise DataPlaneError(code, f"[{name}] {e}: request dropped") from None
         except ShuttingDown as e:
-            self._count(key, t0, error=UNAVAILABLE)
+            self._count(name, v, t0, error=UNAVAILABLE)
             raise DataPlaneError(UNAVAILABLE, f"[{name}] {e}") from None
-        except (RequestError, ValueError) as e:
-            self._count(key, t0, error=INVALID_ARG)
+        except ValueError as e:  # RequestError included: bad input
+            self._count(name, v, t0, error=INVALID_ARG)
             raise DataPlaneError(INVALID_ARG, f"[{name}] {e}") from None
         except Exception as e:  # noqa: BLE001 - a failure is this request's, never the server's
-            import logging
-
-            logging.getLogger(__name__).exception("model %s failed", name)
-            self._count(key, t0, error=INTERNAL)
+            log.exception("model %s failed", name)
+            self._count(name, v, t0, error=INTERNAL)
             raise DataPlaneError(INTERNAL, f"[{name}] {type(e).__name__}: {e}") from None
-        rows = len(next(iter(a for k, a in arrays.items() if k != BatchTimer.KEY))) if cfg.max_batch_size > 0 else 1
-        self._count(key, t0, rows=rows, timing=timing, t_submit=timing.get("submit"))
+        self._count(name, v, t0, timing=timing)
         return result
 
-    def _count(self, key, t0: float, error: str | None = None, rows: int = 0, timing: dict | None = None,
-               t_submit: float | None = None) -> None:
+    def _count(self, name: str, v: int, t0: float, error: str | None = None, timing: dict | None = None) -> None:
+        """A request's outcome and durations; its batch items and executions are the runtime's."""
         t1 = time.monotonic()
-        with self._lock:
-            st = self._stats.setdefault(key, _Stats())
-            st.request_us += int((t1 - t0) * 1e6)
-            if error is not None:
-                reason = REASONS[error]
-                st.failure[reason] = st.failure.get(reason, 0) + 1
-                return
-            st.success += 1
-            st.inference_count += rows
-            if timing and "start" in timing:  # batched (ensemble): queue until its batch ran
-                st.queue_us += int((timing["start"] - timing.get("submit", timing["start"])) * 1e6)
-                st.compute_us += int((timing["end"] - timing["start"]) * 1e6)
-            else:  # run directly: no queue
-                st.exec_count += 1
-                st.compute_us += int((t1 - t0) * 1e6)
+        request_us = int((t1 - t0) * 1e6)
+        if error is not None:
+            self.repo.stats.request(name, v, request_us, failure=REASONS[error])
+        elif timing and "start" in timing:  # batched (ensemble): queued until its batch ran
+            self.repo.stats.request(name, v, request_us,
+                                    queue_us=int((timing["start"] - timing.get("submit", timing["start"])) * 1e6),
+                                    compute_us=int((timing["end"] - timing["start"]) * 1e6))
+        else:  # run directly: no queue
+            self.repo.stats.request(name, v, request_us, compute_us=request_us)
 
-    def stats(self) -> dict[tuple[str, str], _Stats]:
-        """A copy of the per-(model, version) statistics; the ensemble's execution count is
-        the number of dynamic batches it ran."""
-        with self._lock:
-            out = {k: _Stats(**{**vars(s), "failure": dict(s.failure)}) for k, s in self._stats.items()}
-        timer = getattr(self.repo, "batch_timer", None)
-        if timer is not None:
-            for (n, _v), s in out.items():
-                if n == ENSEMBLE:
-                    s.exec_count = timer.executions
-        return out
+    def stats(self) -> dict[tuple[str, str], ModelStats]:
+        """A copy of the per-(model, version) statistics (what the metrics front renders)."""
+        return self.repo.stats.snapshot()
 
 
 def parse_version(version: str) -> int:
@@ -247,98 +241,11 @@ def parse_version(version: str) -> int:
     return int(version)
 
 
-# The numbers each datatype holds: a JSON/typed element outside them is refused, never wrapped,
-# truncated (3.7 -> 3) or converted from another kind (true -> 1).
-_INT_RANGE = {"INT32": (-(1 << 31), (1 << 31) - 1), "INT64": (-(1 << 63), (1 << 63) - 1)}
-_FLOAT_MAX = {"FP32": float(np.finfo(np.float32).max), "FP16": float(np.finfo(np.float16).max)}
-MAX_DIM = 1 << 31  # any larger dimension is refused before its element count is computed
-
-
-def _check_elements(name: str, dt: str, data: list) -> None:
-    if dt in _INT_RANGE:
-        lo, hi = _INT_RANGE[dt]
-        for x in data:
-            if type(x) is not int or not lo <= x <= hi:  # bool is an int subclass: refused by `type(...) is`
-                raise RequestError(f"input '{name}': {dt} elements must be integers in [{lo}, {hi}], got {x!r}")
-    elif dt in _FLOAT_MAX:
-        m = _FLOAT_MAX[dt]
-        for x in data:
-            if type(x) not in (int, float) or not math.isfinite(x) or abs(x) > m:
-                raise RequestError(f"input '{name}': {dt} elements must be finite numbers within +-{m:g}, got {x!r}")
-    elif dt == "BOOL":
-        for x in data:
-            if type(x) is not bool:
-                raise RequestError(f"input '{name}': BOOL elements must be true or false, got {x!r}")
-
-
 def check_outputs(cfg: mc.ModelConfig, requested: list[str] | None) -> None:
     known = [o.name for o in cfg.output]
     for n in requested or []:
         if n not in known:
             raise RequestError(f"unknown output '{n}' requested (model outputs: {', '.join(known)})")
-
-
-def decode_inputs(cfg: mc.ModelConfig, inputs: list[InputTensor]) -> dict[str, np.ndarray]:
-    """Wire tensors -> arrays, checked against the config: names, datatypes, shapes, batch
-    bounds, element counts (a BYTES payload's length prefixes are walked only up to the count
-    its shape needs)."""
-    from captioner.serving.server.app import bytes_elements
-
-    spec = {t.name: t for t in cfg.input}
-    batched = cfg.max_batch_size > 0
-    got: dict[str, np.ndarray] = {}
-    batch_sizes = set()
-    for t in inputs:
-        s = spec.get(t.name)
-        if s is None:
-            raise RequestError(f"unexpected input '{t.name}' (model inputs: {', '.join(spec)})")
-        if t.name in got:
-            raise RequestError(f"input '{t.name}' given twice")
-        want_dt, np_dt = dtype_of(s)
-        if t.datatype != want_dt:
-            raise RequestError(f"input '{t.name}' has datatype {t.datatype}, expected {want_dt}")
-        shape = [int(x) for x in t.shape]
-        if any(not -MAX_DIM <= g <= MAX_DIM for g in shape):
-            raise RequestError(f"input '{t.name}' has shape {shape}: a dimension is over {MAX_DIM}")
-        dims = ([-1] if batched else []) + list(s.dims)
-        if len(shape) != len(dims) or any(d != -1 and g != d for g, d in zip(shape, dims)):
-            raise RequestError(f"input '{t.name}' has shape {shape}, expected {dims} (-1 = any)")
-        if any(g < 0 for g in shape):
-            raise RequestError(f"input '{t.name}' has a negative dimension in {shape}")
-        if batched:
-            if not 1 <= shape[0] <= cfg.max_batch_size:
-                raise RequestError(f"input '{t.name}' batch size {shape[0]} is outside 1..{cfg.max_batch_size}")
-            batch_sizes.add(shape[0])
-        n = math.prod(shape)
-        if t.raw is not None:
-            if want_dt == "BYTES":
-                arr = bytes_elements(t.raw, n, t.name)
-            else:
-                if len(t.raw) != n * np.dtype(np_dt).itemsize:
-                    raise RequestError(f"input '{t.name}' has {len(t.raw)} bytes, shape {shape} of {want_dt} "
-                                       f"needs {n * np.dtype(np_dt).itemsize}")
-                # bytes(): a view into an HTTP body would keep the whole body alive (no copy for gRPC bytes)
-                arr = np.frombuffer(bytes(t.raw), dtype=np_dt)
-        elif t.data is not None:
-            if len(t.data) != n:
-                raise RequestError(f"input '{t.name}' holds {len(t.data)} elements, shape {shape} needs {n}")
-            if want_dt == "BYTES":
-                if not all(isinstance(x, (bytes, str)) for x in t.data):
-                    raise RequestError(f"input '{t.name}': BYTES elements must be strings")
-                arr = np.empty(n, dtype=np.object_)
-                arr[:] = [x.encode() if isinstance(x, str) else x for x in t.data]
-            else:
-                _check_elements(t.name, want_dt, t.data)
-                arr = np.asarray(t.data, dtype=np_dt)
-        else:
-            raise RequestError(f"input '{t.name}' has no data")
-        got[t.name] = arr.reshape(shape)
-    missing = [n for n, s in spec.items() if not s.optional and n not in got]
-    if missing:
-        raise RequestError(f"missing required input(s): {', '.join(missing)}")
-    if len(batch_sizes) > 1:
-        raise RequestError(f"inputs disagree on batch size: {sorted(batch_sizes)}")
-    return got
 
 
 def select_outputs(cfg: mc.ModelConfig, outputs: dict[str, np.ndarray],

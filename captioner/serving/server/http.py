@@ -44,26 +44,27 @@ import socket
 import threading
 import time
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from captioner.serving.server.dataplane import INVALID_ARG, DataPlane, DataPlaneError, InputTensor, parse_version
+from captioner.core.limits import (
+    BODY_IDLE_TIMEOUT_S,
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    MAX_JSON_HEADER,
+    MAX_TIMEOUT_US,
+    RETRY_AFTER_S,
+)
+from captioner.serving.server.codec import InputTensor, raw_contents
+from captioner.serving.server.dataplane import INVALID_ARG, DataPlane, DataPlaneError, parse_version
+from captioner.serving.server.errors import Deadline
 
 log = logging.getLogger(__name__)
 
 HEADER = "inference-header-content-length"
-MAX_JSON_HEADER = 1 << 20  # the JSON part of a request (tensor metadata; JSON tensors are small here)
-# Read timeouts (nginx's client_header_timeout / client_body_timeout are per read, 60 s; ours
-# are shorter: the largest body is 17 MiB).
-HEADER_TIMEOUT_S = 10.0  # a request head complete within this of the connection / its first byte
-BODY_IDLE_TIMEOUT_S = 15.0  # longest pause between two reads of a body
-BODY_TIMEOUT_S = 120.0  # a whole body (17 MiB at 150 kB/s)
-MAX_TIMEOUT_US = 86_400 * 10**6  # parameters.timeout beyond a day: no deadline (Triton's uint64 has no use for more)
-RETRY_AFTER_S = 1
 
 
 def _error(status: int, msg: str, headers: dict | None = None) -> JSONResponse:
@@ -231,12 +232,7 @@ def encode_infer_response(res, req: dict, outs: list[dict]) -> Response:
     for name, dt, arr in res.outputs:
         o = {"name": name, "datatype": dt, "shape": list(arr.shape)}
         if want_binary.get(name, default_binary):
-            if dt == "BYTES":
-                from tritonclient.utils import serialize_byte_tensor
-
-                blob = serialize_byte_tensor(arr).item() if arr.size else b""
-            else:
-                blob = np.ascontiguousarray(arr).tobytes()
+            blob = raw_contents(dt, arr)
             o["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif dt == "BYTES":
@@ -276,8 +272,6 @@ def create_app(plane: DataPlane, max_body: int, max_in_flight: int = 32,
                body_timeouts: tuple[float, float] = (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S)) -> FastAPI:
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from captioner.serving.server.app import Deadline
 
     app = FastAPI(title="captioner serve (Triton HTTP/REST)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.in_flight = 0

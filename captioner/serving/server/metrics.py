@@ -20,6 +20,8 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from captioner.core.limits import SCRAPE_READ_TIMEOUT_S
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ FAMILIES = [  # (name, help, _Stats attribute)
                                                "(does not include cached requests)", "compute_us"),
 ]
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
-SCRAPE_READ_TIMEOUT_S = 10
 
 
 class TritonCollector:
@@ -79,8 +80,8 @@ def render(registry) -> bytes:
 
 
 def start_metrics_server(plane, host: str, port: int):
-    """Serve /metrics on host:port in a daemon thread; returns (server, bound port). OSError when
-    the port cannot be bound (the message names it)."""
+    """Serve /metrics on host:port in a daemon thread; returns the server (its bound `port`,
+    `stop()`). OSError when the port cannot be bound (the message names it)."""
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -107,6 +108,13 @@ def start_metrics_server(plane, host: str, port: int):
         ThreadingMixIn). prometheus_client's own exposition.ThreadingWSGIServer is the same."""
         daemon_threads = True
 
+        @property
+        def port(self) -> int:
+            return self.server_address[1]
+
+        def stop(self) -> None:
+            self.shutdown()
+
         def handle_error(self, request, client_address):
             import sys
 
@@ -120,4 +128,4 @@ def start_metrics_server(plane, host: str, port: int):
         raise OSError(f"cannot listen for metrics on {host}:{port}: {e.strerror or e} (choose another with "
                       f"--metrics-port)") from None
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
-    return httpd, httpd.server_address[1]
+    return httpd

@@ -71,7 +71,7 @@ def _port_forward(ctx, target, remote):
 
 
 def test_tiny_pytorchjob_then_triton_captions(cluster, tmp_path):
-    from captioner.cluster.pytorchjob import KubeApi, launch_and_wait, training_job
+    from captioner.cluster.jobs import KubeApi, launch_and_wait, training_job
     from captioner.data.ingest import IngestOptions, ingest
     from captioner.data.synthetic import generate
     from captioner.serving.client import caption_bytes, wait_ready
