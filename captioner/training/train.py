@@ -10,17 +10,17 @@ folder is gone (a restarted pod).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
-import functools
-import hashlib
 import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +29,36 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from captioner.modeling.checkpoint import (CheckpointSaver, TrainState, checkpoint_dict, rng_state, set_rng_state,
-                                  train_state)
 from captioner.core.config import ExperimentConfig, save_config
-from captioner.data.sources import (CaptionImageDataset, DataSummary, ImageRecord, ResumableBatchSampler, assign_splits,
-                            by_split, collate_grouped, read_records, summarize, verify_images)
 from captioner.core.decoding import DecodeParams
-from captioner.core.errors import UserError
-from captioner.training.evaluate import score_records
-from captioner.modeling.model import Captioner, count_params
+from captioner.core.errors import DataNotFoundError, UserError
 from captioner.core.preprocess import PreprocessConfig
-from captioner.data.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
 from captioner.core.tokenizer import CaptionTokenizer
+from captioner.data.datasets import CaptionImageDataset, ResumableBatchSampler, collate_grouped
+from captioner.data.manifest import is_shard_source, materialize, open_shard_source, shard_store
+from captioner.data.shards import ShardStream
+from captioner.data.sources import (
+    LAYOUTS,
+    DataSummary,
+    ImageRecord,
+    assign_splits,
+    by_split,
+    read_records,
+    summarize,
+    verify_images,
+)
+from captioner.io.storage import is_s3
+from captioner.modeling.checkpoint import (
+    CheckpointSaver,
+    TrainState,
+    checkpoint_dict,
+    rng_state,
+    set_rng_state,
+    train_state,
+)
+from captioner.modeling.model import Captioner, count_params
 from captioner.training.board import TrainBoard, grad_norm
+from captioner.training.evaluate import score_records
 
 log = logging.getLogger(__name__)
 # one line per rank at start and end, whatever the rank's log level (the CLI quiets ranks > 0)
@@ -221,8 +238,6 @@ def config_changes(saved: dict, cfg: ExperimentConfig) -> list[str]:
 
 
 def _check_resume_config(ckpt: dict, cfg: ExperimentConfig, where: str) -> None:
-    from captioner.data.shards import is_shard_source
-
     changed = config_changes(ckpt.get("config", {}), cfg)
     if is_shard_source(cfg.data.source):  # the dataset's own split is used, whatever these say
         changed = [c for c in changed if c.split()[0] not in {f"data.{k}" for k in SPLIT_KEYS}]
@@ -239,16 +254,11 @@ def _resolve_local_source(cfg: ExperimentConfig, main: bool = True) -> None:
     """Fail before anything is written when the data source is missing, and store local paths
     absolute, so that the run (its config.yaml and checkpoints) is usable from any folder.
     Only rank 0 reads a local source (the others get it broadcast), so only it checks."""
-    from captioner.io.storage import is_s3
-
     d = cfg.data
     if is_s3(d.source):
         return
     src = Path(d.source)
     if main and not src.exists():
-        from captioner.data.sources import LAYOUTS
-        from captioner.core.errors import DataNotFoundError
-
         raise DataNotFoundError(f"data source not found: {d.source}",
                                 hint=f"point --data.source at {LAYOUTS}; to try things out first, "
                                      f"`captioner generate-data {d.source}` writes generated images there")
@@ -738,8 +748,6 @@ def _log_step(out: Path, step: int, epoch: int, loss: float, lr: float, now: flo
               pairs_per_s: float) -> None:
     """One line of metrics.jsonl: the step's loss and lr, when it ended (UTC) and the
     throughput of all ranks (rank 0's rate times the world size: ranks take equal batches)."""
-    from datetime import datetime, timezone
-
     row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
            "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
            "images_per_s": round(images_per_s, 2), "pairs_per_s": round(pairs_per_s, 2)}
