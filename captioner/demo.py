@@ -25,7 +25,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
 
     from captioner.core.deployment import CONTROL_KEY_ENV
     from captioner.core.runs import CKPT_BEST
-    from captioner.data.shards import materialize, open_shard_source
+    from captioner.data.manifest import materialize, open_shard_source
     from captioner.data.synthetic import attribute_accuracy, generate
     from captioner.export.report import ExportReport
     from captioner.modeling.checkpoint import load_checkpoint

@@ -3,7 +3,7 @@
 Validates every image (decoded, pixel count bounded) and caption, strips image metadata
 (EXIF/GPS, XMP, comments; orientation baked in) unless told not to, optionally resizes, packs
 images + captions into WebDataset-style tar shards grouped by split, uploads them in
-parallel and writes `manifest.json` (a `shards.Manifest`) last. A zip source is extracted
+parallel and writes `manifest.json` (a `manifest.Manifest`) last. A zip source is extracted
 member by member under a byte and member cap, never outside its folder. Shard bytes are deterministic (sorted items,
 fixed tar headers), so a rerun after an interruption skips every shard already stored with
 the right sha256 and ends with exactly the store a clean run writes.
@@ -29,10 +29,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from captioner.core.preprocess import DEFAULT_MAX_PIXELS, FORMAT_EXT, ImageError, load_image, open_image
-from captioner.data.shards import MANIFEST, ItemEntry, Manifest, ShardEntry, SplitCount
+from captioner.data.manifest import MANIFEST, ItemEntry, Manifest, ShardEntry, SplitCount
 from captioner.data.sources import SPLITS, DataSummary, ImageRecord, assign_splits, read_records
 from captioner.io.files import sha256_file
-from captioner.io.storage import Store, open_store
+from captioner.io.storage import Store, confined, open_store
 
 log = logging.getLogger(__name__)
 # A zip source is extracted only while it stays under these (Flickr30k: ~32k members, 4.4 GB;
@@ -122,8 +122,6 @@ def extract_zip(path: Path, dest: Path) -> None:
     """Extract regular files inside `dest`, refusing the archive past MAX_UNZIP_MEMBERS members
     or MAX_UNZIP_BYTES bytes actually written (headers may lie: bytes are counted as they
     are inflated). Names that are absolute or climb out ('../') are skipped with a warning."""
-    from captioner.io.storage import confined
-
     cap, total = MAX_UNZIP_BYTES, 0
     with zipfile.ZipFile(path) as z:
         infos = z.infolist()

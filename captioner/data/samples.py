@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from captioner.core.config import DataConfig
-from captioner.data.shards import is_shard_source, materialize, open_shard_source
+from captioner.data.manifest import is_shard_source, materialize, open_shard_source
 from captioner.data.sources import assign_splits, by_split, read_records
 from captioner.data.synthetic import draw_scene
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from captioner.core.preprocess import PreprocessConfig
 from captioner.core.runs import CKPT_BEST, CKPT_LATEST, LOG_INDEX, RUN_LOG_DIRS, RUN_LOGS
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.io.files import atomic_copy, atomic_write
+from captioner.io.storage import open_store, publish
 from captioner.modeling.model import Captioner
 
 log = logging.getLogger(__name__)
@@ -94,8 +97,6 @@ def train_state(raw: dict) -> TrainState:
 def _load_reason(e: Exception) -> str:
     """Why torch.load refused a file, without its advice to load it with weights_only=False
     (which would run whatever code the file holds)."""
-    import re
-
     text = str(e).strip()
     m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     if m:
@@ -106,8 +107,6 @@ def _load_reason(e: Exception) -> str:
 
 def load_raw(path: str | Path, map_location: str = "cpu") -> dict:
     """torch.load with weights_only=True; anything else is refused with one line naming the file."""
-    import zipfile
-
     p = Path(path)
     if p.is_file() and not zipfile.is_zipfile(p):  # torch.save writes a zip archive; a CSV, image... is not one
         raise CheckpointError(f"{p}: not a captioner checkpoint (not a file written by torch.save)")
@@ -146,8 +145,6 @@ class CheckpointSaver:
         self.out, self.store_uri, self.main = Path(out_dir), store_uri, main
 
     def _store(self, create: bool = False):
-        from captioner.io.storage import open_store
-
         return open_store(self.store_uri, create=create)
 
     def existing(self) -> str | None:
@@ -226,8 +223,6 @@ class CheckpointSaver:
         if not (self.out / CKPT_BEST).exists() and (self.out / CKPT_LATEST).exists():
             atomic_copy(self.out / CKPT_LATEST, self.out / CKPT_BEST)
         if self.store_uri:
-            from captioner.io.storage import publish
-
             publish(self.out, self.store_uri)
             log.info("published %s to %s", self.out, self.store_uri)
 

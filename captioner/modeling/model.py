@@ -19,14 +19,12 @@ import torch.nn.functional as F
 
 from captioner.core.config import ModelConfig
 from captioner.core.errors import WeightsUnavailableError
+from captioner.modeling.encoders import check_encoder
 
-EncoderWeightsError = WeightsUnavailableError  # the older name
 
-
+# ---------------------------------------------------------------------------------------
 def build_encoder(cfg: ModelConfig) -> nn.Module:
-    import timm
-
-    from captioner.modeling.encoders import check_encoder
+    import timm  # slow to import: only when an encoder is built
 
     check_encoder(cfg.encoder, cfg.pretrained, cfg.encoder_weights)  # a clear error now, not timm's later
     kwargs = dict(cfg.encoder_kwargs)
@@ -45,7 +43,7 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - re-raised with the fix in the message
         if not pretrained:
             raise
-        raise EncoderWeightsError(
+        raise WeightsUnavailableError(
             f"could not load pretrained weights for timm encoder '{cfg.encoder}': {type(e).__name__}: {e}\n"
             "Either make the Hugging Face Hub reachable (or point HF_HUB_CACHE at a cache that holds "
             "the weights), or download the weights file elsewhere and pass "

@@ -80,7 +80,7 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
     from captioner.cluster.jobs import KubeApi, check_cost, launch_and_wait, served_kind, training_job
     from captioner.cluster.jobspec import job_name
     from captioner.core.cost import DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, estimate_cost
-    from captioner.data.shards import open_shard_source
+    from captioner.data.manifest import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)
     pairs = sum(len(it.captions) for it in manifest.items_in("train"))

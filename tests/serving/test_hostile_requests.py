@@ -100,7 +100,7 @@ def test_heavy_requests_do_not_stall_a_small_one(server, heavy_png, good):
 
 def test_request_pixel_budget_refuses_many_heavy_images(server, heavy_png, good):
     """Three 15-megapixel images (45 MP) exceed the per-request budget: refused before decoding."""
-    url, p, log = server.grpc, server.proc, server.log
+    url, p = server.grpc, server.proc
     with pytest.raises(grpc.RpcError) as ei:
         infer_raw(url, names.ENSEMBLE, image_request([heavy_png] * 3))
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
@@ -143,7 +143,7 @@ def test_memory_bounded_under_three_concurrent_heavy_requests(exported_repo, tmp
 # -- BYTES tensors and message limits ----------------------------------------------------------------
 
 def test_malformed_length_prefix_is_invalid_argument(server, good):
-    url, p, log = server.grpc, server.proc, server.log
+    url, p = server.grpc, server.proc
     raw = struct.pack("<I", 1000) + b"only ten b"  # declares 1000 bytes, holds 10
     with pytest.raises(grpc.RpcError) as ei:
         infer_raw(url, names.ENSEMBLE, [(names.IMAGE, "BYTES", [1, 1], raw)])
@@ -160,7 +160,7 @@ def test_malformed_length_prefix_is_invalid_argument(server, good):
 def test_bytes_element_count_is_checked_while_walking(server, good):
     """Two million empty elements for a [1, 1] tensor: the server stops at the second element
     (its answer says 'more than 1'), instead of deserialising all of them first."""
-    url, p, log = server.grpc, server.proc, server.log
+    url, p = server.grpc, server.proc
     with pytest.raises(grpc.RpcError) as ei:
         infer_raw(url, names.ENSEMBLE, [(names.IMAGE, "BYTES", [1, 1], b"\x00\x00\x00\x00" * 2_000_000)])
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
@@ -210,7 +210,7 @@ def test_abandoned_requests_are_not_decoded(server, heavy_png, good, how):
     cancelling the call. The server must drop their work instead of decoding it for nobody: its log
     counts the skipped images, and at least the three requests queued behind the first in the heavy
     lane are skipped whole (6 images). The next request is served."""
-    url, p, log = server.grpc, server.proc, server.log
+    url, p = server.grpc, server.proc
     before = len(re.findall(r"skipped decoding (\d+) of 2 image", log.read_text()))
     with grpc.insecure_channel(url) as ch:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
