@@ -10,8 +10,8 @@ import os
 import triton_python_backend_utils as pb_utils
 
 from captioner.core.names import IMAGE, PIXEL_VALUES
-from captioner.serving.core import (REQUEST_PIXEL_BUDGET, check_pixel_budget, error_code, image_bytes_to_pixels,
-                                    load_preprocess)
+from captioner.core.limits import REQUEST_PIXEL_BUDGET
+from captioner.serving.core import check_pixel_budget, error_code, image_bytes_to_pixels, load_preprocess
 
 
 class TritonPythonModel:
