@@ -51,7 +51,7 @@ from captioner.modeling.model import Captioner
 from captioner.core.names import DECODE_LOOP, DECODER_GRAPH_FILE
 from captioner.export.graphs import step_weight_bytes
 from captioner.serving.onnx_runtime import OrtCaptioner
-from captioner.core.preprocess import PreprocessConfig
+from captioner.modeling.encoders import resolve_preprocess
 from captioner.serving.core import DecodeLoop
 from captioner.core.tokenizer import CaptionTokenizer
 
@@ -131,7 +131,7 @@ def random_model(config: str, vocab: int):
     tok = CaptionTokenizer.train([" ".join(words)], "wordlevel", vocab_size=vocab)
     cfg.model.vocab_size, cfg.model.pretrained = tok.vocab_size, False
     model = Captioner(cfg.model).eval()
-    return cfg, model, tok, PreprocessConfig.from_model(model.encoder.backbone)
+    return cfg, model, tok, resolve_preprocess(model.encoder.backbone)
 
 
 def save_random(work: Path, cfg, model, tok, pre) -> Path:

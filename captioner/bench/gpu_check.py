@@ -1,4 +1,4 @@
-"""GPU check (issue 13): run on a CUDA machine and record what it prints. It needs a GPU;
+"""GPU check: run on a CUDA machine and record what it prints. It needs a GPU;
 without one it says so and exits 2 (it has not been run in development: no GPU was available).
 
     python -m captioner.bench.gpu_check [--peak-tflops 989] [--steps 10] [--json]
@@ -34,13 +34,13 @@ from torch.utils.flop_counter import FlopCounterMode
 def training_mfu(config: str, peak_tflops: float, images: int, captions: int, steps: int, vocab: int) -> dict:
     from captioner.core.config import load_config
     from captioner.modeling.model import Captioner
-    from captioner.core.preprocess import PreprocessConfig
+    from captioner.modeling.encoders import resolve_preprocess
 
     torch.manual_seed(0)
     cfg = load_config(config)
     cfg.model.vocab_size, cfg.model.pretrained, cfg.model.encoder_weights = vocab, False, ""
     model = Captioner(cfg.model).cuda()
-    pre = PreprocessConfig.from_model(model.encoder.backbone)
+    pre = resolve_preprocess(model.encoder.backbone)
     B, K, T = images, captions, cfg.model.max_len
     x = torch.randn(B, *pre.input_size, device="cuda")
     tok = torch.randint(4, vocab, (B * K, T), device="cuda")

@@ -11,7 +11,7 @@ early with random weights, so every level captions the same images in the same o
 The ceiling: the exported encoder alone (onnxruntime, the server's thread count) at the served
 batch size (the ensemble's max batch), timed in this run before the server starts: no served
 caption can come faster than its image is encoded, so images/s at each level is also printed
-as a share of batch / encoder time. Goals: >= 3x images/s at concurrency 32 vs 1 (issue 13);
+as a share of batch / encoder time. Goals: >= 3x images/s at concurrency 32 vs 1 (dynamic batching pays);
 concurrency 32 at >= 85% of the ceiling. CPU here: ratios, not GPU figures.
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from captioner.core.config import load_config
 from captioner.io.storage import LocalStore
 from captioner.modeling.model import Captioner
-from captioner.core.preprocess import PreprocessConfig
+from captioner.modeling.encoders import resolve_preprocess
 
 
 class CountingStore(LocalStore):
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(a.config)
     cfg.model.vocab_size = a.vocab
     model = Captioner(cfg.model)
-    pre = PreprocessConfig.from_model(model.encoder.backbone)
+    pre = resolve_preprocess(model.encoder.backbone)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     B, K, T = a.images, a.captions, cfg.model.max_len
     images = torch.randn(B, *pre.input_size)

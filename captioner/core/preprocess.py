@@ -61,14 +61,6 @@ class PreprocessConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
-    def from_model(cls, encoder_backbone) -> "PreprocessConfig":
-        from timm.data import resolve_data_config  # timm loads torch: core imports it only with a model at hand
-
-        dc = resolve_data_config({}, model=encoder_backbone)
-        return cls(input_size=tuple(int(x) for x in dc["input_size"]), mean=tuple(float(x) for x in dc["mean"]),
-                   std=tuple(float(x) for x in dc["std"]), interpolation=str(dc.get("interpolation", "bicubic")))
-
-    @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
         d = dict(d)
         for k in ("input_size", "mean", "std"):

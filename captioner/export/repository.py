@@ -24,6 +24,7 @@ from pathlib import Path
 from captioner.core.limits import MAX_BATCH
 from captioner.core.names import DECODE_LOOP, PREPROCESS, PREPROCESS_FILE, TOKENIZER_FILE
 from captioner.core.preprocess import PreprocessConfig
+from captioner.modeling.encoders import resolve_preprocess
 from captioner.core.runs import CONFIG_FILE
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.export.report import EXPORT_REPORT_FILE, Dims
@@ -87,7 +88,7 @@ def write_example(out: str | Path, preset: str = EXAMPLE_PRESET) -> Path:
     cfg.model.vocab_size, cfg.model.pretrained = tok.vocab_size, False
     torch.manual_seed(0)
     model = Captioner(cfg.model).eval()
-    pre = PreprocessConfig.from_model(model.encoder.backbone)
+    pre = resolve_preprocess(model.encoder.backbone)
     final = Path(out).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling_folder(final, "new")

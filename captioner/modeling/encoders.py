@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from captioner.core.errors import UserError, WeightsUnavailableError
+from captioner.core.preprocess import PreprocessConfig
 
 WEIGHTS_HINT = ("make the Hugging Face Hub reachable (or point HF_HUB_CACHE at a cache that holds the weights), "
                 "or download the weights file elsewhere and pass --model.encoder_weights=/path/to/model.safetensors, "
@@ -78,3 +79,14 @@ def _check_pretrained(name: str, timeout: float = 5.0) -> None:
         reason = getattr(e, "reason", e)
         raise WeightsUnavailableError(f"pretrained weights for '{name}' are not cached and {where} cannot be "
                                       f"reached ({reason})", WEIGHTS_HINT) from e
+
+
+def resolve_preprocess(backbone) -> PreprocessConfig:
+    """The encoder's preprocessing (input size, mean, std, interpolation) from timm's own resolver,
+    `timm.data.resolve_data_config`: the one place these numbers come from."""
+    from timm.data import resolve_data_config  # timm is slow to import; only with a model at hand
+
+    dc = resolve_data_config({}, model=backbone)
+    return PreprocessConfig(input_size=tuple(int(x) for x in dc["input_size"]), mean=tuple(float(x) for x in dc["mean"]),
+                            std=tuple(float(x) for x in dc["std"]),
+                            interpolation=str(dc.get("interpolation", "bicubic")))

@@ -33,6 +33,7 @@ from captioner.core.config import ExperimentConfig, save_config
 from captioner.core.decoding import DecodeParams
 from captioner.core.errors import DataNotFoundError, UserError
 from captioner.core.preprocess import PreprocessConfig
+from captioner.modeling.encoders import resolve_preprocess
 from captioner.core.runs import CONFIG_FILE, DATA_SUMMARY_FILE, METRICS_LOG, VAL_METRICS_LOG
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.data.datasets import CaptionImageDataset, ResumableBatchSampler, collate_grouped
@@ -556,7 +557,7 @@ def setup(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
     cfg.model.vocab_size, cfg.model.pad_id = tok.vocab_size, tok.pad_id
 
     model = Captioner(cfg.model)
-    pre = PreprocessConfig.from_model(model.encoder.backbone)
+    pre = resolve_preprocess(model.encoder.backbone)
     model.to(di.device)
     if di.main:
         save_config(cfg, out / CONFIG_FILE)

@@ -3,7 +3,7 @@ import torch
 
 from captioner.core.config import ModelConfig
 from captioner.core.errors import WeightsUnavailableError
-from captioner.core.preprocess import PreprocessConfig
+from captioner.modeling.encoders import resolve_preprocess
 from captioner.modeling.model import Captioner
 
 CONFIGS = {
@@ -21,7 +21,7 @@ def model(request):
 
 
 def _inputs(m, B=3, N=None):
-    pre = PreprocessConfig.from_model(m.encoder.backbone)
+    pre = resolve_preprocess(m.encoder.backbone)
     images = torch.randn(B, *pre.input_size)
     tokens = torch.randint(4, m.cfg.vocab_size, (N or B, m.cfg.max_len))
     return images, tokens
@@ -66,7 +66,7 @@ def test_encode_once_per_image_equals_one_pass_per_pair(model):
 
 
 def test_preprocessing_comes_from_the_encoder(model):
-    pre = PreprocessConfig.from_model(model.encoder.backbone)
+    pre = resolve_preprocess(model.encoder.backbone)
     if model.cfg.encoder.startswith("vit"):
         assert pre.input_size == (3, 32, 32) and pre.mean == (0.5, 0.5, 0.5)
     else:

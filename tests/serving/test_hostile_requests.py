@@ -143,7 +143,7 @@ def test_memory_bounded_under_three_concurrent_heavy_requests(exported_repo, tmp
 # -- BYTES tensors and message limits ----------------------------------------------------------------
 
 def test_malformed_length_prefix_is_invalid_argument(server, good):
-    url, p = server.grpc, server.proc
+    url, p, log = server.grpc, server.proc, server.log
     raw = struct.pack("<I", 1000) + b"only ten b"  # declares 1000 bytes, holds 10
     with pytest.raises(grpc.RpcError) as ei:
         infer_raw(url, names.ENSEMBLE, [(names.IMAGE, "BYTES", [1, 1], raw)])
@@ -210,7 +210,7 @@ def test_abandoned_requests_are_not_decoded(server, heavy_png, good, how):
     cancelling the call. The server must drop their work instead of decoding it for nobody: its log
     counts the skipped images, and at least the three requests queued behind the first in the heavy
     lane are skipped whole (6 images). The next request is served."""
-    url, p = server.grpc, server.proc
+    url, p, log = server.grpc, server.proc, server.log
     before = len(re.findall(r"skipped decoding (\d+) of 2 image", log.read_text()))
     with grpc.insecure_channel(url) as ch:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
