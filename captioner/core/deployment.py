@@ -31,7 +31,7 @@ NODE_POOLS = {
     "aks": ({"agentpool": "a100"}, [{"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]),
     "kind": ({}, []),
 }
-# Oldest KFP backend that runs the compiled IR correctly (tests/pipeline/test_kubeflow.py derives it
+# Oldest KFP backend that runs the compiled IR correctly (tests/pipeline/test_captioning.py derives it
 # from the IR): the driver resolves `{{$.pipeline_job_uuid}}` (the train step's run id) only
 # since 2.5.0 (kubeflow/pipelines PR #11599), which also reads secretNameParameter.
 MIN_KFP_BACKEND = "2.5.0"

@@ -73,7 +73,7 @@ def quantize_int8(repo: Path, graphs: tuple[str, ...] = (ENCODER, DECODER, DECOD
         try:
             # MatMul/Gemm only: an int8-weight ConvInteger (the ViT patch embedding) has no kernel in
             # the onnxruntime Triton 24.10 ships (1.19.2: "Could not find an implementation for
-            # ConvInteger(10)", seen on the real server, tests/serving/test_real_triton.py)
+            # ConvInteger(10)", seen on the real server, tests/serving/test_triton_server.py)
             quantize_dynamic(str(fp32), str(f), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul", "Gemm"],
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})

@@ -141,7 +141,7 @@ def autocomplete(cfg: mc.ModelConfig) -> mc.ModelConfig:
     batching, instance groups named <model>_<i>; an ensemble gets an empty transaction policy)
     and the backend's default model file name (python_backend "model.py", onnxruntime
     backend "model.onnx"). Compared field by field with the real server in
-    tests/serving/test_real_triton.py."""
+    tests/serving/test_triton_server.py."""
     out = mc.ModelConfig()
     out.CopyFrom(cfg)
     if not out.HasField("version_policy"):

@@ -20,7 +20,7 @@ Each component runs exactly as in the cluster, with the S3 settings its Secret g
   InferenceService's storageUri.
 Triton's file, tests/fixtures/s3_requests/triton.json, is recorded elsewhere: from the real
 tritonserver (captioner.serving.triton_server) loading the serving folder from moto_server, by
-tests/serving/test_real_triton.py (CAPTIONER_REGENERATE_FIXTURES=1 rewrites it).
+tests/serving/test_triton_server.py (CAPTIONER_REGENERATE_FIXTURES=1 rewrites it).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from minio/minio cmd/ and minio/pkg policy/), against the S3 requests each compo
 (tests/fixtures/s3_requests/: recorded against moto_server: our clients, and KServe's storage
 initializer as boto3 making the calls of its v0.19.0 source, by tests/cluster/record_s3_requests.py;
 Triton's from the real tritonserver loading the serving folder from S3, by
-tests/serving/test_real_triton.py)."""
+tests/serving/test_triton_server.py)."""
 import json
 
 import pytest

@@ -170,7 +170,7 @@ def test_decode_loop_step_graph_runs_in_the_onnxruntime_triton_ships(device, dty
     from captioner.export.graphs import op_type_counts
     from captioner.serving.core import DecodeLoop
 
-    # the graph's closeness to PyTorch is tests/export/test_int4_step_graph.py's (on real captions;
+    # the graph's closeness to PyTorch is tests/export/test_optimize.py's (on real captions;
     # these random tokens put unlikely words far out in the tail); here: the pinned release runs
     # MatMulNBits as this environment's onnxruntime does. Log-probs measured apart: 1.20.1 vs 1.32
     # under 1e-3; 1.19.2 vs 1.32 9.6e-3 with asymmetric blocks (its int8-activation kernel applies

@@ -221,7 +221,7 @@ def test_deploy_loads_the_ensemble_through_the_protected_control_api(exported_re
         triton_repo.publish_version(exported_repo[0], open_store(str(serving)))
         # tritonserver checks the gRPC metadata key "triton-grpc-protocol-" + KEY (server
         # src/grpc/grpc_server.h kRestrictedProtocolHeaderTemplate); the bare KEY is refused even
-        # with the right value (what the real server answers, tests/serving/test_real_triton.py)
+        # with the right value (what the real server answers, tests/serving/test_triton_server.py)
         grpc_header = "triton-grpc-protocol-" + CONTROL_HEADER
         for bad in (None, {grpc_header: "wrong"}, {CONTROL_HEADER: key}):
             with pytest.raises(InferenceServerException, match=f"This protocol is restricted, expecting header "

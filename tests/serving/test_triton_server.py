@@ -463,7 +463,7 @@ def test_repository_is_loaded_from_s3_with_the_manifest_env_and_its_requests_are
             "source": f"recorded from tritonserver {TRITON_SERVER_VERSION} (nvidia-pytriton wheel) loading "
                       f"s3://HOST:PORT/models/serving in explicit mode (--load-model=captioner) from moto_server's "
                       f"request log (the probes for libtriton_python.so in the encoder's folders come from the test "
-                      f"server's Python-based onnxruntime backend): tests/serving/test_real_triton.py, "
+                      f"server's Python-based onnxruntime backend): tests/serving/test_triton_server.py, "
                       f"CAPTIONER_REGENERATE_FIXTURES=1",
             "requests": recorded}, indent=1) + "\n")
     kept = json.loads(S3_FIXTURE.read_text())

@@ -152,7 +152,7 @@ def test_page_in_headless_chromium(stack, images, tmp_path):
 
 def test_demo_serve_keeps_both_running_until_ctrl_c(exported_repo, tmp_path, images):
     """`captioner demo --serve`'s last step (captioner.serving.stack) where the real Triton server cannot
-    run (switched off here; tests/serving/test_real_triton.py has the real one): the reason, then
+    run (switched off here; tests/serving/test_triton_server.py has the real one): the reason, then
     `captioner serve` + web up, URLs printed, Ctrl-C stops both."""
     import signal
 

@@ -153,7 +153,7 @@ class DataPlane:
         try:
             self.repo.load([name])
         except triton_repo.RepositoryError as e:
-            # tritonserver's codes and leading words (checked against it in tests/serving/test_real_triton.py):
+            # tritonserver's codes and leading words (checked against it in tests/serving/test_triton_server.py):
             # a version policy selecting nothing is INVALID_ARGUMENT; anything found while polling the
             # repository is INTERNAL "failed to poll from model repository" (ours adds the reason, which
             # tritonserver writes to its log only)
