@@ -388,3 +388,20 @@ def probe_opts(**kw):
 
     return IngestOptions(**{"shard_mb": 1, "workers": 2, "progress": False, "val_fraction": 0.0,
                             "test_fraction": 0.0, **kw})
+
+
+def save_screenshot(driver, path: Path) -> None:
+    """Keep a screenshot of what the browser showed, for a person to look at (its path is printed)."""
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 0
+    print(f"screenshot: {path}")
+
+
+def assert_ports_closed(ports) -> None:
+    """Nothing answers on any of these ports of 127.0.0.1 any more."""
+    import pytest
+    import requests
+
+    for port in ports:
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/", timeout=5)

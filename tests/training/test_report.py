@@ -1,6 +1,6 @@
 """The HTML run report (`captioner.training.report`): rendered in headless Chromium, and the
 same numbers for a run in the model store as for the local folder."""
-from tests.helpers import headless_chromium
+from tests.helpers import headless_chromium, save_screenshot
 
 
 def test_report_renders_in_headless_chromium(trained_run, tmp_path):
@@ -25,10 +25,7 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
         text = "\n".join(r.text for r in rows)
         assert "pairs/s per GPU" in text and "cost so far, measured" in text, text
         assert "vit_tiny_patch16_224" in driver.find_element(By.ID, "config").text
-        shot = tmp_path / "report.png"
-        driver.save_screenshot(str(shot))
-        assert shot.stat().st_size > 0
-        print(f"screenshot: {shot}")
+        save_screenshot(driver, tmp_path / "report.png")
     finally:
         driver.quit()
 

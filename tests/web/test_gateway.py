@@ -9,7 +9,8 @@ import requests
 from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
-from tests.helpers import free_port, headless_chromium, start_serve, start_stack, start_web
+from tests.helpers import (assert_ports_closed, free_port, headless_chromium, save_screenshot, start_serve, start_stack,
+                           start_web)
 
 MAX_IMAGES, MAX_BODY = 3, 200_000
 
@@ -142,10 +143,7 @@ def test_page_in_headless_chromium(stack, images, tmp_path):
         assert cap.text == want
         assert "broken.jpg" in err.text and "not a recognised image format" in err.text, err.text
         wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "1 captioned, 1 rejected"))
-        shot = tmp_path / "page.png"
-        driver.save_screenshot(str(shot))
-        assert shot.stat().st_size > 0
-        print(f"screenshot: {shot}")
+        save_screenshot(driver, tmp_path / "page.png")
     finally:
         driver.quit()
 
@@ -171,9 +169,7 @@ def test_demo_serve_keeps_both_running_until_ctrl_c(exported_repo, tmp_path, ima
         out = log.read_text()
         assert "CAPTIONER_TRITON=off switches the real server off); serving with `captioner serve`" in out, out
         assert f"serving {repo} with `captioner serve`" in out and "stopped captioner web and `captioner serve`" in out
-        for port in ports:
-            with pytest.raises(requests.ConnectionError):
-                requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert_ports_closed(ports)
     finally:
         if p.poll() is None:
             p.kill()
