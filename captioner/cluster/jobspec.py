@@ -12,16 +12,8 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from captioner.core.deployment import (
-    GPU_NODE_SELECTOR,
-    GPU_TOLERATION,
-    JOB_NAMESPACE,
-    NODE_POOLS,
-    S3_ENV,
-    TRAINER_IMAGE,
-    TRAINER_S3_SECRET,
-    TRAINER_SERVICE_ACCOUNT,
-)
+from captioner.core.deployment import (GPU_NODE_SELECTOR, GPU_TOLERATION, JOB_NAMESPACE, NODE_POOLS, S3_ENV,
+                                       TRAINER_IMAGE, TRAINER_S3_SECRET, TRAINER_SERVICE_ACCOUNT)
 
 
 @dataclass(frozen=True)

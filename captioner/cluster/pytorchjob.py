@@ -6,16 +6,8 @@ from __future__ import annotations
 
 import re
 
-from captioner.cluster.jobspec import (
-    PYTORCHJOB,
-    TRAINER_CONTAINER_SECURITY,
-    WORKDIR,
-    JobSpec,
-    job_metadata,
-    pod_metadata,
-    trainer_limits_and_env,
-    trainer_pod_spec,
-)
+from captioner.cluster.jobspec import (PYTORCHJOB, TRAINER_CONTAINER_SECURITY, WORKDIR, JobSpec, job_metadata,
+                                       pod_metadata, trainer_limits_and_env, trainer_pod_spec)
 from captioner.core.deployment import RDZV_PORT, RDZV_PORT_NAME
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -23,15 +23,8 @@ from __future__ import annotations
 
 import re
 
-from captioner.cluster.jobspec import (
-    TRAINER_CONTAINER_SECURITY,
-    TRAINJOB,
-    JobSpec,
-    job_metadata,
-    pod_metadata,
-    trainer_limits_and_env,
-    trainer_pod_spec,
-)
+from captioner.cluster.jobspec import (TRAINER_CONTAINER_SECURITY, TRAINJOB, JobSpec, job_metadata, pod_metadata,
+                                       trainer_limits_and_env, trainer_pod_spec)
 
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Trainer v2.3.0 ships
 CONTAINER = TRAINJOB.container  # the `node` container: constants.Node in pkg/constants/constants.go

@@ -37,19 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from captioner.core.names import (
-    CROSS_KEY,
-    CROSS_VALUE,
-    INPUT_IDS,
-    KV_CACHE_META,
-    LOGITS,
-    MAX_LEN_META,
-    PAST_KEY,
-    PAST_LENGTH,
-    PAST_VALUE,
-    PRESENT_KEY,
-    PRESENT_VALUE,
-)
+from captioner.core.names import (CROSS_KEY, CROSS_VALUE, INPUT_IDS, KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY,
+                                  PAST_LENGTH, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)
 
 MS = "com.microsoft"
 CACHE_MODES = ("in_place", "append")

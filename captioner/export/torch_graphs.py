@@ -10,23 +10,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from captioner.core.names import (
-    CROSS_KV,
-    DECODE_LOOP,
-    DECODER,
-    DECODER_GRAPH_FILE,
-    ENCODER,
-    ENCODER_HIDDEN,
-    INPUT_IDS,
-    LOGITS,
-    PAST_KV,
-    PIXEL_VALUES,
-    PRESENT_KV,
-    ROWS,
-    SELECT_ROWS_FILE,
-    SELECTED,
-    STATE,
-)
+from captioner.core.names import (CROSS_KV, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER, ENCODER_HIDDEN,
+                                  INPUT_IDS, LOGITS, PAST_KV, PIXEL_VALUES, PRESENT_KV, ROWS, SELECT_ROWS_FILE,
+                                  SELECTED, STATE)
 from captioner.export.attention import fused_vit_attention
 from captioner.export.graphs import DTYPES, build_decoder_step, cache_mode_for
 from captioner.export.report import Dims

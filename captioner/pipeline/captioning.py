@@ -15,7 +15,7 @@ from kfp import dsl, kubernetes
 
 from captioner.pipeline import components as c
 from captioner.core.deployment import (CONTROL_KEY_ENV, CONTROL_SECRET, CONTROL_SECRET_KEY, GPU_NODE_SELECTOR,
-                                  GPU_TOLERATION, S3_ENV, S3_SECRET)
+                                       GPU_TOLERATION, S3_ENV, S3_SECRET)
 
 
 def _s3(task, cluster: bool):

@@ -16,24 +16,10 @@ import numpy as np
 
 from captioner.core.decoding import CachedStep, DecodeParams, decode
 from captioner.core.limits import MAX_BEAM
-from captioner.core.names import (
-    BEAM_SIZE,
-    CAPTION,
-    CROSS_KV,
-    DECODE_FILE,
-    DECODER_GRAPH_FILE,
-    MAX_TOKENS,
-    PREPROCESS_FILE,
-    SELECT_ROWS_FILE,
-    TOKENIZER_FILE,
-)
-from captioner.core.preprocess import (
-    ACCEPTED_FORMATS,
-    SERVING_MAX_PIXELS,
-    ImageError,
-    PreprocessConfig,
-    preprocess_bytes,
-)
+from captioner.core.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODER_GRAPH_FILE, MAX_TOKENS,
+                                  PREPROCESS_FILE, SELECT_ROWS_FILE, TOKENIZER_FILE)
+from captioner.core.preprocess import (ACCEPTED_FORMATS, SERVING_MAX_PIXELS, ImageError, PreprocessConfig,
+                                       preprocess_bytes)
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.serving.errors import RequestError
 

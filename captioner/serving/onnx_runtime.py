@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from captioner.core.names import (CROSS_KEY, CROSS_KV, CROSS_VALUE, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
-                             KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH,
-                             PAST_VALUE, PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED, STATE)
+                                  KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH, PAST_VALUE,
+                                  PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED, STATE)
 
 # Whether the decode loop's step graph session spins between runs (session(spin=...)). A step is
 # ~80 small kernels, ~20 steps back to back; a sleeping pool pays a wake-up per kernel. Measured

@@ -39,25 +39,11 @@ from captioner.core.tokenizer import CaptionTokenizer
 from captioner.data.datasets import CaptionImageDataset, ResumableBatchSampler, collate_grouped
 from captioner.data.manifest import is_shard_source, materialize, open_shard_source, shard_store
 from captioner.data.shards import ShardStream
-from captioner.data.sources import (
-    LAYOUTS,
-    DataSummary,
-    ImageRecord,
-    assign_splits,
-    by_split,
-    read_records,
-    summarize,
-    verify_images,
-)
+from captioner.data.sources import (LAYOUTS, DataSummary, ImageRecord, assign_splits, by_split, read_records, summarize,
+                                    verify_images)
 from captioner.io.storage import is_s3
-from captioner.modeling.checkpoint import (
-    CheckpointSaver,
-    TrainState,
-    checkpoint_dict,
-    rng_state,
-    set_rng_state,
-    train_state,
-)
+from captioner.modeling.checkpoint import (CheckpointSaver, TrainState, checkpoint_dict, rng_state, set_rng_state,
+                                           train_state)
 from captioner.modeling.model import Captioner, count_params
 from captioner.training.board import TrainBoard, grad_norm
 from captioner.training.evaluate import score_records

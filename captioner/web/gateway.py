@@ -45,22 +45,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.requests import ClientDisconnect
 
-from captioner.core.limits import (
-    BODY_IDLE_TIMEOUT_S,
-    BODY_TIMEOUT_S,
-    CAPTION_TIMEOUT_S,
-    COPIES,
-    HEADER_TIMEOUT_S,
-    MAX_BEAM,
-    MAX_BODY,
-    MAX_IMAGE_BYTES,
-    MAX_IMAGES,
-    MAX_IN_FLIGHT,
-    MEMORY_BUDGET,
-    REQUEST_PIXEL_BUDGET,
-    UPSTREAM_MAX_BYTES,
-    WEB_RETRY_AFTER_S,
-)
+from captioner.core.limits import (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S, CAPTION_TIMEOUT_S, COPIES, HEADER_TIMEOUT_S,
+                                   MAX_BEAM, MAX_BODY, MAX_IMAGE_BYTES, MAX_IMAGES, MAX_IN_FLIGHT, MEMORY_BUDGET,
+                                   REQUEST_PIXEL_BUDGET, UPSTREAM_MAX_BYTES, WEB_RETRY_AFTER_S)
 from captioner.core.names import BEAM_SIZE, CAPTION, ENSEMBLE, IMAGE
 from captioner.serving.client import TLS
 from captioner.serving.errors import RequestError

@@ -11,16 +11,8 @@ import yaml
 from captioner.cluster import kserve as ks
 from captioner.core.deployment import KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOUNT
 from tests.cluster.cluster_flows import FLOWS
-from tests.cluster.cluster_integrity import (
-    _selects,
-    applies,
-    build_install,
-    flow_allowed,
-    host_ports,
-    refs,
-    service_refs,
-    unused_rules,
-)
+from tests.cluster.cluster_integrity import (_selects, applies, build_install, flow_allowed, host_ports, refs,
+                                             service_refs, unused_rules)
 from tests.cluster.manifests import ALL_OVERLAYS, K8S, render
 from tests.helpers import ROOT
 

@@ -4,14 +4,8 @@ import pytest
 
 from captioner.cluster.jobspec import JobSpec
 from captioner.cluster.pytorchjob import build_pytorchjob
-from captioner.core.deployment import (
-    JOB_NAMESPACE,
-    KFP_STEP_NAMESPACE,
-    KFP_STEP_SERVICE_ACCOUNT,
-    S3_SECRET,
-    TRAINER_S3_SECRET,
-    TRAINER_SERVICE_ACCOUNT,
-)
+from captioner.core.deployment import (JOB_NAMESPACE, KFP_STEP_NAMESPACE, KFP_STEP_SERVICE_ACCOUNT, S3_SECRET,
+                                       TRAINER_S3_SECRET, TRAINER_SERVICE_ACCOUNT)
 from tests.cluster.manifests import OVERLAYS, render
 from tests.cluster.rbac_eval import Rbac, Request, sa_user
 from tests.cluster.test_kserve import kserve_docs  # noqa: F401 - fixture

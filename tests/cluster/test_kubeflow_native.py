@@ -8,18 +8,8 @@ import yaml
 
 from captioner.cluster.jobs import ApiConflict, JobFailed, JobTimeout, launch_and_wait, served_kind, training_job
 from captioner.cluster.jobspec import PYTORCHJOB, TRAINJOB
-from tests.cluster.crd_schemas import (
-    RUNTIME_CRD,
-    SERVINGRUNTIME_CRD,
-    SHARED,
-    TORCH_RUNTIME,
-    TRITON_RUNTIME,
-    VENDORED,
-    VENDORED_FILES,
-    errors,
-    load,
-    trainjob_errors,
-)
+from tests.cluster.crd_schemas import (RUNTIME_CRD, SERVINGRUNTIME_CRD, SHARED, TORCH_RUNTIME, TRITON_RUNTIME, VENDORED,
+                                       VENDORED_FILES, errors, load, trainjob_errors)
 from tests.helpers import Clock, run_cli
 
 

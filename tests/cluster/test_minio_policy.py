@@ -10,15 +10,8 @@ import json
 import pytest
 
 from tests.cluster.manifests import render
-from tests.cluster.minio_policy import (
-    Check,
-    condition_values,
-    describe,
-    is_allowed,
-    request_allowed,
-    route,
-    unused_grants,
-)
+from tests.cluster.minio_policy import (Check, condition_values, describe, is_allowed, request_allowed, route,
+                                        unused_grants)
 from tests.helpers import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "s3_requests"

@@ -13,17 +13,8 @@ from tritonclient.utils import serialize_byte_tensor
 
 from captioner.core import names
 from captioner.serving.errors import RequestError
-from captioner.serving.server.codec import (
-    LENGTH,
-    InputTensor,
-    bytes_elements,
-    bytes_parts,
-    decode_inputs,
-    infer_request,
-    infer_response,
-    raw_contents,
-    serialize_bytes,
-)
+from captioner.serving.server.codec import (LENGTH, InputTensor, bytes_elements, bytes_parts, decode_inputs,
+                                            infer_request, infer_response, raw_contents, serialize_bytes)
 from captioner.serving.server.dataplane import DataPlaneError
 from captioner.serving.server.http import parse_infer_body
 

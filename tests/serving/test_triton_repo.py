@@ -19,16 +19,8 @@ from captioner.core import names
 from captioner.core.deployment import CONTROL_HEADER, CONTROL_KEY_ENV
 from captioner.serving import triton_repo
 from captioner.serving.core import DecodeSettings
-from captioner.serving.triton_repo import (
-    ALL_MODELS,
-    CONFIG,
-    LOAD_ORDER,
-    RepositoryError,
-    listing_from_dir,
-    listing_from_store,
-    load_listing,
-    plan_load,
-)
+from captioner.serving.triton_repo import (ALL_MODELS, CONFIG, LOAD_ORDER, RepositoryError, listing_from_dir,
+                                           listing_from_store, load_listing, plan_load)
 from tests.helpers import load_model_py, start_serve
 from tests.serving import pb_utils_double
 

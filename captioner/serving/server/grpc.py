@@ -10,16 +10,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from captioner.core.deployment import GRPC_RESTRICTED_HEADER_PREFIX
 from captioner.serving.server.codec import InputTensor, infer_response
-from captioner.serving.server.dataplane import (
-    CANCELLED,
-    DEADLINE,
-    INTERNAL,
-    INVALID_ARG,
-    NOT_FOUND,
-    UNAVAILABLE,
-    DataPlane,
-    DataPlaneError,
-)
+from captioner.serving.server.dataplane import (CANCELLED, DEADLINE, INTERNAL, INVALID_ARG, NOT_FOUND, UNAVAILABLE,
+                                                DataPlane, DataPlaneError)
 from captioner.serving.server.errors import Deadline
 
 # gRPC status per data-plane error code (Triton's src/grpc/grpc_utils.cc TritonCodeToGrpcCode)

@@ -50,14 +50,8 @@ from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from captioner.core.limits import (
-    BODY_IDLE_TIMEOUT_S,
-    BODY_TIMEOUT_S,
-    HEADER_TIMEOUT_S,
-    MAX_JSON_HEADER,
-    MAX_TIMEOUT_US,
-    RETRY_AFTER_S,
-)
+from captioner.core.limits import (BODY_IDLE_TIMEOUT_S, BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_JSON_HEADER,
+                                   MAX_TIMEOUT_US, RETRY_AFTER_S)
 from captioner.serving.server.codec import InputTensor, raw_contents
 from captioner.serving.server.dataplane import INVALID_ARG, DataPlane, DataPlaneError, parse_version
 from captioner.serving.server.errors import Deadline

@@ -14,23 +14,8 @@ from typing import Iterable
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from captioner.core.names import (
-    BEAM_SIZE,
-    CROSS_KV,
-    DECODE_LOOP,
-    DECODER,
-    ENCODER,
-    ENCODER_HIDDEN,
-    ENSEMBLE,
-    IMAGE,
-    INPUT_IDS,
-    LOGITS,
-    MAX_TOKENS,
-    PAST_KV,
-    PIXEL_VALUES,
-    PREPROCESS,
-    PRESENT_KV,
-)
+from captioner.core.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE,
+                                  INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
 from captioner.serving import triton_repo
 from captioner.serving.core import DecodeLoop, caption_requests, load_preprocess, params_for, request_int
 from captioner.serving.onnx_runtime import session
