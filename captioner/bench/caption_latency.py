@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -42,18 +43,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.modeling.checkpoint import atomic_save
 from captioner.core.config import load_config
 from captioner.core.decoding import CachedStep, greedy
+from captioner.core.deployment import DECODER_SPIN_ENV
+from captioner.core.names import DECODE_LOOP, DECODER_GRAPH_FILE
+from captioner.core.tokenizer import CaptionTokenizer
 from captioner.export.exporter import export
+from captioner.export.graphs import step_weight_bytes
+from captioner.modeling.checkpoint import atomic_save
+from captioner.modeling.encoders import resolve_preprocess
 from captioner.modeling.inference import torch_step
 from captioner.modeling.model import Captioner
-from captioner.core.names import DECODE_LOOP, DECODER_GRAPH_FILE
-from captioner.export.graphs import step_weight_bytes
-from captioner.serving.onnx_runtime import OrtCaptioner
-from captioner.modeling.encoders import resolve_preprocess
 from captioner.serving.core import DecodeLoop
-from captioner.core.tokenizer import CaptionTokenizer
+from captioner.serving.onnx_runtime import OrtCaptioner, decoder_spin
 
 NO_EOS = -1
 
@@ -143,7 +145,7 @@ def save_random(work: Path, cfg, model, tok, pre) -> Path:
 
 def hf_peer(cfg, vocab: int, image_size: int):
     """HF VisionEncoderDecoderModel with the same encoder/decoder sizes (random weights)."""
-    from transformers import BertConfig, BertLMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
+    from transformers import BertConfig, BertLMHeadModel, VisionEncoderDecoderModel, ViTConfig, ViTModel
 
     m, enc_kw = cfg.model, dict(cfg.model.encoder_kwargs)
     ecfg = ViTConfig(hidden_size=int(enc_kw.get("embed_dim", 768)), num_hidden_layers=int(enc_kw.get("depth", 12)),
@@ -170,7 +172,12 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true", help="leave out the HF generate peer (no transformers)")
     ap.add_argument("--served-only", action="store_true",
                     help="time only the served onnxruntime paths and their roofline (no peers, no ratios to them)")
+    ap.add_argument("--decoder-spin", action="store_true",
+                    help=f"the step graph's threads spin between runs ({DECODER_SPIN_ENV}=1): for a decode loop "
+                         "with its cores to itself; the default (sleeping) is what a shared server runs")
     a = ap.parse_args(argv)
+    if a.decoder_spin:
+        os.environ[DECODER_SPIN_ENV] = "1"
     torch.manual_seed(0)
     cfg, model, tok, pre = random_model(a.config, a.vocab)
     n_tok = min(20, cfg.model.max_len - 1)
@@ -265,6 +272,7 @@ def main(argv=None):
     if a.json:
         print(json.dumps({"config": a.config, "tokens": n_tok, "vocab": tok.vocab_size, "batch": a.batch,
                           "threads": torch.get_num_threads(), "device": "cpu", "cpu_flags": flags,
+                          "decoder_spin": decoder_spin(),
                           "copy_bandwidth_gb_s": bandwidth / 1e9,
                           "served_tokens_equal_pytorch": served_same,
                           "rows": {n: {"latency_b1_ms": lat * 1e3, f"images_per_s_b{a.batch}": thr,

@@ -33,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 def training_mfu(config: str, peak_tflops: float, images: int, captions: int, steps: int, vocab: int) -> dict:
     from captioner.core.config import load_config
-    from captioner.modeling.model import Captioner
     from captioner.modeling.encoders import resolve_preprocess
+    from captioner.modeling.model import Captioner
 
     torch.manual_seed(0)
     cfg = load_config(config)
@@ -81,10 +81,10 @@ def ort_latency(config: str, vocab: int, batches=(1, 32), runs: int = 20, decode
 
     from captioner.bench.caption_latency import NO_EOS, random_model, save_random
     from captioner.core.decoding import greedy
-    from captioner.export.exporter import export
     from captioner.core.names import DECODE_LOOP
-    from captioner.serving.onnx_runtime import OrtCaptioner
+    from captioner.export.exporter import export
     from captioner.serving.core import DecodeLoop
+    from captioner.serving.onnx_runtime import OrtCaptioner
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise SystemExit("onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu (captioner[serve-gpu])")

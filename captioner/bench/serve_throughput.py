@@ -101,8 +101,8 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
     from captioner.bench.caption_latency import random_model, save_random
-    from captioner.serving.client import caption_bytes, wait_ready
     from captioner.export.exporter import export
+    from captioner.serving.client import caption_bytes, wait_ready
 
     cfg, model, tok, pre = random_model(a.config, a.vocab)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -115,8 +115,8 @@ def main(argv=None):
         print(f"exporting {a.config} (random weights) ...", file=sys.stderr, flush=True)
         export(str(ck), str(work / "repo"), device="cpu", verify=False, quantize=a.quantize,
                **({"max_batch": a.max_batch} if a.max_batch else {}))
-        from captioner.serving.core import image_bytes_to_pixels
         from captioner.core.limits import MAX_BATCH
+        from captioner.serving.core import image_bytes_to_pixels
 
         images = _images(32, pre.input_size[1])
         batch = a.max_batch or MAX_BATCH

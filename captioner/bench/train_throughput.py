@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from captioner.core.config import load_config
 from captioner.io.storage import LocalStore
-from captioner.modeling.model import Captioner
 from captioner.modeling.encoders import resolve_preprocess
+from captioner.modeling.model import Captioner
 
 
 class CountingStore(LocalStore):

@@ -67,6 +67,8 @@ def control_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
 
 CONTROL_SECRET = "captioner-triton-control"  # Secret name; its data key is CONTROL_SECRET_KEY
 CONTROL_SECRET_KEY = "key"
+# "1": the decode loop's step-graph session spins between runs (captioner.serving.onnx_runtime.decoder_spin)
+DECODER_SPIN_ENV = "CAPTIONER_DECODER_SPIN"
 CONTROL_KEY_ENV = "CAPTIONER_TRITON_CONTROL_KEY"  # env the deploy step (and Triton's args) read the key from
 
 

@@ -17,7 +17,7 @@ import onnx
 from captioner.core.config import save_config
 from captioner.core.errors import UnsafeOutputError
 from captioner.core.limits import MAX_BATCH
-from captioner.core.names import (DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER)
+from captioner.core.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER
 from captioner.core.runs import CONFIG_FILE
 from captioner.export.graphs import DTYPES, fused_operator_counts
 from captioner.export.optimize import QUANTIZE, optimize_decoder_step, optimize_graphs, quantize_int4, quantize_int8
@@ -27,7 +27,7 @@ from captioner.export.repository import write_serving_files
 from captioner.export.torch_graphs import export_onnx, write_decoder_step
 from captioner.io.files import replace_folder, sibling_folder
 from captioner.modeling.checkpoint import LoadedCheckpoint, load_checkpoint
-from captioner.serving.triton_repo import (ALL_MODELS, REPOSITORY_MARKER, check_repository, write_marker)
+from captioner.serving.triton_repo import ALL_MODELS, REPOSITORY_MARKER, check_repository, write_marker
 
 log = logging.getLogger(__name__)
 

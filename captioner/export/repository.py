@@ -24,11 +24,11 @@ from pathlib import Path
 from captioner.core.limits import MAX_BATCH
 from captioner.core.names import DECODE_LOOP, PREPROCESS, PREPROCESS_FILE, TOKENIZER_FILE
 from captioner.core.preprocess import PreprocessConfig
-from captioner.modeling.encoders import resolve_preprocess
 from captioner.core.runs import CONFIG_FILE
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.export.report import EXPORT_REPORT_FILE, Dims
 from captioner.io.files import replace_folder, sibling_folder
+from captioner.modeling.encoders import resolve_preprocess
 from captioner.serving.core import DecodeSettings
 from captioner.serving.triton_repo import REPOSITORY_MARKER, build_configs, write_configs
 

@@ -13,9 +13,9 @@ the train task re-attaches to its PyTorchJob and resumes from its checkpoints.
 """
 from kfp import dsl, kubernetes
 
-from captioner.pipeline import components as c
 from captioner.core.deployment import (CONTROL_KEY_ENV, CONTROL_SECRET, CONTROL_SECRET_KEY, GPU_NODE_SELECTOR,
                                        GPU_TOLERATION, S3_ENV, S3_SECRET)
+from captioner.pipeline import components as c
 
 
 def _s3(task, cluster: bool):

@@ -3,23 +3,28 @@
 No decode loop here: that is `captioner.serving.core`. Imports neither torch nor onnx."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
+from captioner.core.deployment import DECODER_SPIN_ENV
 from captioner.core.names import (CROSS_KEY, CROSS_KV, CROSS_VALUE, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
                                   KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH, PAST_VALUE,
                                   PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED, STATE)
 
+
 # Whether the decode loop's step graph session spins between runs (session(spin=...)). A step is
 # ~80 small kernels, ~20 steps back to back; a sleeping pool pays a wake-up per kernel. Measured
 # side by side (2 cores, seed-vit768 shape, batch 1, 2 threads, encoder sleeping; see
-# docs/benchmarks.md, "Decoder step vs its floor"): on an idle machine spinning wins, int8 step 4.92 -> 3.73 ms,
-# int4 3.53 -> 2.81 ms (caption incl. encoder 145 -> 126 ms, 115 -> 102 ms); with the cores
-# oversubscribed (load average 7-8 on 2 cores) it loses badly, int8 14.6 -> 51.4 ms, int4 23.6 ->
-# 38.5 ms. A served decode loop shares its cores with the encoder, preprocess and image decoding
-# under load, so it sleeps; set True only where the decode loop has its cores to itself.
-DECODER_SPIN = False
+# docs/benchmarks.md, "Decoder step vs its floor"): on an idle machine spinning wins, int8 step
+# 4.92 -> 3.73 ms, int4 3.53 -> 2.81 ms (caption incl. encoder 145 -> 126 ms, 115 -> 102 ms); with
+# the cores oversubscribed (load average 7-8 on 2 cores) it loses badly, int8 14.6 -> 51.4 ms, int4
+# 23.6 -> 38.5 ms. A served decode loop shares its cores with the encoder, preprocess and image
+# decoding under load, so it sleeps unless DECODER_SPIN_ENV=1 says the decode loop has its cores
+# to itself (a Triton instance pinned to its own cores, a latency benchmark).
+def decoder_spin() -> bool:
+    return os.environ.get(DECODER_SPIN_ENV, "0") == "1"
 
 ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # onnxruntime's NodeArg.type
 
@@ -77,7 +82,7 @@ class BoundDecoder:
     `step(cross)` per caption."""
 
     def __init__(self, decoder_path: str | Path, select_path: str | Path, threads: int = 0, device_id: int = 0):
-        self.decoder = session(decoder_path, threads, device_id, spin=DECODER_SPIN)
+        self.decoder = session(decoder_path, threads, device_id, spin=decoder_spin())
         self.select = session(select_path, threads, device_id)
         self.device = "cuda" if self.decoder.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.device_id = device_id if self.device == "cuda" else 0

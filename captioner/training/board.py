@@ -25,9 +25,8 @@ import torch
 import yaml
 from PIL import Image
 
-from captioner.data.datasets import CaptionImageDataset, collate_grouped
-
 from captioner.core.runs import TB_DIR  # under the run folder, mirrored to the model store with the checkpoints
+from captioner.data.datasets import CaptionImageDataset, collate_grouped
 
 log = logging.getLogger(__name__)
 N_SAMPLES = 4  # held-out images shown with their captions at every validation

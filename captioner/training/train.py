@@ -33,7 +33,6 @@ from captioner.core.config import ExperimentConfig, save_config
 from captioner.core.decoding import DecodeParams
 from captioner.core.errors import DataNotFoundError, UserError
 from captioner.core.preprocess import PreprocessConfig
-from captioner.modeling.encoders import resolve_preprocess
 from captioner.core.runs import CONFIG_FILE, DATA_SUMMARY_FILE, METRICS_LOG, VAL_METRICS_LOG
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.data.datasets import CaptionImageDataset, ResumableBatchSampler, collate_grouped
@@ -44,6 +43,7 @@ from captioner.data.sources import (LAYOUTS, DataSummary, ImageRecord, assign_sp
 from captioner.io.storage import is_s3
 from captioner.modeling.checkpoint import (CheckpointSaver, TrainState, checkpoint_dict, rng_state, set_rng_state,
                                            train_state)
+from captioner.modeling.encoders import resolve_preprocess
 from captioner.modeling.model import Captioner, count_params
 from captioner.training.board import TrainBoard, grad_norm
 from captioner.training.evaluate import score_records
