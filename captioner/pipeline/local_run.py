@@ -121,7 +121,7 @@ class _StepReporter(threading.Thread):
 
 def run_pipeline_here(arguments: dict, pipeline_root: str | Path, log_path: str | Path, verbose: bool = False,
                       overwrite_hint: str = ""):
-    """kfp_pipeline.run_local with its output in `log_path` (or on the terminal with verbose)."""
+    """pipeline.runner.run_local with its output in `log_path` (or on the terminal with verbose)."""
     from captioner.pipeline.runner import run_local
 
     root = Path(pipeline_root)

@@ -347,7 +347,7 @@ def test_pipeline_run_local_prints_one_line_per_step(local_pipeline):
     assert len(out.splitlines()) < 15, out
     details = (wd / "pipeline.log").read_text()
     assert "Executing task" in details and "Fused" in details  # everything is kept, just not on the terminal
-    # the HTML artifact has its .html name (kfp_pipeline output artifacts are written by the component)
+    # the HTML artifact has its .html name (pipeline output artifacts are written by the component)
     assert [p.suffix for p in (wd / "pipeline_root").rglob("evaluate/samples*")] == [".html"]
 
 

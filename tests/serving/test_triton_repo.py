@@ -246,7 +246,7 @@ def test_deploy_loads_the_ensemble_through_the_protected_control_api(exported_re
     (np.array([[99], [99]], np.int32), "BEAM_SIZE must be between 1 and 8, got 99"),
 ])
 def test_serve_and_triton_decode_loop_answer_a_request_the_same_way(exported_repo, monkeypatch, beam, needle):
-    """Both servers run serving_core.caption_requests: a request mixing BEAM_SIZE values is
+    """Both servers run serving.core.caption_requests: a request mixing BEAM_SIZE values is
     refused by both (Triton's model used to take the first value silently)."""
     from captioner.serving.server.runtime import Repository
 

@@ -169,7 +169,7 @@ class Repository:
     def _ensemble_batch(self, items: list[dict]) -> list:
         """encoder -> decode_loop for many requests at once (their images were decoded by the
         decode pool into PIXEL_VALUES); a request that fails fails alone. The decode-loop step is
-        serving_core.caption_requests, as in Triton. One execution of the ensemble (its rows are
+        serving.core.caption_requests, as in Triton. One execution of the ensemble (its rows are
         counted per request, in run())."""
         self.stats.executed(ENSEMBLE, self.version(ENSEMBLE), 0, 1)
         steps = self._steps()
