@@ -47,14 +47,14 @@ def main(argv=None):
     ap.add_argument("--loader-workers", type=int, default=2)
     a = ap.parse_args(argv)
 
-    from captioner.data.sources import CaptionImageDataset, ResumableBatchSampler, assign_splits, by_split, collate_grouped
-    from captioner.data.sources import read_records
-    from captioner.data.ingest import IngestOptions, ingest
     from captioner.core.preprocess import PreprocessConfig
-    from captioner.data.shards import ShardStream, open_shard_source
-    from captioner.io.storage import open_store
-    from captioner.data.synthetic import generate
     from captioner.core.tokenizer import CaptionTokenizer
+    from captioner.data.datasets import CaptionImageDataset, ResumableBatchSampler, collate_grouped
+    from captioner.data.ingest import IngestOptions, ingest
+    from captioner.data.shards import ShardStream, open_shard_source
+    from captioner.data.sources import assign_splits, by_split, read_records
+    from captioner.data.synthetic import generate
+    from captioner.io.storage import open_store
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     src = generate(work / "src", images=a.images, seed=1, side=256, progress=False)

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from captioner.core.preprocess import ImageError, PreprocessConfig, preprocess_bytes
-from captioner.data.sources import SPLITS, ImageRecord, collate_grouped
+from captioner.data.datasets import collate_grouped
+from captioner.data.sources import SPLITS, ImageRecord
 from captioner.io.storage import Store, is_s3, iter_tar_members, open_store, split_uri
 
 log = logging.getLogger(__name__)

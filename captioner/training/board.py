@@ -182,7 +182,7 @@ def _thumbnail(path: str, side: int = 128) -> np.ndarray:
 @torch.no_grad()
 def val_loss(r, batch_size: int = 32) -> float:
     """Mean teacher-forced loss over the validation images, as the training loss is computed."""
-    from captioner.data.sources import CaptionImageDataset, collate_grouped
+    from captioner.data.datasets import CaptionImageDataset, collate_grouped
 
     ds = CaptionImageDataset(r.val_recs, r.tok, r.pre, r.cfg.model.max_len)
     model, dev = r.raw_model, r.di.device

@@ -10,12 +10,12 @@ folder is gone (a restarted pod).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
-import functools
-import hashlib
 import random
 import time
 from contextlib import nullcontext
@@ -29,19 +29,33 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from captioner.modeling.checkpoint import (CheckpointSaver, TrainState, checkpoint_dict, rng_state, set_rng_state,
-                                  train_state)
 from captioner.core.config import ExperimentConfig, save_config
-from captioner.data.sources import (CaptionImageDataset, DataSummary, ImageRecord, ResumableBatchSampler, assign_splits,
-                            by_split, collate_grouped, read_records, summarize, verify_images)
 from captioner.core.decoding import DecodeParams
 from captioner.core.errors import UserError
-from captioner.training.evaluate import score_records
-from captioner.modeling.model import Captioner, count_params
 from captioner.core.preprocess import PreprocessConfig
-from captioner.data.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
 from captioner.core.tokenizer import CaptionTokenizer
+from captioner.data.datasets import CaptionImageDataset, ResumableBatchSampler, collate_grouped
+from captioner.data.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
+from captioner.data.sources import (
+    DataSummary,
+    ImageRecord,
+    assign_splits,
+    by_split,
+    read_records,
+    summarize,
+    verify_images,
+)
+from captioner.modeling.checkpoint import (
+    CheckpointSaver,
+    TrainState,
+    checkpoint_dict,
+    rng_state,
+    set_rng_state,
+    train_state,
+)
+from captioner.modeling.model import Captioner, count_params
 from captioner.training.board import TrainBoard, grad_norm
+from captioner.training.evaluate import score_records
 
 log = logging.getLogger(__name__)
 # one line per rank at start and end, whatever the rank's log level (the CLI quiets ranks > 0)
@@ -246,8 +260,8 @@ def _resolve_local_source(cfg: ExperimentConfig, main: bool = True) -> None:
         return
     src = Path(d.source)
     if main and not src.exists():
-        from captioner.data.sources import LAYOUTS
         from captioner.core.errors import DataNotFoundError
+        from captioner.data.sources import LAYOUTS
 
         raise DataNotFoundError(f"data source not found: {d.source}",
                                 hint=f"point --data.source at {LAYOUTS}; to try things out first, "

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.data.sources import (ResumableBatchSampler, assign_splits, read_records, summarize,
-                            verify_images)
 from captioner.core.preprocess import ImageError, PreprocessConfig, load_image, preprocess_bytes
+from captioner.data.datasets import ResumableBatchSampler
+from captioner.data.sources import assign_splits, read_records, summarize, verify_images
 
 
 def _img(path: Path, size=(40, 30), color=(200, 10, 10)):

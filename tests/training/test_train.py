@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, tiny_cfg
-
 from captioner.modeling.checkpoint import load_checkpoint
+from tests.conftest import ROOT, TINY, tiny_cfg
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -175,7 +174,7 @@ def test_loaders_property_every_pair_once_equal_steps_padding_and_elastic_resume
     at least once and at most W-1 wrap repeats, and a resume at any position with another W continues exactly."""
     import random
 
-    from captioner.data.sources import ResumableBatchSampler
+    from captioner.data.datasets import ResumableBatchSampler
 
     rng = random.Random(20)
     padded = by_shard = 0
