@@ -30,7 +30,7 @@ def run_demo(workdir: str = "demo_out", images: int = 1500, epochs: int = 8, see
     from captioner.pipeline.runner import local_arguments
     from captioner.pipeline.local_run import run_pipeline_here
     from captioner.serving.core import image_bytes_to_pixels
-    from captioner.data.shards import materialize, open_shard_source
+    from captioner.data.manifest import materialize, open_shard_source
     from captioner.serving.stack import ModelServer
     from captioner.data.synthetic import attribute_accuracy, generate
     from captioner.serving.triton_repo import LOAD_ORDER

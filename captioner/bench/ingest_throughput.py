@@ -51,7 +51,8 @@ def main(argv=None):
     from captioner.core.tokenizer import CaptionTokenizer
     from captioner.data.datasets import CaptionImageDataset, ResumableBatchSampler, collate_grouped
     from captioner.data.ingest import IngestOptions, ingest
-    from captioner.data.shards import ShardStream, open_shard_source
+    from captioner.data.manifest import open_shard_source
+    from captioner.data.shards import ShardStream
     from captioner.data.sources import assign_splits, by_split, read_records
     from captioner.data.synthetic import generate
     from captioner.io.storage import open_store

@@ -77,7 +77,8 @@ class _NoTokens:
 
 def bytes_read_ratio(root: Path, world: int, workers: int, seekable: bool) -> tuple[float, int]:
     """(bytes read by all readers of one epoch / train shard bytes, train shards)."""
-    from captioner.data.shards import Manifest, ShardStream
+    from captioner.data.manifest import Manifest
+    from captioner.data.shards import ShardStream
 
     store = CountingStore(root, seekable)
     m = Manifest.load(store)

@@ -3,7 +3,7 @@
 Validates every image (decoded, pixel count bounded) and caption, strips image metadata
 (EXIF/GPS, XMP, comments; orientation baked in) unless told not to, optionally resizes, packs
 images + captions into WebDataset-style tar shards grouped by split, uploads them in
-parallel and writes `manifest.json` (a `shards.Manifest`) last. A zip source is extracted
+parallel and writes `manifest.json` (a `manifest.Manifest`) last. A zip source is extracted
 member by member under a byte and member cap, never outside its folder. Shard bytes are deterministic (sorted items,
 fixed tar headers), so a rerun after an interruption skips every shard already stored with
 the right sha256 and ends with exactly the store a clean run writes.
@@ -28,9 +28,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from captioner.data.sources import DataSummary, ImageRecord, assign_splits, read_records, SPLITS
 from captioner.core.preprocess import DEFAULT_MAX_PIXELS, FORMAT_EXT, ImageError, load_image, open_image
-from captioner.data.shards import MANIFEST, ItemEntry, Manifest, ShardEntry, SplitCount
+from captioner.data.manifest import MANIFEST, ItemEntry, Manifest, ShardEntry, SplitCount
+from captioner.data.sources import SPLITS, DataSummary, ImageRecord, assign_splits, read_records
 from captioner.io.storage import Store, open_store, sha256_file
 
 log = logging.getLogger(__name__)

@@ -164,7 +164,7 @@ def held_out_records(ck: LoadedCheckpoint, n: int = 0, cache_dir: str | Path | N
     split) as ImageRecords: for a dataset written by `captioner ingest` the split is the one its
     manifest fixes (images extracted to `cache_dir`), else the split `assign_splits` gives."""
     from captioner.data.sources import assign_splits, by_split, read_records
-    from captioner.data.shards import is_shard_source, materialize, open_shard_source
+    from captioner.data.manifest import is_shard_source, materialize, open_shard_source
 
     c = ck.config.data
     if is_shard_source(c.source):

@@ -79,7 +79,7 @@ def _train_cluster(cfg, config: str, overrides: list[str], model_uri: str, run_i
     from captioner.cluster.jobs import KubeApi, served_kind
     from captioner.cluster.pytorchjob import (DEFAULT_PAIRS_PER_S_PER_GPU, DEFAULT_PRICE_PER_GPU_HOUR, check_cost,
                                       estimate_cost, job_name, launch_and_wait, training_job)
-    from captioner.data.shards import open_shard_source
+    from captioner.data.manifest import open_shard_source
 
     _, manifest = open_shard_source(cfg.data.source)
     pairs = sum(len(it.captions) for it in manifest.items_in("train"))

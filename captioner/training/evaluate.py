@@ -14,7 +14,7 @@ from PIL import Image
 
 from captioner.core.config import save_config
 from captioner.core.decoding import DecodeParams
-from captioner.data.shards import is_shard_source, materialize, open_shard_source
+from captioner.data.manifest import is_shard_source, materialize, open_shard_source
 from captioner.data.sources import DataSummary, ImageRecord, assign_splits, by_split, load_split_arrays, read_records
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.modeling.inference import caption_arrays

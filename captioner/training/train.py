@@ -35,7 +35,8 @@ from captioner.core.errors import UserError
 from captioner.core.preprocess import PreprocessConfig
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.data.datasets import CaptionImageDataset, ResumableBatchSampler, collate_grouped
-from captioner.data.shards import ShardStream, is_shard_source, materialize, open_shard_source, shard_store
+from captioner.data.manifest import is_shard_source, materialize, open_shard_source, shard_store
+from captioner.data.shards import ShardStream
 from captioner.data.sources import (
     DataSummary,
     ImageRecord,
@@ -235,7 +236,7 @@ def config_changes(saved: dict, cfg: ExperimentConfig) -> list[str]:
 
 
 def _check_resume_config(ckpt: dict, cfg: ExperimentConfig, where: str) -> None:
-    from captioner.data.shards import is_shard_source
+    from captioner.data.manifest import is_shard_source
 
     changed = config_changes(ckpt.get("config", {}), cfg)
     if is_shard_source(cfg.data.source):  # the dataset's own split is used, whatever these say

@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 from captioner.core.preprocess import PreprocessConfig
 from captioner.core.tokenizer import CaptionTokenizer
-from captioner.data.shards import ShardStream, open_shard_source
+from captioner.data.manifest import open_shard_source
+from captioner.data.shards import ShardStream
 
 uri, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")

@@ -3,7 +3,7 @@ dataset's manifest fixes (they used to fall back to generated scenes for such a 
 import subprocess
 import sys
 
-from captioner.data.shards import open_shard_source
+from captioner.data.manifest import open_shard_source
 from captioner.export.exporter import held_out_records, sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from captioner.data.ingest import IngestOptions, ingest
 from captioner.core.preprocess import ImageError, PreprocessConfig, preprocess_bytes
+from captioner.data.ingest import IngestOptions, ingest
 from captioner.io.storage import open_store
-
 
 ENV = {**os.environ}
 
@@ -66,7 +65,7 @@ def _shard_store(root: Path, members: list, items: list) -> None:
 
 @pytest.mark.parametrize("attack", ["dotdot", "absolute"])
 def test_tar_members_and_manifest_keys_cannot_write_outside_the_cache(tmp_path, attack):
-    from captioner.data.shards import materialize, open_shard_source
+    from captioner.data.manifest import materialize, open_shard_source
 
     outside = tmp_path / "outside"  # the attacker's target exists (think site-packages)
     outside.mkdir()
@@ -89,7 +88,7 @@ def test_tar_members_and_manifest_keys_cannot_write_outside_the_cache(tmp_path, 
 
 
 def test_valid_manifest_with_hostile_members_extracts_only_its_items(tmp_path):
-    from captioner.data.shards import materialize, open_shard_source
+    from captioner.data.manifest import materialize, open_shard_source
 
     outside = tmp_path / "outside"
     good = _jpeg()
@@ -113,7 +112,7 @@ def test_valid_manifest_with_hostile_members_extracts_only_its_items(tmp_path):
     ("version", 99, "version"),
 ])
 def test_manifest_schema_is_validated_when_read(tmp_path, field, value, needle):
-    from captioner.data.shards import open_shard_source
+    from captioner.data.manifest import open_shard_source
 
     _shard_store(tmp_path / "ds", [("k1.jpg", _jpeg())], [{"key": "k1", "ext": "jpg"}])
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())

@@ -12,7 +12,6 @@ from PIL import Image
 
 from captioner.data.ingest import MANIFEST, IngestOptions, ingest, verify
 from captioner.io.storage import TMP_PREFIX, open_store
-
 from tests.conftest import ROOT
 
 
@@ -68,8 +67,9 @@ def test_zip_source_and_resize(synth_dir, tmp_path):
             f.write(p, f"flickr30k_images/flickr30k_images/{p.name}")
     r = ingest(str(z), str(tmp_path / "out"), _opts(max_side=24))
     assert r["items"] == 10
-    from captioner.io.storage import iter_tar_members
     import io
+
+    from captioner.io.storage import iter_tar_members
 
     store = open_store(str(tmp_path / "out"))
     name = json.loads(store.get_bytes(MANIFEST))["shards"][0]["name"]
@@ -140,7 +140,7 @@ def test_ddp_ranks_see_every_training_item_exactly_once(synth_dir, store_uri, tm
     m = json.loads(open_store(store_uri).get_bytes(MANIFEST))
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "seen.json"
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "ddp_shards_worker.py"),
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "data" / "ddp_shards_worker.py"),
                         store_uri, str(out)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -190,7 +190,8 @@ def test_auto_shard_size_gives_every_reader_whole_shards_read_once(synth_dir, tm
     workers then reads every shard byte once (the old item split read the one 64 MB shard 4 times). With one shard
     the trainer's loader warns and names the shard size to re-ingest with."""
     from captioner.bench.train_throughput import bytes_read_ratio
-    from captioner.data.shards import ShardStream, open_shard_source
+    from captioner.data.manifest import open_shard_source
+    from captioner.data.shards import ShardStream
 
     ingest(str(synth_dir), str(tmp_path / "auto"), _opts(shard_mb="auto", target_workers=4))
     _, m = open_shard_source(str(tmp_path / "auto"))
@@ -216,7 +217,8 @@ def test_shard_stream_follows_its_batch_plan_and_tags_failed_batches(synth_dir, 
     import torch
 
     from captioner.core.preprocess import PreprocessConfig
-    from captioner.data.shards import ItemEntry, ShardStream, open_shard_source
+    from captioner.data.manifest import ItemEntry, open_shard_source
+    from captioner.data.shards import ShardStream
 
     ingest(str(synth_dir), store_uri, _opts(shard_mb=0.03))
     from captioner.core.tokenizer import CaptionTokenizer

@@ -148,7 +148,7 @@ def test_metrics_reward_correct_captions():
 # ------------------------------------------------------------------ uneven inputs, elastic resume
 def _manifest(rng, n_items: int, n_shards: int):
     """An in-memory shard manifest: n_items train items over n_shards shards of random sizes."""
-    from captioner.data.shards import ItemEntry, Manifest, ShardEntry, SplitCount
+    from captioner.data.manifest import ItemEntry, Manifest, ShardEntry, SplitCount
 
     cuts = sorted(rng.sample(range(1, n_items), n_shards - 1)) if n_shards > 1 else []
     sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n_items])]
@@ -295,7 +295,7 @@ def test_mid_epoch_resume_with_another_world_size_or_worker_count_continues_exac
     test_shard_stream_follows_its_batch_plan ties the plans to what the workers stream.)"""
     import shutil
 
-    from captioner.data.shards import open_shard_source
+    from captioner.data.manifest import open_shard_source
 
     data = synth_dir
     if source == "shards":
