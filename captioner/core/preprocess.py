@@ -62,7 +62,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_model(cls, encoder_backbone) -> "PreprocessConfig":
-        from timm.data import resolve_data_config
+        from timm.data import resolve_data_config  # timm loads torch: core imports it only with a model at hand
 
         dc = resolve_data_config({}, model=encoder_backbone)
         return cls(input_size=tuple(int(x) for x in dc["input_size"]), mean=tuple(float(x) for x in dc["mean"]),

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from captioner.core.preprocess import DEFAULT_MAX_PIXELS, FORMAT_EXT, ImageError, load_image, open_image
 from captioner.data.manifest import MANIFEST, ItemEntry, Manifest, ShardEntry, SplitCount
 from captioner.data.sources import SPLITS, DataSummary, ImageRecord, assign_splits, read_records
-from captioner.io.storage import Store, open_store, sha256_file
+from captioner.io.storage import Store, confined, open_store, sha256_file
 
 log = logging.getLogger(__name__)
 # A zip source is extracted only while it stays under these (Flickr30k: ~32k members, 4.4 GB;
@@ -121,8 +121,6 @@ def extract_zip(path: Path, dest: Path) -> None:
     """Extract regular files inside `dest`, refusing the archive past MAX_UNZIP_MEMBERS members
     or MAX_UNZIP_BYTES bytes actually written (headers may lie: bytes are counted as they
     are inflated). Names that are absolute or climb out ('../') are skipped with a warning."""
-    from captioner.io.storage import confined
-
     cap, total = MAX_UNZIP_BYTES, 0
     with zipfile.ZipFile(path) as z:
         infos = z.infolist()

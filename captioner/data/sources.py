@@ -9,6 +9,7 @@ root (`../`) is refused ("image path outside the image folder"), never read.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
+from captioner.core.errors import DataNotFoundError
 from captioner.core.preprocess import ImageError, PreprocessConfig, load_image, preprocess_path
 
 log = logging.getLogger(__name__)
@@ -192,8 +194,6 @@ def read_imagefolder(meta_path: str | Path, image_root: str | Path, summary: Dat
 def read_caption_csv(csv_path: str | Path, image_root: str | Path, summary: DataSummary) -> list[ImageRecord]:
     """A plain CSV with an `image,caption` header (quoted as spreadsheets write it), one
     caption a row, image paths relative to the CSV's folder (or image_root)."""
-    import csv
-
     csv_path = Path(csv_path)
     caps: OrderedDict[str, list[str]] = OrderedDict()
     with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
@@ -278,8 +278,6 @@ def read_records(source: str | Path, fmt: str = "auto", image_root: str = "", su
     summary = summary or DataSummary()
     src = Path(source)
     if not src.exists():
-        from captioner.core.errors import DataNotFoundError
-
         raise DataNotFoundError(f"data source not found: {src}",
                                 hint=f"point --data.source at {LAYOUTS}; to try things out first, "
                                      f"`captioner generate-data {src}` writes generated images there")

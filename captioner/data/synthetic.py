@@ -5,6 +5,8 @@ dark background; its five captions are drawn from varied templates and are all t
 """
 from __future__ import annotations
 
+import csv
+import json
 import random
 import re
 from pathlib import Path
@@ -94,16 +96,12 @@ def generate(out_dir: str | Path, images: int = 1000, seed: int = 0, side: int =
         for j, cap in enumerate(captions_for(attrs, rng)):
             rows.append((name, j, cap))
     if layout == "imagefolder":
-        import json
-
         per_image: dict[str, list[str]] = {}
         for name, _, cap in rows:
             per_image.setdefault(name, []).append(cap)
         with open(out / "metadata.jsonl", "w") as f:
             f.writelines(json.dumps({"file_name": n, "text": caps}) + "\n" for n, caps in per_image.items())
     elif layout == "csv":
-        import csv
-
         with open(out / "captions.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["image", "caption"])

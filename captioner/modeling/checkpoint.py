@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from captioner.core.deployment import CKPT_BEST, CKPT_LATEST
 from captioner.core.errors import NotACheckpointError
 from captioner.core.preprocess import PreprocessConfig
 from captioner.core.tokenizer import CaptionTokenizer
-from captioner.io.storage import atomic_write
+from captioner.io.storage import atomic_write, open_store, publish
 from captioner.modeling.model import Captioner
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,6 @@ def train_state(raw: dict) -> TrainState:
 def _load_reason(e: Exception) -> str:
     """Why torch.load refused a file, without its advice to load it with weights_only=False
     (which would run whatever code the file holds)."""
-    import re
-
     text = str(e).strip()
     m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     if m:
@@ -112,8 +112,6 @@ def _load_reason(e: Exception) -> str:
 
 def load_raw(path: str | Path, map_location: str = "cpu") -> dict:
     """torch.load with weights_only=True; anything else is refused with one line naming the file."""
-    import zipfile
-
     p = Path(path)
     if p.is_file() and not zipfile.is_zipfile(p):  # torch.save writes a zip archive; a CSV, image... is not one
         raise CheckpointError(f"{p}: not a captioner checkpoint (not a file written by torch.save)")
@@ -159,8 +157,6 @@ class CheckpointSaver:
         self.out, self.store_uri, self.main = Path(out_dir), store_uri, main
 
     def _store(self, create: bool = False):
-        from captioner.io.storage import open_store
-
         return open_store(self.store_uri, create=create)
 
     def existing(self) -> str | None:
@@ -238,8 +234,6 @@ class CheckpointSaver:
         if not (self.out / BEST).exists() and (self.out / LATEST).exists():
             atomic_copy(self.out / LATEST, self.out / BEST)
         if self.store_uri:
-            from captioner.io.storage import publish
-
             publish(self.out, self.store_uri)
             log.info("published %s to %s", self.out, self.store_uri)
 

@@ -25,7 +25,7 @@ class UnknownEncoderError(UserError, ValueError):
 
 def check_encoder(name: str, pretrained: bool, weights_file: str = "") -> None:
     """Raise a UserError naming the problem; return when timm can build the encoder."""
-    import timm
+    import timm  # slow to import (and loads torch): only when an encoder is checked
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
@@ -42,7 +42,7 @@ def check_encoder(name: str, pretrained: bool, weights_file: str = "") -> None:
 
 @functools.lru_cache(maxsize=None)
 def _check_pretrained(name: str, timeout: float = 5.0) -> None:
-    import torch
+    import torch  # as in check_encoder: torch, timm and the hub client load only for a pretrained check
     from huggingface_hub import constants, try_to_load_from_cache
     from timm.models import get_pretrained_cfg
 

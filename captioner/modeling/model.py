@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.core.errors import WeightsUnavailableError
+from captioner.modeling.encoders import check_encoder
 
 
 @dataclass
@@ -59,9 +60,7 @@ EncoderWeightsError = WeightsUnavailableError  # the older name
 
 
 def build_encoder(cfg: ModelConfig) -> nn.Module:
-    import timm
-
-    from captioner.modeling.encoders import check_encoder
+    import timm  # slow to import: only when an encoder is built
 
     check_encoder(cfg.encoder, cfg.pretrained, cfg.encoder_weights)  # a clear error now, not timm's later
     kwargs = dict(cfg.encoder_kwargs)

@@ -22,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from PIL import Image
+
+from captioner.data.datasets import CaptionImageDataset, collate_grouped
 
 log = logging.getLogger(__name__)
 TB_DIR = "tb"  # under the run folder, mirrored to the model store with the checkpoints
@@ -57,7 +61,7 @@ class TrainBoard:
         self._t_step = time.perf_counter()
         if not (main and enabled):
             return
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard loads only on the rank that writes
 
         logdir = Path(out) / TB_DIR
         if resume_step is None and logdir.exists():  # a fresh run: the events of a replaced one go
@@ -79,8 +83,6 @@ class TrainBoard:
 
     # ------------------------------------------------------------------ hooks
     def start(self, cfg, summary, step: int) -> None:
-        import yaml
-
         self._t_step = time.perf_counter()
         if not self.on:
             return
@@ -156,7 +158,7 @@ class TrainBoard:
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of an event folder, {tag: [(step, value)]}, read with TensorBoard's
     own EventAccumulator (which applies the purges of resumed runs)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # only to read a run back
 
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
@@ -171,8 +173,6 @@ def last_value(logdir: str | Path, tag: str, max_step: int) -> float | None:
 
 
 def _thumbnail(path: str, side: int = 128) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as im:
         im = im.convert("RGB")
         im.thumbnail((side, side))
@@ -182,8 +182,6 @@ def _thumbnail(path: str, side: int = 128) -> np.ndarray:
 @torch.no_grad()
 def val_loss(r, batch_size: int = 32) -> float:
     """Mean teacher-forced loss over the validation images, as the training loss is computed."""
-    from captioner.data.datasets import CaptionImageDataset, collate_grouped
-
     ds = CaptionImageDataset(r.val_recs, r.tok, r.pre, r.cfg.model.max_len)
     model, dev = r.raw_model, r.di.device
     model.eval()

@@ -14,8 +14,10 @@ from PIL import Image
 
 from captioner.core.config import save_config
 from captioner.core.decoding import DecodeParams
+from captioner.core.errors import DataNotFoundError
 from captioner.data.manifest import is_shard_source, materialize, open_shard_source
 from captioner.data.sources import DataSummary, ImageRecord, assign_splits, by_split, load_split_arrays, read_records
+from captioner.io.storage import is_s3
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.modeling.inference import caption_arrays
 from captioner.training.metrics import score_captions
@@ -105,12 +107,8 @@ def eval_folder_name(split: str, p: DecodeParams, model_limit: int, max_images: 
 
 def _check_source(src: str, from_checkpoint: bool) -> None:
     """A missing local data source: one line, and where the path came from."""
-    from captioner.io.storage import is_s3
-
     if is_s3(src) or Path(src).exists():
         return
-    from captioner.core.errors import DataNotFoundError
-
     if from_checkpoint:
         raise DataNotFoundError(f"data source not found: {src} (the path the run was trained on)",
                                 hint="pass --data PATH: the same dataset where it is now (a folder, CSV/JSON, or a "

@@ -60,6 +60,7 @@ def score_captions(refs: dict[str, list[str]], hyps: dict[str, str],
                    meteor: bool = True) -> tuple[dict[str, float], dict[str, float]]:
     """-> (corpus metrics, per-image CIDEr-D). The per-image values use the corpus's document
     frequencies, so their mean is the corpus CIDEr-D."""
+    # pycocoevalcap (the train extra) loads only when captions are scored
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge

@@ -20,6 +20,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from captioner.io.storage import is_s3, open_store
 from captioner.training import board as tb
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,6 @@ class RunReport:
 
 # ------------------------------------------------------------------ reading a run
 def _fetch_run(run: str, into: Path, samples: str | None) -> RunData:
-    from captioner.io.storage import is_s3, open_store
-
     if not is_s3(run) and Path(run).is_file():  # a checkpoint: its run folder
         run = str(Path(run).parent)
     if not is_s3(run) and not Path(run).is_dir():
@@ -91,8 +92,6 @@ def _median(s: dict, tag: str):
 
 def run_metrics(d: RunData) -> dict:
     """The numbers the run comparison needs (KFP Metrics) and the report's table."""
-    import yaml
-
     s = d.scalars
     cfg = yaml.safe_load(d.config) if d.config else {}
     t = cfg.get("train", {})
@@ -241,8 +240,6 @@ def build_report(run: str, samples: str | None = None) -> RunReport:
 
 
 def default_path(run: str) -> Path:
-    from captioner.io.storage import is_s3
-
     if is_s3(run):
         return Path.cwd() / (run.rstrip("/").rsplit("/", 1)[-1] + "-" + REPORT_FILE)
     p = Path(run)

@@ -20,7 +20,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,14 @@ from tqdm import tqdm
 
 from captioner.core.config import ExperimentConfig, save_config
 from captioner.core.decoding import DecodeParams
-from captioner.core.errors import UserError
+from captioner.core.errors import DataNotFoundError, UserError
 from captioner.core.preprocess import PreprocessConfig
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.data.datasets import CaptionImageDataset, ResumableBatchSampler, collate_grouped
 from captioner.data.manifest import is_shard_source, materialize, open_shard_source, shard_store
 from captioner.data.shards import ShardStream
 from captioner.data.sources import (
+    LAYOUTS,
     DataSummary,
     ImageRecord,
     assign_splits,
@@ -46,6 +47,7 @@ from captioner.data.sources import (
     summarize,
     verify_images,
 )
+from captioner.io.storage import is_s3
 from captioner.modeling.checkpoint import (
     CheckpointSaver,
     TrainState,
@@ -236,8 +238,6 @@ def config_changes(saved: dict, cfg: ExperimentConfig) -> list[str]:
 
 
 def _check_resume_config(ckpt: dict, cfg: ExperimentConfig, where: str) -> None:
-    from captioner.data.manifest import is_shard_source
-
     changed = config_changes(ckpt.get("config", {}), cfg)
     if is_shard_source(cfg.data.source):  # the dataset's own split is used, whatever these say
         changed = [c for c in changed if c.split()[0] not in {f"data.{k}" for k in SPLIT_KEYS}]
@@ -254,16 +254,11 @@ def _resolve_local_source(cfg: ExperimentConfig, main: bool = True) -> None:
     """Fail before anything is written when the data source is missing, and store local paths
     absolute, so that the run (its config.yaml and checkpoints) is usable from any folder.
     Only rank 0 reads a local source (the others get it broadcast), so only it checks."""
-    from captioner.io.storage import is_s3
-
     d = cfg.data
     if is_s3(d.source):
         return
     src = Path(d.source)
     if main and not src.exists():
-        from captioner.core.errors import DataNotFoundError
-        from captioner.data.sources import LAYOUTS
-
         raise DataNotFoundError(f"data source not found: {d.source}",
                                 hint=f"point --data.source at {LAYOUTS}; to try things out first, "
                                      f"`captioner generate-data {d.source}` writes generated images there")
@@ -753,8 +748,6 @@ def _log_step(out: Path, step: int, epoch: int, loss: float, lr: float, now: flo
               pairs_per_s: float) -> None:
     """One line of metrics.jsonl: the step's loss and lr, when it ended (UTC) and the
     throughput of all ranks (rank 0's rate times the world size: ranks take equal batches)."""
-    from datetime import datetime, timezone
-
     row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
            "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
            "images_per_s": round(images_per_s, 2), "pairs_per_s": round(pairs_per_s, 2)}
