@@ -56,9 +56,6 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------
-EncoderWeightsError = WeightsUnavailableError  # the older name
-
-
 def build_encoder(cfg: ModelConfig) -> nn.Module:
     import timm  # slow to import: only when an encoder is built
 
@@ -79,7 +76,7 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - re-raised with the fix in the message
         if not pretrained:
             raise
-        raise EncoderWeightsError(
+        raise WeightsUnavailableError(
             f"could not load pretrained weights for timm encoder '{cfg.encoder}': {type(e).__name__}: {e}\n"
             "Either make the Hugging Face Hub reachable (or point HF_HUB_CACHE at a cache that holds "
             "the weights), or download the weights file elsewhere and pass "

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from captioner.core.errors import WeightsUnavailableError
 from captioner.core.preprocess import PreprocessConfig
-from captioner.modeling.model import Captioner, EncoderWeightsError, ModelConfig
+from captioner.modeling.model import Captioner, ModelConfig
 
 CONFIGS = {
     "vit": ModelConfig(encoder="vit_tiny_patch16_224", d_model=32, n_layers=2, n_heads=4, max_len=12, vocab_size=50,
@@ -74,7 +75,7 @@ def test_preprocessing_comes_from_the_encoder(model):
 def test_missing_pretrained_weights_say_how_to_fix(tmp_path):
     cfg = ModelConfig(encoder="vit_tiny_patch16_224", vocab_size=10, d_model=32, n_heads=2, n_layers=1,
                       encoder_weights=str(tmp_path / "nope.safetensors"))
-    with pytest.raises(EncoderWeightsError, match="--model.encoder_weights"):
+    with pytest.raises(WeightsUnavailableError, match="--model.encoder_weights"):
         Captioner(cfg)
 
 
