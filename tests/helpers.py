@@ -179,3 +179,56 @@ def headless_chromium(window: str = "1000,800"):
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", f"--window-size={window}"):
         opts.add_argument(a)
     return webdriver.Chrome(options=opts, service=Service(found[1]))
+
+
+# ------------------------------------------------------------------ probe files (images, ingest options)
+def jpeg_bytes(color=(200, 30, 30), size=(32, 32), **save) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=95, **save)
+    return buf.getvalue()
+
+
+def files_under(p: Path) -> set:
+    return {x.relative_to(p).as_posix() for x in p.rglob("*")} if p.exists() else set()
+
+
+def left_red_right_blue(w=64, h=32):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (w, h), (20, 40, 230))
+    ImageDraw.Draw(img).rectangle([0, 0, w // 2 - 1, h - 1], fill=(230, 20, 20))
+    return img
+
+
+def with_exif(img, orientation: int = 6, gps: bool = False, fmt: str = "JPEG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if gps:
+        exif[0x8825] = {1: "N", 2: (52.0, 31.0, 12.0), 3: "E", 4: (13.0, 24.0, 36.0)}
+    buf = io.BytesIO()
+    img.save(buf, fmt, exif=exif.tobytes(), **({"quality": 100} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def ingest_opts(**kw):
+    """Ingest options for the generated set: small shards, all three splits, no progress bars."""
+    from captioner.data.ingest import IngestOptions
+
+    return IngestOptions(**{"shard_mb": 0.05, "workers": 4, "progress": False, "val_fraction": 0.15,
+                            "test_fraction": 0.15, **kw})
+
+
+def probe_opts(**kw):
+    """Ingest options for a hand-made probe set: one shard, every item in train, no progress bars."""
+    from captioner.data.ingest import IngestOptions
+
+    return IngestOptions(**{"shard_mb": 1, "workers": 2, "progress": False, "val_fraction": 0.0,
+                            "test_fraction": 0.0, **kw})

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.core.preprocess import ImageError, PreprocessConfig, load_image, preprocess_bytes
-from captioner.data.datasets import ResumableBatchSampler
+from captioner.core.preprocess import PreprocessConfig
+from captioner.data.ingest import ingest
 from captioner.data.sources import assign_splits, read_records, summarize, verify_images
+from tests.helpers import jpeg_bytes, probe_opts
 
 
 def _img(path: Path, size=(40, 30), color=(200, 10, 10)):
@@ -101,26 +102,46 @@ def test_split_is_by_image_never_by_caption_row(synth_dir):
     assert all(before[r.image_id] == r.split for r in more[:40])
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_sampler_shards_ranks_and_resumes(world):
-    n, bs = 23, 4
-    seen = []
-    for rank in range(world):
-        s = ResumableBatchSampler(n, bs, rank, world, seed=5)
-        s.set_epoch(2)
-        batches = list(s)
-        assert len(batches) == len(s)
-        seen += [i for b in batches for i in b]
-        s.set_epoch(2, start_batch=2)
-        assert list(s) == batches[2:]
-    assert set(seen) == set(range(n)) and len(seen) - n < world  # only the padding repeats
+def test_csv_image_names_are_confined_to_the_image_root(tmp_path):
+    secret_dir = tmp_path / "secrets"
+    secret_dir.mkdir()
+    (secret_dir / "id_rsa.jpg").write_bytes(jpeg_bytes((1, 2, 3)))
+    src = tmp_path / "ds"
+    (src / "flickr30k_images").mkdir(parents=True)
+    (src / "flickr30k_images" / "ok.jpg").write_bytes(jpeg_bytes())
+    (src / "results.csv").write_text(
+        "image_name| comment_number| comment\n"
+        "ok.jpg| 0| a red square\n"
+        f"{secret_dir}/id_rsa.jpg| 0| an absolute name\n"
+        "../../secrets/id_rsa.jpg| 0| a relative escape\n"
+        "sub/../../../secrets/id_rsa.jpg| 0| a hidden escape\n")
+    r = ingest(str(src), str(tmp_path / "out"), probe_opts())
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [it["image_id"] for it in m["items"]] == ["ok.jpg"] and r["items"] == 1
+    refused = m["skipped"]["image path outside the image folder"]
+    assert sorted(refused) == sorted([f"{secret_dir}/id_rsa.jpg", "../../secrets/id_rsa.jpg",
+                                      "sub/../../../secrets/id_rsa.jpg"])
+    assert r["skipped_items"]["image path outside the image folder"] == 3
 
 
-def test_image_guards(tmp_path):
-    big = tmp_path / "big.png"
-    Image.new("L", (12000, 9000)).save(big)  # 108 megapixels
-    with pytest.raises(ImageError, match="108.0 megapixels"):
-        load_image(big)
-    for data, msg in [(b"", "empty"), (b"\x00" * 100, "not a recognised image")]:
-        with pytest.raises(ImageError, match=msg):
-            preprocess_bytes(data, PreprocessConfig())
+@pytest.mark.parametrize("fmt", ["coco", "karpathy"])
+def test_json_image_names_are_confined_to_the_image_root(tmp_path, fmt):
+    from captioner.data.sources import read_records
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "x.jpg").write_bytes(jpeg_bytes())
+    root = tmp_path / "ds" / "images"
+    root.mkdir(parents=True)
+    (root / "ok.jpg").write_bytes(jpeg_bytes())
+    names = ["ok.jpg", str(tmp_path / "secrets" / "x.jpg"), "../../secrets/x.jpg"]
+    if fmt == "coco":
+        data = {"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+                "annotations": [{"image_id": i, "caption": "a thing"} for i in range(len(names))]}
+    else:
+        data = {"images": [{"filename": n, "split": "train", "sentences": [{"raw": "a thing"}]} for n in names]
+                + [{"filename": "x.jpg", "filepath": "../../secrets", "split": "train",
+                    "sentences": [{"raw": "a thing"}]}]}
+    (tmp_path / "ds" / "caps.json").write_text(json.dumps(data))
+    recs, summary = read_records(tmp_path / "ds" / "caps.json", image_root=str(root))
+    assert [r.image_id for r in recs] == ["ok.jpg"]
+    assert len(summary.skipped["image path outside the image folder"]) == len(data["images"]) - 1

@@ -69,7 +69,7 @@ def _train(args, check=True):
 
 
 def _args(synth_dir, out, store, *extra):
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     return ["--config", "tiny-cpu", *TINY, f"--data.source={synth_dir}", f"--train.out_dir={out}",
             f"--train.publish_uri={store}", "--train.val_max_images=0", "--train.ckpt_every=2", *extra]

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from captioner.data.ingest import MANIFEST, ingest
+from captioner.io.storage import open_store
 from captioner.modeling.checkpoint import load_checkpoint
-from tests.conftest import ROOT, TINY, tiny_cfg
+from tests.helpers import ROOT, TINY, ingest_opts, tiny_cfg
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -115,111 +117,7 @@ def test_bad_rows_are_skipped_and_training_goes_on(synth_copy, tmp_path):
     assert s["images"] == 78
 
 
-def test_evaluate_and_caption_cli(trained_run, synth_dir, tmp_path):
-    env = {**os.environ}
-    r = subprocess.run([sys.executable, "-m", "captioner", "evaluate", str(trained_run.out_dir), "--split", "test",
-                        "--out", str(tmp_path / "ev"), "--beam", "2"], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(m["metrics"]) and m["split"] == "test"
-    assert m["images"] > 0 and m["decode"]["strategy"] == "beam"
-    html = (tmp_path / "ev" / "samples.html").read_text()
-    assert html.count("<img src='data:image/jpeg;base64,") == m["images"]
-    imgs = sorted((synth_dir / "flickr30k_images").glob("*.jpg"))[:2]
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"nope")
-    r = subprocess.run([sys.executable, "-m", "captioner", "caption", "-c", str(trained_run.out_dir),
-                        *map(str, imgs), str(bad)], capture_output=True, text=True, env=env)
-    lines = r.stdout.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 2 and all(ln.split("\t")[1] for ln in lines)
-    assert "bad.jpg" in r.stderr and "not a recognised image format" in r.stderr
-
-
-def test_metrics_reward_correct_captions():
-    from captioner.training.metrics import caption_metrics
-
-    refs = {"a": ["a red circle on the left", "a small red circle on the left side"],
-            "b": ["a blue square at the top", "a big blue square near the top"]}
-    good = caption_metrics(refs, {"a": "a red circle on the left", "b": "a blue square at the top"}, meteor=False)
-    bad = caption_metrics(refs, {"a": "a blue square at the top", "b": "a red circle on the left"}, meteor=False)
-    assert good["CIDEr"] > bad["CIDEr"] + 1 and good["BLEU-4"] > 0.5 > bad["BLEU-4"]
-
-
 # ------------------------------------------------------------------ uneven inputs, elastic resume
-def _manifest(rng, n_items: int, n_shards: int):
-    """An in-memory shard manifest: n_items train items over n_shards shards of random sizes."""
-    from captioner.data.manifest import ItemEntry, Manifest, ShardEntry, SplitCount
-
-    cuts = sorted(rng.sample(range(1, n_items), n_shards - 1)) if n_shards > 1 else []
-    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n_items])]
-    shards, items = [], []
-    for s, size in enumerate(sizes):
-        name = f"train-{s:05d}.tar"
-        shards.append(ShardEntry(name, "train", "0" * 64, 1000 * size, size))
-        items += [ItemEntry(f"{name}-{k}.jpg", f"s{s}_{k}", "jpg", "train", name, ("a cap",)) for k in range(size)]
-    return Manifest("mem", {}, {"train": SplitCount(n_items, n_shards)}, shards, items)
-
-
-def _stream(m, W, nw, bs, seed=5, buffer=7, rank=0):
-    from captioner.data.shards import ShardStream
-
-    return ShardStream(None, m, "train", None, None, 16, bs, rank, W, seed, buffer, nw)
-
-
-def test_loaders_property_every_pair_once_equal_steps_padding_and_elastic_resume():
-    """Random (items 1..400, shards 1..24, W 1..8, workers 0..4, batch 1..64, epoch 0..2), 400 cases: the shard
-    loader's readers see every item exactly once, each rank runs max-over-ranks micro-batches (the short ones pad),
-    each shard is read once when there are enough shards; a cut anywhere followed by a resume with another random
-    (W, workers, batch) consumes every item exactly once. The folder sampler: same count on every rank, every item
-    at least once and at most W-1 wrap repeats, and a resume at any position with another W continues exactly."""
-    import random
-
-    from captioner.data.datasets import ResumableBatchSampler
-
-    rng = random.Random(20)
-    padded = by_shard = 0
-    for case in range(400):
-        n, W, nw, bs = rng.randint(1, 400), rng.randint(1, 8), rng.randint(0, 4), rng.randint(1, 64)
-        m = _manifest(rng, n, rng.randint(1, min(24, n)))
-        ds = _stream(m, W, nw, bs)
-        ds.set_epoch(rng.randint(0, 2))
-        readers = [(r, w) for r in range(W) for w in range(max(1, nw))]
-        plans = {rw: ds.batch_plan(*rw) for rw in readers}
-        keys = [k for p in plans.values() for b in p for k in b]
-        assert sorted(keys) == sorted(it.key for it in m.items), f"case {case}: not every item exactly once"
-        assert all(0 < len(b) <= bs for p in plans.values() for b in p)
-        steps = ds.batches_per_rank()
-        per_rank = [sum(len(plans[(r, w)]) for w in range(max(1, nw))) for r in range(W)]
-        assert steps == max(per_rank) and all(ds.batches_of(r) == per_rank[r] for r in range(W))
-        padded += steps > min(per_rank)
-        reads, shards = ds.read_amplification()
-        if ds.by_shard():
-            by_shard += 1
-            assert reads == shards, f"case {case}: a shard is read twice although every reader has its own"
-        # cut every reader anywhere, resume with another layout: the rest of the epoch is exactly the items left
-        taken = [[rng.randint(0, len(plans[(r, w)])) for w in range(max(1, nw))] for r in range(W)]
-        done = ds.consumed(taken)
-        assert len(done) == sum(len(b) for (r, w) in readers for b in plans[(r, w)][:taken[r][w]])
-        W2, nw2, bs2 = rng.randint(1, 8), rng.randint(0, 4), rng.randint(1, 64)
-        ds2 = _stream(m, W2, nw2, bs2, seed=6)
-        ds2.set_epoch(ds.epoch, done)
-        rest = [k for r in range(W2) for w in range(max(1, nw2)) for b in ds2.batch_plan(r, w) for k in b]
-        assert sorted([*done, *rest]) == sorted(it.key for it in m.items), f"case {case}: resume dup/drop"
-        # the folder path's sampler
-        start = rng.randint(0, n)
-        samplers = [ResumableBatchSampler(n, bs, r, W, seed=3) for r in range(W)]
-        for s in samplers:
-            s.set_epoch(1, 0, start)
-        batches = [list(s) for s in samplers]
-        assert len({len(b) for b in batches}) == 1 and all(len(b) == len(s) for b, s in zip(batches, samplers))
-        seen = [i for b in batches for bb in b for i in bb]
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(3 + 1)).tolist()
-        assert set(seen) == set(perm[start:]) and len(seen) - (n - start) <= W - 1
-        if n - start and len(batches[0]) > 1:  # consumed after k batches on every rank = a prefix of the permutation
-            k = rng.randint(1, len(batches[0]) - 1)
-            first = [i for b in batches for bb in b[:k] for i in bb]
-            assert sorted(first) == sorted(perm[start:start + k * bs * W])
-    assert padded > 100 and by_shard > 50, (padded, by_shard)  # the ranges reach padding and both partitions
 
 
 def _torchrun(tmp_path, data, out, *extra, nproc=2, timeout=150, flags=""):
@@ -332,3 +230,16 @@ def test_mid_epoch_resume_with_another_world_size_or_worker_count_continues_exac
         drops = len(set(want) - set(seen))
         assert (dups, drops) == (0, 0), f"{source} {name}: {dups} duplicated, {drops} dropped of {len(want)}"
         assert sorted(seen) == want
+
+
+def test_training_streams_shards(synth_dir, store_uri, tmp_path):
+    from captioner.training.train import train
+
+    ingest(str(synth_dir), store_uri, ingest_opts())
+    res = train(tiny_cfg(store_uri, tmp_path / "run", "--train.epochs=2", "--train.val_max_images=8"),
+                progress=False)
+    m = json.loads(open_store(store_uri).get_bytes(MANIFEST))
+    n_train = m["splits"]["train"]["items"]
+    assert res.step == 2 * -(-n_train // 8)
+    assert len(res.val_history) == 2
+    assert (tmp_path / "run" / "val_cache").is_dir()
