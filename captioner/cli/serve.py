@@ -113,28 +113,16 @@ def cmd_caption(a, _):
             raise
         out.close()
         return
-    import numpy as np
-
-    from captioner.core.preprocess import ImageError, preprocess_path
     from captioner.modeling.checkpoint import load_checkpoint
-    from captioner.modeling.inference import caption_arrays
+    from captioner.modeling.inference import caption_paths
 
     ck = load_checkpoint(a.checkpoint)
     params = decode_params(a)
     a.max_new_tokens = params.max_new_tokens = params.max_new_tokens or ck.model.cfg.max_new_tokens
     out = _CaptionOutput(a.output, _caption_settings(a, str(ck.path), params.strategy))
     try:
-        for i in range(0, len(a.images), 64):  # a chunk at a time: bounded memory for thousands of images
-            good, arrays = [], []
-            for p in a.images[i:i + 64]:
-                try:
-                    arrays.append(preprocess_path(p, ck.preprocess))
-                    good.append(p)
-                except ImageError as e:
-                    out.add(p, None, str(e))
-            if arrays:
-                for p, c in zip(good, caption_arrays(ck.model, ck.tokenizer, np.stack(arrays), params)):
-                    out.add(p, c)
+        for path, cap, err in caption_paths(ck.model, ck.tokenizer, ck.preprocess, a.images, params):
+            out.add(path, cap, err)
     except BaseException:
         out.close(interrupted=True)
         raise

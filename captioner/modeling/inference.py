@@ -39,3 +39,23 @@ def caption_arrays(model: Captioner, tok: CaptionTokenizer, pixels: np.ndarray, 
         p = DecodeParams(**vars(params)) if params else None
         out += caption_tensor(model, tok, x, p)
     return out
+
+
+def caption_paths(model: Captioner, tok: CaptionTokenizer, pre, paths: list, params: DecodeParams | None = None,
+                  chunk: int = 64):
+    """Caption image files in chunks (bounded memory for thousands of images): yields
+    (path, caption, None), or (path, None, error) for a file that is not a usable image; the other
+    files keep going. `pre`: the checkpoint's PreprocessConfig."""
+    from captioner.core.preprocess import ImageError, preprocess_path
+
+    for i in range(0, len(paths), chunk):
+        good, arrays = [], []
+        for p in paths[i:i + chunk]:
+            try:
+                arrays.append(preprocess_path(p, pre))
+                good.append(p)
+            except ImageError as e:
+                yield p, None, str(e)
+        if arrays:
+            for p, c in zip(good, caption_arrays(model, tok, np.stack(arrays), params)):
+                yield p, c, None
