@@ -405,3 +405,11 @@ def assert_ports_closed(ports) -> None:
     for port in ports:
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+
+
+def stop_processes(*procs) -> None:
+    """Kill and reap each process that is still running (a test's servers, whatever the test did)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

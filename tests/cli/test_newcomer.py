@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, free_port, pyproject, run_cli
+from tests.helpers import TINY, free_port, pyproject, run_cli, stop_processes
 
 # the tiny model, training only a step or two, no validation: commands that must get past setup
 QUICK = [*TINY, "--train.val_max_images=0"]
@@ -67,9 +67,7 @@ def test_ctrl_c_in_train_says_where_it_stopped_and_how_to_continue(synth_dir, tm
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        stop_processes(p)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     m = re.search(r"training interrupted at step (\d+)/100000; checkpoint saved in (\S+)", err)
     assert m and p.returncode == 130, err[-2000:]

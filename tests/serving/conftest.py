@@ -1,6 +1,6 @@
 import pytest
 
-from tests.helpers import Served, free_port, start_serve
+from tests.helpers import Served, free_port, start_serve, stop_processes
 
 
 @pytest.fixture(scope="module")
@@ -11,6 +11,4 @@ def server(exported_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     p, url = start_serve(exported_repo[0], log, "--http-port", str(hp), "--metrics-port", str(mp))
     yield Served(p, url, hp, mp, log)
-    if p.poll() is None:
-        p.kill()
-        p.wait()
+    stop_processes(p)

@@ -35,7 +35,7 @@ from captioner.core import names
 from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
-from tests.helpers import free_port, infer_body, malformed_rest_requests, post, start_serve, start_web
+from tests.helpers import free_port, infer_body, malformed_rest_requests, post, start_serve, start_web, stop_processes
 
 SOAK_S = float(os.environ.get("CAPTIONER_FRONT_SOAK_S", "12"))
 WEB_LIMIT_MIB = 768  # k8s/base/web.yaml: the gateway container's memory limit
@@ -90,10 +90,7 @@ def stack(exported_repo, tmp_path_factory):
     wport = int(base.rsplit(":", 1)[1])
     yield {"grpc": grpc_url, "rest": f"http://127.0.0.1:{hp}", "rest_port": hp, "web": base, "web_port": wport,
            "serve": serve, "webp": web, "serve_log": d / "serve.log", "web_log": d / "web.log"}
-    for p in (web, serve):
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    stop_processes(web, serve)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from captioner.modeling.inference import caption_tensor
 from captioner.serving import triton_repo
 from captioner.serving.client import caption_bytes
 from captioner.serving.core import image_bytes_to_pixels
-from tests.helpers import ROOT, assert_ports_closed, free_port, start_moto, start_serve, start_stack
+from tests.helpers import ROOT, assert_ports_closed, free_port, start_moto, start_serve, start_stack, stop_processes
 
 pytestmark = pytest.mark.slow
 S3_FIXTURE = ROOT / "tests" / "fixtures" / "s3_requests" / "triton.json"
@@ -295,9 +295,7 @@ def test_demo_front_door_serves_page_and_metrics_from_the_real_server(triton_pre
         assert f"stopped captioner web and tritonserver {TRITON_SERVER_VERSION}" in log.read_text()
         assert_ports_closed(ports.values())
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        stop_processes(p)
 
 
 def _counts(url):

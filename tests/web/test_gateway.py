@@ -10,7 +10,7 @@ from captioner.data.samples import sample_images
 from captioner.modeling.checkpoint import load_checkpoint
 from captioner.serving.client import caption_bytes
 from tests.helpers import (assert_ports_closed, free_port, headless_chromium, save_screenshot, start_serve, start_stack,
-                           start_web)
+                           start_web, stop_processes)
 
 MAX_IMAGES, MAX_BODY = 3, 200_000
 
@@ -22,10 +22,7 @@ def stack(exported_repo, tmp_path_factory):
     serve, grpc_url = start_serve(repo, d / "serve.log")
     web, base = start_web(grpc_url, d / "web.log", "--max-images", str(MAX_IMAGES), "--max-body", str(MAX_BODY))
     yield {"grpc": grpc_url, "web": base, "serve_proc": serve, "web_proc": web}
-    for p in (web, serve):
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    stop_processes(web, serve)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +168,4 @@ def test_demo_serve_keeps_both_running_until_ctrl_c(exported_repo, tmp_path, ima
         assert f"serving {repo} with `captioner serve`" in out and "stopped captioner web and `captioner serve`" in out
         assert_ports_closed(ports)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        stop_processes(p)
