@@ -25,6 +25,9 @@ class ModelStats:  # one (model, version): the numbers behind Triton's nv_infere
     compute_us: int = 0
     last_inference: int = 0  # milliseconds since the epoch
 
+    def copy(self) -> "ModelStats":
+        return ModelStats(**{**vars(self), "failure": dict(self.failure)})
+
 
 class Statistics:
     """ModelStats per (model name, version string), thread-safe."""
@@ -57,9 +60,8 @@ class Statistics:
     def snapshot(self) -> dict[tuple[str, str], ModelStats]:
         """A copy of every model's statistics."""
         with self._lock:
-            return {k: ModelStats(**{**vars(s), "failure": dict(s.failure)}) for k, s in self._by.items()}
+            return {k: s.copy() for k, s in self._by.items()}
 
     def of(self, model: str, version: int | str) -> ModelStats:
         with self._lock:
-            s = self._by.get((model, str(version)), ModelStats())
-            return ModelStats(**{**vars(s), "failure": dict(s.failure)})
+            return self._by.get((model, str(version)), ModelStats()).copy()
