@@ -24,6 +24,7 @@ LOGITS = "logits"  # FP32 [T, V]
 PRESENT_KV = "present_kv"  # FP32 [2L, H, T'+T, Dh]
 
 # files written next to the Python-backend models
+ONNX_MODEL_FILE = "model.onnx"  # encoder/<version>/, decoder/<version>/: Triton's default file for the onnxruntime backend
 TOKENIZER_FILE = "tokenizer.json"
 PREPROCESS_FILE = "preprocess.json"
 DECODE_FILE = "decode.json"

@@ -17,7 +17,7 @@ import onnx
 from captioner.core.config import save_config
 from captioner.core.errors import UnsafeOutputError
 from captioner.core.limits import MAX_BATCH
-from captioner.core.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER
+from captioner.core.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER, ONNX_MODEL_FILE
 from captioner.core.runs import CONFIG_FILE
 from captioner.export.graphs import DTYPES, fused_operator_counts
 from captioner.export.optimize import QUANTIZE, optimize_decoder_step, optimize_graphs, quantize_int4, quantize_int8
@@ -46,7 +46,7 @@ def onnx_versions(repo: Path) -> dict:
     """IR version and the opsets each exported graph uses (the operator domains its nodes are
     in; an optimizer declares more than it uses): what the serving runtime must support."""
     out = {}
-    graphs = {ENCODER: repo / ENCODER / "1" / "model.onnx", DECODER: repo / DECODER / "1" / "model.onnx",
+    graphs = {ENCODER: repo / ENCODER / "1" / ONNX_MODEL_FILE, DECODER: repo / DECODER / "1" / ONNX_MODEL_FILE,
               DECODE_LOOP: repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE}
     for name, path in graphs.items():
         if not path.exists():

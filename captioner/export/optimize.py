@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from captioner.core.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER
+from captioner.core.names import DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER, ONNX_MODEL_FILE
 from captioner.export.graphs import fused_operator_counts, op_type_counts
 from captioner.modeling.checkpoint import LoadedCheckpoint
 
@@ -36,7 +36,7 @@ def optimize_graphs(repo: Path, ck: LoadedCheckpoint) -> dict:
     todo = [(ENCODER, "vit" if enc_heads else "bert", enc_heads, int(bb.num_features) if enc_heads else 0),
             (DECODER, "bert", ck.model.cfg.n_heads, ck.model.cfg.d_model)]
     for name, mtype, heads, hidden in todo:
-        f = repo / name / "1" / "model.onnx"
+        f = repo / name / "1" / ONNX_MODEL_FILE
         m = optimizer.optimize_model(str(f), model_type=mtype, num_heads=heads, hidden_size=hidden, opt_level=1)
         m.save_model_to_file(str(f))
         stats[name] = fused_operator_counts(f)  # what the written graph runs, attention included
@@ -83,7 +83,7 @@ def quantize_int8(repo: Path, graphs: tuple[str, ...] = (ENCODER, DECODER, DECOD
 
 
 def _graph_file(repo: Path, name: str) -> Path:
-    return repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE if name == DECODE_LOOP else repo / name / "1" / "model.onnx"
+    return repo / DECODE_LOOP / "1" / DECODER_GRAPH_FILE if name == DECODE_LOOP else repo / name / "1" / ONNX_MODEL_FILE
 
 
 # 4-bit weight-only step graph. Block of 32 input rows per scale (the fp32 scale adds 1 bit per

@@ -22,7 +22,8 @@ import shutil
 from pathlib import Path
 
 from captioner.core.limits import MAX_BATCH
-from captioner.core.names import DECODE_LOOP, PREPROCESS, PREPROCESS_FILE, TOKENIZER_FILE
+from captioner.core.names import (DECODE_LOOP, DECODER_GRAPH_FILE, ONNX_MODEL_FILE, PREPROCESS, PREPROCESS_FILE,
+                                  SELECT_ROWS_FILE, TOKENIZER_FILE)
 from captioner.core.preprocess import PreprocessConfig
 from captioner.core.runs import CONFIG_FILE
 from captioner.core.tokenizer import CaptionTokenizer
@@ -37,7 +38,7 @@ EXAMPLE_PRESET = "seed-vit768"
 EXAMPLE_DEVICE = "gpu"  # export's default: the cluster's instance kind
 # What the example leaves out of an export's files (paths relative to the repository root;
 # a name without "/" is left out wherever it is).
-EXAMPLE_EXCLUDES = ("model.onnx", "decoder.onnx", "select_rows.onnx", TOKENIZER_FILE, EXPORT_REPORT_FILE,
+EXAMPLE_EXCLUDES = (ONNX_MODEL_FILE, DECODER_GRAPH_FILE, SELECT_ROWS_FILE, TOKENIZER_FILE, EXPORT_REPORT_FILE,
                     CONFIG_FILE, REPOSITORY_MARKER)
 
 

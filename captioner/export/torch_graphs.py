@@ -11,8 +11,8 @@ import onnx
 import torch
 
 from captioner.core.names import (CROSS_KV, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE, ENCODER, ENCODER_HIDDEN,
-                                  INPUT_IDS, LOGITS, PAST_KV, PIXEL_VALUES, PRESENT_KV, ROWS, SELECT_ROWS_FILE,
-                                  SELECTED, STATE)
+                                  INPUT_IDS, LOGITS, ONNX_MODEL_FILE, PAST_KV, PIXEL_VALUES, PRESENT_KV, ROWS,
+                                  SELECT_ROWS_FILE, SELECTED, STATE)
 from captioner.export.attention import fused_vit_attention
 from captioner.export.graphs import DTYPES, build_decoder_step, cache_mode_for
 from captioner.export.report import Dims
@@ -57,13 +57,13 @@ def export_onnx(ck: LoadedCheckpoint, repo: Path, opset: int = 17) -> Dims:
     m = ck.model.eval()
     (repo / ENCODER / "1").mkdir(parents=True, exist_ok=True)
     (repo / DECODER / "1").mkdir(parents=True, exist_ok=True)
-    export_encoder_graph(m, (d.C, d.H, d.W), repo / ENCODER / "1" / "model.onnx", opset)
+    export_encoder_graph(m, (d.C, d.H, d.W), repo / ENCODER / "1" / ONNX_MODEL_FILE, opset)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         ids = torch.randint(4, d.V, (2, 2))
         cross = torch.randn(2, 2 * d.L, d.heads, d.P, d.Dh)
         past = torch.randn(2, 2 * d.L, d.heads, 3, d.Dh)
-        torch.onnx.export(_DecoderGraph(m).eval(), (ids, cross, past), str(repo / DECODER / "1" / "model.onnx"),
+        torch.onnx.export(_DecoderGraph(m).eval(), (ids, cross, past), str(repo / DECODER / "1" / ONNX_MODEL_FILE),
                           dynamo=False, opset_version=opset, input_names=[INPUT_IDS, CROSS_KV, PAST_KV],
                           output_names=[LOGITS, PRESENT_KV],
                           dynamic_axes={INPUT_IDS: {0: "batch", 1: "new_tokens"}, CROSS_KV: {0: "batch"},

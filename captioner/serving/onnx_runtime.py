@@ -10,8 +10,9 @@ import numpy as np
 
 from captioner.core.deployment import DECODER_SPIN_ENV
 from captioner.core.names import (CROSS_KEY, CROSS_KV, CROSS_VALUE, DECODER, ENCODER, ENCODER_HIDDEN, INPUT_IDS,
-                                  KV_CACHE_META, LOGITS, MAX_LEN_META, PAST_KEY, PAST_KV, PAST_LENGTH, PAST_VALUE,
-                                  PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED, STATE)
+                                  KV_CACHE_META, LOGITS, MAX_LEN_META, ONNX_MODEL_FILE, PAST_KEY, PAST_KV, PAST_LENGTH,
+                                  PAST_VALUE, PIXEL_VALUES, PRESENT_KEY, PRESENT_KV, PRESENT_VALUE, ROWS, SELECTED,
+                                  STATE)
 
 
 # Whether the decode loop's step graph session spins between runs (session(spin=...)). A step is
@@ -55,8 +56,8 @@ class OrtCaptioner:
     def __init__(self, repo: str | Path, threads: int = 0, encoder_version: int = 1, decoder_version: int = 1):
         repo = Path(repo)
         self.repo = repo
-        self.encoder = session(repo / ENCODER / str(encoder_version) / "model.onnx", threads)
-        self.decoder = session(repo / DECODER / str(decoder_version) / "model.onnx", threads)
+        self.encoder = session(repo / ENCODER / str(encoder_version) / ONNX_MODEL_FILE, threads)
+        self.decoder = session(repo / DECODER / str(decoder_version) / ONNX_MODEL_FILE, threads)
 
     def run_encoder(self, pixels: np.ndarray):
         hidden, cross = self.encoder.run([ENCODER_HIDDEN, CROSS_KV], {PIXEL_VALUES: pixels.astype(np.float32)})

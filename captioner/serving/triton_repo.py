@@ -38,8 +38,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from captioner.core.limits import MAX_BATCH, MAX_BEAM
 from captioner.core.names import (BEAM_SIZE, CAPTION, CROSS_KV, DECODE_FILE, DECODE_LOOP, DECODER, DECODER_GRAPH_FILE,
-                                  ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV,
-                                  PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV, SELECT_ROWS_FILE)
+                                  ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE, INPUT_IDS, LOGITS, MAX_TOKENS,
+                                  ONNX_MODEL_FILE, PAST_KV, PIXEL_VALUES, PREPROCESS, PREPROCESS_FILE, PRESENT_KV,
+                                  SELECT_ROWS_FILE)
 
 CONFIG = "config.pbtxt"
 REPOSITORY_MARKER = "captioner-repository.json"  # at the root of every repository `captioner export` writes
@@ -154,7 +155,7 @@ def autocomplete(cfg: mc.ModelConfig) -> mc.ModelConfig:
     for i, g in enumerate(out.instance_group):
         g.name = g.name or f"{out.name}_{i}"
     if not out.default_model_filename:
-        out.default_model_filename = {"python": "model.py", "onnxruntime": "model.onnx"}.get(out.backend, "")
+        out.default_model_filename = {"python": "model.py", "onnxruntime": ONNX_MODEL_FILE}.get(out.backend, "")
     if out.HasField("dynamic_batching") and not out.dynamic_batching.preferred_batch_size and out.max_batch_size:
         out.dynamic_batching.preferred_batch_size.append(out.max_batch_size)
     if not out.optimization.HasField("input_pinned_memory"):

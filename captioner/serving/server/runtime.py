@@ -15,7 +15,8 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from captioner.core.names import (BEAM_SIZE, CROSS_KV, DECODE_LOOP, DECODER, ENCODER, ENCODER_HIDDEN, ENSEMBLE, IMAGE,
-                                  INPUT_IDS, LOGITS, MAX_TOKENS, PAST_KV, PIXEL_VALUES, PREPROCESS, PRESENT_KV)
+                                  INPUT_IDS, LOGITS, MAX_TOKENS, ONNX_MODEL_FILE, PAST_KV, PIXEL_VALUES, PREPROCESS,
+                                  PRESENT_KV)
 from captioner.serving import triton_repo
 from captioner.serving.core import DecodeLoop, caption_requests, load_preprocess, params_for, request_int
 from captioner.serving.onnx_runtime import session
@@ -113,7 +114,7 @@ class Repository:
             return self._cache[key]
         d = self.path / model / str(v)
         if model in (ENCODER, DECODER):
-            r = session(d / "model.onnx", self.threads)
+            r = session(d / ONNX_MODEL_FILE, self.threads)
         elif model == PREPROCESS:
             r = load_preprocess(d)
         elif model == DECODE_LOOP:
