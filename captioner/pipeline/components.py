@@ -56,6 +56,7 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metr
     import tempfile
     from collections import namedtuple
 
+    from captioner.core.runs import EVAL_SAMPLES_FILE
     from captioner.pipeline.steps import evaluate_step, report_step
 
     out = tempfile.mkdtemp(prefix="eval-")
@@ -64,11 +65,11 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], max_images: int, metr
         metrics.log_metric(k, round(float(v), 5))
     metrics.log_metric("images", r["images"])
     samples.path += ".html"  # the launcher uploads to the URI set here (launcher_v2.go mergeRuntimeArtifacts)
-    with open(os.path.join(r["out_dir"], "samples.html")) as src, open(samples.path, "w") as dst:
+    page = os.path.join(r["out_dir"], EVAL_SAMPLES_FILE)
+    with open(page) as src, open(samples.path, "w") as dst:
         dst.write(src.read())
     report.path += ".html"
-    for k, v in report_step(model.metadata["checkpoint"], os.path.join(r["out_dir"], "samples.html"),
-                            report.path).items():
+    for k, v in report_step(model.metadata["checkpoint"], page, report.path).items():
         training.log_metric(k, v)
     return namedtuple("EvalOutputs", ["cider", "bleu4"])(float(r["metrics"]["CIDEr"]), float(r["metrics"]["BLEU-4"]))
 
