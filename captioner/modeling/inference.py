@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from captioner.core.decoding import CachedStep, DecodeParams, decode
+from captioner.core.preprocess import ImageError, PreprocessConfig, preprocess_path
 from captioner.core.tokenizer import CaptionTokenizer
 from captioner.modeling.model import Captioner
 
@@ -41,13 +42,11 @@ def caption_arrays(model: Captioner, tok: CaptionTokenizer, pixels: np.ndarray, 
     return out
 
 
-def caption_paths(model: Captioner, tok: CaptionTokenizer, pre, paths: list, params: DecodeParams | None = None,
-                  chunk: int = 64):
+def caption_paths(model: Captioner, tok: CaptionTokenizer, pre: PreprocessConfig, paths: list,
+                  params: DecodeParams | None = None, chunk: int = 64):
     """Caption image files in chunks (bounded memory for thousands of images): yields
     (path, caption, None), or (path, None, error) for a file that is not a usable image; the other
-    files keep going. `pre`: the checkpoint's PreprocessConfig."""
-    from captioner.core.preprocess import ImageError, preprocess_path
-
+    files keep going. `pre`: the checkpoint's preprocessing."""
     for i in range(0, len(paths), chunk):
         good, arrays = [], []
         for p in paths[i:i + chunk]:
