@@ -43,8 +43,9 @@ from typing import Callable, Protocol
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
-RUNTIME = "captioner-triton"  # our ServingRuntime (namespace of the InferenceService), k8s/overlays/kserve
-KSERVE_TRITON_RUNTIME = "kserve-tritonserver"  # KServe's own, on Triton 23.05: not used
+# our ServingRuntime (namespace of the InferenceService), k8s/overlays/kserve; not KServe's own
+# "kserve-tritonserver", which runs Triton 23.05
+RUNTIME = "captioner-triton"
 DEPLOYMENT_MODE = ("serving.kserve.io/deploymentMode", "Serverless")  # canary rollouts need Knative
 MODEL_FORMAT = {"name": "triton", "version": "2"}  # a format the runtime lists (supportedModelFormats)
 ISVC_NAME, SERVICE_ACCOUNT = "captioner", "captioner-kserve"
